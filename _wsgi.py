@@ -1,0 +1,47 @@
+"""Entry point of the backend, as in every Label Studio ML backend.
+
+gunicorn _wsgi:app                      # production (docker/)
+python _wsgi.py --host 0.0.0.0 --port 9090
+python _wsgi.py --with-worker           # also start Redis (if none answers) and an RQ worker: one command
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from backend.api import create_app
+from backend.config import Settings
+from backend.logs import configure_logging
+from backend.runtime import Runtime
+
+settings = Settings.from_env()
+configure_logging(settings)
+runtime = Runtime(settings)
+app = create_app(runtime)
+log = logging.getLogger("al-backend")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Active-learning ML backend for Label Studio")
+    parser.add_argument("--host", default=settings.host)
+    parser.add_argument("-p", "--port", type=int, default=settings.port)
+    parser.add_argument(
+        "--with-worker",
+        action="store_true",
+        help="start redis-server (if REDIS_URL does not answer) and one RQ worker beside the server",
+    )
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args()
+    if args.with_worker:
+        from backend.local_stack import start_local_stack
+
+        start_local_stack(settings)
+    log.info("loading encoder %s", settings.model_name)
+    runtime.encoder  # noqa: B018 - load once at start, so the first /predict is fast
+    log.info("serving on http://%s:%d with %r", args.host, args.port, settings)
+    app.run(host=args.host, port=args.port, debug=args.debug, threaded=True, use_reloader=False)
+
+
+if __name__ == "__main__":
+    main()

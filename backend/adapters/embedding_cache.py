@@ -1,0 +1,47 @@
+"""Embedding cache in Redis: one hash per encoder, field = 16-byte hash of the text, value = fp16 vector.
+
+Shared by the server, every worker and every worker machine; a text is encoded once per encoder.
+fp16 halves the memory (a million 384-d vectors take about 770 MB) at no cost to ranking quality.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import redis
+
+CHUNK = 5000
+"""Fields per HMGET/HSET round trip: large enough to amortise latency, small enough not to block Redis."""
+
+
+def text_key(text: str) -> bytes:
+    """Stable 16-byte key of a text (BLAKE2b); invalid surrogates are replaced rather than rejected."""
+    return hashlib.blake2b(text.encode("utf-8", errors="replace"), digest_size=16).digest()
+
+
+class RedisEmbeddingCache:
+    """get/put fp16 embeddings of one encoder by text key."""
+
+    def __init__(self, client: redis.Redis, encoder_id: str, dim: int):
+        self.client = client
+        self.dim = dim
+        self.key = "al:emb:" + hashlib.sha1(encoder_id.encode()).hexdigest()[:16]
+
+    def get_many(self, keys: list[bytes]) -> list[np.ndarray | None]:
+        """Cached (d,) float16 vectors for `keys`, None where a key is missing."""
+        found: list[np.ndarray | None] = []
+        for start in range(0, len(keys), CHUNK):
+            for raw in self.client.hmget(self.key, keys[start : start + CHUNK]):
+                found.append(None if raw is None else np.frombuffer(raw, dtype=np.float16))
+        return found
+
+    def put_many(self, keys: list[bytes], vectors: np.ndarray) -> None:
+        """Store (n, d) vectors under `keys` (as fp16)."""
+        vectors = np.asarray(vectors, dtype=np.float16)
+        for start in range(0, len(keys), CHUNK):
+            mapping = {key: vectors[start + i].tobytes() for i, key in enumerate(keys[start : start + CHUNK])}
+            self.client.hset(self.key, mapping=mapping)
+
+    def __len__(self) -> int:
+        return int(self.client.hlen(self.key))

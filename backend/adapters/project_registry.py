@@ -1,0 +1,65 @@
+"""What the backend remembers about each connected project, in Redis (shared by server and workers)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import redis
+
+PROJECTS_KEY = "al:projects"
+
+
+class ProjectRegistry:
+    """Per project: label config and parameters from `/setup`, and the record of the last ranking round."""
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+
+    @staticmethod
+    def key(project: str) -> str:
+        return f"al:project:{project}"
+
+    def save_setup(self, project: str, label_config: str, params: dict) -> bool:
+        """Store the project's config; True when the project is connected for the first time."""
+        first = bool(self.client.sadd(PROJECTS_KEY, project))
+        self.client.hset(
+            self.key(project),
+            mapping={"label_config": label_config, "params": json.dumps(params), "setup_at": time.time()},
+        )
+        return first
+
+    def projects(self) -> list[str]:
+        return sorted((p.decode() for p in self.client.smembers(PROJECTS_KEY)), key=lambda p: int(p))
+
+    def is_connected(self, project: str) -> bool:
+        return bool(self.client.sismember(PROJECTS_KEY, project))
+
+    def label_config(self, project: str) -> str | None:
+        raw = self.client.hget(self.key(project), "label_config")
+        return raw.decode() if raw else None
+
+    def params(self, project: str) -> dict:
+        raw = self.client.hget(self.key(project), "params")
+        return json.loads(raw) if raw else {}
+
+    def record_round(self, project: str, summary: dict) -> None:
+        self.client.hset(self.key(project), "last_round", json.dumps(summary))
+
+    def last_round(self, project: str) -> dict | None:
+        raw = self.client.hget(self.key(project), "last_round")
+        return json.loads(raw) if raw else None
+
+    def set_live_version(self, project: str, version: str) -> None:
+        """The model version the backend last switched the project to."""
+        self.client.hset(self.key(project), "live_version", version)
+
+    def live_version(self, project: str) -> str | None:
+        raw = self.client.hget(self.key(project), "live_version")
+        return raw.decode() if raw else None
+
+    def count_event(self, project: str, action: str) -> None:
+        self.client.hincrby(self.key(project) + ":events", action, 1)
+
+    def event_counts(self, project: str) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.client.hgetall(self.key(project) + ":events").items()}

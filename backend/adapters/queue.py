@@ -1,0 +1,131 @@
+"""Enqueueing re-rank and reconciliation jobs on RQ, with bursts coalesced by rq's own unique job ids.
+
+A project's re-rank job id is `rerank-<project>-<generation>`. The generation is a Redis counter that a
+re-rank job increments as the first thing it does, before it reads Label Studio. So:
+- while a re-rank is queued, further events try the same id and rq's `unique=True` turns them away;
+- once it runs, the next event queues exactly one follower (the next id), and later events join that one;
+- an event can only be turned away by a job that reads Label Studio after the event's annotation was saved.
+The same counter is the fencing token that keeps an older, slower job from publishing over a newer ranking.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import redis
+from rq import Queue, Retry
+from rq.exceptions import DuplicateJobError, NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.utils import now
+
+log = logging.getLogger(__name__)
+
+RETRY = Retry(max=5, interval=[5, 15, 30, 60, 120])
+"""Label Studio down or slow: retry with back-off; the previous ranking stays live meanwhile."""
+FAILURE_TTL = 7 * 24 * 3600
+"""Failed jobs stay in RQ's failed registry for a week, for inspection and requeueing."""
+RESULT_TTL = 3600
+DEAD_STATUSES = (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
+
+PUBLISH_IF_NEWER = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) return 1 end
+return 0
+"""
+
+
+def generation_key(project: str) -> str:
+    return f"al:rerank:generation:{project}"
+
+
+def published_key(project: str) -> str:
+    return f"al:rerank:published:{project}"
+
+
+class JobQueue:
+    """The backend's RQ queue, and the rules for what may be queued at the same time."""
+
+    def __init__(self, client: redis.Redis, name: str, job_timeout: int = 600):
+        self.client = client
+        self.queue = Queue(name, connection=client)
+        self.job_timeout = job_timeout
+        self._publish_if_newer = client.register_script(PUBLISH_IF_NEWER)
+
+    def request_rerank(self, project: str, reason: str) -> str:
+        """Make sure a re-rank of `project` will start after now. Returns "enqueued" or "coalesced"."""
+        generation = int(self.client.get(generation_key(project)) or 0)
+        job_id = f"rerank-{project}-{generation}"
+        if self._enqueue_unique("backend.jobs.rerank_project", job_id, project, reason):
+            return "enqueued"
+        status = self._status(job_id)
+        if status in DEAD_STATUSES:  # died before it took its generation: start the next one
+            self.client.incr(generation_key(project))
+            return self.request_rerank(project, reason)
+        return "coalesced"
+
+    def start_rerank(self, project: str) -> int:
+        """Called first by a re-rank job: take a new generation, so later events queue a follower."""
+        return int(self.client.incr(generation_key(project)))
+
+    def may_publish(self, project: str, generation: int) -> bool:
+        """Atomically claim the right to publish; False if a newer generation already published."""
+        return bool(self._publish_if_newer(keys=[published_key(project)], args=[generation]))
+
+    def schedule_reconcile(self, project: str, interval: int, slot: int) -> None:
+        """Schedule the project's next reconciliation in `interval` s; one job per (project, slot)."""
+        job = self.queue.create_job(
+            "backend.jobs.reconcile_project",
+            args=(project,),
+            job_id=f"reconcile-{project}-{slot}",
+            timeout=self.job_timeout,
+            result_ttl=RESULT_TTL,
+            failure_ttl=FAILURE_TTL,
+        )
+        try:
+            self.queue.schedule_job(job, _in(interval), unique=True)
+        except DuplicateJobError:
+            pass
+
+    def enqueue_connect(self, project: str) -> None:
+        """First `/setup` of a project: configure it in Label Studio and build the cold-start ranking."""
+        self._enqueue_unique("backend.jobs.connect_project", f"connect-{project}", project)
+
+    def enqueue_cleanup(self, project: str, keep_version: str) -> None:
+        self.queue.enqueue_call(
+            "backend.jobs.cleanup_versions",
+            args=(project, keep_version),
+            timeout=self.job_timeout,
+            result_ttl=RESULT_TTL,
+            failure_ttl=FAILURE_TTL,
+            retry=RETRY,
+        )
+
+    def length(self) -> int:
+        return len(self.queue)
+
+    def _enqueue_unique(self, func: str, job_id: str, *args) -> bool:
+        try:
+            self.queue.enqueue_call(
+                func,
+                args=args,
+                job_id=job_id,
+                unique=True,
+                timeout=self.job_timeout,
+                result_ttl=RESULT_TTL,
+                failure_ttl=FAILURE_TTL,
+                retry=RETRY,
+            )
+            return True
+        except DuplicateJobError:
+            return False
+
+    def _status(self, job_id: str) -> JobStatus | None:
+        try:
+            return Job.fetch(job_id, connection=self.client).get_status()
+        except NoSuchJobError:
+            return None
+
+
+def _in(seconds: int):
+    return now() + timedelta(seconds=seconds)

@@ -1,0 +1,136 @@
+"""One frozen `Settings`, read once from the environment.
+
+Every field names the environment variable it comes from; the README's settings table mirrors this file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = environ.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name, "")
+    if raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
+def _choice(environ: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = environ.get(name, "") or default
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Backend configuration. Secrets are kept out of `repr` so settings can be logged."""
+
+    label_studio_url: str = ""
+    """LABEL_STUDIO_URL: where the backend reaches Label Studio's API (e.g. http://localhost:8080)."""
+    label_studio_api_key: str = field(default="", repr=False)
+    """LABEL_STUDIO_API_KEY: legacy token or personal access token used for the API."""
+    model_dir: str = "./model_dir"
+    """MODEL_DIR: versioned classifier artifacts, shared by the server and every worker."""
+    basic_auth_user: str = ""
+    """BASIC_AUTH_USER: when set with BASIC_AUTH_PASS, every route requires HTTP basic auth."""
+    basic_auth_pass: str = field(default="", repr=False)
+    """BASIC_AUTH_PASS: the password for BASIC_AUTH_USER."""
+    log_level: str = "INFO"
+    """LOG_LEVEL: DEBUG, INFO, WARNING or ERROR."""
+    host: str = "0.0.0.0"
+    """HOST: interface the server binds."""
+    port: int = 9090
+    """PORT: port the server listens on."""
+    workers: int = 1
+    """WORKERS: gunicorn worker processes."""
+    threads: int = 8
+    """THREADS: threads per gunicorn worker."""
+    redis_url: str = "redis://localhost:6379/0"
+    """REDIS_URL: the Redis holding RQ's queues and the embedding cache."""
+    queue_name: str = "al-backend"
+    """QUEUE_NAME: the RQ queue the backend enqueues on and the workers listen to."""
+    model_name: str = DEFAULT_MODEL_NAME
+    """MODEL_NAME: Hugging Face model name or local path of the sentence encoder."""
+    device: str = "auto"
+    """DEVICE: auto (CUDA when present), cpu, cuda, or cuda:N."""
+    max_length: int = 256
+    """MAX_LENGTH: tokens kept per text; longer texts are truncated."""
+    batch_tokens: int = 0
+    """BATCH_TOKENS: padded tokens per encoder batch, after sorting by length; 0 = auto (4096 CPU, 65536 GPU)."""
+    committee_size: int = 5
+    """COMMITTEE_SIZE: bootstrap heads trained beside the main head, for disagreement scores."""
+    strategy: str = "hybrid"
+    """STRATEGY: default query strategy name (see backend.scoring.registry)."""
+    rank_top_k: int = 20
+    """RANK_TOP_K: tasks that get a priority prediction per round (see README: Label Studio's write costs)."""
+    reconcile_interval: int = 60
+    """RECONCILE_INTERVAL: seconds between reconciliation passes per connected project (0 disables)."""
+    model_version_prefix: str = "al"
+    """MODEL_VERSION_PREFIX: prefix of the model versions the backend writes into Label Studio."""
+    min_annotations_to_train: int = 2
+    """MIN_ANNOTATIONS_TO_TRAIN: below this, predictions come from the zero-shot head."""
+    job_timeout: int = 600
+    """JOB_TIMEOUT: seconds an RQ job may run."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from `environ` (default: the process environment); raise ValueError naming a bad one."""
+        env = os.environ if environ is None else environ
+        defaults = cls()
+        return cls(
+            label_studio_url=env.get("LABEL_STUDIO_URL", defaults.label_studio_url).rstrip("/"),
+            label_studio_api_key=env.get("LABEL_STUDIO_API_KEY", ""),
+            model_dir=env.get("MODEL_DIR", "") or defaults.model_dir,
+            basic_auth_user=env.get("BASIC_AUTH_USER", ""),
+            basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
+            log_level=_choice(env, "LOG_LEVEL", defaults.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),
+            host=env.get("HOST", "") or defaults.host,
+            port=_int(env, "PORT", defaults.port, minimum=1),
+            workers=_int(env, "WORKERS", defaults.workers, minimum=1),
+            threads=_int(env, "THREADS", defaults.threads, minimum=1),
+            redis_url=env.get("REDIS_URL", "") or defaults.redis_url,
+            queue_name=env.get("QUEUE_NAME", "") or defaults.queue_name,
+            model_name=env.get("MODEL_NAME", "") or defaults.model_name,
+            device=env.get("DEVICE", "") or defaults.device,
+            max_length=_int(env, "MAX_LENGTH", defaults.max_length, minimum=8),
+            batch_tokens=_int(env, "BATCH_TOKENS", defaults.batch_tokens, minimum=0),
+            committee_size=_int(env, "COMMITTEE_SIZE", defaults.committee_size, minimum=0),
+            strategy=env.get("STRATEGY", "") or defaults.strategy,
+            rank_top_k=_int(env, "RANK_TOP_K", defaults.rank_top_k, minimum=1),
+            reconcile_interval=_int(env, "RECONCILE_INTERVAL", defaults.reconcile_interval),
+            model_version_prefix=env.get("MODEL_VERSION_PREFIX", "") or defaults.model_version_prefix,
+            min_annotations_to_train=_int(env, "MIN_ANNOTATIONS_TO_TRAIN", defaults.min_annotations_to_train, 1),
+            job_timeout=_int(env, "JOB_TIMEOUT", defaults.job_timeout, minimum=10),
+        )
+
+    @property
+    def basic_auth_enabled(self) -> bool:
+        return bool(self.basic_auth_user and self.basic_auth_pass)
+
+    def secrets(self) -> list[str]:
+        """Values that must never reach logs or error messages."""
+        return [value for value in (self.label_studio_api_key, self.basic_auth_pass) if value]
+
+
+SETTING_NAMES = [f.name for f in fields(Settings)]

@@ -1,0 +1,84 @@
+"""RQ job functions: plain functions with JSON-serialisable arguments, run by `python -m backend.worker`.
+
+Each builds nothing itself: it takes the worker process's `Runtime` (adapters and services built once).
+A job that raises lands in RQ's failed registry after its retries; the previous ranking stays live.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from backend.config import Settings
+from backend.runtime import Runtime
+from backend.services.rerank import annotation_fingerprint, rerank
+
+log = logging.getLogger(__name__)
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """The worker process's runtime, built from the environment on first use."""
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime(Settings.from_env())
+    return _runtime
+
+
+def rerank_project(project: str, reason: str = "") -> dict:
+    """Retrain, rescore and publish a new order for `project`; one at a time per project."""
+    rt = runtime()
+    generation = rt.queue.start_rerank(project)  # first: later events now queue a follower
+    log.info("project %s: re-rank generation %d (%s)", project, generation, reason or "requested")
+    with rt.redis.lock(
+        f"al:rerank:lock:{project}", timeout=rt.settings.job_timeout, blocking_timeout=rt.settings.job_timeout
+    ):
+        return rerank(project, rt, generation)
+
+
+def connect_project(project: str) -> dict:
+    """First connection: switch the project to Uncertainty sampling with visible predictions, then rank it."""
+    rt = runtime()
+    previous = rt.label_studio.configure_for_active_learning(int(project))
+    rt.registry.client.hset(rt.registry.key(project), "settings_before_connect", repr(previous))
+    log.info("project %s: configured for active learning (was %s)", project, previous)
+    return {"previous": previous, "rerank": rt.queue.request_rerank(project, "connected")}
+
+
+def reconcile_project(project: str) -> dict:
+    """Periodic repair: re-rank when Label Studio's state differs from what the last round saw.
+
+    Catches what lost webhooks did not tell: annotations added, changed or deleted; tasks imported or
+    deleted; the model version reset from the UI.
+    """
+    rt = runtime()
+    interval = rt.settings.reconcile_interval
+    if interval > 0:
+        rt.queue.schedule_reconcile(project, interval, slot=int(time.time() // interval) + 1)
+    last = rt.registry.last_round(project) or {}
+    info = rt.label_studio.get_project(int(project))
+    tasks = list(rt.label_studio.iter_tasks(int(project)))
+    reasons = []
+    if annotation_fingerprint(tasks) != last.get("fingerprint"):
+        reasons.append("annotations or tasks changed")
+    if (info.get("model_version") or "") != (rt.registry.live_version(project) or ""):
+        reasons.append(f"model version is {info.get('model_version')!r}")
+    if not reasons:
+        return {"rerank": "not needed"}
+    log.info("project %s: reconciliation found %s", project, "; ".join(reasons))
+    return {"rerank": rt.queue.request_rerank(project, "reconcile: " + "; ".join(reasons)), "reasons": reasons}
+
+
+def cleanup_versions(project: str, keep_version: str) -> list[str]:
+    """Delete this backend's older model versions of `project`; never the project's current one."""
+    rt = runtime()
+    current = rt.label_studio.get_project(int(project)).get("model_version")
+    prefix = rt.settings.model_version_prefix + "-"
+    deleted = []
+    for version in rt.label_studio.model_versions(int(project)):
+        if version.startswith(prefix) and version not in (keep_version, current):
+            rt.label_studio.delete_model_version(int(project), version)
+            deleted.append(version)
+    rt.artifacts.prune(project)
+    return deleted

@@ -1,0 +1,107 @@
+"""Understand a Label Studio labeling config: which `Choices` to predict, over which text field.
+
+Parsing is done by the SDK's `LabelInterface`; this module only checks that the config is a text
+classification and reads out what the rest of the backend needs.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from label_studio_sdk.label_interface import LabelInterface
+
+from backend.errors import UnsupportedLabelConfig
+
+TEXT_OBJECT_TAGS = ("Text", "HyperText")
+MULTIPLE_CHOICE = "multiple"
+
+
+@dataclass(frozen=True)
+class ClassificationConfig:
+    """A `<Choices>` control over a text object: everything prediction and training need."""
+
+    from_name: str
+    """Name of the `<Choices>` tag (the `from_name` of results)."""
+    to_name: str
+    """Name of the `<Text>`/`<HyperText>` tag (the `to_name` of results)."""
+    data_key: str
+    """Key of the task's `data` holding the text (the object's `value` without its `$`)."""
+    labels: tuple[str, ...]
+    """Choice values, in config order; this order is the column order of every probability matrix."""
+    label_descriptions: tuple[str, ...]
+    """Per label, the text used for zero-shot: its `hint` or `alias` when given, else its value."""
+    multi_label: bool
+    """True for `choice="multiple"` (sigmoid head), False for single choice (softmax head)."""
+
+    def result(self, chosen: list[str]) -> list[dict]:
+        """Label Studio `result` regions for the chosen labels (one region, as the editor itself writes it)."""
+        return [
+            {
+                "from_name": self.from_name,
+                "to_name": self.to_name,
+                "type": "choices",
+                "value": {"choices": list(chosen)},
+            }
+        ]
+
+    def text_of(self, task: dict) -> str:
+        """The text a task carries for this config; raise KeyError naming the missing data key."""
+        data = task.get("data")
+        if not isinstance(data, dict) or self.data_key not in data:
+            raise KeyError(f"task {task.get('id')!r} has no data[{self.data_key!r}]")
+        value = data[self.data_key]
+        return value if isinstance(value, str) else str(value)
+
+
+@functools.lru_cache(maxsize=256)
+def parse_label_config(label_config: str) -> ClassificationConfig:
+    """Parse `label_config` XML into a `ClassificationConfig`, or raise `UnsupportedLabelConfig` saying why.
+
+    Cached: Label Studio sends the same config with every `/setup` and `/predict`.
+    """
+    if not isinstance(label_config, str) or not label_config.strip():
+        raise UnsupportedLabelConfig("the label config is empty")
+    try:
+        interface = LabelInterface(label_config)
+    except Exception as exc:  # the SDK raises several XML error types
+        raise UnsupportedLabelConfig(f"the label config is not valid XML ({exc})") from None
+
+    controls = list(interface.controls)
+    choices = [control for control in controls if control.tag == "Choices"]
+    if not choices:
+        tags = sorted({control.tag for control in controls}) or ["none"]
+        raise UnsupportedLabelConfig(f"found control tags {', '.join(tags)} but no <Choices>")
+    for control in choices:
+        config = _config_from_choices(control)
+        if config is not None:
+            return config
+    targets = sorted({obj.tag for control in choices for obj in control.objects})
+    raise UnsupportedLabelConfig(f"<Choices> points at {', '.join(targets) or 'nothing'}, not at <Text> or <HyperText>")
+
+
+def _config_from_choices(control) -> ClassificationConfig | None:
+    """The config for one `<Choices>` control, or None when it does not point at a text object."""
+    text_objects = [obj for obj in control.objects if obj.tag in TEXT_OBJECT_TAGS]
+    if not text_objects:
+        return None
+    labels = tuple(control.labels)
+    if len(labels) < 2:
+        raise UnsupportedLabelConfig(f"<Choices name={control.name!r}> has {len(labels)} <Choice>; at least 2 needed")
+    text_object = text_objects[0]
+    value = text_object.value or ""
+    if not value.startswith("$") or len(value) < 2:
+        raise UnsupportedLabelConfig(f"<{text_object.tag} name={text_object.name!r}> has value={value!r}, not $field")
+    descriptions = tuple(_describe(control.labels_attrs[label].attr, label) for label in labels)
+    return ClassificationConfig(
+        from_name=control.name,
+        to_name=text_object.name,
+        data_key=value[1:],
+        labels=labels,
+        label_descriptions=descriptions,
+        multi_label=control.attr.get("choice") == MULTIPLE_CHOICE,
+    )
+
+
+def _describe(attrs: dict, label: str) -> str:
+    return attrs.get("hint") or attrs.get("alias") or label

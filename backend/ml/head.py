@@ -1,0 +1,121 @@
+"""Light classifier heads on frozen embeddings: a linear layer, softmax (single choice) or sigmoid (multiple).
+
+The head is the only part retrained after each annotation: on a few hundred cached embeddings a full-batch
+L-BFGS fit takes milliseconds. A committee of heads fit on bootstrap resamples gives disagreement scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DEFAULT_L2 = 1e-3
+ZERO_SHOT_SCALE = 30.0
+"""Logit scale for cosine similarities in the zero-shot head (cosines of related texts differ by ~0.1)."""
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """probs = softmax(x @ weights + bias) or sigmoid(x @ weights + bias). Columns follow the config's labels."""
+
+    weights: np.ndarray
+    """(d, k) float32."""
+    bias: np.ndarray
+    """(k,) float32."""
+    multi_label: bool
+
+    def logits(self, embeddings: np.ndarray) -> np.ndarray:
+        """(n, d) -> (n, k)"""
+        return np.asarray(embeddings, dtype=np.float32) @ self.weights + self.bias
+
+    def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
+        """(n, d) -> (n, k) probabilities."""
+        logits = self.logits(embeddings).astype(np.float64)
+        if self.multi_label:
+            return 1.0 / (1.0 + np.exp(-logits))
+        logits -= logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+
+def fit_head(
+    embeddings: np.ndarray, targets: np.ndarray, multi_label: bool, l2: float = DEFAULT_L2, max_iter: int = 200
+) -> LinearHead:
+    """Fit a linear head by full-batch L-BFGS on mean cross-entropy + l2/2 * ||W||^2.
+
+    Args:
+        embeddings: (n, d) training embeddings.
+        targets: (n, k) 0/1 label matrix (one 1 per row when single-label).
+        multi_label: sigmoid + binary cross-entropy when True, softmax + cross-entropy otherwise.
+    """
+    x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+    y = torch.as_tensor(np.asarray(targets, dtype=np.float32))
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"need matching, non-empty embeddings and targets, got {tuple(x.shape)} and {tuple(y.shape)}")
+    weights = torch.zeros(x.shape[1], y.shape[1], requires_grad=True)
+    bias = torch.zeros(y.shape[1], requires_grad=True)
+    optimizer = torch.optim.LBFGS([weights, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = x @ weights + bias
+        if multi_label:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, y.argmax(dim=1))
+        loss = loss + 0.5 * l2 * weights.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return LinearHead(weights.detach().numpy().copy(), bias.detach().numpy().copy(), multi_label)
+
+
+def fit_committee(
+    embeddings: np.ndarray,
+    targets: np.ndarray,
+    multi_label: bool,
+    size: int,
+    rng: np.random.Generator,
+    l2: float = DEFAULT_L2,
+) -> list[LinearHead]:
+    """`size` heads, each fit on a bootstrap resample of the training rows (for disagreement scores)."""
+    n = len(embeddings)
+    heads = []
+    for _ in range(size):
+        rows = rng.integers(0, n, size=n)
+        heads.append(fit_head(embeddings[rows], targets[rows], multi_label, l2=l2, max_iter=50))
+    return heads
+
+
+def zero_shot_head(label_embeddings: np.ndarray, multi_label: bool, scale: float = ZERO_SHOT_SCALE) -> LinearHead:
+    """A head that scores texts by cosine similarity to each label's embedding. (k, d) -> LinearHead.
+
+    Multi-label: a label is predicted when its similarity is above the mean over labels,
+    sigmoid(scale * (cos_j - mean_j cos)), which is still linear in the text embedding.
+    """
+    label_embeddings = np.asarray(label_embeddings, dtype=np.float32)
+    if multi_label:
+        label_embeddings = label_embeddings - label_embeddings.mean(axis=0, keepdims=True)
+    weights = (scale * label_embeddings.T).astype(np.float32)
+    return LinearHead(weights, np.zeros(weights.shape[1], dtype=np.float32), multi_label)
+
+
+def committee_proba(heads: list[LinearHead], embeddings: np.ndarray) -> np.ndarray | None:
+    """(m, n, k) probabilities of every head, or None for an empty committee."""
+    if not heads:
+        return None
+    return np.stack([head.predict_proba(embeddings) for head in heads])
+
+
+def one_hot(label_lists: list[list[str]], labels: tuple[str, ...]) -> np.ndarray:
+    """Label names per row -> (n, k) 0/1 matrix in the column order of `labels` (unknown names ignored)."""
+    column = {label: j for j, label in enumerate(labels)}
+    targets = np.zeros((len(label_lists), len(labels)), dtype=np.float32)
+    for row, names in enumerate(label_lists):
+        for name in names:
+            if name in column:
+                targets[row, column[name]] = 1.0
+    return targets

@@ -1,0 +1,126 @@
+"""Request shapes of the Label Studio ML backend protocol, checked field by field.
+
+Each `parse_*` takes the decoded JSON body and returns a small typed object, or raises `MalformedRequest`
+naming the field and what was wrong with it. Routes never index into raw request dicts themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from backend.errors import MalformedRequest
+
+WEBHOOK_ACTIONS = (
+    "ANNOTATION_CREATED",
+    "ANNOTATIONS_CREATED",
+    "ANNOTATION_UPDATED",
+    "ANNOTATIONS_DELETED",
+    "TASKS_CREATED",
+    "TASKS_DELETED",
+    "START_TRAINING",
+    "PROJECT_UPDATED",
+)
+IGNORED_WEBHOOK_ACTIONS = (
+    "PROJECT_CREATED",
+    "PROJECT_DELETED",
+    "LABEL_LINK_CREATED",
+    "LABEL_LINK_UPDATED",
+    "LABEL_LINK_DELETED",
+    "REVIEW_CREATED",
+    "REVIEW_UPDATED",
+    "REVIEWS_DELETED",
+)
+"""Events Label Studio sends to a backend's webhook that need no re-ranking: acknowledged and dropped."""
+
+
+@dataclass(frozen=True)
+class SetupRequest:
+    project: str
+    label_config: str
+    model_version: str | None = None
+    extra_params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    project: str
+    tasks: list[dict]
+    label_config: str | None
+
+
+@dataclass(frozen=True)
+class WebhookEvent:
+    action: str
+    project: str
+    payload: dict
+
+
+def require_object(body: object, route: str) -> dict:
+    if not isinstance(body, dict):
+        raise MalformedRequest(f"{route} expects a JSON object body, got {type(body).__name__}")
+    return body
+
+
+def project_id(value: object, field_name: str = "project") -> str:
+    """Label Studio sends project ids as ints, as strings, as "id.timestamp" (in /predict), or as objects."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    if isinstance(value, bool) or value is None or value == "":
+        raise MalformedRequest(f"'{field_name}' must be a project id, got {value!r}")
+    text = str(value).split(".", 1)[0]
+    if not text.isdigit():
+        raise MalformedRequest(f"'{field_name}' must be a numeric project id, got {value!r}")
+    return text
+
+
+def parse_setup(body: object) -> SetupRequest:
+    body = require_object(body, "/setup")
+    schema = body.get("schema", body.get("label_config"))
+    if not isinstance(schema, str) or not schema.strip():
+        raise MalformedRequest(f"/setup needs 'schema' (the project's label config XML), got {schema!r:.80}")
+    extra = body.get("extra_params") or {}
+    if isinstance(extra, str):
+        extra = _json_object(extra, "extra_params")
+    if not isinstance(extra, dict):
+        raise MalformedRequest(f"'extra_params' must be a JSON object, got {type(extra).__name__}")
+    version = body.get("model_version")
+    return SetupRequest(project_id(body.get("project")), schema, version if isinstance(version, str) else None, extra)
+
+
+def parse_predict(body: object) -> PredictRequest:
+    body = require_object(body, "/predict")
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list):
+        raise MalformedRequest(f"/predict needs 'tasks': a list of task objects, got {type(tasks).__name__}")
+    for index, task in enumerate(tasks):
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            raise MalformedRequest(f"tasks[{index}] must be an object with a 'data' object, got {task!r:.80}")
+    label_config = body.get("label_config")
+    if label_config is not None and not isinstance(label_config, str):
+        raise MalformedRequest(f"'label_config' must be the label config XML string, got {type(label_config).__name__}")
+    project = project_id(body["project"]) if body.get("project") not in (None, "") else ""
+    return PredictRequest(project, tasks, label_config)
+
+
+def parse_webhook(body: object) -> WebhookEvent:
+    body = require_object(body, "/webhook")
+    action = body.get("action")
+    if not isinstance(action, str):
+        raise MalformedRequest(f"/webhook needs 'action' (a Label Studio event name), got {action!r:.80}")
+    if action not in WEBHOOK_ACTIONS and action not in IGNORED_WEBHOOK_ACTIONS:
+        raise MalformedRequest(f"unknown webhook action {action!r}; handled: {', '.join(WEBHOOK_ACTIONS)}")
+    project = body.get("project")
+    if project is None and isinstance(body.get("task"), dict):
+        project = body["task"].get("project")
+    return WebhookEvent(action, project_id(project), body)
+
+
+def _json_object(text: str, field_name: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise MalformedRequest(f"'{field_name}' is a string but not JSON: {text!r:.80}") from None
+    if not isinstance(value, dict):
+        raise MalformedRequest(f"'{field_name}' must be a JSON object, got {type(value).__name__}")
+    return value

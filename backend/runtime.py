@@ -1,0 +1,79 @@
+"""The composition root: builds each adapter and service once per process from `Settings`.
+
+The web app and the RQ worker both hold one `Runtime`; nothing else constructs Redis clients, encoders or stores.
+Heavy parts (the encoder) load on first use, so importing the app stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import redis
+
+from backend.adapters.embedding_cache import RedisEmbeddingCache
+from backend.adapters.project_registry import ProjectRegistry
+from backend.adapters.queue import JobQueue
+from backend.config import Settings
+from backend.errors import LabelStudioUnavailable
+from backend.ml.artifacts import ArtifactStore
+from backend.ml.encoder import Encoder, get_encoder
+from backend.services.predict import Predictor
+from backend.services.projects import ProjectService
+
+log = logging.getLogger(__name__)
+
+REDIS_TIMEOUTS = {"socket_connect_timeout": 2.0, "socket_timeout": 10.0, "health_check_interval": 30}
+"""Fail fast when Redis is away (predictions then go on without the cache) and notice dead connections."""
+
+
+class Runtime:
+    """Lazily built, process-wide adapters and services for one `Settings`."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    @functools.cached_property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.settings.redis_url, **REDIS_TIMEOUTS)
+
+    @functools.cached_property
+    def encoder(self) -> Encoder:
+        s = self.settings
+        return get_encoder(s.model_name, device=s.device, max_length=s.max_length, batch_tokens=s.batch_tokens)
+
+    @functools.cached_property
+    def embedding_cache(self) -> RedisEmbeddingCache:
+        return RedisEmbeddingCache(self.redis, self.encoder.encoder_id, self.encoder.dim)
+
+    @functools.cached_property
+    def artifacts(self) -> ArtifactStore:
+        return ArtifactStore(self.settings.model_dir)
+
+    @functools.cached_property
+    def predictor(self) -> Predictor:
+        return Predictor(self.encoder, self.artifacts, self.embedding_cache, self.settings.model_version_prefix)
+
+    @functools.cached_property
+    def registry(self) -> ProjectRegistry:
+        return ProjectRegistry(self.redis)
+
+    @functools.cached_property
+    def queue(self) -> JobQueue:
+        return JobQueue(self.redis, self.settings.queue_name, self.settings.job_timeout)
+
+    @functools.cached_property
+    def projects(self) -> ProjectService:
+        return ProjectService(self.registry, self.queue, self.settings.reconcile_interval)
+
+    @functools.cached_property
+    def label_studio(self):
+        """The Label Studio API client (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)."""
+        from backend.adapters.label_studio import LabelStudio
+
+        if not (self.settings.label_studio_url and self.settings.label_studio_api_key):
+            raise LabelStudioUnavailable(
+                "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set for re-ranking "
+                "(the key is in Label Studio under Account & Settings)"
+            )
+        return LabelStudio(self.settings.label_studio_url, self.settings.label_studio_api_key)

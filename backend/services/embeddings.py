@@ -1,0 +1,45 @@
+"""Embed texts through the cache: look up, encode only what is missing, store it, return one matrix."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import redis
+
+from backend.adapters.embedding_cache import RedisEmbeddingCache, text_key
+from backend.ml.encoder import Encoder
+
+log = logging.getLogger(__name__)
+
+
+def embed_texts(texts: list[str], encoder: Encoder, cache: RedisEmbeddingCache | None) -> np.ndarray:
+    """(n texts) -> (n, d) float32 embeddings, rounded through fp16 whether cached or not.
+
+    With the cache unreachable the texts are encoded directly, so predictions keep flowing while Redis is away.
+    """
+    keys = [text_key(text) for text in texts]
+    unique = dict.fromkeys(keys)  # insertion-ordered set: duplicate texts are encoded once
+    vectors: dict[bytes, np.ndarray] = {}
+    if cache is not None:
+        try:
+            found = cache.get_many(list(unique))
+            vectors = {key: vec for key, vec in zip(unique, found, strict=True) if vec is not None}
+        except redis.RedisError as exc:
+            log.warning("embedding cache unavailable (%s); encoding without it", type(exc).__name__)
+            cache = None
+    missing = [key for key in unique if key not in vectors]
+    if missing:
+        first_text = {}
+        for key, text in zip(keys, texts, strict=True):
+            first_text.setdefault(key, text)
+        encoded = encoder.encode([first_text[key] for key in missing]).astype(np.float16)
+        vectors.update(zip(missing, encoded, strict=True))
+        if cache is not None:
+            try:
+                cache.put_many(missing, encoded)
+            except redis.RedisError as exc:
+                log.warning("could not store %d embeddings in the cache (%s)", len(missing), type(exc).__name__)
+    if not texts:
+        return np.zeros((0, encoder.dim), dtype=np.float32)
+    return np.stack([vectors[key] for key in keys]).astype(np.float32)

@@ -1,0 +1,84 @@
+"""Predictions for Label Studio: the newest head of a project (or zero-shot) on cached embeddings."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from backend.adapters.embedding_cache import RedisEmbeddingCache
+from backend.label_config import ClassificationConfig
+from backend.ml.artifacts import ArtifactStore, HeadArtifact
+from backend.ml.encoder import Encoder
+from backend.scoring.uncertainty import confidence
+from backend.services.embeddings import embed_texts
+from backend.services.train import zero_shot_artifact
+
+log = logging.getLogger(__name__)
+
+ZERO_SHOT_VERSION = "zero-shot"
+
+
+def model_version(prefix: str, artifact: HeadArtifact) -> str:
+    """The `model_version` string Label Studio stores with predictions of this artifact."""
+    if not artifact.version:
+        return f"{prefix}-{ZERO_SHOT_VERSION}"
+    return f"{prefix}-{artifact.version}-{artifact.meta.get('created', '')}".rstrip("-")
+
+
+def predicted_labels(probs: np.ndarray, labels: tuple[str, ...], multi_label: bool) -> list[list[str]]:
+    """(n, k) probabilities -> chosen label names per row: the argmax, or every label with p >= 0.5."""
+    if not multi_label:
+        return [[labels[j]] for j in probs.argmax(axis=1)]
+    return [[labels[j] for j in np.flatnonzero(row >= 0.5)] for row in probs]
+
+
+@dataclass
+class Predictor:
+    """Turns tasks into Label Studio predictions. One per process; heads are cached by version."""
+
+    encoder: Encoder
+    store: ArtifactStore
+    cache: RedisEmbeddingCache | None
+    version_prefix: str = "al"
+
+    def __post_init__(self):
+        self._heads: dict[tuple, HeadArtifact] = {}
+        self._lock = threading.Lock()
+
+    def artifact_for(self, project: str, config: ClassificationConfig) -> HeadArtifact:
+        """The project's newest trained artifact for this config, else a zero-shot one (cached per process)."""
+        versions = self.store.versions(project) if project else []
+        key = (project, versions[-1] if versions else None, config)
+        with self._lock:
+            if key not in self._heads:
+                artifact = self.store.load_latest(project, config.labels, self.encoder.encoder_id) if versions else None
+                self._heads[key] = artifact or zero_shot_artifact(config, self.encoder, self.cache)
+            return self._heads[key]
+
+    def predict(self, project: str, config: ClassificationConfig, tasks: list[dict]) -> list[dict]:
+        """One Label Studio prediction per task, in order: predicted choice(s) and the confidence as `score`.
+
+        A task without the config's text field gets an empty prediction (and a log line), not an error for all.
+        """
+        artifact = self.artifact_for(project, config)
+        version = model_version(self.version_prefix, artifact)
+        texts, rows = [], []
+        for row, task in enumerate(tasks):
+            try:
+                texts.append(config.text_of(task))
+                rows.append(row)
+            except KeyError as exc:
+                log.warning("project %s: cannot predict: %s", project or "?", exc)
+        results: list[dict] = [{"result": [], "score": 0.0, "model_version": version} for _ in tasks]
+        if not texts:
+            return results
+        probs = artifact.head.predict_proba(embed_texts(texts, self.encoder, self.cache))
+        scores = confidence(probs, config.multi_label)
+        for row, chosen, score in zip(
+            rows, predicted_labels(probs, config.labels, config.multi_label), scores, strict=True
+        ):
+            results[row] = {"result": config.result(chosen), "score": float(score), "model_version": version}
+        return results

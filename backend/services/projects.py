@@ -1,0 +1,76 @@
+"""Connected projects: what `/setup`, `/webhook` and `/metrics` do, in milliseconds, without Label Studio calls.
+
+Anything slow (reading Label Studio, training, writing predictions) is queued as an RQ job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import redis
+
+from backend.adapters.project_registry import ProjectRegistry
+from backend.adapters.queue import JobQueue
+from backend.errors import MalformedRequest
+from backend.protocol import IGNORED_WEBHOOK_ACTIONS, SetupRequest, WebhookEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProjectService:
+    registry: ProjectRegistry
+    queue: JobQueue
+    reconcile_interval: int = 60
+
+    def setup(self, request: SetupRequest) -> None:
+        """Remember the project's config; on first connection queue its set-up and cold-start ranking.
+
+        Label Studio calls /setup before every /predict, so this must stay cheap and idempotent. With Redis
+        away it still answers: the next /setup or the reconciliation pass catches up.
+        """
+        try:
+            first = self.registry.save_setup(request.project, request.label_config, request.extra_params)
+            if first:
+                log.info("project %s connected: queueing set-up and cold-start ranking", request.project)
+                self.queue.enqueue_connect(request.project)
+                self.queue.schedule_reconcile(request.project, self.reconcile_interval, slot=0)
+        except redis.RedisError as exc:
+            log.warning("project %s: /setup not recorded, Redis unavailable (%s)", request.project, type(exc).__name__)
+
+    def label_config(self, project: str) -> str:
+        """The config stored at /setup, for /predict requests that do not carry one."""
+        config = self.registry.label_config(project) if project else None
+        if not config:
+            raise MalformedRequest(f"/predict has no 'label_config' and project {project!r} was never set up")
+        return config
+
+    def on_event(self, event: WebhookEvent) -> dict:
+        """Acknowledge a webhook: count it and make sure a re-rank follows. Never calls Label Studio."""
+        self.registry.count_event(event.project, event.action)
+        if event.action in IGNORED_WEBHOOK_ACTIONS or not self._changes_ranking(event):
+            return {"rerank": "not needed"}
+        return {"rerank": self.queue.request_rerank(event.project, event.action)}
+
+    def _changes_ranking(self, event: WebhookEvent) -> bool:
+        """PROJECT_UPDATED also follows our own model-version switch: only a change we did not make counts."""
+        if event.action != "PROJECT_UPDATED":
+            return True
+        project = event.payload.get("project") if isinstance(event.payload.get("project"), dict) else {}
+        changed_version = project.get("model_version") not in (None, self.registry.live_version(event.project))
+        changed_config = "label_config" in project and project["label_config"] != self.registry.label_config(
+            event.project
+        )
+        return changed_version or changed_config
+
+    def metrics(self) -> dict:
+        """Per project: the last round (model version, annotations used, seconds per stage) and event counts."""
+        projects = {}
+        for project in self.registry.projects():
+            projects[project] = {
+                "last_round": self.registry.last_round(project),
+                "events": self.registry.event_counts(project),
+            }
+        return {"queue_length": self.queue.length(), "projects": projects, "time": time.time()}

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Label Studio 1.23.2 in its own virtual environment (.ls-venv), for the end-to-end tests and benchmarks:
+# its pins (Django, rq<2.7, redis<5.3) clash with the backend's.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+[ -x .ls-venv/bin/label-studio ] && exit 0
+"$python" -m venv .ls-venv
+.ls-venv/bin/pip install -q --disable-pip-version-check label-studio==1.23.2

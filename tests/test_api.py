@@ -1,0 +1,176 @@
+"""Protocol round trips through Flask's test client, with Label Studio 1.23 payload shapes."""
+
+import base64
+
+import pytest
+import redis
+from rq import Queue
+
+from tests.conftest import AG_NEWS_CONFIG, AG_NEWS_LABELS
+
+TEXTS = ["Stocks fell sharply on Wall Street", "The striker scored twice in the final", "A new chip from Intel"]
+
+
+def ls_task(task_id: int, text: str) -> dict:
+    """A task as Label Studio 1.23 posts it to /predict."""
+    return {
+        "id": task_id,
+        "data": {"text": text},
+        "meta": {},
+        "created_at": "2026-11-23T10:00:00.000000Z",
+        "updated_at": "2026-11-23T10:00:00.000000Z",
+        "is_labeled": False,
+        "overlap": 1,
+        "inner_id": task_id,
+        "total_annotations": 0,
+        "cancelled_annotations": 0,
+        "total_predictions": 0,
+        "project": 3,
+        "annotations": [],
+        "predictions": [],
+        "drafts": [],
+    }
+
+
+def setup_payload(schema: str = AG_NEWS_CONFIG) -> dict:
+    return {
+        "project": "3.1732356000",
+        "schema": schema,
+        "hostname": "http://localhost:8080",
+        "access_token": "",
+        "model_version": "al-backend",
+        "extra_params": "",
+    }
+
+
+def predict_payload(tasks: list[dict], config: str = AG_NEWS_CONFIG) -> dict:
+    return {"tasks": tasks, "project": "3.1732356000", "label_config": config, "params": {"context": None}}
+
+
+def test_health(client):
+    response = client.get("/health")
+    assert response.status_code == 200 and response.json["status"] == "UP"
+
+
+def test_setup_records_the_project_and_queues_its_connection(client, redis_url, settings):
+    response = client.post("/setup", json=setup_payload())
+    assert response.status_code == 200
+    assert response.json["model_version"].startswith("al-")
+    queue = Queue(settings.queue_name, connection=redis.Redis.from_url(redis_url))
+    assert queue.job_ids == ["connect-3"]
+    client.post("/setup", json=setup_payload())  # Label Studio calls /setup before every /predict
+    assert queue.job_ids == ["connect-3"]
+
+
+def test_predict_returns_one_valid_prediction_per_task_in_order(client):
+    tasks = [ls_task(i, text) for i, text in enumerate(TEXTS, start=10)]
+    response = client.post("/predict", json=predict_payload(tasks))
+    assert response.status_code == 200
+    results = response.json["results"]
+    assert len(results) == len(TEXTS)
+    for result in results:
+        (region,) = result["result"]
+        assert region["from_name"] == "topic" and region["to_name"] == "text" and region["type"] == "choices"
+        assert len(region["value"]["choices"]) == 1 and region["value"]["choices"][0] in AG_NEWS_LABELS
+        assert 0.25 <= result["score"] <= 1.0  # confidence of a 4-way softmax
+        assert result["model_version"] == "al-zero-shot"
+    single = client.post("/predict", json=predict_payload([tasks[1]])).json["results"][0]
+    assert single["result"] == results[1]["result"]
+    assert single["score"] == pytest.approx(results[1]["score"], abs=1e-5)
+
+
+def test_predict_multi_label_scores_are_probabilities(client):
+    config = AG_NEWS_CONFIG.replace('choice="single"', 'choice="multiple"')
+    results = client.post("/predict", json=predict_payload([ls_task(1, TEXTS[0])], config)).json["results"]
+    assert 0.5 <= results[0]["score"] <= 1.0
+    assert set(results[0]["result"][0]["value"]["choices"]) <= set(AG_NEWS_LABELS)
+
+
+def test_a_task_without_the_text_field_gets_an_empty_prediction_not_an_error(client):
+    tasks = [ls_task(1, TEXTS[0]), {"id": 2, "data": {"other": "x"}}]
+    results = client.post("/predict", json=predict_payload(tasks)).json["results"]
+    assert results[0]["result"] and results[1]["result"] == []
+
+
+@pytest.mark.parametrize("route", ["/setup", "/predict"])
+def test_unsupported_config_is_a_422_naming_supported_tags(client, route):
+    image = (
+        '<View><Image name="i" value="$img"/><RectangleLabels name="r" toName="i"><Label value="a"/>'
+        "</RectangleLabels></View>"
+    )
+    body = setup_payload(image) if route == "/setup" else predict_payload([ls_task(1, "x")], image)
+    response = client.post(route, json=body)
+    assert response.status_code == 422
+    assert "RectangleLabels" in response.json["message"] and "<Choices>" in response.json["message"]
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "expected"),
+    [
+        ("/predict", b"{not json", "not valid UTF-8 JSON"),
+        ("/predict", b"", "empty"),
+        ("/predict", b"\xff\xfe\x00garbage", "not valid UTF-8 JSON"),
+        ("/predict", b"[1, 2]", "JSON object"),
+        ("/predict", b'{"tasks": "abc"}', "'tasks'"),
+        ("/predict", b'{"tasks": [{"id": 1}], "label_config": "<View/>"}', "tasks[0]"),
+        ("/predict", b'{"tasks": [], "project": "abc"}', "numeric project id"),
+        ("/setup", b'{"project": 1}', "'schema'"),
+        ("/setup", b'{"project": 1, "schema": "<View/>", "extra_params": "{bad"}', "extra_params"),
+        ("/webhook", b'{"project": {"id": 1}}', "'action'"),
+        ("/webhook", b'{"action": "NOPE", "project": {"id": 1}}', "unknown webhook action 'NOPE'"),
+        ("/webhook", b'{"action": "ANNOTATION_CREATED"}', "'project'"),
+    ],
+)
+def test_malformed_bodies_get_a_4xx_naming_the_problem(client, route, body, expected):
+    response = client.post(route, data=body, content_type="application/json")
+    assert 400 <= response.status_code < 500
+    assert expected in response.json["message"]
+
+
+def test_predict_without_label_config_uses_the_one_from_setup(client):
+    client.post("/setup", json=setup_payload())
+    body = predict_payload([ls_task(1, TEXTS[1])])
+    del body["label_config"]
+    assert client.post("/predict", json=body).json["results"][0]["result"][0]["from_name"] == "topic"
+
+
+def test_webhook_acknowledges_and_coalesces_a_burst_into_one_job(client, redis_url, settings):
+    event = {"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": 1}, "task": {"id": 5}}
+    first = client.post("/webhook", json=event)
+    assert first.status_code == 201 and first.json["rerank"] == "enqueued"
+    for _ in range(20):
+        assert client.post("/webhook", json=event).json["rerank"] == "coalesced"
+    queue = Queue(settings.queue_name, connection=redis.Redis.from_url(redis_url))
+    assert queue.job_ids == ["rerank-3-0"]
+
+
+def test_metrics_lists_projects_and_their_events(client):
+    client.post("/setup", json=setup_payload())
+    client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": [{"id": 1}]})
+    body = client.get("/metrics").json
+    assert body["projects"]["3"]["events"] == {"TASKS_CREATED": 1}
+    assert body["queue_length"] >= 1
+
+
+def test_basic_auth_guards_every_route(settings, tmp_path):
+    from dataclasses import replace
+
+    from backend.api import create_app
+    from backend.runtime import Runtime
+
+    app = create_app(Runtime(replace(settings, basic_auth_user="ls", basic_auth_pass="s3cret")))
+    client = app.test_client()
+    good = {"Authorization": "Basic " + base64.b64encode(b"ls:s3cret").decode()}
+    bad = {"Authorization": "Basic " + base64.b64encode(b"ls:wrong").decode()}
+    for method, route in [
+        ("get", "/health"),
+        ("get", "/metrics"),
+        ("post", "/setup"),
+        ("post", "/predict"),
+        ("post", "/webhook"),
+    ]:
+        for headers in ({}, bad):
+            response = getattr(client, method)(route, headers=headers, json={})
+            assert response.status_code == 401, route
+            assert "s3cret" not in response.get_data(as_text=True)
+        assert getattr(client, method)(route, headers=good, json={}).status_code != 401
