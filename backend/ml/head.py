@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 DEFAULT_L2 = 1e-3
+CHUNK_ROWS = 65536
+"""Rows per matrix product when scoring a large pool: bounds the temporary fp32 copy to ~100 MB."""
 ZERO_SHOT_SCALE = 30.0
 """Logit scale for cosine similarities in the zero-shot head (cosines of related texts differ by ~0.1)."""
 
@@ -27,17 +29,26 @@ class LinearHead:
     multi_label: bool
 
     def logits(self, embeddings: np.ndarray) -> np.ndarray:
-        """(n, d) -> (n, k)"""
-        return np.asarray(embeddings, dtype=np.float32) @ self.weights + self.bias
+        """(n, d) float16 or float32 -> (n, k) float32, in chunks so an fp16 matrix is never copied whole."""
+        logits = np.empty((len(embeddings), self.weights.shape[1]), dtype=np.float32)
+        for start in range(0, len(embeddings), CHUNK_ROWS):
+            chunk = np.asarray(embeddings[start : start + CHUNK_ROWS], dtype=np.float32)
+            logits[start : start + CHUNK_ROWS] = chunk @ self.weights + self.bias
+        return logits
 
     def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
-        """(n, d) -> (n, k) probabilities."""
-        logits = self.logits(embeddings).astype(np.float64)
-        if self.multi_label:
+        """(n, d) -> (n, k) float32 probabilities."""
+        return self.probs_from_logits(self.logits(embeddings), self.multi_label)
+
+    @staticmethod
+    def probs_from_logits(logits: np.ndarray, multi_label: bool) -> np.ndarray:
+        """(n, k) logits -> probabilities: sigmoid per label, or softmax per row."""
+        if multi_label:
             return 1.0 / (1.0 + np.exp(-logits))
-        logits -= logits.max(axis=1, keepdims=True)
-        exp = np.exp(logits)
-        return exp / exp.sum(axis=1, keepdims=True)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        np.exp(logits, out=logits)
+        logits /= logits.sum(axis=1, keepdims=True)
+        return logits
 
 
 def fit_head(
@@ -107,7 +118,23 @@ def committee_proba(heads: list[LinearHead], embeddings: np.ndarray) -> np.ndarr
     """(m, n, k) probabilities of every head, or None for an empty committee."""
     if not heads:
         return None
-    return np.stack([head.predict_proba(embeddings) for head in heads])
+    return proba_of_heads(heads, embeddings)
+
+
+def proba_of_heads(heads: list[LinearHead], embeddings: np.ndarray) -> np.ndarray:
+    """(m, n, k) probabilities of m heads in ONE pass over `embeddings`: their weights are stacked side by side,
+    so a large fp16 matrix is read and converted once, not once per head."""
+    k = heads[0].weights.shape[1]
+    stacked = LinearHead(
+        np.concatenate([h.weights for h in heads], axis=1), np.concatenate([h.bias for h in heads]), multi_label=True
+    )
+    logits = stacked.logits(embeddings).reshape(len(embeddings), len(heads), k).transpose(1, 0, 2)
+    return np.stack(
+        [
+            LinearHead.probs_from_logits(head_logits, head.multi_label)
+            for head_logits, head in zip(logits, heads, strict=True)
+        ]
+    )
 
 
 def one_hot(label_lists: list[list[str]], labels: tuple[str, ...]) -> np.ndarray:

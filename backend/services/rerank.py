@@ -17,7 +17,7 @@ import numpy as np
 
 from backend.label_config import ClassificationConfig, parse_label_config
 from backend.ml.artifacts import HeadArtifact
-from backend.ml.head import committee_proba, one_hot
+from backend.ml.head import one_hot, proba_of_heads
 from backend.scoring.base import Pool
 from backend.scoring.registry import get_strategy
 from backend.services.embeddings import embed_texts
@@ -96,11 +96,12 @@ def build_pool(
     targets = np.zeros((len(embeddings), len(state.config.labels)), dtype=np.float32)
     if state.labelled:
         targets[n_unlabelled:] = one_hot([list(example.choices) for example in state.labelled], state.config.labels)
+    all_probs = proba_of_heads([artifact.head, *artifact.committee], embeddings)  # one pass over the matrix
     return Pool(
         embeddings=embeddings,
-        probs=artifact.head.predict_proba(embeddings),
+        probs=all_probs[0],
         labeled=labeled,
-        committee_probs=committee_proba(artifact.committee, embeddings),
+        committee_probs=all_probs[1:] if artifact.committee else None,
         multi_label=state.config.multi_label,
         targets=targets,
         head_weights=artifact.head.weights,

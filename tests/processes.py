@@ -1,0 +1,85 @@
+"""Real backend processes for end-to-end tests: the server (`_wsgi.py`) and RQ workers (`backend.worker`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class BackendProcesses:
+    """A server and any number of workers sharing one environment; logs go to files under `log_dir`."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, port: int):
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.log_dir = log_dir
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.server: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+
+    def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def start_server(self, timeout: float = 120) -> None:
+        self.server = self._spawn(["_wsgi.py", "--host", "127.0.0.1", "--port", str(self.port)], "server")
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if requests.get(self.url + "/health", timeout=1).ok:
+                    return
+            except requests.RequestException:
+                pass
+            if self.server.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise RuntimeError(f"backend did not start:\n{self.logs('server')}")
+
+    def start_worker(self) -> subprocess.Popen:
+        worker = self._spawn(["-m", "backend.worker"], f"worker{len(self.workers)}")
+        self.workers.append(worker)
+        return worker
+
+    def logs(self, name: str = "server", tail: int = 4000) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace")[-tail:] if path.exists() else ""
+
+    def all_logs(self) -> str:
+        return "\n".join(path.read_text(errors="replace") for path in sorted(self.log_dir.glob("*.log")))
+
+    def metrics(self) -> dict:
+        return requests.get(self.url + "/metrics", timeout=5).json()
+
+    def last_round(self, project: int) -> dict:
+        return (self.metrics()["projects"].get(str(project)) or {}).get("last_round") or {}
+
+    def wait_for_round(self, project: int, annotations: int, timeout: float = 120) -> dict:
+        """Wait until a published round has used at least `annotations` annotations; return its summary."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            last = self.last_round(project)
+            if last.get("published") and last.get("annotations", -1) >= annotations:
+                return last
+            time.sleep(0.2)
+        raise AssertionError(
+            f"no published round with {annotations} annotations; last: {self.last_round(project)}\n"
+            f"{self.logs('worker0')}"
+        )
+
+    def stop(self) -> None:
+        for process in [*self.workers, self.server]:
+            if process is not None and process.poll() is None:
+                process.terminate()
+        for process in [*self.workers, self.server]:
+            if process is not None:
+                try:
+                    process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
