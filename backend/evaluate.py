@@ -1,0 +1,243 @@
+"""Replay annotation on a labelled CSV, as the backend runs it, and compare strategies with random order.
+
+    python -m backend.evaluate --pool ../shared/data/ag_news/pool.csv --test ../shared/data/ag_news/test.csv \
+        --strategy hybrid,margin --budget 500 --batch-size 20 --seeds 3 --out eval_out/ag_news
+
+Round 0 has no labels: the head is the zero-shot head built from the label names, as at a project's
+cold start, and the strategy picks the first batch. Every later round retrains the production head
+(and committee) on the labels so far, scores the test set, and lets the strategy pick the next batch.
+Writes DIR/results.json and DIR/learning_curve.png. Embeddings are cached under --cache-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from backend.config import DEFAULT_MODEL_NAME
+from backend.ml.head import fit_committee, fit_head, proba_of_heads, zero_shot_head
+from backend.scoring.base import Pool
+from backend.scoring.registry import STRATEGIES, get_strategy
+
+TARGET_FRACTION = 0.95
+"""Labels saved is measured at this fraction of the full-pool accuracy."""
+COMMITTEE_SIZE = 5
+
+
+@dataclass
+class Dataset:
+    embeddings: np.ndarray  # (n, d) float32
+    labels: np.ndarray  # (n,) int class index
+    classes: tuple[str, ...]
+
+
+def read_labelled_csv(path: str, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = {text_column, label_column} - set(reader.fieldnames or [])
+        if missing:
+            raise SystemExit(f"{path}: no column(s) {sorted(missing)}; columns are {reader.fieldnames}")
+        rows = [(row[text_column], row[label_column]) for row in reader]
+    return [text for text, _ in rows], [label for _, label in rows]
+
+
+def cached_embeddings(texts: list[str], model_name: str, cache_dir: Path, max_length: int) -> np.ndarray:
+    """Embeddings of `texts`, from an .npy file keyed by encoder and texts, or encoded (and saved) now."""
+    key = hashlib.sha1(f"{model_name}|{max_length}".encode() + "\0".join(texts).encode()).hexdigest()[:20]
+    path = cache_dir / f"{key}.npy"
+    if path.exists():
+        return np.load(path).astype(np.float32)
+    from backend.ml.encoder import Encoder
+
+    embeddings = Encoder(model_name, max_length=max_length).encode(texts).astype(np.float16)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    np.save(path, embeddings)
+    return embeddings.astype(np.float32)
+
+
+def one_hot_indices(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    return np.eye(n_classes, dtype=np.float32)[labels]
+
+
+def macro_f1(truth: np.ndarray, predicted: np.ndarray, n_classes: int) -> float:
+    scores = []
+    for c in range(n_classes):
+        tp = np.sum((predicted == c) & (truth == c))
+        fp = np.sum((predicted == c) & (truth != c))
+        fn = np.sum((predicted != c) & (truth == c))
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores))
+
+
+def run_one(
+    strategy_name: str,
+    pool: Dataset,
+    test: Dataset,
+    label_embeddings: np.ndarray,
+    budgets: list[int],
+    seed: int,
+    progress: tqdm,
+) -> dict:
+    """One replay: accuracy and macro-F1 on the test set after each budget."""
+    rng = np.random.default_rng(seed)
+    strategy = get_strategy(strategy_name)
+    k = len(pool.classes)
+    labeled = np.zeros(len(pool.labels), dtype=bool)
+    heads = [zero_shot_head(label_embeddings, False)]
+    accuracy, f1 = [], []
+    for budget in budgets:
+        all_probs = proba_of_heads(heads, pool.embeddings)
+        targets = np.zeros((len(labeled), k), dtype=np.float32)
+        targets[labeled] = one_hot_indices(pool.labels[labeled], k)
+        state = Pool(
+            pool.embeddings,
+            all_probs[0],
+            labeled,
+            all_probs[1:] if len(heads) > 1 else None,
+            False,
+            targets,
+            heads[0].weights,
+            _mistakes(all_probs[0], pool.labels, labeled),
+        )
+        picks = strategy.select(state, budget - int(labeled.sum()), rng)
+        labeled = labeled.copy()
+        labeled[picks] = True
+        x, y = pool.embeddings[labeled], one_hot_indices(pool.labels[labeled], k)
+        heads = [fit_head(x, y, False), *fit_committee(x, y, False, COMMITTEE_SIZE, rng)]
+        predicted = heads[0].predict_proba(test.embeddings).argmax(axis=1)
+        accuracy.append(float(np.mean(predicted == test.labels)))
+        f1.append(macro_f1(test.labels, predicted, k))
+        progress.update(1)
+    return {"accuracy": accuracy, "macro_f1": f1}
+
+
+def _mistakes(probs: np.ndarray, truth: np.ndarray, labeled: np.ndarray) -> np.ndarray:
+    """Labelled tasks whose annotation disagrees with what the model would have predicted."""
+    return labeled & (probs.argmax(axis=1) != truth)
+
+
+def labels_to_reach(budgets: list[int], curve: list[float], target: float) -> float | None:
+    """Labels at which `curve` first reaches `target`, interpolated between budgets; None if never."""
+    for i, value in enumerate(curve):
+        if value >= target:
+            if i == 0:
+                return float(budgets[0])
+            b0, b1, v0 = budgets[i - 1], budgets[i], curve[i - 1]
+            return float(b0 + (b1 - b0) * (target - v0) / (value - v0))
+    return None
+
+
+def summarise(runs: dict[str, list[dict]], budgets: list[int], full_accuracy: float) -> dict:
+    target = TARGET_FRACTION * full_accuracy
+    random_needs = [labels_to_reach(budgets, run["accuracy"], target) for run in runs["random"]]
+    results = {}
+    for name, seed_runs in runs.items():
+        accuracy = np.array([run["accuracy"] for run in seed_runs])
+        needs = [labels_to_reach(budgets, run["accuracy"], target) for run in seed_runs]
+        saved = [r / s if r and s else None for r, s in zip(random_needs, needs, strict=True)]
+        known = [value for value in saved if value is not None]
+        results[name] = {
+            "budgets": budgets,
+            "accuracy_per_seed": accuracy.tolist(),
+            "accuracy_mean": accuracy.mean(axis=0).tolist(),
+            "macro_f1_per_seed": [run["macro_f1"] for run in seed_runs],
+            "macro_f1_mean": np.mean([run["macro_f1"] for run in seed_runs], axis=0).tolist(),
+            "labels_to_target_per_seed": needs,
+            "labels_saved_per_seed": saved,
+            "labels_saved": float(np.mean(known)) if len(known) == len(saved) else None,
+            "area_under_curve": float(np.trapezoid(accuracy.mean(axis=0), budgets) / (budgets[-1] - budgets[0])),
+        }
+    return {"full_pool_accuracy": full_accuracy, "target_accuracy": target, "strategies": results}
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for name, result in summary["strategies"].items():
+        accuracy = np.array(result["accuracy_per_seed"])
+        mean, std = accuracy.mean(axis=0), accuracy.std(axis=0)
+        axis.plot(result["budgets"], mean, label=f"{name} (AUC {result['area_under_curve']:.3f})")
+        axis.fill_between(result["budgets"], mean - std, mean + std, alpha=0.2)
+    axis.axhline(summary["full_pool_accuracy"], color="grey", linestyle=":", label="full pool")
+    axis.axhline(summary["target_accuracy"], color="grey", linestyle="--", label="95% of full pool")
+    axis.set(xlabel="labels", ylabel="test accuracy", title=title)
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pool", required=True)
+    parser.add_argument("--test", required=True)
+    parser.add_argument("--strategy", default="hybrid", help=f"comma-separated; known: {', '.join(STRATEGIES)}")
+    parser.add_argument("--budget", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=20)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--model", default=DEFAULT_MODEL_NAME)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--cache-dir", default=".cache/embeddings")
+    args = parser.parse_args(argv)
+    names = ["random"] + [name for name in args.strategy.split(",") if name and name != "random"]
+    for name in names:
+        get_strategy(name)  # fail before encoding anything
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    started = time.time()
+    pool_texts, pool_labels = read_labelled_csv(args.pool, args.text_column, args.label_column)
+    test_texts, test_labels = read_labelled_csv(args.test, args.text_column, args.label_column)
+    classes = tuple(sorted(set(pool_labels)))
+    index = {label: i for i, label in enumerate(classes)}
+    cache = Path(args.cache_dir)
+    keep = [i for i, label in enumerate(test_labels) if label in index]
+    pool = Dataset(
+        cached_embeddings(pool_texts, args.model, cache, args.max_length),
+        np.array([index[label] for label in pool_labels]),
+        classes,
+    )
+    test = Dataset(
+        cached_embeddings([test_texts[i] for i in keep], args.model, cache, args.max_length),
+        np.array([index[test_labels[i]] for i in keep]),
+        classes,
+    )
+    label_embeddings = cached_embeddings(list(classes), args.model, cache, args.max_length)
+
+    budgets = list(range(args.batch_size, args.budget + 1, args.batch_size))
+    full = fit_head(pool.embeddings, one_hot_indices(pool.labels, len(classes)), False)
+    full_accuracy = float(np.mean(full.predict_proba(test.embeddings).argmax(axis=1) == test.labels))
+    runs: dict[str, list[dict]] = {}
+    with tqdm(total=len(names) * args.seeds * len(budgets), desc="rounds") as progress:
+        for name in names:
+            runs[name] = [
+                run_one(name, pool, test, label_embeddings, budgets, seed, progress) for seed in range(args.seeds)
+            ]
+    summary = summarise(runs, budgets, full_accuracy)
+    summary["arguments"] = vars(args)
+    summary["seconds"] = round(time.time() - started, 1)
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    plot(summary, out / "learning_curve.png", Path(args.pool).parent.name or args.pool)
+    print(f"full-pool accuracy {full_accuracy:.4f}; target {summary['target_accuracy']:.4f}")
+    for name, result in summary["strategies"].items():
+        at = {b: round(a, 4) for b, a in zip(budgets, result["accuracy_mean"], strict=True) if b in (100, 200, 500)}
+        print(f"{name:>24}: labels saved {result['labels_saved']}, AUC {result['area_under_curve']:.4f}, {at}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+import csv
+import json
+
+import pytest
+
+from backend.evaluate import labels_to_reach, macro_f1, main
+from tests.conftest import read_csv
+
+
+def test_labels_to_reach_interpolates_between_budgets():
+    assert labels_to_reach([20, 40, 60], [0.5, 0.7, 0.9], 0.8) == pytest.approx(50.0)
+    assert labels_to_reach([20, 40], [0.9, 0.95], 0.8) == 20.0
+    assert labels_to_reach([20, 40], [0.5, 0.6], 0.8) is None
+
+
+def test_macro_f1_by_hand():
+    import numpy as np
+
+    truth, predicted = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1])
+    # class 0: tp 1, fn 1 -> 2/3 ; class 1: tp 2, fp 1 -> 4/5
+    assert macro_f1(truth, predicted, 2) == pytest.approx((2 / 3 + 4 / 5) / 2)
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows({"text": row["text"], "label": row["label"]} for row in rows)
+
+
+def test_harness_writes_results_and_plot(tiny_bert, tmp_path):
+    write_csv(tmp_path / "pool.csv", read_csv("trec6/train.csv", 300))
+    write_csv(tmp_path / "test.csv", read_csv("trec6/test.csv", 100))
+    out = tmp_path / "out"
+    main(
+        [
+            "--pool",
+            str(tmp_path / "pool.csv"),
+            "--test",
+            str(tmp_path / "test.csv"),
+            "--strategy",
+            "margin",
+            "--budget",
+            "60",
+            "--batch-size",
+            "20",
+            "--seeds",
+            "2",
+            "--out",
+            str(out),
+            "--model",
+            tiny_bert,
+            "--max-length",
+            "32",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["strategies"]) == {"random", "margin"}  # random always runs as the baseline
+    margin = results["strategies"]["margin"]
+    assert margin["budgets"] == [20, 40, 60]
+    assert len(margin["accuracy_per_seed"]) == 2 and all(len(seed) == 3 for seed in margin["accuracy_per_seed"])
+    assert all(0.0 <= value <= 1.0 for value in margin["accuracy_mean"] + margin["macro_f1_mean"])
+    assert 0.0 < results["full_pool_accuracy"] <= 1.0
+    assert (out / "learning_curve.png").stat().st_size > 1000
+    assert list((tmp_path / "cache").glob("*.npy"))  # embeddings reused on the next run
+
+
+def test_unknown_strategy_fails_before_encoding(tmp_path):
+    with pytest.raises(ValueError, match="known strategies"):
+        main(["--pool", "x.csv", "--test", "y.csv", "--strategy", "nope", "--out", str(tmp_path)])

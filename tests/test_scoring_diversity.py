@@ -1,0 +1,117 @@
+"""Hand-computed picks of the diversity functions on a few 2-D points, and a brute-force check of the core-set."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backend.scoring.diversity import cluster_picks, greedy_coreset, knn_density, max_similarity, normalize_rows
+
+
+def unit(*degrees: float) -> np.ndarray:
+    """Unit vectors at the given angles: cosine distance between rows i, j is 1 - cos(angle_i - angle_j)."""
+    radians = np.deg2rad(degrees)
+    return np.stack([np.cos(radians), np.sin(radians)], axis=1).astype(np.float32)
+
+
+def test_coreset_goes_farthest_from_labelled_and_from_its_own_picks():
+    points = unit(0, 12, 90, 100, 180, 185)
+    # From the labelled 0 deg: 180 is farthest (distance 2). Then 90 (distance 1 to both 0 and 180). Then the
+    # nearest covered angle is 12 deg away for row 1, 10 for row 3 (100 vs 90), 5 for row 5 (185 vs 180).
+    picks = greedy_coreset(points, np.arange(1, 6), np.array([0]), 5)
+    assert picks.tolist() == [4, 2, 1, 3, 5]
+    assert greedy_coreset(points, np.arange(1, 6), np.array([0]), 2).tolist() == [4, 2]
+
+
+def test_coreset_without_labels_starts_from_the_most_central_row():
+    points = unit(0, 40, 45, 52, 100)
+    # The mean direction is 47 deg, nearest is 45 (row 2); then 100 (55 deg away), 0 (45 away), 52 (7), 40 (5).
+    assert greedy_coreset(points, np.arange(5), np.empty(0, int), 5).tolist() == [2, 4, 0, 3, 1]
+
+
+def test_coreset_uses_cosine_not_euclidean_distance():
+    points = unit(0, 90, 170) * np.array([[1.0], [10.0], [1.0]], dtype=np.float32)
+    # Euclidean would take the long row 1; by angle, 170 deg is farther from 0 than 90 is.
+    assert greedy_coreset(points, np.array([1, 2]), np.array([0]), 1).tolist() == [2]
+
+
+def test_coreset_never_repeats_duplicates_and_caps_at_the_candidates():
+    points = np.ones((4, 3), np.float32)
+    picks = greedy_coreset(points, np.array([0, 1, 2]), np.array([3]), 10)
+    assert sorted(picks.tolist()) == [0, 1, 2]
+
+
+def brute_force_coreset(points, unlabeled, labeled, n):
+    normed = points / np.linalg.norm(points, axis=1, keepdims=True)
+    covered, picks = list(labeled), []
+    for _ in range(n):
+        distance = 1.0 - (normed[unlabeled] @ normed[covered].T).max(axis=1)
+        distance[np.isin(unlabeled, picks)] = -np.inf
+        picks.append(int(unlabeled[np.argmax(distance)]))
+        covered.append(picks[-1])
+    return picks
+
+
+def test_coreset_matches_brute_force():
+    rng = np.random.default_rng(3)
+    points = rng.normal(size=(200, 8)).astype(np.float32)
+    labeled = rng.choice(200, size=7, replace=False)
+    unlabeled = np.setdiff1d(np.arange(200), labeled)
+    assert greedy_coreset(points, unlabeled, labeled, 15).tolist() == brute_force_coreset(points, unlabeled, labeled, 15)
+
+
+# Three separated blobs: A (5 rows, centred on 0 deg), C (4 rows, on 180), B (3 rows, mean 89.7 deg).
+BLOBS = unit(-2, -1, 0, 1, 2, 88, 90, 91, 177, 180, 181, 182)
+
+
+def test_cluster_picks_take_each_centre_biggest_cluster_first():
+    picks = cluster_picks(BLOBS, np.arange(12), 3, np.random.default_rng(0))
+    assert picks.tolist() == [2, 9, 6]
+
+
+def test_cluster_picks_skip_clusters_that_hold_a_labelled_row():
+    unlabeled = np.array([0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11])
+    picks = cluster_picks(BLOBS, unlabeled, 2, np.random.default_rng(0), indices_labeled=np.array([2]))
+    assert picks.tolist() == [9, 6]
+
+
+def test_cluster_picks_by_weight_order_clusters_and_members():
+    weights = np.zeros(12)
+    weights[[7, 5]] = [1.0, 0.5]  # blob B carries all the weight; row 7 is its heaviest
+    picks = cluster_picks(BLOBS, np.arange(12), 3, np.random.default_rng(0), weights=weights, pick="max_weight")
+    assert picks[0] == 7
+    assert len(set(picks.tolist())) == 3
+
+
+def test_cluster_picks_fill_with_coreset_when_clusters_run_out():
+    picks = cluster_picks(np.ones((6, 2), np.float32), np.arange(6), 4, np.random.default_rng(0))
+    assert sorted(picks.tolist()) == sorted(set(picks.tolist())) and len(picks) == 4
+
+
+def test_cluster_picks_reject_an_unknown_pick_mode():
+    with pytest.raises(ValueError, match="'center', 'max_weight'.*'middle'|'middle'"):
+        cluster_picks(BLOBS, np.arange(12), 3, np.random.default_rng(0), pick="middle")
+
+
+def test_knn_density_hand_computed():
+    points = unit(0, 10, 20, 90)
+    rng = np.random.default_rng(0)
+    # every row is in the reference; a row is never its own neighbour
+    np.testing.assert_allclose(
+        knn_density(points, np.arange(4), rng, n_neighbors=1), np.cos(np.deg2rad([10, 10, 10, 70])), atol=1e-6
+    )
+    expected = [(np.cos(a) + np.cos(b)) / 2 for a, b in np.deg2rad([(10, 20), (10, 10), (10, 20), (70, 80)])]
+    np.testing.assert_allclose(knn_density(points, np.arange(4), rng, n_neighbors=2), expected, atol=1e-6)
+
+
+def test_knn_density_uses_only_a_sample_of_a_large_pool():
+    points = np.random.default_rng(0).normal(size=(5000, 4)).astype(np.float32)
+    density = knn_density(points, np.arange(10), np.random.default_rng(1), n_neighbors=3, n_reference=50)
+    assert density.shape == (10,) and np.all((density >= 0) & (density <= 1))
+
+
+def test_normalize_rows_and_max_similarity():
+    rows = normalize_rows(np.array([[3.0, 4.0], [0.0, 0.0]]))
+    np.testing.assert_allclose(rows, [[0.6, 0.8], [0.0, 0.0]])
+    np.testing.assert_allclose(max_similarity(rows, unit(0, 90)), [0.8, 0.0])
+    assert np.all(max_similarity(rows, np.empty((0, 2), np.float32)) == -np.inf)
