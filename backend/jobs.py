@@ -58,9 +58,9 @@ def reconcile_project(project: str) -> dict:
         rt.queue.schedule_reconcile(project, interval, slot=int(time.time() // interval) + 1)
     last = rt.registry.last_round(project) or {}
     info = rt.label_studio.get_project(int(project))
-    tasks = list(rt.label_studio.iter_tasks(int(project)))
+    annotated = rt.label_studio.annotated_tasks(int(project))
     reasons = []
-    if annotation_fingerprint(tasks) != last.get("fingerprint"):
+    if annotation_fingerprint(annotated, int(info.get("task_number") or 0)) != last.get("fingerprint"):
         reasons.append("annotations or tasks changed")
     if (info.get("model_version") or "") != (rt.registry.live_version(project) or ""):
         reasons.append(f"model version is {info.get('model_version')!r}")

@@ -14,6 +14,7 @@ import redis
 from backend.adapters.embedding_cache import RedisEmbeddingCache
 from backend.adapters.project_registry import ProjectRegistry
 from backend.adapters.queue import JobQueue
+from backend.adapters.task_snapshot import TaskSnapshots
 from backend.config import Settings
 from backend.errors import LabelStudioUnavailable
 from backend.ml.artifacts import ArtifactStore
@@ -59,12 +60,16 @@ class Runtime:
         return ProjectRegistry(self.redis)
 
     @functools.cached_property
+    def snapshots(self) -> TaskSnapshots:
+        return TaskSnapshots(self.redis)
+
+    @functools.cached_property
     def queue(self) -> JobQueue:
         return JobQueue(self.redis, self.settings.queue_name, self.settings.job_timeout)
 
     @functools.cached_property
     def projects(self) -> ProjectService:
-        return ProjectService(self.registry, self.queue, self.settings.reconcile_interval)
+        return ProjectService(self.registry, self.queue, self.snapshots, self.settings.reconcile_interval)
 
     @functools.cached_property
     def label_studio(self):

@@ -13,6 +13,7 @@ import redis
 
 from backend.adapters.project_registry import ProjectRegistry
 from backend.adapters.queue import JobQueue
+from backend.adapters.task_snapshot import TaskSnapshots
 from backend.errors import MalformedRequest
 from backend.protocol import IGNORED_WEBHOOK_ACTIONS, SetupRequest, WebhookEvent
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 class ProjectService:
     registry: ProjectRegistry
     queue: JobQueue
+    snapshots: TaskSnapshots
     reconcile_interval: int = 60
 
     def setup(self, request: SetupRequest) -> None:
@@ -50,6 +52,8 @@ class ProjectService:
     def on_event(self, event: WebhookEvent) -> dict:
         """Acknowledge a webhook: count it and make sure a re-rank follows. Never calls Label Studio."""
         self.registry.count_event(event.project, event.action)
+        if event.action in ("TASKS_CREATED", "TASKS_DELETED"):
+            self.snapshots.mark_stale(event.project)
         if event.action in IGNORED_WEBHOOK_ACTIONS or not self._changes_ranking(event):
             return {"rerank": "not needed"}
         return {"rerank": self.queue.request_rerank(event.project, event.action)}

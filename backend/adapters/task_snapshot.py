@@ -1,0 +1,61 @@
+"""A project's task list (ids and text keys) in Redis, so a round need not re-read every task from Label Studio.
+
+Reading 10,000 tasks through the API takes ~10-18 s on Label Studio 1.23 (SQLite), while the project's
+header and its annotated tasks take ~0.1 s each. A round therefore re-reads the full task list only when
+the project's task count changed or a TASKS_* event (or reconciliation) marked the snapshot stale; the
+embeddings themselves are in the embedding cache, keyed by the text keys kept here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+
+KEY_BYTES = 16
+
+
+@dataclass(frozen=True)
+class TaskSnapshot:
+    task_ids: np.ndarray
+    """(n,) int64 task ids."""
+    text_keys: list[bytes]
+    """n 16-byte text keys (see backend.adapters.embedding_cache.text_key)."""
+    task_number: int
+    """Label Studio's `task_number` of the project when the snapshot was taken."""
+
+
+class TaskSnapshots:
+    def __init__(self, client: redis.Redis):
+        self.client = client
+
+    @staticmethod
+    def key(project: str) -> str:
+        return f"al:project:{project}:snapshot"
+
+    def load(self, project: str) -> TaskSnapshot | None:
+        """The stored snapshot, or None when there is none or it was marked stale."""
+        fields = self.client.hgetall(self.key(project))
+        if not fields or fields.get(b"stale") == b"1":
+            return None
+        keys = fields[b"text_keys"]
+        return TaskSnapshot(
+            np.frombuffer(fields[b"task_ids"], dtype=np.int64),
+            [keys[i : i + KEY_BYTES] for i in range(0, len(keys), KEY_BYTES)],
+            int(fields[b"task_number"]),
+        )
+
+    def save(self, project: str, snapshot: TaskSnapshot) -> None:
+        self.client.hset(
+            self.key(project),
+            mapping={
+                "task_ids": np.asarray(snapshot.task_ids, dtype=np.int64).tobytes(),
+                "text_keys": b"".join(snapshot.text_keys),
+                "task_number": snapshot.task_number,
+                "stale": "0",
+            },
+        )
+
+    def mark_stale(self, project: str) -> None:
+        self.client.hset(self.key(project), "stale", "1")

@@ -1,0 +1,122 @@
+"""The whole loop against real processes: Label Studio 1.23.2, redis-server, the backend server and RQ workers.
+
+Label Studio's webhook -> /webhook -> RQ -> worker retrains and publishes -> Label Studio's /next serves our top.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import pytest
+import redis
+import requests
+
+from backend.adapters.label_studio import LabelStudio
+from tests.conftest import AG_NEWS_CONFIG, free_port, read_csv
+from tests.processes import BackendProcesses
+
+pytestmark = pytest.mark.e2e
+
+N_TASKS = 300
+
+
+@pytest.fixture()
+def backend(request, label_studio, redis_url, tmp_path):
+    """Backend server + one worker, on the real default model, talking to the session's Label Studio.
+
+    Parametrize indirectly with a reconciliation interval in seconds (default: effectively off).
+    """
+    env = {
+        "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": label_studio.token,
+        "REDIS_URL": redis_url,
+        "MODEL_DIR": str(tmp_path / "models"),
+        "RECONCILE_INTERVAL": str(getattr(request, "param", 3600)),
+        "QUEUE_NAME": f"e2e-{free_port()}",
+        "LOG_LEVEL": "INFO",
+    }
+    processes = BackendProcesses(env, tmp_path, free_port())
+    processes.start_server()
+    processes.start_worker()
+    yield processes
+    processes.stop()
+
+
+@pytest.fixture()
+def project(label_studio):
+    """A project of N_TASKS AG News pool texts, with the true label kept per task id for annotating."""
+    ls = LabelStudio(label_studio.url, label_studio.token)
+    created = ls.create_project(f"loop-{time.time():.0f}", AG_NEWS_CONFIG)
+    rows = read_csv("ag_news/pool.csv", N_TASKS)
+    ls.import_tasks(created["id"], [{"text": row["text"]} for row in rows])
+    truth = {
+        task["id"]: rows[i]["label"]
+        for i, task in enumerate(sorted(ls.iter_tasks(created["id"]), key=lambda t: t["id"]))
+    }
+    return ls, created["id"], truth
+
+
+def annotate(ls: LabelStudio, task_id: int, label: str) -> None:
+    result = [{"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]
+    ls.create_annotation(task_id, result)
+
+
+def test_next_task_is_our_top_task_after_every_round(backend, project):
+    ls, project_id, truth = project
+    ls.connect_ml_backend(project_id, backend.url, "al-backend")
+
+    cold = backend.wait_for_round(project_id, annotations=0)  # /setup queued the cold-start ranking
+    settings = ls.get_project(project_id)
+    assert settings["sampling"] == "Uncertainty sampling"
+    assert settings["model_version"] == cold["model_version"]
+    top = cold["top_task"]
+    for round_number in range(1, 5):
+        served = ls.next_task(project_id)
+        assert served["id"] == top, f"round {round_number}: Label Studio served {served['id']}, our top is {top}"
+        annotate(ls, top, truth[top])
+        last = backend.wait_for_round(project_id, annotations=round_number)
+        assert ls.get_project(project_id)["model_version"] == last["model_version"]
+        assert last["top_task"] != top
+        top = last["top_task"]
+
+
+def test_a_burst_of_webhooks_is_reflected_with_few_reranks(backend, project, redis_url):
+    ls, project_id, truth = project
+    ls.connect_ml_backend(project_id, backend.url, "al-backend")
+    backend.wait_for_round(project_id, annotations=0)
+    generation_before = int(redis.Redis.from_url(redis_url).get(f"al:rerank:generation:{project_id}") or 0)
+
+    annotated = list(truth)[:30]
+    for task_id in annotated:  # each makes Label Studio post ANNOTATION_CREATED to /webhook
+        annotate(ls, task_id, truth[task_id])
+    event = {"action": "ANNOTATION_CREATED", "project": {"id": project_id}, "annotation": {"id": 0}}
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # and a burst of 300 more, concurrently
+        statuses = list(
+            pool.map(lambda _: requests.post(backend.url + "/webhook", json=event, timeout=5).status_code, range(300))
+        )
+    assert set(statuses) == {201}
+
+    last = backend.wait_for_round(project_id, annotations=len(annotated))
+    assert last["annotations"] == len(annotated)
+    assert last["top_task"] not in annotated
+    runs = int(redis.Redis.from_url(redis_url).get(f"al:rerank:generation:{project_id}")) - generation_before
+    assert 1 <= runs <= 6, f"{runs} re-rank runs for 330 events"
+
+
+@pytest.mark.parametrize("backend", [3], indirect=True)
+def test_reconciliation_repairs_what_lost_webhooks_did_not_say(backend, project):
+    ls, project_id, truth = project
+    ls.connect_ml_backend(project_id, backend.url, "al-backend")
+    backend.wait_for_round(project_id, annotations=0)
+    for webhook in ls.webhooks(project_id):  # drop every webhook: Label Studio now tells the backend nothing
+        ls.delete_webhook(webhook["id"])
+
+    annotated = list(truth)[:5]
+    for task_id in annotated:
+        annotate(ls, task_id, truth[task_id])
+    # nothing was heard: only the periodic reconciliation (every 3 s here, via rq's scheduler) can notice
+    last = backend.wait_for_round(project_id, annotations=len(annotated), timeout=60)
+    assert "reconcile" in backend.all_logs()
+    assert last["top_task"] not in annotated
+    assert ls.next_task(project_id)["id"] == last["top_task"]
