@@ -6,8 +6,12 @@ A job that raises lands in RQ's failed registry after its retries; the previous 
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
+
+from rq import get_current_job
+from rq.utils import now
 
 from backend.config import Settings
 from backend.runtime import Runtime
@@ -30,16 +34,51 @@ def rerank_project(project: str, reason: str = "") -> dict:
     """Retrain, rescore and publish a new order for `project`; one at a time per project."""
     rt = runtime()
     generation = rt.queue.start_rerank(project)  # first: later events now queue a follower
-    log.info("project %s: re-rank generation %d (%s)", project, generation, reason or "requested")
-    with rt.redis.lock(
+    job = get_current_job()
+    queued_seconds = (now() - job.enqueued_at).total_seconds() if job and job.enqueued_at else None
+    log.info(
+        "project %s: re-rank generation %d (%s), queued %.3f s",
+        project,
+        generation,
+        reason or "requested",
+        queued_seconds or 0.0,
+    )
+    waited = time.perf_counter()
+    lock = rt.redis.lock(
         f"al:rerank:lock:{project}", timeout=rt.settings.job_timeout, blocking_timeout=rt.settings.job_timeout
-    ):
-        return rerank(project, rt, generation)
+    )
+    with lock:
+        timing = {"queued": queued_seconds, "lock_wait": round(time.perf_counter() - waited, 4)}
+        return rerank(project, rt, generation, timing)
+
+
+def secure_webhooks(rt: Runtime, project: str) -> int:
+    """With basic auth on, add our credentials to the webhooks Label Studio created for this backend.
+
+    Label Studio creates `<backend url>/webhook` without auth headers, so until this runs its events get a
+    401 (and reconciliation recovers what they said). Returns the number of webhooks updated.
+    """
+    settings = rt.settings
+    if not settings.basic_auth_enabled:
+        return 0
+    header = "Basic " + base64.b64encode(f"{settings.basic_auth_user}:{settings.basic_auth_pass}".encode()).decode()
+    backend_urls = {b["url"].rstrip("/") + "/webhook" for b in rt.label_studio.ml_backends(int(project))}
+    updated = 0
+    for webhook in rt.label_studio.webhooks(int(project)):
+        if webhook["url"].rstrip("/") in backend_urls and (webhook.get("headers") or {}).get("Authorization") != header:
+            rt.label_studio.update_webhook(
+                webhook["id"], headers={**(webhook.get("headers") or {}), "Authorization": header}
+            )
+            updated += 1
+    if updated:
+        log.info("project %s: added basic-auth credentials to %d webhook(s)", project, updated)
+    return updated
 
 
 def connect_project(project: str) -> dict:
     """First connection: switch the project to Uncertainty sampling with visible predictions, then rank it."""
     rt = runtime()
+    secure_webhooks(rt, project)
     previous = rt.label_studio.configure_for_active_learning(int(project))
     rt.registry.client.hset(rt.registry.key(project), "settings_before_connect", repr(previous))
     log.info("project %s: configured for active learning (was %s)", project, previous)
@@ -56,6 +95,7 @@ def reconcile_project(project: str) -> dict:
     interval = rt.settings.reconcile_interval
     if interval > 0:
         rt.queue.schedule_reconcile(project, interval, slot=int(time.time() // interval) + 1)
+    secure_webhooks(rt, project)
     last = rt.registry.last_round(project) or {}
     info = rt.label_studio.get_project(int(project))
     annotated = rt.label_studio.annotated_tasks(int(project))

@@ -33,7 +33,7 @@ class BackendProcesses:
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
-                if requests.get(self.url + "/health", timeout=1).ok:
+                if requests.get(self.url + "/health", timeout=1).status_code in (200, 401):
                     return
             except requests.RequestException:
                 pass
@@ -54,22 +54,24 @@ class BackendProcesses:
     def all_logs(self) -> str:
         return "\n".join(path.read_text(errors="replace") for path in sorted(self.log_dir.glob("*.log")))
 
-    def metrics(self) -> dict:
-        return requests.get(self.url + "/metrics", timeout=5).json()
+    def metrics(self, auth: tuple[str, str] | None = None) -> dict:
+        return requests.get(self.url + "/metrics", timeout=5, auth=auth).json()
 
-    def last_round(self, project: int) -> dict:
-        return (self.metrics()["projects"].get(str(project)) or {}).get("last_round") or {}
+    def last_round(self, project: int, auth: tuple[str, str] | None = None) -> dict:
+        return (self.metrics(auth)["projects"].get(str(project)) or {}).get("last_round") or {}
 
-    def wait_for_round(self, project: int, annotations: int, timeout: float = 120) -> dict:
+    def wait_for_round(
+        self, project: int, annotations: int, timeout: float = 120, auth: tuple[str, str] | None = None
+    ) -> dict:
         """Wait until a published round has used at least `annotations` annotations; return its summary."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            last = self.last_round(project)
+            last = self.last_round(project, auth)
             if last.get("published") and last.get("annotations", -1) >= annotations:
                 return last
             time.sleep(0.2)
         raise AssertionError(
-            f"no published round with {annotations} annotations; last: {self.last_round(project)}\n"
+            f"no published round with {annotations} annotations; last: {self.last_round(project, auth)}\n"
             f"{self.logs('worker0')}"
         )
 

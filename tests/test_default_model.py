@@ -40,9 +40,14 @@ def test_zero_shot_then_200_annotations(encoder, redis_url, tmp_path):
 
     pool = read_csv("ag_news/pool.csv")
     picks = np.random.default_rng(0).choice(len(pool), 200, replace=False)
-    tasks = [{"id": int(i), "data": {"text": pool[i]["text"]},
-              "annotations": [{"id": int(i), "result": config.result([pool[i]["label"]]), "was_cancelled": False}]}
-             for i in picks]
+    tasks = [
+        {
+            "id": int(i),
+            "data": {"text": pool[i]["text"]},
+            "annotations": [{"id": int(i), "result": config.result([pool[i]["label"]]), "was_cancelled": False}],
+        }
+        for i in picks
+    ]
     artifact = train_project("1", tasks, config, encoder, cache, store)
     assert artifact.meta["annotations"] == 200 and len(artifact.committee) == 5
 

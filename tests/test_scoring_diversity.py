@@ -57,7 +57,9 @@ def test_coreset_matches_brute_force():
     points = rng.normal(size=(200, 8)).astype(np.float32)
     labeled = rng.choice(200, size=7, replace=False)
     unlabeled = np.setdiff1d(np.arange(200), labeled)
-    assert greedy_coreset(points, unlabeled, labeled, 15).tolist() == brute_force_coreset(points, unlabeled, labeled, 15)
+    assert greedy_coreset(points, unlabeled, labeled, 15).tolist() == brute_force_coreset(
+        points, unlabeled, labeled, 15
+    )
 
 
 # Three separated blobs: A (5 rows, centred on 0 deg), C (4 rows, on 180), B (3 rows, mean 89.7 deg).
@@ -115,3 +117,9 @@ def test_normalize_rows_and_max_similarity():
     np.testing.assert_allclose(rows, [[0.6, 0.8], [0.0, 0.0]])
     np.testing.assert_allclose(max_similarity(rows, unit(0, 90)), [0.8, 0.0])
     assert np.all(max_similarity(rows, np.empty((0, 2), np.float32)) == -np.inf)
+
+
+def test_cluster_picks_with_many_clusters_use_the_cheap_seeding():
+    points = np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)
+    picks = cluster_picks(points, np.arange(300), 70, np.random.default_rng(0))
+    assert len(set(picks.tolist())) == 70

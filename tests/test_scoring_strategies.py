@@ -119,9 +119,7 @@ def test_every_strategy_has_a_contract_class():
     seed=st.integers(0, 2**16),
 )
 def test_properties_hold_for_any_pool(name, n, k, labeled_share, n_instances, multi_label, committee, seed):
-    pool = make_pool(
-        n, k, round(labeled_share * n), multi_label=multi_label, committee=committee, seed=seed, d=3
-    )
+    pool = make_pool(n, k, round(labeled_share * n), multi_label=multi_label, committee=committee, seed=seed, d=3)
     strategy = get_strategy(name)
     picks = strategy.select(pool, n_instances, np.random.default_rng(seed))
     assert len(picks) == min(n_instances, len(pool.indices_unlabeled))

@@ -156,6 +156,9 @@ class LabelStudio:
             "POST", "api/ml", "connect ML backend", json={"project": project_id, "url": url, "title": title, **auth}
         ).json()
 
+    def ml_backends(self, project_id: int) -> list[dict]:
+        return self._raw("GET", "api/ml", "GET ML backends", params={"project": project_id}).json()
+
     def webhooks(self, project_id: int) -> list[dict]:
         return self._raw("GET", "api/webhooks", "GET webhooks", params={"project": project_id}).json()
 

@@ -153,8 +153,11 @@ def priority_predictions(state: ProjectState, pool: Pool, picks: np.ndarray, ver
     ]
 
 
-def rerank(project: str, runtime, generation: int) -> dict:
-    """Run one round for `project` and return its summary (also recorded for /metrics)."""
+def rerank(project: str, runtime, generation: int, timing: dict | None = None) -> dict:
+    """Run one round for `project` and return its summary (also recorded for /metrics).
+
+    `timing` carries what the job measured before the round (seconds queued, seconds waiting for the lock).
+    """
     settings = runtime.settings
     watch = Stopwatch()
     state = read_project_state(runtime, project, watch)
@@ -202,6 +205,7 @@ def rerank(project: str, runtime, generation: int) -> dict:
         watch.lap("publish")
         runtime.queue.enqueue_cleanup(project, version)
     summary["seconds"] = watch.stages
+    summary["job"] = timing or {}
     summary["seconds_total"] = round(sum(watch.stages.values()), 4)
     runtime.registry.record_round(project, summary)
     log.info(

@@ -6,63 +6,17 @@ Label Studio's webhook -> /webhook -> RQ -> worker retrains and publishes -> Lab
 from __future__ import annotations
 
 import concurrent.futures
-import time
 
 import pytest
 import redis
 import requests
 
-from backend.adapters.label_studio import LabelStudio
-from tests.conftest import AG_NEWS_CONFIG, free_port, read_csv
-from tests.processes import BackendProcesses
+from tests.e2e.conftest import annotate
 
 pytestmark = pytest.mark.e2e
 
-N_TASKS = 300
 
-
-@pytest.fixture()
-def backend(request, label_studio, redis_url, tmp_path):
-    """Backend server + one worker, on the real default model, talking to the session's Label Studio.
-
-    Parametrize indirectly with a reconciliation interval in seconds (default: effectively off).
-    """
-    env = {
-        "LABEL_STUDIO_URL": label_studio.url,
-        "LABEL_STUDIO_API_KEY": label_studio.token,
-        "REDIS_URL": redis_url,
-        "MODEL_DIR": str(tmp_path / "models"),
-        "RECONCILE_INTERVAL": str(getattr(request, "param", 3600)),
-        "QUEUE_NAME": f"e2e-{free_port()}",
-        "LOG_LEVEL": "INFO",
-    }
-    processes = BackendProcesses(env, tmp_path, free_port())
-    processes.start_server()
-    processes.start_worker()
-    yield processes
-    processes.stop()
-
-
-@pytest.fixture()
-def project(label_studio):
-    """A project of N_TASKS AG News pool texts, with the true label kept per task id for annotating."""
-    ls = LabelStudio(label_studio.url, label_studio.token)
-    created = ls.create_project(f"loop-{time.time():.0f}", AG_NEWS_CONFIG)
-    rows = read_csv("ag_news/pool.csv", N_TASKS)
-    ls.import_tasks(created["id"], [{"text": row["text"]} for row in rows])
-    truth = {
-        task["id"]: rows[i]["label"]
-        for i, task in enumerate(sorted(ls.iter_tasks(created["id"]), key=lambda t: t["id"]))
-    }
-    return ls, created["id"], truth
-
-
-def annotate(ls: LabelStudio, task_id: int, label: str) -> None:
-    result = [{"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]
-    ls.create_annotation(task_id, result)
-
-
-def test_next_task_is_our_top_task_after_every_round(backend, project):
+def test_next_task_is_our_top_task_after_every_round(backend, project, secrets_never_logged):
     ls, project_id, truth = project
     ls.connect_ml_backend(project_id, backend.url, "al-backend")
 
@@ -104,7 +58,7 @@ def test_a_burst_of_webhooks_is_reflected_with_few_reranks(backend, project, red
     assert 1 <= runs <= 6, f"{runs} re-rank runs for 330 events"
 
 
-@pytest.mark.parametrize("backend", [3], indirect=True)
+@pytest.mark.parametrize("backend", [{"RECONCILE_INTERVAL": "3"}], indirect=True)
 def test_reconciliation_repairs_what_lost_webhooks_did_not_say(backend, project):
     ls, project_id, truth = project
     ls.connect_ml_backend(project_id, backend.url, "al-backend")

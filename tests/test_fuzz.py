@@ -1,0 +1,59 @@
+"""Hundreds of malformed bodies to every route: never a 5xx, always a message."""
+
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import AG_NEWS_CONFIG
+from tests.test_api import ls_task, predict_payload, setup_payload
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+VALID = {
+    "/setup": setup_payload(),
+    "/predict": predict_payload([ls_task(1, "A text about markets")]),
+    "/webhook": {"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": 1}},
+}
+routes = st.sampled_from(sorted(VALID))
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def check(response) -> None:
+    assert response.status_code < 500, response.get_data(as_text=True)
+    if response.status_code >= 400:
+        assert response.json["message"]
+
+
+@FUZZ
+@given(route=routes, body=st.binary(max_size=200))
+def test_random_bytes(client, route, body):
+    check(client.post(route, data=body, content_type="application/json"))
+
+
+@FUZZ
+@given(route=routes, body=json_values)
+def test_random_json(client, route, body):
+    check(client.post(route, data=json.dumps(body), content_type="application/json"))
+
+
+@FUZZ
+@given(route=routes, data=st.data())
+def test_valid_payloads_with_one_field_replaced(client, route, data):
+    body = dict(VALID[route])
+    field = data.draw(st.sampled_from(sorted(body)))
+    body[field] = data.draw(json_values)
+    check(client.post(route, json=body))
+
+
+@FUZZ
+@given(texts=st.lists(st.text(max_size=3000), min_size=1, max_size=5))
+def test_any_text_gets_a_prediction(client, texts):
+    """Empty, enormous, or odd unicode (lone surrogates included) texts are predicted, never crash."""
+    tasks = [ls_task(i, text) for i, text in enumerate(texts)]
+    response = client.post("/predict", json=predict_payload(tasks, AG_NEWS_CONFIG))
+    assert response.status_code == 200
+    assert len(response.json["results"]) == len(texts)
