@@ -13,8 +13,10 @@ import time
 from rq import get_current_job
 from rq.utils import now
 
+from backend.adapters.queue import encoding_key
 from backend.config import Settings
 from backend.runtime import Runtime
+from backend.services.embeddings import embed_texts
 from backend.services.rerank import annotation_fingerprint, rerank
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,15 @@ def reconcile_project(project: str) -> dict:
         return {"rerank": "not needed"}
     log.info("project %s: reconciliation found %s", project, "; ".join(reasons))
     return {"rerank": rt.queue.request_rerank(project, "reconcile: " + "; ".join(reasons)), "reasons": reasons}
+
+
+def encode_chunk(project: str, job_id: str, texts: list[str]) -> int:
+    """Encode one chunk of a project's texts into the shared embedding cache (see JobQueue.enqueue_encoding)."""
+    rt = runtime()
+    embed_texts(texts, rt.encoder, rt.embedding_cache)
+    rt.redis.hincrby(encoding_key(project), "done", 1)
+    rt.redis.hincrby(f"al:encoding:{project}:runs", job_id, 1)  # lets tests and operators see: once per chunk
+    return len(texts)
 
 
 def cleanup_versions(project: str, keep_version: str) -> list[str]:

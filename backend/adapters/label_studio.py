@@ -1,15 +1,18 @@
-"""Label Studio's REST API, as this backend uses it, on top of the SDK client (`label_studio_sdk.LabelStudio`).
+"""Label Studio's REST API as this backend uses it, on top of the SDK client (`label_studio_sdk.LabelStudio`).
 
-The SDK handles authentication (legacy `Token` keys and personal access tokens) and paging. Responses are
-returned as plain dicts. Every failure becomes `LabelStudioUnavailable` naming the call and the status; the
-API key never appears in a message. Jobs that get it are retried by RQ with back-off.
+The SDK sends the key (a legacy `Token` or a personal access token, which it exchanges for access tokens) and
+retries connection errors, 408/409/429 and 5xx twice. Calls the SDK lacks (`/next`, `/model-versions/`) and
+the two reads that must be cheap (task pages, the annotated export) go through the SDK's own authenticated
+HTTP client and stay plain JSON. Every method returns Label Studio's JSON as dicts and lists. Failures raise
+`LabelStudioUnavailable` (unreachable, timeout, 5xx) or its subclass `LabelStudioRejected` (4xx); messages name
+the method, the URL path and the status, never the key.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 from label_studio_sdk import LabelStudio as SdkClient
@@ -17,153 +20,221 @@ from label_studio_sdk.core.api_error import ApiError
 
 from backend.errors import LabelStudioUnavailable
 
-log = logging.getLogger(__name__)
-
 ACTIVE_LEARNING_SETTINGS = {"sampling": "Uncertainty sampling", "show_collab_predictions": True}
-"""What connecting the backend changes in a project (the README explains how to undo it)."""
+"""What connecting the backend changes in a project; `configure_for_active_learning` returns the old values."""
 TASK_PAGE_SIZE = 1000
+"""Tasks per page when listing; larger pages cost Label Studio the same per task and save round trips."""
+BULK_TIMEOUT = 600.0
+"""Seconds allowed to calls whose cost grows with the project: imports, the export, deleting a model version."""
 
 
-def _as_dict(value) -> dict:
-    if hasattr(value, "model_dump"):
-        return value.model_dump(mode="json")
-    return dict(value)
+class LabelStudioRejected(LabelStudioUnavailable):
+    """Label Studio refused a call with a 4xx (bad request, unknown object, refused key): retrying won't help."""
 
 
 class LabelStudio:
-    """The calls the backend and its tests make to one Label Studio."""
+    """The calls the backend, its tests and benchmarks make to one Label Studio.
+
+    Args:
+        url: Label Studio's base URL, e.g. "http://localhost:8080".
+        api_key: a legacy token or a personal access token (the SDK tells them apart).
+        timeout: seconds per ordinary call; bulk calls get `BULK_TIMEOUT`.
+    """
 
     def __init__(self, url: str, api_key: str, timeout: float = 30.0):
         self.url = url.rstrip("/")
-        self.sdk = SdkClient(base_url=self.url, api_key=api_key, timeout=timeout)
+        self.timeout = timeout
+        # the SDK decodes a personal access token here and raises if it has expired
+        self.sdk = self._call("client", lambda: SdkClient(base_url=self.url, api_key=api_key, timeout=timeout))
 
-    def _call(self, what: str, function, *args, **kwargs):
+    def __repr__(self) -> str:
+        return f"LabelStudio(url={self.url!r}, timeout={self.timeout})"
+
+    # plumbing
+    def _call(self, request: str, function: Callable[[], Any]) -> Any:
+        """Run one call (`request` names it, e.g. "GET /api/projects/3"), turning failures into our errors.
+
+        The SDK's own ApiError text includes the response headers (session cookie), so only the status and the
+        start of the body are kept.
+        """
         try:
-            return function(*args, **kwargs)
+            return function()
         except ApiError as exc:
+            error = LabelStudioRejected if exc.status_code and 400 <= exc.status_code < 500 else LabelStudioUnavailable
+            raise error(f"Label Studio {request}: HTTP {exc.status_code} {str(exc.body)[:300]}") from None
+        except httpx.TimeoutException:
+            raise LabelStudioUnavailable(f"Label Studio {request}: timed out at {self.url}") from None
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise LabelStudioUnavailable(
-                f"Label Studio refused {what}: HTTP {exc.status_code} {exc.body!r:.300}"
-            ) from None
-        except httpx.HTTPError as exc:
-            raise LabelStudioUnavailable(
-                f"Label Studio unreachable for {what} at {self.url}: {type(exc).__name__}"
+                f"Label Studio {request}: unreachable at {self.url} ({type(exc).__name__})"
             ) from None
 
-    def _raw(self, method: str, path: str, what: str, **kwargs) -> httpx.Response:
-        """Endpoints the SDK does not wrap, through the SDK's own authenticated HTTP client."""
-        wrapper = self.sdk._client_wrapper
-        response = self._call(what, wrapper.httpx_client.request, path, method=method, **kwargs)
+    def _json(self, request: str, function: Callable[[], Any]) -> Any:
+        """An SDK `with_raw_response` call, returning Label Studio's JSON rather than the SDK's models."""
+        response = self._call(request, function).response
+        return response.json() if response.content else None
+
+    def _raw(self, method: str, path: str, timeout: float | None = None, **kwargs) -> Any:
+        """A call through the SDK's authenticated HTTP client, without its models; returns the JSON."""
+        client = self.sdk._client_wrapper.httpx_client
+        options = {"timeout_in_seconds": timeout or self.timeout}
+        request = f"{method} /{path}"
+        response = self._call(request, lambda: client.request(path, method=method, request_options=options, **kwargs))
         if response.status_code >= 400:
-            raise LabelStudioUnavailable(
-                f"Label Studio refused {what}: HTTP {response.status_code} {response.text[:300]!r}"
-            )
-        return response
+            error = LabelStudioRejected if response.status_code < 500 else LabelStudioUnavailable
+            raise error(f"Label Studio {request}: HTTP {response.status_code} {response.text[:300]}")
+        return response.json() if response.content else None
 
     # projects
     def get_project(self, project_id: int) -> dict:
-        response = self._raw("GET", f"api/projects/{project_id}", f"GET project {project_id}")
-        return response.json()
+        """The project: id, title, label_config, model_version, sampling, show_collab_predictions, task_number..."""
+        projects = self.sdk.projects.with_raw_response
+        return self._json(f"GET /api/projects/{project_id}", lambda: projects.get(id=project_id))
 
     def create_project(self, title: str, label_config: str) -> dict:
-        return self._raw(
-            "POST", "api/projects", "POST project", json={"title": title, "label_config": label_config}
-        ).json()
+        """A new project (Label Studio wants a title of at least 3 characters)."""
+        projects = self.sdk.projects.with_raw_response
+        return self._json("POST /api/projects", lambda: projects.create(title=title, label_config=label_config))
 
     def update_project(self, project_id: int, **fields) -> dict:
-        return self._raw("PATCH", f"api/projects/{project_id}", f"PATCH project {project_id}", json=fields).json()
+        """PATCH project fields (sampling, model_version, show_collab_predictions, ...); returns the project."""
+        projects = self.sdk.projects.with_raw_response
+        return self._json(f"PATCH /api/projects/{project_id}", lambda: projects.update(project_id, **fields))
 
     def configure_for_active_learning(self, project_id: int) -> dict:
-        """Uncertainty sampling and visible predictions; returns the previous values of those settings."""
+        """Switch to Uncertainty sampling with predictions shown; returns the previous values, for undoing it.
+
+        Undo with `update_project(project_id, **previous)` or `PATCH /api/projects/{id}` with those values (the
+        open-source UI lists only Sequential and Uniform sampling).
+        """
         current = self.get_project(project_id)
         previous = {key: current.get(key) for key in ACTIVE_LEARNING_SETTINGS}
         self.update_project(project_id, **ACTIVE_LEARNING_SETTINGS)
         return previous
 
-    def set_model_version(self, project_id: int, version: str) -> None:
-        self.update_project(project_id, model_version=version)
+    def set_model_version(self, project_id: int, version: str) -> dict:
+        """Make `version` current; Label Studio refuses (400) a version no prediction or ML backend has."""
+        return self.update_project(project_id, model_version=version)
 
     # tasks and annotations
     def iter_tasks(self, project_id: int, page_size: int = TASK_PAGE_SIZE, fields: str = "all") -> Iterator[dict]:
-        """Every task of the project, page by page; `fields="all"` includes annotations, "task_only" is cheaper."""
-        page = 1
+        """Every task of the project in id order, page by page.
+
+        `fields="all"` includes each task's annotations (id, result, was_cancelled, updated_at, ...) and its
+        predictions; `fields="task_only"` leaves both out and is about twice as cheap for ids and data.
+        """
+        path = "api/tasks/"
+        page, seen = 1, 0
         while True:
-            response = self._raw(
-                "GET",
-                "api/tasks",
-                f"GET tasks of project {project_id}",
-                params={"project": project_id, "page": page, "page_size": page_size, "fields": fields},
-            )
-            body = response.json()
-            tasks = body.get("tasks", body) if isinstance(body, dict) else body
-            yield from tasks
-            total = body.get("total") if isinstance(body, dict) else None
-            if len(tasks) < page_size or (total is not None and page * page_size >= total):
+            params = {"project": project_id, "page": page, "page_size": page_size, "fields": fields}
+            body = self._raw("GET", path, timeout=max(self.timeout, BULK_TIMEOUT / 10), params=params)
+            yield from body["tasks"]
+            seen += len(body["tasks"])
+            # a page past the end is a 404, so stop on the total (the SDK's pager asks for it and swallows it)
+            if not body["tasks"] or seen >= body["total"]:
                 return
             page += 1
 
+    def iter_annotated_tasks(self, project_id: int) -> Iterator[dict]:
+        """Only the tasks that have annotations (skipped ones too), each with data, annotations and predictions.
+
+        One call to the JSON export, which leaves out tasks without annotations: its cost follows the number of
+        annotated tasks, not the size of the project.
+        """
+        path = f"api/projects/{project_id}/export"
+        yield from self._raw("GET", path, timeout=BULK_TIMEOUT, params={"exportType": "JSON"})
+
     def annotated_tasks(self, project_id: int) -> list[dict]:
-        """Only the tasks that have annotations, with data and annotations (the JSON export: ~0.1 s for 10k tasks)."""
-        return self._raw(
-            "GET", f"api/projects/{project_id}/export", f"export project {project_id}", params={"exportType": "JSON"}
-        ).json()
+        """`iter_annotated_tasks` as a list."""
+        return list(self.iter_annotated_tasks(project_id))
 
     def import_tasks(self, project_id: int, tasks: list[dict]) -> dict:
-        return self._raw("POST", f"api/projects/{project_id}/import", "import tasks", json=tasks).json()
+        """Bulk task import: each dict is a task's data, or {"data": ..., "predictions": [...]}.
+
+        Returns Label Studio's summary, with `task_ids` of the new tasks.
+        """
+        projects = self.sdk.projects.with_raw_response
+        options = {"timeout_in_seconds": BULK_TIMEOUT}
+        return self._json(
+            f"POST /api/projects/{project_id}/import",
+            lambda: projects.import_tasks(project_id, request=tasks, return_task_ids=True, request_options=options),
+        )
 
     def create_annotation(self, task_id: int, result: list[dict]) -> dict:
-        return self._raw(
-            "POST",
-            f"api/tasks/{task_id}/annotations",
-            f"annotate task {task_id}",
-            json={"result": result, "was_cancelled": False},
-        ).json()
+        """Annotate a task as the key's user, like submitting it in the labeling UI."""
+        annotations = self.sdk.annotations.with_raw_response
+        return self._json(
+            f"POST /api/tasks/{task_id}/annotations/",
+            lambda: annotations.create(task_id, result=result, was_cancelled=False),
+        )
 
     def next_task(self, project_id: int) -> dict:
-        return self._raw("GET", f"api/projects/{project_id}/next", f"GET next task of {project_id}").json()
+        """The task Label Studio serves the key's user next (`GET /api/projects/{id}/next`), locking it to them."""
+        return self._raw("GET", f"api/projects/{project_id}/next")
 
     # predictions and model versions
-    def create_predictions(self, predictions: list[dict], max_workers: int = 4) -> None:
-        """One `POST /api/predictions/` per prediction, a few at a time (the bulk import recounts every task)."""
+    def create_predictions(self, predictions: list[dict], max_workers: int = 4) -> list[dict]:
+        """One `POST /api/predictions/` per prediction ({task, result, score, model_version}), a few at a time.
 
-        def create(prediction: dict) -> None:
-            self._raw("POST", "api/predictions", f"POST prediction for task {prediction['task']}", json=prediction)
+        Unlike `import_predictions`, this does not recount the project's tasks, so a handful of predictions is
+        cheap on a large project. Label Studio's SQLite serialises the writes: threads gain little there.
+        """
+        client = self.sdk.predictions.with_raw_response
 
+        def create(prediction: dict) -> dict:
+            return self._json("POST /api/predictions/", lambda: client.create(**prediction))
+
+        if max_workers <= 1:
+            return [create(prediction) for prediction in predictions]
         with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
-            list(pool.map(create, predictions))
+            return list(pool.map(create, predictions))
 
-    def import_predictions(self, project_id: int, predictions: list[dict]) -> None:
-        self._raw("POST", f"api/projects/{project_id}/import/predictions", "bulk import predictions", json=predictions)
+    def import_predictions(self, project_id: int, predictions: list[dict]) -> dict:
+        """Bulk `POST /api/projects/{id}/import/predictions`; stores task, result, score, model_version only.
 
-    def model_versions(self, project_id: int) -> list[str]:
-        body = self._raw("GET", f"api/projects/{project_id}/model-versions", "GET model versions").json()
-        return (
-            list(body)
-            if isinstance(body, dict)
-            else [v if isinstance(v, str) else v.get("model_version") for v in body]
+        Label Studio then recounts every task of the project, so the cost grows with the project, not the list.
+        """
+        projects = self.sdk.projects.with_raw_response
+        options = {"timeout_in_seconds": BULK_TIMEOUT}
+        return self._json(
+            f"POST /api/projects/{project_id}/import/predictions",
+            lambda: projects.import_predictions(project_id, request=predictions, request_options=options),
         )
 
-    def delete_model_version(self, project_id: int, version: str) -> None:
-        self._raw(
-            "DELETE",
-            f"api/projects/{project_id}/model-versions/",
-            f"DELETE model version {version!r}",
-            json={"model_version": version},
-        )
+    def model_versions(self, project_id: int) -> dict[str, int]:
+        """Label Studio's `{model_version: number of predictions}` for the project (iterating it gives versions)."""
+        return self._raw("GET", f"api/projects/{project_id}/model-versions/")
+
+    def delete_model_version(self, project_id: int, version: str) -> dict:
+        """Delete every prediction of `version`; returns {"deleted_predictions": n}.
+
+        Deleting the project's current version resets `project.model_version` to null (sampling turns random).
+        """
+        path = f"api/projects/{project_id}/model-versions/"
+        return self._raw("DELETE", path, timeout=BULK_TIMEOUT, json={"model_version": version})
 
     # ML backends and webhooks
-    def connect_ml_backend(self, project_id: int, url: str, title: str, **auth) -> dict:
-        return self._raw(
-            "POST", "api/ml", "connect ML backend", json={"project": project_id, "url": url, "title": title, **auth}
-        ).json()
+    def connect_ml_backend(self, project_id: int, url: str, title: str, **options) -> dict:
+        """Connect an ML backend (`POST /api/ml`); Label Studio calls its /health and /setup and adds a webhook."""
+        ml = self.sdk.ml.with_raw_response
+        return self._json("POST /api/ml", lambda: ml.create(project=project_id, url=url, title=title, **options))
 
     def ml_backends(self, project_id: int) -> list[dict]:
-        return self._raw("GET", "api/ml", "GET ML backends", params={"project": project_id}).json()
+        """The ML backends connected to the project."""
+        ml = self.sdk.ml.with_raw_response
+        return self._json(f"GET /api/ml?project={project_id}", lambda: ml.list(project=project_id))
 
     def webhooks(self, project_id: int) -> list[dict]:
-        return self._raw("GET", "api/webhooks", "GET webhooks", params={"project": project_id}).json()
+        """The project's webhooks (id, url, headers, actions, ...)."""
+        hooks = self.sdk.webhooks.with_raw_response
+        return self._json(f"GET /api/webhooks/?project={project_id}", lambda: hooks.list(project=str(project_id)))
 
-    def update_webhook(self, webhook_id: int, **fields) -> dict:
-        return self._raw("PATCH", f"api/webhooks/{webhook_id}", f"PATCH webhook {webhook_id}", json=fields).json()
+    def update_webhook(self, webhook_id: int, headers: dict) -> dict:
+        """Replace a webhook's headers, e.g. to add the Authorization header Label Studio's own webhook lacks."""
+        hooks = self.sdk.webhooks.with_raw_response
+        return self._json(f"PATCH /api/webhooks/{webhook_id}/", lambda: hooks.update(webhook_id, headers=headers))
 
     def delete_webhook(self, webhook_id: int) -> None:
-        self._raw("DELETE", f"api/webhooks/{webhook_id}", f"DELETE webhook {webhook_id}")
+        """Delete a webhook."""
+        hooks = self.sdk.webhooks.with_raw_response
+        self._call(f"DELETE /api/webhooks/{webhook_id}/", lambda: hooks.delete(webhook_id))

@@ -10,6 +10,7 @@ The same counter is the fencing token that keeps an older, slower job from publi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from datetime import timedelta
 
@@ -37,6 +38,11 @@ return 0
 
 def generation_key(project: str) -> str:
     return f"al:rerank:generation:{project}"
+
+
+def encoding_key(project: str) -> str:
+    """Progress of a project's chunked encoding: chunks, done, texts (shown in /metrics)."""
+    return f"al:encoding:{project}"
 
 
 def published_key(project: str) -> str:
@@ -100,6 +106,33 @@ class JobQueue:
             failure_ttl=FAILURE_TTL,
             retry=RETRY,
         )
+
+    def enqueue_encoding(self, project: str, chunks: list[list[str]], then_rerank: bool = True) -> list[str]:
+        """One job per chunk of texts, id = hash of its texts, so each chunk is encoded once even when several
+        rounds ask; then (optionally) a re-rank that depends on all of them. Returns the chunk job ids."""
+        job_ids = []
+        for chunk in chunks:
+            digest = hashlib.sha1("\0".join(chunk).encode("utf-8", errors="replace")).hexdigest()[:16]
+            job_id = f"encode-{project}-{digest}"
+            self._enqueue_unique("backend.jobs.encode_chunk", job_id, project, job_id, chunk)
+            job_ids.append(job_id)
+        self.client.hset(
+            encoding_key(project), mapping={"chunks": len(chunks), "done": 0, "texts": sum(map(len, chunks))}
+        )
+        if then_rerank:
+            self.queue.enqueue_call(
+                "backend.jobs.rerank_project",
+                args=(project, "embeddings ready"),
+                depends_on=job_ids,
+                timeout=self.job_timeout,
+                result_ttl=RESULT_TTL,
+                failure_ttl=FAILURE_TTL,
+                retry=RETRY,
+            )
+        return job_ids
+
+    def encoding_progress(self, project: str) -> dict:
+        return {k.decode(): int(v) for k, v in self.client.hgetall(encoding_key(project)).items()}
 
     def length(self) -> int:
         return len(self.queue)

@@ -76,5 +76,6 @@ class ProjectService:
             projects[project] = {
                 "last_round": self.registry.last_round(project),
                 "events": self.registry.event_counts(project),
+                "encoding": self.queue.encoding_progress(project),
             }
         return {"queue_length": self.queue.length(), "projects": projects, "time": time.time()}

@@ -66,19 +66,39 @@ def annotation_fingerprint(annotated_tasks: list[dict], task_number: int) -> str
     return digest.hexdigest()
 
 
-def refresh_snapshot(
-    label_studio, project: str, config: ClassificationConfig, task_number: int, encoder, cache
-) -> TaskSnapshot:
-    """Read every task (paged), encode the texts not cached yet, and return the new snapshot."""
+ENCODE_CHUNK = 2000
+"""Texts per encoding job: above this many uncached texts, a round hands encoding to the workers in chunks."""
+
+
+class EncodingQueued(Exception):
+    """The round found too many uncached texts: chunk jobs and a follow-up round were queued instead."""
+
+
+def refresh_snapshot(runtime, project: str, config: ClassificationConfig, task_number: int) -> TaskSnapshot:
+    """Read every task (paged) and make sure each text is in the embedding cache.
+
+    A few missing texts are encoded here; many (a new project, a large import) are split into chunk jobs
+    that all workers share, followed by a new round; the snapshot is saved either way.
+    """
     task_ids, texts = [], []
-    for task in label_studio.iter_tasks(int(project), fields="task_only"):
+    for task in runtime.label_studio.iter_tasks(int(project), fields="task_only"):
         try:
             texts.append(config.text_of(task))
             task_ids.append(int(task["id"]))
         except KeyError as exc:
             log.warning("project %s: task left out of the ranking: %s", project, exc)
-    embed_texts(texts, encoder, cache)  # only the missing ones are encoded; the result is read back by key
-    return TaskSnapshot(np.array(task_ids, dtype=np.int64), [text_key(text) for text in texts], task_number)
+    keys = [text_key(text) for text in texts]
+    snapshot = TaskSnapshot(np.array(task_ids, dtype=np.int64), keys, task_number)
+    runtime.snapshots.save(project, snapshot)
+    found = runtime.embedding_cache.get_many(list(dict.fromkeys(keys)))
+    cached = {key for key, vector in zip(dict.fromkeys(keys), found, strict=True) if vector is not None}
+    missing = list(dict.fromkeys(text for key, text in zip(keys, texts, strict=True) if key not in cached))
+    if len(missing) > ENCODE_CHUNK:
+        chunks = [missing[i : i + ENCODE_CHUNK] for i in range(0, len(missing), ENCODE_CHUNK)]
+        runtime.queue.enqueue_encoding(project, chunks)
+        raise EncodingQueued(f"{len(missing)} texts to encode in {len(chunks)} chunk jobs")
+    embed_texts(missing, runtime.encoder, runtime.embedding_cache)
+    return snapshot
 
 
 def read_project_state(runtime, project: str, watch: Stopwatch) -> ProjectState:
@@ -160,7 +180,11 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
     """
     settings = runtime.settings
     watch = Stopwatch()
-    state = read_project_state(runtime, project, watch)
+    try:
+        state = read_project_state(runtime, project, watch)
+    except EncodingQueued as queued:
+        log.info("project %s: %s; a new round follows them", project, queued)
+        return {"generation": generation, "published": False, "encoding": str(queued)}
     encoder, cache = runtime.encoder, runtime.embedding_cache
     labelled_embeddings = embed_texts([example.text for example in state.labelled], encoder, cache)
     try:

@@ -1,0 +1,49 @@
+"""Two real RQ workers share one project's encoding job; every chunk is encoded exactly once."""
+
+import time
+
+import redis
+
+from backend.adapters.embedding_cache import text_key
+from tests.conftest import read_csv
+from tests.processes import BackendProcesses
+
+
+def test_two_workers_encode_each_chunk_once(runtime, settings, tmp_path):
+    texts = [row["text"] for row in read_csv("ag_news/pool.csv", 800)]
+    chunks = [texts[i : i + 100] for i in range(0, len(texts), 100)]
+    env = {
+        "MODEL_NAME": settings.model_name,
+        "REDIS_URL": settings.redis_url,
+        "QUEUE_NAME": settings.queue_name,
+        "MAX_LENGTH": str(settings.max_length),
+        "MODEL_DIR": settings.model_dir,
+    }
+    processes = BackendProcesses(env, tmp_path, port=0)
+    first = runtime.queue.enqueue_encoding("5", chunks, then_rerank=False)
+    second = runtime.queue.enqueue_encoding("5", chunks, then_rerank=False)  # a racing round asks again
+    assert first == second and len(set(first)) == 8
+    try:
+        for _ in range(2):
+            processes.start_worker()
+        client = redis.Redis.from_url(settings.redis_url)
+        deadline = time.time() + 120
+        while time.time() < deadline and int(client.hget("al:encoding:5", "done") or 0) < len(chunks):
+            time.sleep(0.2)
+    finally:
+        processes.stop()
+    runs = {k.decode(): int(v) for k, v in client.hgetall("al:encoding:5:runs").items()}
+    assert runs == {job_id: 1 for job_id in first}
+    completed = {
+        f"worker{i}": [
+            line.rsplit("(", 1)[1].rstrip(")")
+            for line in processes.logs(f"worker{i}", 10**6).splitlines()
+            if "Job OK" in line
+        ]
+        for i in range(2)
+    }
+    assert sorted(completed["worker0"] + completed["worker1"]) == sorted(first)  # each chunk once, in all
+    assert completed["worker0"] and completed["worker1"]  # and the two workers shared the work
+    assert runtime.queue.encoding_progress("5") == {"chunks": 8, "done": 8, "texts": 800}
+    cached = runtime.embedding_cache.get_many([text_key(text) for text in texts])
+    assert all(vector is not None for vector in cached)
