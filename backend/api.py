@@ -6,6 +6,7 @@ import hmac
 import logging
 import time
 
+import redis
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
@@ -109,6 +110,12 @@ def _register_errors(app: Flask) -> None:
         if isinstance(exc, Unauthorized):
             response.headers["WWW-Authenticate"] = 'Basic realm="al-backend"'
         return response, exc.status_code
+
+    @app.errorhandler(redis.RedisError)
+    def redis_unavailable(exc: redis.RedisError):
+        log.warning("Redis unavailable on %s: %s", request.path, type(exc).__name__)
+        message = "Redis is unavailable; the backend recovers this event by reconciliation once Redis is back"
+        return jsonify(error="RedisUnavailable", message=message), 503
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -136,6 +136,13 @@ def labels_to_reach(budgets: list[int], curve: list[float], target: float) -> fl
     return None
 
 
+def area_under_curve(budgets: list[int], curve: np.ndarray) -> float:
+    """Mean accuracy over the budget range (trapezoids); the single value when there is one budget."""
+    if len(budgets) == 1:
+        return float(curve[0])
+    return float(np.trapezoid(curve, budgets) / (budgets[-1] - budgets[0]))
+
+
 def summarise(runs: dict[str, list[dict]], budgets: list[int], full_accuracy: float) -> dict:
     target = TARGET_FRACTION * full_accuracy
     random_needs = [labels_to_reach(budgets, run["accuracy"], target) for run in runs["random"]]
@@ -154,7 +161,7 @@ def summarise(runs: dict[str, list[dict]], budgets: list[int], full_accuracy: fl
             "labels_to_target_per_seed": needs,
             "labels_saved_per_seed": saved,
             "labels_saved": float(np.mean(known)) if len(known) == len(saved) else None,
-            "area_under_curve": float(np.trapezoid(accuracy.mean(axis=0), budgets) / (budgets[-1] - budgets[0])),
+            "area_under_curve": area_under_curve(budgets, accuracy.mean(axis=0)),
         }
     return {"full_pool_accuracy": full_accuracy, "target_accuracy": target, "strategies": results}
 

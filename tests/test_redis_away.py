@@ -1,0 +1,33 @@
+"""With Redis away: /predict and /setup keep answering, /webhook says 503 with the reason, nothing crashes."""
+
+from dataclasses import replace
+
+import pytest
+
+from backend.api import create_app
+from backend.runtime import Runtime
+from tests.conftest import free_port
+from tests.test_api import ls_task, predict_payload, setup_payload
+
+
+@pytest.fixture()
+def client_without_redis(settings):
+    runtime = Runtime(replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0"))  # nothing listens
+    return create_app(runtime).test_client()
+
+
+def test_predict_keeps_answering(client_without_redis):
+    response = client_without_redis.post("/predict", json=predict_payload([ls_task(1, "Stocks rallied")]))
+    assert response.status_code == 200
+    assert response.json["results"][0]["result"][0]["value"]["choices"]
+
+
+def test_setup_keeps_answering(client_without_redis):
+    assert client_without_redis.post("/setup", json=setup_payload()).status_code == 200
+
+
+def test_webhook_is_a_503_that_names_redis(client_without_redis):
+    event = {"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": 1}}
+    response = client_without_redis.post("/webhook", json=event)
+    assert response.status_code == 503
+    assert "Redis is unavailable" in response.json["message"]
