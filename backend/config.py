@@ -92,6 +92,9 @@ class Settings:
     """MIN_ANNOTATIONS_TO_TRAIN: below this, predictions come from the zero-shot head."""
     job_timeout: int = 600
     """JOB_TIMEOUT: seconds an RQ job may run."""
+    rerank_lock_timeout: int = 120
+    """RERANK_LOCK_TIMEOUT: seconds before a dead worker's per-project re-rank lock expires (the generation
+    fence, not the lock, is what keeps an older round from publishing over a newer one)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -122,6 +125,7 @@ class Settings:
             model_version_prefix=env.get("MODEL_VERSION_PREFIX", "") or defaults.model_version_prefix,
             min_annotations_to_train=_int(env, "MIN_ANNOTATIONS_TO_TRAIN", defaults.min_annotations_to_train, 1),
             job_timeout=_int(env, "JOB_TIMEOUT", defaults.job_timeout, minimum=10),
+            rerank_lock_timeout=_int(env, "RERANK_LOCK_TIMEOUT", defaults.rerank_lock_timeout, minimum=5),
         )
 
     @property

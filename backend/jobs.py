@@ -47,7 +47,7 @@ def rerank_project(project: str, reason: str = "") -> dict:
     )
     waited = time.perf_counter()
     lock = rt.redis.lock(
-        f"al:rerank:lock:{project}", timeout=rt.settings.job_timeout, blocking_timeout=rt.settings.job_timeout
+        f"al:rerank:lock:{project}", timeout=rt.settings.rerank_lock_timeout, blocking_timeout=rt.settings.job_timeout
     )
     with lock:
         timing = {"queued": queued_seconds, "lock_wait": round(time.perf_counter() - waited, 4)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +27,20 @@ class BackendProcesses:
 
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab")
-        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        # own process group: killing a worker's group also kills the work-horse it forked for a job
+        return subprocess.Popen(
+            [sys.executable, *args],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def kill_worker(self, index: int = 0) -> None:
+        """SIGKILL a worker and its work-horse, as a crash or an OOM kill would."""
+        os.killpg(self.workers[index].pid, signal.SIGKILL)
+        self.workers[index].wait()
 
     def start_server(self, timeout: float = 120) -> None:
         self.server = self._spawn(["_wsgi.py", "--host", "127.0.0.1", "--port", str(self.port)], "server")

@@ -219,6 +219,7 @@ def test_registry_lists_names_and_params_in_its_errors():
         ("density_weighted", {"measure": "variance"}, "'least_confidence', 'margin', 'entropy'; got 'variance'"),
         ("density_weighted", {"beta": -1}, r"beta must be a number in \[0.0, 100.0\]; got -1"),
         ("cluster", {"order_by": "age"}, "'size', 'uncertainty'; got 'age'"),
+        ("cluster", {"cover_labeled": 1}, "cover_labeled must be True or False; got 1"),
         ("error_prediction", {"mix": 1.5}, "mix .* got 1.5"),
         ("hybrid", {"warm_labels_per_class": 0.5}, "warm_labels_per_class .* got 0.5"),
         ("hybrid", {"rare_min_labels": 2.5}, "rare_min_labels must be an integer"),

@@ -189,6 +189,11 @@ class LabelStudio:
         with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
             return list(pool.map(create, predictions))
 
+    def predictions(self, project_id: int) -> list[dict]:
+        """Every prediction of the project (for tests and inspection: this reads them all)."""
+        body = self._raw("GET", "api/predictions", "GET predictions", params={"project": project_id}).json()
+        return body.get("results", body) if isinstance(body, dict) else body
+
     def import_predictions(self, project_id: int, predictions: list[dict]) -> dict:
         """Bulk `POST /api/projects/{id}/import/predictions`; stores task, result, score, model_version only.
 

@@ -215,7 +215,8 @@ class Cluster(QueryStrategy):
 
     def __init__(self, order_by: str = "size", cover_labeled: bool = False, max_fit_rows: int = 10_000):
         check_choice("order_by", order_by, self.ORDERS)
-        check_choice("cover_labeled", cover_labeled, (True, False))
+        if not isinstance(cover_labeled, bool):
+            raise ValueError(f"cover_labeled must be True or False; got {cover_labeled!r}")
         check_range("max_fit_rows", max_fit_rows, 1, 10**7, integer=True)
         self.order_by, self.cover_labeled, self.max_fit_rows = order_by, cover_labeled, max_fit_rows
 

@@ -111,10 +111,7 @@ def read_project_state(runtime, project: str, watch: Stopwatch) -> ProjectState:
     task_number = int(info.get("task_number") or 0)
     snapshot = runtime.snapshots.load(project)
     if snapshot is None or snapshot.task_number != task_number:
-        snapshot = refresh_snapshot(
-            label_studio, project, config, task_number, runtime.encoder, runtime.embedding_cache
-        )
-        runtime.snapshots.save(project, snapshot)
+        snapshot = refresh_snapshot(runtime, project, config, task_number)
         watch.lap("refresh_task_list")
     annotated_ids = {task["id"] for task in annotated if task.get("annotations")}
     rows = [row for row, task_id in enumerate(snapshot.task_ids.tolist()) if task_id not in annotated_ids]

@@ -21,12 +21,8 @@ def label_studio(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture()
-def backend(request, label_studio, redis_url, tmp_path):
-    """Backend server + one worker, on the real default model, talking to the session's Label Studio.
-
-    Parametrize indirectly with a dict of environment overrides (default: reconciliation effectively off).
-    """
+def start_backend(label_studio, redis_url: str, tmp_path, **overrides) -> BackendProcesses:
+    """Backend server + one worker, on the real default model, talking to `label_studio`."""
     env = {
         "LABEL_STUDIO_URL": label_studio.url,
         "LABEL_STUDIO_API_KEY": label_studio.token,
@@ -35,11 +31,18 @@ def backend(request, label_studio, redis_url, tmp_path):
         "RECONCILE_INTERVAL": "3600",
         "QUEUE_NAME": f"e2e-{free_port()}",
         "LOG_LEVEL": "DEBUG",
-        **getattr(request, "param", {}),
+        **overrides,
     }
     processes = BackendProcesses(env, tmp_path, free_port())
     processes.start_server()
     processes.start_worker()
+    return processes
+
+
+@pytest.fixture()
+def backend(request, label_studio, redis_url, tmp_path):
+    """Parametrize indirectly with a dict of environment overrides (default: reconciliation effectively off)."""
+    processes = start_backend(label_studio, redis_url, tmp_path, **getattr(request, "param", {}))
     yield processes
     processes.stop()
 

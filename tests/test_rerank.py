@@ -1,0 +1,125 @@
+"""A whole ranking round through the real services, Redis and artifacts, with Label Studio faked in memory.
+
+The end-to-end tests run the same code against a real Label Studio; these catch breakage in seconds.
+"""
+
+import numpy as np
+import pytest
+
+from backend import jobs
+from backend.services import rerank as rerank_module
+from backend.services.rerank import rerank
+from tests.conftest import AG_NEWS_CONFIG, read_csv
+
+
+class FakeLabelStudio:
+    """The calls a round makes, over dicts. Records what was written."""
+
+    def __init__(self, texts: list[str]):
+        self.tasks = {i + 1: {"id": i + 1, "data": {"text": text}, "annotations": []} for i, text in enumerate(texts)}
+        self.project = {
+            "id": 1,
+            "label_config": AG_NEWS_CONFIG,
+            "model_version": "al-backend",
+            "task_number": len(texts),
+        }
+        self.predictions: list[dict] = []
+        self.task_list_reads = 0
+
+    def get_project(self, project_id):
+        return dict(self.project)
+
+    def annotated_tasks(self, project_id):
+        return [task for task in self.tasks.values() if task["annotations"]]
+
+    def iter_tasks(self, project_id, fields="all"):
+        self.task_list_reads += 1
+        return iter(list(self.tasks.values()))
+
+    def import_predictions(self, project_id, predictions):
+        self.predictions.extend(predictions)
+
+    def set_model_version(self, project_id, version):
+        assert any(p["model_version"] == version for p in self.predictions), "switch to a version with predictions"
+        self.project["model_version"] = version
+
+    def annotate(self, task_id, label):
+        self.tasks[task_id]["annotations"].append(
+            {
+                "id": task_id,
+                "updated_at": "2026-11-23T10:00:00Z",
+                "was_cancelled": False,
+                "result": [{"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": [label]}}],
+            }
+        )
+
+
+@pytest.fixture()
+def label_studio(runtime):
+    rows = read_csv("ag_news/pool.csv", 60)
+    fake = FakeLabelStudio([row["text"] for row in rows])
+    fake.truth = {i + 1: row["label"] for i, row in enumerate(rows)}
+    runtime.__dict__["label_studio"] = fake
+    return fake
+
+
+def test_a_round_publishes_a_whole_ranking_and_switches_the_version(runtime, label_studio):
+    summary = rerank("1", runtime, generation=1)
+    assert summary["published"] and summary["annotations"] == 0 and summary["ranked"] == 20
+    assert label_studio.project["model_version"] == summary["model_version"]
+    scores = [p["score"] for p in label_studio.predictions]
+    assert scores == sorted(scores) and scores[0] == 0.0 and max(scores) < 1.0
+    assert label_studio.predictions[0]["task"] == summary["top_task"]
+    assert len({p["task"] for p in label_studio.predictions}) == 20
+    assert all(p["result"][0]["value"]["choices"][0] in label_studio.truth.values() for p in label_studio.predictions)
+
+
+def test_the_next_round_uses_the_new_annotation_and_never_ranks_it(runtime, label_studio):
+    first = rerank("1", runtime, generation=1)
+    label_studio.annotate(first["top_task"], label_studio.truth[first["top_task"]])
+    label_studio.annotate(2, label_studio.truth[2])
+    second = rerank("1", runtime, generation=2)
+    assert second["annotations"] == 2 and second["model_version"] != first["model_version"]
+    ranked = {p["task"] for p in label_studio.predictions if p["model_version"] == second["model_version"]}
+    assert first["top_task"] not in ranked and 2 not in ranked
+    assert label_studio.task_list_reads == 1  # the task list came from the snapshot the second time
+
+
+def test_an_older_generation_never_publishes_over_a_newer_one(runtime, label_studio):
+    rerank("1", runtime, generation=5)
+    live = label_studio.project["model_version"]
+    stale = rerank("1", runtime, generation=4)
+    assert stale["published"] is False and label_studio.project["model_version"] == live
+
+
+def test_many_uncached_texts_become_chunk_jobs_and_a_follow_up_round(runtime, label_studio, monkeypatch):
+    monkeypatch.setattr(rerank_module, "ENCODE_CHUNK", 25)
+    summary = rerank("1", runtime, generation=1)
+    assert summary["published"] is False and "3 chunk jobs" in summary["encoding"]
+    job_ids = runtime.queue.queue.get_job_ids() + runtime.queue.queue.deferred_job_registry.get_job_ids()
+    assert sum(job_id.startswith("encode-1-") for job_id in job_ids) == 3
+    assert runtime.queue.encoding_progress("1") == {"chunks": 3, "done": 0, "texts": 60}
+
+
+def test_reconciliation_requests_a_round_only_when_label_studio_changed(runtime, label_studio, monkeypatch):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    first = rerank("1", runtime, generation=runtime.queue.start_rerank("1"))
+    assert first["published"]
+    assert jobs.reconcile_project("1") == {"rerank": "not needed"}
+    label_studio.annotate(3, label_studio.truth[3])  # a webhook that never arrived
+    outcome = jobs.reconcile_project("1")
+    assert outcome["rerank"] == "enqueued" and outcome["reasons"] == ["annotations or tasks changed"]
+    label_studio.project["model_version"] = ""  # reset from the UI
+    assert "model version is ''" in jobs.reconcile_project("1")["reasons"]
+
+
+def test_committee_probabilities_reach_the_strategy(runtime, label_studio):
+    summary = rerank("1", runtime, generation=1)
+    artifact = runtime.artifacts.load("1", runtime.artifacts.versions("1")[-1])
+    assert summary["annotations"] == 0 and artifact.meta["kind"] == "zero-shot" and not artifact.committee
+    for task_id in range(1, 9):
+        label_studio.annotate(task_id, label_studio.truth[task_id])
+    rerank("1", runtime, generation=2)
+    artifact = runtime.artifacts.load("1", runtime.artifacts.versions("1")[-1])
+    assert artifact.meta["annotations"] == 8 and len(artifact.committee) == runtime.settings.committee_size
+    assert np.isfinite(artifact.head.weights).all()
