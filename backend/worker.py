@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 
+import redis
 from rq import Worker
 
 from backend import jobs
@@ -28,9 +30,28 @@ def main(argv: list[str] | None = None) -> None:
     runtime = jobs.runtime()
     if not args.no_preload:
         runtime.encoder  # noqa: B018 - load the model once, before the first job, not inside it
-    worker = Worker([runtime.queue.queue], connection=runtime.redis, name=None)
     log.info("worker listening on %s (queue %r)", settings.redis_url.split("@")[-1], settings.queue_name)
-    worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
+    while True:
+        worker = Worker([runtime.queue.queue], connection=runtime.redis)
+        try:
+            worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
+            return  # burst finished, or stopped by a signal
+        except redis.ConnectionError as exc:
+            # rq retries a lost connection while it waits for jobs, not while it watches one run: start over
+            log.warning("lost Redis (%s); restarting the worker once it answers", type(exc).__name__)
+            wait_for_redis(runtime.redis)
+
+
+def wait_for_redis(client: redis.Redis, longest_wait: float = 30.0) -> None:
+    """Block until Redis answers PING, backing off from 0.5 s to `longest_wait` between tries."""
+    delay = 0.5
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            time.sleep(delay)
+            delay = min(delay * 2, longest_wait)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
+pytest_plugins = ["tests.e2e.fixtures"]  # the e2e tests' backend/project fixtures (conftest.py there has label_studio)
+
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 AG_NEWS_CONFIG = """<View>

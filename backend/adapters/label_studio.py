@@ -118,16 +118,29 @@ class LabelStudio:
 
     # tasks and annotations
     def iter_tasks(self, project_id: int, page_size: int = TASK_PAGE_SIZE, fields: str = "all") -> Iterator[dict]:
-        """Every task of the project in id order, page by page.
+        """Every task of the project (id, data, meta, counters...) in id order, page by page.
 
-        `fields="all"` includes each task's annotations (id, result, was_cancelled, updated_at, ...) and its
-        predictions; `fields="task_only"` leaves both out and is about twice as cheap for ids and data.
+        With `fields="all"` each task also has `annotations` (id, result, was_cancelled, updated_at, ...): the
+        pages are read without annotations and joined with `iter_annotated_tasks`, which costs less than Label
+        Studio's own `fields=all` (that one serialises every task's predictions and drafts too; ~1.6x slower
+        at 1k tasks, more as predictions pile up). The two reads are not one snapshot: an annotation made in
+        between may be missing. `fields="task_only"` leaves annotations out and is the cheapest read.
         """
-        path = "api/tasks/"
+        if fields not in ("all", "task_only"):
+            raise ValueError(f"fields must be 'all' or 'task_only', got {fields!r}")
+        annotations = {}
+        if fields == "all":
+            annotations = {task["id"]: task["annotations"] for task in self.iter_annotated_tasks(project_id)}
+        for task in self._task_pages(project_id, page_size):
+            if fields == "all":
+                task["annotations"] = annotations.get(task["id"], [])
+            yield task
+
+    def _task_pages(self, project_id: int, page_size: int) -> Iterator[dict]:
         page, seen = 1, 0
         while True:
-            params = {"project": project_id, "page": page, "page_size": page_size, "fields": fields}
-            body = self._raw("GET", path, timeout=max(self.timeout, BULK_TIMEOUT / 10), params=params)
+            params = {"project": project_id, "page": page, "page_size": page_size, "fields": "task_only"}
+            body = self._raw("GET", "api/tasks/", timeout=max(self.timeout, BULK_TIMEOUT / 5), params=params)
             yield from body["tasks"]
             seen += len(body["tasks"])
             # a page past the end is a 404, so stop on the total (the SDK's pager asks for it and swallows it)
@@ -191,7 +204,7 @@ class LabelStudio:
 
     def predictions(self, project_id: int) -> list[dict]:
         """Every prediction of the project (for tests and inspection: this reads them all)."""
-        body = self._raw("GET", "api/predictions", "GET predictions", params={"project": project_id}).json()
+        body = self._raw("GET", "api/predictions", params={"project": project_id})
         return body.get("results", body) if isinstance(body, dict) else body
 
     def import_predictions(self, project_id: int, predictions: list[dict]) -> dict:

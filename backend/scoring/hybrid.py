@@ -39,7 +39,7 @@ def diversity_share(n_labeled: int, n_classes: int, cold_start: float, warm: flo
 
 def class_counts(targets: np.ndarray, labeled: np.ndarray) -> np.ndarray:
     """Labelled rows per class (or per label, multi-label). (n, k) 0/1 targets, (n,) bool -> (k,)"""
-    return np.asarray(targets, dtype=np.float64)[labeled].sum(axis=0)
+    return np.asarray(targets)[labeled].sum(axis=0, dtype=np.float64)
 
 
 def rare_class_picks(
@@ -65,12 +65,12 @@ def rare_class_picks(
     """
     rare = np.flatnonzero(counts < min_labels)
     rare = rare[np.lexsort((rng.random(len(rare)), counts[rare]))]
-    predicted = probs > 0.5 if multi_label else np.eye(probs.shape[1], dtype=bool)[probs.argmax(axis=1)]
+    predicted = None if multi_label else probs.argmax(axis=1)
     picks: list[int] = []
     for label in rare:
         if len(picks) >= n:
             break
-        members = np.flatnonzero(predicted[:, label])
+        members = np.flatnonzero(probs[:, label] > 0.5 if multi_label else predicted == label)
         members = members[~np.isin(members, picks)]
         if len(members):
             picks.append(int(members[top_indices(uncertainty[members], 1, rng)[0]]))

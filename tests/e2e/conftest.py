@@ -1,77 +1,20 @@
-import time
+"""A real Label Studio 1.23.2 for the whole e2e session; each test creates its own project."""
+
+from __future__ import annotations
 
 import pytest
 
-from backend.adapters.label_studio import LabelStudio
-from tests.conftest import AG_NEWS_CONFIG, free_port, read_csv
-from tests.label_studio_server import label_studio_binary, start_label_studio
-from tests.processes import BackendProcesses
-
-N_TASKS = 300
+from tests.label_studio_server import label_studio_binary, running_label_studio
 
 
 @pytest.fixture(scope="session")
 def label_studio(tmp_path_factory):
-    """One real Label Studio for the whole session; each test creates its own project."""
+    """The session's Label Studio (`.url`, `.token`), stopped when the session ends."""
     binary = label_studio_binary()
     if binary is None:
-        pytest.fail("label-studio not found: run ./test.sh (installs it in .ls-venv) or set LABEL_STUDIO_BIN")
-    server = start_label_studio(binary, tmp_path_factory.mktemp("label-studio"), free_port())
-    yield server
-    server.stop()
-
-
-def start_backend(label_studio, redis_url: str, tmp_path, **overrides) -> BackendProcesses:
-    """Backend server + one worker, on the real default model, talking to `label_studio`."""
-    env = {
-        "LABEL_STUDIO_URL": label_studio.url,
-        "LABEL_STUDIO_API_KEY": label_studio.token,
-        "REDIS_URL": redis_url,
-        "MODEL_DIR": str(tmp_path / "models"),
-        "RECONCILE_INTERVAL": "3600",
-        "QUEUE_NAME": f"e2e-{free_port()}",
-        "LOG_LEVEL": "DEBUG",
-        **overrides,
-    }
-    processes = BackendProcesses(env, tmp_path, free_port())
-    processes.start_server()
-    processes.start_worker()
-    return processes
-
-
-@pytest.fixture()
-def backend(request, label_studio, redis_url, tmp_path):
-    """Parametrize indirectly with a dict of environment overrides (default: reconciliation effectively off)."""
-    processes = start_backend(label_studio, redis_url, tmp_path, **getattr(request, "param", {}))
-    yield processes
-    processes.stop()
-
-
-@pytest.fixture()
-def project(label_studio):
-    """A project of N_TASKS AG News pool texts, with the true label kept per task id for annotating."""
-    ls = LabelStudio(label_studio.url, label_studio.token)
-    created = ls.create_project(f"loop-{time.time():.0f}", AG_NEWS_CONFIG)
-    rows = read_csv("ag_news/pool.csv", N_TASKS)
-    ls.import_tasks(created["id"], [{"text": row["text"]} for row in rows])
-    truth = {
-        task["id"]: rows[i]["label"]
-        for i, task in enumerate(sorted(ls.iter_tasks(created["id"]), key=lambda t: t["id"]))
-    }
-    return ls, created["id"], truth
-
-
-def annotate(ls: LabelStudio, task_id: int, label: str) -> None:
-    result = [{"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]
-    ls.create_annotation(task_id, result)
-
-
-@pytest.fixture()
-def secrets_never_logged(backend, label_studio):
-    """After the test: neither the API key nor the basic-auth password appears in any backend log."""
-    yield
-    logs = backend.all_logs()
-    assert logs, "no logs to check"
-    for secret in (label_studio.token, backend.env.get("BASIC_AUTH_PASS")):
-        if secret:
-            assert secret not in logs
+        pytest.skip(
+            "label-studio executable not found: set LABEL_STUDIO_BIN, or run scripts/setup_label_studio.sh "
+            "(installs it in .ls-venv)"
+        )
+    with running_label_studio(tmp_path_factory.mktemp("label-studio"), binary) as server:
+        yield server

@@ -11,7 +11,7 @@ import pytest
 import redis
 import requests
 
-from tests.e2e.conftest import annotate
+from tests.e2e.fixtures import annotate
 
 pytestmark = pytest.mark.e2e
 

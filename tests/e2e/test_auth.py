@@ -3,7 +3,7 @@
 import pytest
 import requests
 
-from tests.e2e.conftest import annotate
+from tests.e2e.fixtures import annotate
 
 pytestmark = pytest.mark.e2e
 AUTH = {"BASIC_AUTH_USER": "ls-backend", "BASIC_AUTH_PASS": "pw-9f3b1c77e2"}

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from tests.conftest import RedisServer
-from tests.e2e.conftest import annotate, start_backend
+from tests.e2e.fixtures import annotate, start_backend
 
 pytestmark = pytest.mark.e2e
 FAST_RECOVERY = {"RECONCILE_INTERVAL": "3", "RERANK_LOCK_TIMEOUT": "8"}
