@@ -70,3 +70,19 @@ def test_harness_writes_results_and_plot(tiny_bert, tmp_path):
 def test_unknown_strategy_fails_before_encoding(tmp_path):
     with pytest.raises(ValueError, match="known strategies"):
         main(["--pool", "x.csv", "--test", "y.csv", "--strategy", "nope", "--out", str(tmp_path)])
+
+
+def test_labels_saved_is_exact_or_a_lower_bound():
+    from backend.evaluate import summarise
+
+    budgets = [100, 200, 300, 400]
+    runs = {
+        "random": [{"accuracy": [0.5, 0.6, 0.7, 0.8], "macro_f1": [0, 0, 0, 0]}],
+        "fast": [{"accuracy": [0.5, 0.9, 0.95, 0.96], "macro_f1": [0, 0, 0, 0]}],
+        "slow": [{"accuracy": [0.5, 0.6, 0.7, 0.81], "macro_f1": [0, 0, 0, 0]}],
+    }
+    exact = summarise(runs, budgets, full_accuracy=0.8 / 0.95)  # target 0.8: random needs 400, fast 150
+    assert exact["strategies"]["fast"]["labels_saved"] == pytest.approx(400 / 150)
+    bound = summarise(runs, budgets, full_accuracy=0.805 / 0.95)  # random never reaches 0.805; slow needs ~350
+    assert bound["strategies"]["slow"]["labels_saved"] is None
+    assert bound["strategies"]["slow"]["labels_saved_at_least"] == pytest.approx(400 / 350, rel=1e-3)
