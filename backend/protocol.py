@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 
 from backend.errors import MalformedRequest
+from backend.scoring.registry import get_strategy
 
 WEBHOOK_ACTIONS = (
     "ANNOTATION_CREATED",
@@ -84,6 +85,7 @@ def parse_setup(body: object) -> SetupRequest:
         extra = _json_object(extra, "extra_params")
     if not isinstance(extra, dict):
         raise MalformedRequest(f"'extra_params' must be a JSON object, got {type(extra).__name__}")
+    _check_strategy_params(extra)
     version = body.get("model_version")
     return SetupRequest(project_id(body.get("project")), schema, version if isinstance(version, str) else None, extra)
 
@@ -114,6 +116,21 @@ def parse_webhook(body: object) -> WebhookEvent:
     if project is None and isinstance(body.get("task"), dict):
         project = body["task"].get("project")
     return WebhookEvent(action, project_id(project), body)
+
+
+def _check_strategy_params(extra: dict) -> None:
+    """`extra_params` may choose the project's strategy: {"strategy", "strategy_params", "rank_top_k"}."""
+    if "strategy" in extra or "strategy_params" in extra:
+        params = extra.get("strategy_params") or {}
+        if not isinstance(params, dict):
+            raise MalformedRequest(f"'strategy_params' must be an object, got {type(params).__name__}")
+        try:
+            get_strategy(str(extra.get("strategy", "hybrid")), **params)
+        except (ValueError, TypeError) as exc:
+            raise MalformedRequest(f"extra_params: {exc}") from None
+    top_k = extra.get("rank_top_k", 1)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise MalformedRequest(f"extra_params 'rank_top_k' must be a positive integer, got {top_k!r}")
 
 
 def _json_object(text: str, field_name: str) -> dict:

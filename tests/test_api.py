@@ -116,6 +116,8 @@ def test_unsupported_config_is_a_422_naming_supported_tags(client, route):
         ("/predict", b'{"tasks": [], "project": "abc"}', "numeric project id"),
         ("/setup", b'{"project": 1}', "'schema'"),
         ("/setup", b'{"project": 1, "schema": "<View/>", "extra_params": "{bad"}', "extra_params"),
+        ("/setup", b'{"project": 1, "schema": "<View/>", "extra_params": {"strategy": "nope"}}', "known strategies"),
+        ("/setup", b'{"project": 1, "schema": "<View/>", "extra_params": {"rank_top_k": 0}}', "rank_top_k"),
         ("/webhook", b'{"project": {"id": 1}}', "'action'"),
         ("/webhook", b'{"action": "NOPE", "project": {"id": 1}}', "unknown webhook action 'NOPE'"),
         ("/webhook", b'{"action": "ANNOTATION_CREATED"}', "'project'"),
