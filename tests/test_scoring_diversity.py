@@ -119,7 +119,7 @@ def test_normalize_rows_and_max_similarity():
     assert np.all(max_similarity(rows, np.empty((0, 2), np.float32)) == -np.inf)
 
 
-def test_cluster_picks_with_many_clusters_use_the_cheap_seeding():
+def test_cluster_picks_with_many_clusters():
     points = np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)
     picks = cluster_picks(points, np.arange(300), 70, np.random.default_rng(0))
     assert len(set(picks.tolist())) == 70

@@ -106,6 +106,8 @@ def test_rare_class_picks_hand_computed():
     picks = rare_class_picks(probs, uncertainty, counts, 3, 5, np.random.default_rng(0))
     assert picks.tolist() == [3, 1]  # class 2: only row 3; class 1: row 1 (0.7) over row 2 (0.3)
     assert rare_class_picks(probs, uncertainty, counts, 3, 1, np.random.default_rng(0)).tolist() == [3]
+    # row 3, already taken, leaves class 2 without a member
+    assert rare_class_picks(probs, uncertainty, counts, 3, 5, np.random.default_rng(0), excluded=[3]).tolist() == [1]
     # multi-label: "predicted" means p > 0.5
     assert rare_class_picks(probs, uncertainty, counts, 3, 5, np.random.default_rng(0), True).tolist() == [3, 1]
 

@@ -17,9 +17,6 @@ from sklearn.exceptions import ConvergenceWarning
 BLOCK_ELEMENTS = 1 << 23
 """Largest block of pairwise similarities held at once: 8M float32 values, 32 MiB."""
 
-KMEANS_PLUSPLUS_MAX_CLUSTERS = 64
-"""Above this many clusters k-means is seeded by `d2_seeds` rather than scikit-learn's k-means++ (see `kmeans`)."""
-
 PICK_MODES = ("center", "max_weight")
 
 
@@ -28,8 +25,13 @@ def normalize_rows(embeddings: np.ndarray) -> np.ndarray:
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must have shape (n, d), got {embeddings.shape}")
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return embeddings / np.maximum(norms, np.float32(1e-12))
+    return embeddings * _inverse_norms(embeddings)[:, None]
+
+
+def _inverse_norms(rows: np.ndarray) -> np.ndarray:
+    """1 / ||row|| for every row (0 for all-zero rows), without a temporary copy of the rows. (n, d) -> (n,)"""
+    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+    return np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
 
 
 def max_similarity(queries: np.ndarray, references: np.ndarray) -> np.ndarray:
@@ -87,45 +89,17 @@ def greedy_coreset(
 
 
 def kmeans(points: np.ndarray, n_clusters: int, rng: np.random.Generator, sample_weight: np.ndarray | None = None):
-    """k-means (one run) seeded from `rng`. (m, d) -> labels (m,), centers (n_clusters, d)
+    """k-means (greedy k-means++ seeding, one run) seeded from `rng`. (m, d) -> labels (m,), centers (n_clusters, d)
 
-    Up to KMEANS_PLUSPLUS_MAX_CLUSTERS clusters, scikit-learn's greedy k-means++ seeds it; beyond, its sequential
-    seeding costs more than the Lloyd iterations (over 10 s for 500 clusters of 5,000 rows), so `d2_seeds` does.
+    Runs in float64: scikit-learn's k-means++ seeding is several times slower on float32 input.
     Fewer distinct points than clusters is allowed: some clusters then stay empty.
     """
-    seed = int(rng.integers(2**31 - 1))
-    init = "k-means++"
-    if n_clusters > KMEANS_PLUSPLUS_MAX_CLUSTERS:
-        init = points[d2_seeds(points, n_clusters, rng, sample_weight)]
-    model = KMeans(n_clusters=n_clusters, init=init, n_init=1, max_iter=100, random_state=seed)
+    points = np.asarray(points, dtype=np.float64)
+    model = KMeans(n_clusters=n_clusters, n_init=1, max_iter=100, random_state=int(rng.integers(2**31 - 1)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         model.fit(points, sample_weight=sample_weight)
     return model.labels_, model.cluster_centers_.astype(np.float32)
-
-
-def d2_seeds(
-    points: np.ndarray, n_clusters: int, rng: np.random.Generator, sample_weight: np.ndarray | None = None
-) -> np.ndarray:
-    """Plain k-means++ seeding: each next seed drawn with probability weight x squared distance to the nearest seed.
-
-    (m, d) -> (n_clusters,) distinct row positions. O(m·n_clusters·d), one matrix-vector product per seed.
-    """
-    weight = np.ones(len(points)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
-    squared_norms = np.einsum("ij,ij->i", points, points)
-    seeds = [int(rng.choice(len(points), p=weight / weight.sum()))]
-    closest = np.full(len(points), np.inf)
-    while len(seeds) < n_clusters:
-        distance = squared_norms - 2.0 * (points @ points[seeds[-1]]) + squared_norms[seeds[-1]]
-        closest = np.minimum(closest, np.maximum(distance, 0.0))
-        closest[seeds] = 0.0
-        cumulative = np.cumsum(weight * closest)
-        if cumulative[-1] > 0:
-            draw = np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")
-            seeds.append(int(min(draw, len(points) - 1)))
-        else:  # only duplicates of the seeds are left: any unused row will do
-            seeds.append(int(np.setdiff1d(np.arange(len(points)), seeds)[0]))
-    return np.asarray(seeds, dtype=np.intp)
 
 
 def nearest_centers(embeddings: np.ndarray, indices: np.ndarray, centers: np.ndarray):
@@ -138,10 +112,11 @@ def nearest_centers(embeddings: np.ndarray, indices: np.ndarray, centers: np.nda
     center_norms = (centers**2).sum(axis=1)
     step = max(1, BLOCK_ELEMENTS // max(centers.shape[0], embeddings.shape[1]))
     for start in range(0, len(indices), step):
-        rows = normalize_rows(embeddings[indices[start : start + step]])
-        squared = center_norms - 2.0 * (rows @ centers.T)
+        rows = np.asarray(embeddings[indices[start : start + step]], dtype=np.float32)
+        inverse_norms = _inverse_norms(rows)
+        squared = center_norms - 2.0 * (rows @ centers.T) * inverse_norms[:, None]  # rows normalised on the fly
         labels[start : start + step] = squared.argmin(axis=1)
-        distances[start : start + step] = squared.min(axis=1) + (rows**2).sum(axis=1)
+        distances[start : start + step] = squared.min(axis=1) + (inverse_norms > 0)
     return labels, distances
 
 

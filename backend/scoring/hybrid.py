@@ -50,6 +50,7 @@ def rare_class_picks(
     n: int,
     rng: np.random.Generator,
     multi_label: bool = False,
+    excluded: np.ndarray | None = None,
 ) -> np.ndarray:
     """Rows predicted to belong to under-represented classes, one per class, rarest class first.
 
@@ -59,6 +60,7 @@ def rare_class_picks(
         counts: (k,) labelled rows per class; classes with fewer than `min_labels` are rare.
         n: the most rows to return.
         multi_label: a row is "predicted as" label j when p_j > 0.5 (else: when j is its argmax).
+        excluded: positions never to return (already picked by something else).
 
     Returns:
         (<= n,) distinct positions into the candidate rows. Rare classes the head never predicts are skipped.
@@ -66,12 +68,13 @@ def rare_class_picks(
     rare = np.flatnonzero(counts < min_labels)
     rare = rare[np.lexsort((rng.random(len(rare)), counts[rare]))]
     predicted = None if multi_label else probs.argmax(axis=1)
+    taken = np.empty(0, dtype=np.intp) if excluded is None else np.asarray(excluded, dtype=np.intp)
     picks: list[int] = []
     for label in rare:
         if len(picks) >= n:
             break
         members = np.flatnonzero(probs[:, label] > 0.5 if multi_label else predicted == label)
-        members = members[~np.isin(members, picks)]
+        members = members[~np.isin(members, np.concatenate([taken, picks]))]
         if len(members):
             picks.append(int(members[top_indices(uncertainty[members], 1, rng)[0]]))
     return np.asarray(picks, dtype=np.intp)
@@ -148,11 +151,8 @@ class Hybrid(QueryStrategy):
         if n == 0 or pool.targets is None or self.rare_min_labels == 0 or not pool.labeled.any():
             return np.empty(0, dtype=np.intp)
         counts = class_counts(pool.targets, pool.labeled)
-        positions = np.flatnonzero(available)
-        picks = rare_class_picks(
-            probs[positions], uncertainty[positions], counts, self.rare_min_labels, n, rng, pool.multi_label
-        )
-        return positions[picks]
+        taken = np.flatnonzero(~available)
+        return rare_class_picks(probs, uncertainty, counts, self.rare_min_labels, n, rng, pool.multi_label, taken)
 
     def _uncertainty_picks(self, pool, unlabeled, uncertainty, n, available, rng):
         """Positions into `unlabeled`: the highest-margin row of each cluster of the top-margin candidates."""
