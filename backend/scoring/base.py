@@ -16,7 +16,7 @@ class Pool:
     """
 
     embeddings: np.ndarray
-    """(n, d) float32, L2-normalised encoder embeddings."""
+    """(n, d) float16 (as cached, for large pools) or float32, L2-normalised encoder embeddings."""
     probs: np.ndarray
     """(n, k) the main head's probabilities (softmax rows, or independent sigmoids when multi_label)."""
     labeled: np.ndarray

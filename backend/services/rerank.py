@@ -129,7 +129,7 @@ def build_pool(
     state: ProjectState, artifact: HeadArtifact, unlabelled_embeddings: np.ndarray, labelled_embeddings: np.ndarray
 ) -> Pool:
     """Stack unlabelled rows (first) and labelled rows into the arrays strategies work on."""
-    embeddings = np.concatenate([unlabelled_embeddings, labelled_embeddings]).astype(np.float32)
+    embeddings = np.concatenate([unlabelled_embeddings, labelled_embeddings.astype(np.float16)])
     n_unlabelled = len(unlabelled_embeddings)
     labeled = np.zeros(len(embeddings), dtype=bool)
     labeled[n_unlabelled:] = True
@@ -149,11 +149,11 @@ def build_pool(
 
 
 def cached_matrix(cache, keys: list[bytes], dim: int) -> np.ndarray:
-    """(n, d) float32 embeddings of `keys` from the cache; a missing one means the snapshot is stale."""
+    """(n, d) float16 embeddings of `keys` from the cache; a missing one means the snapshot is stale."""
     found = cache.get_many(keys)
     if any(vector is None for vector in found):
         raise LookupError(f"{sum(v is None for v in found)} task embeddings missing from the cache; refresh needed")
-    return np.stack(found).astype(np.float32) if found else np.zeros((0, dim), dtype=np.float32)
+    return np.stack(found) if found else np.zeros((0, dim), dtype=np.float16)  # fp16, as cached: one copy
 
 
 def priority_predictions(state: ProjectState, pool: Pool, picks: np.ndarray, version: str) -> list[dict]:
