@@ -26,6 +26,7 @@ from backend.config import DEFAULT_MODEL_NAME
 from backend.ml.head import fit_committee, fit_head, proba_of_heads, zero_shot_head
 from backend.scoring.base import Pool
 from backend.scoring.registry import STRATEGIES, get_strategy
+from backend.scoring.stopping import prediction_stability, should_stop
 
 TARGET_FRACTION = 0.95
 """Labels saved is measured at this fraction of the full-pool accuracy."""
@@ -93,9 +94,15 @@ def run_one(
     k = len(pool.classes)
     labeled = np.zeros(len(pool.labels), dtype=bool)
     heads = [zero_shot_head(label_embeddings, False)]
-    accuracy, f1 = [], []
-    for budget in budgets:
+    accuracy, f1, stability, stop_budget = [], [], [], None
+    previous_probs = None
+    for round_index, budget in enumerate(budgets):
         all_probs = proba_of_heads(heads, pool.embeddings)
+        if previous_probs is not None and round_index >= 2:  # round 1 compares against zero-shot: skip it
+            stability.append(prediction_stability(previous_probs, all_probs[0], False))
+            if stop_budget is None and should_stop(stability):
+                stop_budget = budgets[round_index - 1]  # the labels the stable model was trained on
+        previous_probs = all_probs[0]
         targets = np.zeros((len(labeled), k), dtype=np.float32)
         targets[labeled] = one_hot_indices(pool.labels[labeled], k)
         state = Pool(
@@ -117,7 +124,7 @@ def run_one(
         accuracy.append(float(np.mean(predicted == test.labels)))
         f1.append(macro_f1(test.labels, predicted, k))
         progress.update(1)
-    return {"accuracy": accuracy, "macro_f1": f1}
+    return {"accuracy": accuracy, "macro_f1": f1, "stability": stability, "stop_budget": stop_budget}
 
 
 def _mistakes(probs: np.ndarray, truth: np.ndarray, labeled: np.ndarray) -> np.ndarray:
@@ -165,6 +172,11 @@ def summarise(runs: dict[str, list[dict]], budgets: list[int], full_accuracy: fl
             "labels_saved": float(np.mean(known)) if len(known) == len(saved) else None,
             "labels_saved_at_least": float(np.mean(at_least)) if len(at_least) == len(saved) else None,
             "area_under_curve": area_under_curve(budgets, accuracy.mean(axis=0)),
+            "stop_budget_per_seed": [run.get("stop_budget") for run in seed_runs],
+            "accuracy_at_stop_per_seed": [
+                run["accuracy"][budgets.index(run["stop_budget"])] if run.get("stop_budget") else None
+                for run in seed_runs
+            ],
         }
     return {"full_pool_accuracy": full_accuracy, "target_accuracy": target, "strategies": results}
 

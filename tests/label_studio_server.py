@@ -34,8 +34,13 @@ START_TIMEOUT = 180.0
 
 
 def label_studio_binary() -> str | None:
-    """`LABEL_STUDIO_BIN`, else /work/ls-venv, else the repo's .ls-venv (test.sh installs it there), else PATH."""
-    for candidate in (os.environ.get("LABEL_STUDIO_BIN"), *DEFAULT_BINARIES, shutil.which("label-studio")):
+    """`LABEL_STUDIO_BIN` if set (and only it), else /work/ls-venv, else the repo's .ls-venv, else PATH.
+
+    None when there is none (or `LABEL_STUDIO_BIN` is not an executable file).
+    """
+    explicit = os.environ.get("LABEL_STUDIO_BIN")
+    candidates = (explicit,) if explicit else (*DEFAULT_BINARIES, shutil.which("label-studio"))
+    for candidate in candidates:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
     return None

@@ -63,6 +63,8 @@ def test_harness_writes_results_and_plot(tiny_bert, tmp_path):
     assert len(margin["accuracy_per_seed"]) == 2 and all(len(seed) == 3 for seed in margin["accuracy_per_seed"])
     assert all(0.0 <= value <= 1.0 for value in margin["accuracy_mean"] + margin["macro_f1_mean"])
     assert 0.0 < results["full_pool_accuracy"] <= 1.0
+    assert len(margin["stop_budget_per_seed"]) == 2  # the stopping signal: a budget, or None if never stable
+    assert all(b is None or b in margin["budgets"] for b in margin["stop_budget_per_seed"])
     assert (out / "learning_curve.png").stat().st_size > 1000
     assert list((tmp_path / "cache").glob("*.npy"))  # embeddings reused on the next run
 

@@ -123,3 +123,16 @@ def test_committee_probabilities_reach_the_strategy(runtime, label_studio):
     artifact = runtime.artifacts.load("1", runtime.artifacts.versions("1")[-1])
     assert artifact.meta["annotations"] == 8 and len(artifact.committee) == runtime.settings.committee_size
     assert np.isfinite(artifact.head.weights).all()
+
+
+def test_rounds_report_a_stopping_signal(runtime, label_studio):
+    first = rerank("1", runtime, generation=1)
+    assert first["stopping"]["stability_kappa"] is None and first["stopping"]["suggest_stop"] is False
+    for task_id in range(1, 9):
+        label_studio.annotate(task_id, label_studio.truth[task_id])
+    second = rerank("1", runtime, generation=2)
+    third = rerank("1", runtime, generation=3)  # same labels: the same head, so predictions agree fully
+    assert second["stopping"]["stability_kappa"] is not None
+    assert third["stopping"]["stability_kappa"] == 1.0
+    assert third["stopping"]["history"][-1] == 1.0
+    assert 0.0 <= third["stopping"]["mean_uncertainty"] <= 1.0

@@ -24,6 +24,9 @@ ACTIVE_LEARNING_SETTINGS = {"sampling": "Uncertainty sampling", "show_collab_pre
 """What connecting the backend changes in a project; `configure_for_active_learning` returns the old values."""
 TASK_PAGE_SIZE = 1000
 """Tasks per page when listing; larger pages cost Label Studio the same per task and save round trips."""
+TASK_FIELDS = "id,data,meta,inner_id,created_at,updated_at"
+"""The task fields listed (`include=`): leaving out Label Studio's per-task counters and aggregates (annotators,
+prediction results...) makes a page 3.5x cheaper (10k tasks: 3.1 s instead of 11 s for `fields=task_only`)."""
 BULK_TIMEOUT = 600.0
 """Seconds allowed to calls whose cost grows with the project: imports, the export, deleting a model version."""
 
@@ -118,13 +121,12 @@ class LabelStudio:
 
     # tasks and annotations
     def iter_tasks(self, project_id: int, page_size: int = TASK_PAGE_SIZE, fields: str = "all") -> Iterator[dict]:
-        """Every task of the project (id, data, meta, counters...) in id order, page by page.
+        """Every task of the project (the `TASK_FIELDS`: id, data, meta, ...) in id order, page by page.
 
         With `fields="all"` each task also has `annotations` (id, result, was_cancelled, updated_at, ...): the
-        pages are read without annotations and joined with `iter_annotated_tasks`, which costs less than Label
-        Studio's own `fields=all` (that one serialises every task's predictions and drafts too; ~1.6x slower
-        at 1k tasks, more as predictions pile up). The two reads are not one snapshot: an annotation made in
-        between may be missing. `fields="task_only"` leaves annotations out and is the cheapest read.
+        pages are joined with `iter_annotated_tasks`, which costs far less than Label Studio's own `fields=all`
+        (that one serialises every task's counters, predictions and drafts). The two reads are not one
+        snapshot: an annotation made in between may be missing. `fields="task_only"` leaves annotations out.
         """
         if fields not in ("all", "task_only"):
             raise ValueError(f"fields must be 'all' or 'task_only', got {fields!r}")
@@ -139,7 +141,7 @@ class LabelStudio:
     def _task_pages(self, project_id: int, page_size: int) -> Iterator[dict]:
         page, seen = 1, 0
         while True:
-            params = {"project": project_id, "page": page, "page_size": page_size, "fields": "task_only"}
+            params = {"project": project_id, "page": page, "page_size": page_size, "include": TASK_FIELDS}
             body = self._raw("GET", "api/tasks/", timeout=max(self.timeout, BULK_TIMEOUT / 5), params=params)
             yield from body["tasks"]
             seen += len(body["tasks"])
@@ -189,8 +191,9 @@ class LabelStudio:
     def create_predictions(self, predictions: list[dict], max_workers: int = 4) -> list[dict]:
         """One `POST /api/predictions/` per prediction ({task, result, score, model_version}), a few at a time.
 
-        Unlike `import_predictions`, this does not recount the project's tasks, so a handful of predictions is
-        cheap on a large project. Label Studio's SQLite serialises the writes: threads gain little there.
+        Unlike `import_predictions`, this does not recount the project's tasks, but each call costs 90-220 ms
+        (SQLite, 2 busy cores) and 4 threads gained only 1.6x: beyond ~5 predictions the bulk import is cheaper,
+        even on a 10k-task project. `cluster` can be set only this way.
         """
         client = self.sdk.predictions.with_raw_response
 

@@ -22,6 +22,8 @@ from backend.ml.artifacts import HeadArtifact
 from backend.ml.head import one_hot, proba_of_heads
 from backend.scoring.base import Pool
 from backend.scoring.registry import get_strategy
+from backend.scoring.stopping import prediction_stability, should_stop
+from backend.scoring.strategies import uncertainty_scores
 from backend.services.embeddings import embed_texts
 from backend.services.predict import model_version, predicted_labels
 from backend.services.train import LabelledTask, labelled_tasks, train_artifact
@@ -170,6 +172,33 @@ def priority_predictions(state: ProjectState, pool: Pool, picks: np.ndarray, ver
     ]
 
 
+def stopping_signal(runtime, project: str, version_name: str, pool: Pool) -> dict:
+    """Kappa between this version's and the previous version's predictions on the pool, mean uncertainty of the
+    unlabelled rows, and whether the last rounds were stable enough to suggest that more labels pay off little."""
+    versions = runtime.artifacts.versions(project)
+    history = ((runtime.registry.last_round(project) or {}).get("stopping") or {}).get("history", [])
+    stability = None
+    if len(versions) >= 2 and versions[-1] == version_name:
+        try:
+            previous = runtime.artifacts.load(project, versions[-2])
+            if previous.labels == runtime.artifacts.load(project, version_name).labels:
+                previous_probs = previous.head.predict_proba(pool.embeddings)
+                stability = round(prediction_stability(previous_probs, pool.probs, pool.multi_label), 5)
+        except (OSError, ValueError, KeyError):
+            stability = None
+    history = ([*history, stability] if stability is not None else history)[-10:]
+    unlabelled = ~pool.labeled
+    mean_uncertainty = (
+        float(uncertainty_scores(pool.probs[unlabelled], pool.multi_label).mean()) if unlabelled.any() else 0.0
+    )
+    return {
+        "stability_kappa": stability,
+        "history": history,
+        "mean_uncertainty": round(mean_uncertainty, 5),
+        "suggest_stop": should_stop(history),
+    }
+
+
 def rerank(project: str, runtime, generation: int, timing: dict | None = None) -> dict:
     """Run one round for `project` and return its summary (also recorded for /metrics).
 
@@ -206,7 +235,10 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
     top_k = int(params.get("rank_top_k", settings.rank_top_k))
     picks = strategy.select(pool, min(top_k, len(state.task_ids)), np.random.default_rng(generation))
     watch.lap("score")
+    stopping = stopping_signal(runtime, project, version_name, pool)
+    watch.lap("stopping_signal")
     summary = {
+        "stopping": stopping,
         "model_version": version,
         "generation": generation,
         "annotations": len(state.labelled),

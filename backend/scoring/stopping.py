@@ -1,0 +1,42 @@
+"""When do more labels stop paying off? "Stabilising predictions" (Bloodgood & Vijay-Shanker, 2009):
+stop once successive models agree almost perfectly on the unlabelled pool for a few rounds in a row.
+
+Pure functions on arrays; the round reports them in /metrics, the evaluation at every budget.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+KAPPA_THRESHOLD = 0.99
+PATIENCE = 3
+
+
+def cohen_kappa(labels_a: np.ndarray, labels_b: np.ndarray, n_classes: int) -> float:
+    """Agreement of two label vectors beyond chance: 1 = identical, 0 = chance. (n,), (n,) -> float"""
+    labels_a, labels_b = np.asarray(labels_a), np.asarray(labels_b)
+    if len(labels_a) == 0:
+        return 1.0
+    observed = float(np.mean(labels_a == labels_b))
+    expected = float(np.sum(np.bincount(labels_a, minlength=n_classes) * np.bincount(labels_b, minlength=n_classes)))
+    expected /= len(labels_a) ** 2
+    return 1.0 if expected == 1.0 else (observed - expected) / (1.0 - expected)
+
+
+def prediction_stability(previous_probs: np.ndarray, current_probs: np.ndarray, multi_label: bool) -> float:
+    """Kappa between two models' predictions on the same rows (multi-label: mean over labels). (n,k),(n,k)->float"""
+    if multi_label:
+        return float(
+            np.mean(
+                [
+                    cohen_kappa(previous_probs[:, j] >= 0.5, current_probs[:, j] >= 0.5, 2)
+                    for j in range(previous_probs.shape[1])
+                ]
+            )
+        )
+    return cohen_kappa(previous_probs.argmax(axis=1), current_probs.argmax(axis=1), previous_probs.shape[1])
+
+
+def should_stop(stabilities: list[float], threshold: float = KAPPA_THRESHOLD, patience: int = PATIENCE) -> bool:
+    """True when the last `patience` rounds all reached `threshold` agreement with their predecessor."""
+    return len(stabilities) >= patience and all(value >= threshold for value in stabilities[-patience:])

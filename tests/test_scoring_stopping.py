@@ -1,0 +1,26 @@
+import numpy as np
+import pytest
+
+from backend.scoring.stopping import cohen_kappa, prediction_stability, should_stop
+
+
+def test_kappa_by_hand():
+    a = np.array([0, 0, 1, 1])
+    b = np.array([0, 1, 1, 1])
+    # observed 3/4; expected (2*1 + 2*3)/16 = 1/2; kappa = (0.75 - 0.5) / 0.5
+    assert cohen_kappa(a, b, 2) == pytest.approx(0.5)
+    assert cohen_kappa(a, a, 2) == 1.0
+
+
+def test_stability_compares_predicted_classes():
+    before = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    after = np.array([[0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])  # last row flips
+    assert prediction_stability(before, before, False) == 1.0
+    assert prediction_stability(before, after, False) < 1.0
+    assert prediction_stability(before, after, True) < 1.0
+
+
+def test_stop_only_after_enough_stable_rounds():
+    assert not should_stop([0.999, 0.999])
+    assert not should_stop([0.999, 0.95, 0.999, 0.999])
+    assert should_stop([0.5, 0.995, 0.999, 0.991])
