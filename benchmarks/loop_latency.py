@@ -31,7 +31,8 @@ def measure_project(ls: LabelStudio, backend: BackendProcesses, n_tasks: int, ro
     rows = read_csv("ag_news/pool.csv")
     project = ls.create_project(f"bench-{n_tasks}", AG_NEWS_CONFIG)["id"]
     for start in range(0, n_tasks, 5000):
-        ls.import_tasks(project, [{"text": rows[i % len(rows)]["text"]} for i in range(start, min(n_tasks, start + 5000))])
+        batch = range(start, min(n_tasks, start + 5000))
+        ls.import_tasks(project, [{"text": rows[i % len(rows)]["text"]} for i in batch])
     truth = {}
     started = time.time()
     ls.connect_ml_backend(project, backend.url, "al-backend")
@@ -44,8 +45,9 @@ def measure_project(ls: LabelStudio, backend: BackendProcesses, n_tasks: int, ro
         assert task["id"] == top, f"served {task['id']}, expected {top}"
         label = truth.setdefault(task["id"], rows[(task["id"] - 1) % len(rows)]["label"])
         t0 = time.perf_counter()
-        ls.create_annotation(task["id"], [{"from_name": "topic", "to_name": "text", "type": "choices",
-                                           "value": {"choices": [label]}}])
+        ls.create_annotation(
+            task["id"], [{"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]
+        )
         last = backend.wait_for_round(project, annotations=round_number, timeout=300)
         published.append(time.perf_counter() - t0)
         top = last["top_task"]
@@ -53,8 +55,13 @@ def measure_project(ls: LabelStudio, backend: BackendProcesses, n_tasks: int, ro
         served.append(time.perf_counter() - t0)
         stages.append(last["seconds"])
         # the /next above locked `top` for this user: the next round annotates exactly that task
-    return {"tasks": n_tasks, "cold_start_seconds": cold_seconds, "published": published, "served": served,
-            "stages": stages}
+    return {
+        "tasks": n_tasks,
+        "cold_start_seconds": cold_seconds,
+        "published": published,
+        "served": served,
+        "stages": stages,
+    }
 
 
 def time_webhook_acks(url: str, n: int = 2000, threads: int = 8) -> list[float]:
@@ -91,23 +98,35 @@ def main() -> None:
         redis_server = RedisServer(tmp / "redis")
         redis_server.start()
         label_studio = start_label_studio(binary, tmp / "ls", free_port())
-        backend = BackendProcesses({"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
-                                    "REDIS_URL": redis_server.url, "MODEL_DIR": str(tmp / "models"),
-                                    "RECONCILE_INTERVAL": "3600"}, tmp, free_port())
+        backend = BackendProcesses(
+            {
+                "LABEL_STUDIO_URL": label_studio.url,
+                "LABEL_STUDIO_API_KEY": label_studio.token,
+                "REDIS_URL": redis_server.url,
+                "MODEL_DIR": str(tmp / "models"),
+                "RECONCILE_INTERVAL": "3600",
+            },
+            tmp,
+            free_port(),
+        )
         try:
             backend.start_server()
             backend.start_worker()
             ls = LabelStudio(label_studio.url, label_studio.token)
             for n_tasks in [int(n) for n in args.tasks.split(",")]:
                 result = measure_project(ls, backend, n_tasks, args.rounds)
-                print(f"\n{n_tasks} tasks: cold start (connect -> first ranking live) {result['cold_start_seconds']:.1f} s")
+                cold = result["cold_start_seconds"]
+                print(f"\n{n_tasks} tasks: cold start (connect -> first ranking live) {cold:.1f} s")
                 print(f"  annotation POST -> new ranking published: {describe(result['published'])}")
                 print(f"  annotation POST -> /next serves new top:  {describe(result['served'])}")
                 for stage in result["stages"][0]:
-                    print(f"    stage {stage:>18}: median {statistics.median(s.get(stage, 0) for s in result['stages']):.3f} s")
+                    median = statistics.median(s.get(stage, 0) for s in result["stages"])
+                    print(f"    stage {stage:>18}: median {median:.3f} s")
             acks = time_webhook_acks(backend.url)
-            print(f"\nwebhook ack (8 concurrent clients): median {np.median(acks) * 1000:.1f} ms, "
-                  f"p99 {np.percentile(acks, 99) * 1000:.1f} ms (n={len(acks)})")
+            print(
+                f"\nwebhook ack (8 concurrent clients): median {np.median(acks) * 1000:.1f} ms, "
+                f"p99 {np.percentile(acks, 99) * 1000:.1f} ms (n={len(acks)})"
+            )
         finally:
             backend.stop()
             label_studio.stop()
