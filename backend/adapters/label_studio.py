@@ -80,7 +80,7 @@ class LabelStudio:
     def _raw(self, method: str, path: str, timeout: float | None = None, **kwargs) -> Any:
         """A call through the SDK's authenticated HTTP client, without its models; returns the JSON."""
         client = self.sdk._client_wrapper.httpx_client
-        options = {"timeout_in_seconds": timeout or self.timeout}
+        options = {"timeout": timeout or self.timeout}
         request = f"{method} /{path}"
         response = self._call(request, lambda: client.request(path, method=method, request_options=options, **kwargs))
         if response.status_code >= 400:
@@ -169,7 +169,7 @@ class LabelStudio:
         Returns Label Studio's summary, with `task_ids` of the new tasks.
         """
         projects = self.sdk.projects.with_raw_response
-        options = {"timeout_in_seconds": BULK_TIMEOUT}
+        options = {"timeout": BULK_TIMEOUT}
         return self._json(
             f"POST /api/projects/{project_id}/import",
             lambda: projects.import_tasks(project_id, request=tasks, return_task_ids=True, request_options=options),
@@ -216,7 +216,7 @@ class LabelStudio:
         Label Studio then recounts every task of the project, so the cost grows with the project, not the list.
         """
         projects = self.sdk.projects.with_raw_response
-        options = {"timeout_in_seconds": BULK_TIMEOUT}
+        options = {"timeout": BULK_TIMEOUT}
         return self._json(
             f"POST /api/projects/{project_id}/import/predictions",
             lambda: projects.import_predictions(project_id, request=predictions, request_options=options),
