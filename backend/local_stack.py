@@ -9,6 +9,7 @@ import atexit
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -85,4 +86,6 @@ def start_local_stack(settings: Settings) -> list[subprocess.Popen]:
                 child.kill()
 
     atexit.register(stop_children)
+    # SIGTERM (docker stop, kill, a supervisor) skips atexit by default: turn it into a normal exit
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     return children
