@@ -84,9 +84,7 @@ class JobQueue:
             "backend.jobs.reconcile_project",
             args=(project,),
             job_id=f"reconcile-{project}-{slot}",
-            timeout=self.job_timeout,
-            result_ttl=RESULT_TTL,
-            failure_ttl=FAILURE_TTL,
+            **self._job_options(retry=None),
         )
         try:
             self.queue.schedule_job(job, _in(interval), unique=True)
@@ -101,10 +99,7 @@ class JobQueue:
         self.queue.enqueue_call(
             "backend.jobs.cleanup_versions",
             args=(project, keep_version),
-            timeout=self.job_timeout,
-            result_ttl=RESULT_TTL,
-            failure_ttl=FAILURE_TTL,
-            retry=RETRY,
+            **self._job_options(),
         )
 
     def enqueue_encoding(self, project: str, chunks: list[list[str]], then_rerank: bool = True) -> list[str]:
@@ -124,10 +119,7 @@ class JobQueue:
                 "backend.jobs.rerank_project",
                 args=(project, "embeddings ready"),
                 depends_on=job_ids,
-                timeout=self.job_timeout,
-                result_ttl=RESULT_TTL,
-                failure_ttl=FAILURE_TTL,
-                retry=RETRY,
+                **self._job_options(),
             )
         return job_ids
 
@@ -137,6 +129,10 @@ class JobQueue:
     def length(self) -> int:
         return len(self.queue)
 
+    def _job_options(self, retry: Retry | None = RETRY) -> dict:
+        """What every job of the backend gets: its timeout, how long results and failures are kept, retries."""
+        return {"timeout": self.job_timeout, "result_ttl": RESULT_TTL, "failure_ttl": FAILURE_TTL, "retry": retry}
+
     def _enqueue_unique(self, func: str, job_id: str, *args) -> bool:
         try:
             self.queue.enqueue_call(
@@ -144,10 +140,7 @@ class JobQueue:
                 args=args,
                 job_id=job_id,
                 unique=True,
-                timeout=self.job_timeout,
-                result_ttl=RESULT_TTL,
-                failure_ttl=FAILURE_TTL,
-                retry=RETRY,
+                **self._job_options(),
             )
             return True
         except DuplicateJobError:
