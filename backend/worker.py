@@ -15,6 +15,7 @@ from rq import Worker
 
 from backend import jobs
 from backend.config import Settings
+from backend.errors import LabelStudioUnavailable
 from backend.logs import configure_logging
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings)
     runtime = jobs.runtime()
     if not args.no_preload:
-        runtime.encoder  # noqa: B018 - load the model once, before the first job, not inside it
+        preload(runtime)
     log.info("worker listening on %s (queue %r)", settings.redis_url.split("@")[-1], settings.queue_name)
     while True:
         worker = Worker([runtime.queue.queue], connection=runtime.redis)
@@ -40,6 +41,18 @@ def main(argv: list[str] | None = None) -> None:
             # rq retries a lost connection while it waits for jobs, not while it watches one run: start over
             log.warning("lost Redis (%s); restarting the worker once it answers", type(exc).__name__)
             wait_for_redis(runtime.redis)
+
+
+def preload(runtime) -> None:
+    """Load once in the worker what every job needs; rq forks a work-horse per job, which inherits it.
+
+    Without this each round pays the encoder load and the Label Studio SDK import (~1 s) again.
+    """
+    runtime.encoder  # noqa: B018
+    try:
+        runtime.label_studio  # noqa: B018 - imports the SDK and builds the client (no connection is opened)
+    except LabelStudioUnavailable as exc:
+        log.warning("%s", exc)
 
 
 def wait_for_redis(client: redis.Redis, longest_wait: float = 30.0) -> None:
