@@ -82,7 +82,7 @@ def connect_project(project: str) -> dict:
     rt = runtime()
     secure_webhooks(rt, project)
     previous = rt.label_studio.configure_for_active_learning(int(project))
-    rt.registry.client.hset(rt.registry.key(project), "settings_before_connect", repr(previous))
+    rt.registry.record_settings_before_connect(project, previous)
     log.info("project %s: configured for active learning (was %s)", project, previous)
     return {"previous": previous, "rerank": rt.queue.request_rerank(project, "connected")}
 

@@ -50,6 +50,10 @@ class ProjectRegistry:
         raw = self.client.hget(self.key(project), "last_round")
         return json.loads(raw) if raw else None
 
+    def record_settings_before_connect(self, project: str, previous: dict) -> None:
+        """The project's settings before the backend changed them, for undoing (see README)."""
+        self.client.hset(self.key(project), "settings_before_connect", json.dumps(previous))
+
     def set_live_version(self, project: str, version: str) -> None:
         """The model version the backend last switched the project to."""
         self.client.hset(self.key(project), "live_version", version)

@@ -26,7 +26,7 @@ from backend.scoring.stopping import prediction_stability, should_stop
 from backend.scoring.strategies import uncertainty_scores
 from backend.services.embeddings import embed_texts
 from backend.services.predict import model_version, predicted_labels
-from backend.services.train import LabelledTask, labelled_tasks, train_artifact
+from backend.services.train import LabelledTask, labelled_tasks, save_version, train_artifact
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ class ProjectState:
     """What a round knows about a project: config, the unlabelled tasks (ids, text keys), the annotated ones."""
 
     config: ClassificationConfig
-    model_version: str
     task_ids: list[int]
     text_keys: list[bytes]
     labelled: list[LabelledTask]
@@ -119,7 +118,6 @@ def read_project_state(runtime, project: str, watch: Stopwatch) -> ProjectState:
     rows = [row for row, task_id in enumerate(snapshot.task_ids.tolist()) if task_id not in annotated_ids]
     return ProjectState(
         config,
-        info.get("model_version") or "",
         [int(snapshot.task_ids[row]) for row in rows],
         [snapshot.text_keys[row] for row in rows],
         labelled_tasks(annotated, config),
@@ -172,16 +170,16 @@ def priority_predictions(state: ProjectState, pool: Pool, picks: np.ndarray, ver
     ]
 
 
-def stopping_signal(runtime, project: str, version_name: str, pool: Pool) -> dict:
+def stopping_signal(runtime, project: str, artifact: HeadArtifact, pool: Pool) -> dict:
     """Kappa between this version's and the previous version's predictions on the pool, mean uncertainty of the
     unlabelled rows, and whether the last rounds were stable enough to suggest that more labels pay off little."""
     versions = runtime.artifacts.versions(project)
     history = ((runtime.registry.last_round(project) or {}).get("stopping") or {}).get("history", [])
     stability = None
-    if len(versions) >= 2 and versions[-1] == version_name:
+    if len(versions) >= 2 and versions[-1] == artifact.version:
         try:
             previous = runtime.artifacts.load(project, versions[-2])
-            if previous.labels == runtime.artifacts.load(project, version_name).labels:
+            if previous.labels == artifact.labels:
                 previous_probs = previous.head.predict_proba(pool.embeddings)
                 stability = round(prediction_stability(previous_probs, pool.probs, pool.multi_label), 5)
         except (OSError, ValueError, KeyError):
@@ -224,9 +222,7 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
     artifact = train_artifact(
         state.labelled, state.config, encoder, cache, settings.committee_size, settings.min_annotations_to_train
     )
-    artifact.meta["created"] = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    version_name = runtime.artifacts.save(project, artifact)
-    artifact = runtime.artifacts.load(project, version_name)
+    artifact = save_version(project, artifact, runtime.artifacts)
     version = model_version(settings.model_version_prefix, artifact)
     watch.lap("train")
     params = runtime.registry.params(project)
@@ -235,7 +231,7 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
     top_k = int(params.get("rank_top_k", settings.rank_top_k))
     picks = strategy.select(pool, min(top_k, len(state.task_ids)), np.random.default_rng(generation))
     watch.lap("score")
-    stopping = stopping_signal(runtime, project, version_name, pool)
+    stopping = stopping_signal(runtime, project, artifact, pool)
     watch.lap("stopping_signal")
     summary = {
         "stopping": stopping,

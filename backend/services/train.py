@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -106,6 +107,11 @@ def train_project(
     """Training entry point: Label Studio tasks (with annotations) in, a new saved artifact version out."""
     examples = labelled_tasks(tasks, config)
     artifact = train_artifact(examples, config, encoder, cache, committee_size, min_annotations)
+    return save_version(project, artifact, store)
+
+
+def save_version(project: str, artifact: HeadArtifact, store: ArtifactStore) -> HeadArtifact:
+    """Stamp `artifact` with its creation time, save it as the project's next version, return it with that name."""
     artifact.meta["created"] = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     version = store.save(project, artifact)
     log.info(
@@ -115,4 +121,4 @@ def train_project(
         artifact.meta["kind"],
         artifact.meta["annotations"],
     )
-    return store.load(project, version)
+    return dataclasses.replace(artifact, version=version)
