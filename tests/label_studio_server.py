@@ -64,6 +64,7 @@ class LabelStudioServer:
     data_dir: Path
     log_path: Path
     process: subprocess.Popen
+    binary: str
 
     def log_tail(self, chars: int = 4000) -> str:
         """The last `chars` characters of the server's combined stdout and stderr."""
@@ -83,6 +84,12 @@ class LabelStudioServer:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
+
+    def restart(self, timeout: float = START_TIMEOUT) -> None:
+        """Start the server again on the same data dir and port (projects, users and tokens survive a stop)."""
+        self.stop()
+        port = int(self.url.rsplit(":", 1)[1])
+        self.process = start_label_studio(self.binary, self.data_dir, port=port, timeout=timeout).process
 
 
 def start_label_studio(
@@ -105,11 +112,13 @@ def start_label_studio(
     command = [binary, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port)]
     command += ["--username", USERNAME, "--password", PASSWORD, "--enable-legacy-api-token", "--user-token", TOKEN]
     log_path = data_dir / "label-studio.log"
-    with open(log_path, "wb") as log_file:
+    with open(log_path, "ab") as log_file:  # a restart appends to the log of the earlier run
         process = subprocess.Popen(
             command, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=data_dir, start_new_session=True
         )
-    server = LabelStudioServer(f"http://127.0.0.1:{port}", TOKEN, USERNAME, PASSWORD, data_dir, log_path, process)
+    server = LabelStudioServer(
+        f"http://127.0.0.1:{port}", TOKEN, USERNAME, PASSWORD, data_dir, log_path, process, binary
+    )
     try:
         _wait_until_ready(server, timeout)
     except BaseException:

@@ -1,11 +1,16 @@
 """Faults against real processes: each ends with the ranking reflecting every annotation."""
 
+import os
+import signal
 import time
 from collections import Counter
 
 import pytest
+import redis
+import requests
+from rq import Queue
 
-from tests.conftest import RedisServer
+from tests.conftest import AG_NEWS_CONFIG, RedisServer
 from tests.e2e.fixtures import annotate, start_backend
 
 pytestmark = pytest.mark.e2e
@@ -61,3 +66,52 @@ def test_redis_killed_and_restarted_during_a_burst(label_studio, project, tmp_pa
     finally:
         backend.stop()
         redis_server.stop()
+
+
+def test_label_studio_stopped_and_started(backend, project, label_studio, redis_url):
+    """The round for an annotation starts while Label Studio is down: it fails, rq retries it with back-off, the
+    earlier ranking stays live, and once Label Studio is back the retry publishes a ranking with the annotation.
+    Reconciliation is off here (RECONCILE_INTERVAL=3600), so only rq's retries can recover the round."""
+    ls, project_id, truth = project
+    ls.connect_ml_backend(project_id, backend.url, "al-backend")
+    cold = backend.wait_for_round(project_id, annotations=0)
+    queue = Queue(backend.env["QUEUE_NAME"], connection=redis.Redis.from_url(redis_url))
+
+    worker = backend.workers[0]
+    os.killpg(worker.pid, signal.SIGSTOP)  # hold the worker, so the round below starts with Label Studio down
+    try:
+        annotate(ls, cold["top_task"], truth[cold["top_task"]])  # the webhook queues the round
+        label_studio.stop()
+    finally:
+        os.killpg(worker.pid, signal.SIGCONT)
+    try:
+        wait_until(lambda: len(queue.scheduled_job_registry) > 0, "a re-rank scheduled for a retry", 60)
+        health = requests.get(backend.url + "/health", timeout=5)
+        predicted = requests.post(backend.url + "/predict", json=predict_body(project_id, "Stocks fell."), timeout=30)
+        assert health.status_code == 200 and predicted.status_code == 200, (health.text, predicted.text)
+        assert len(predicted.json()["results"]) == 1
+    finally:
+        label_studio.restart()
+
+    live = ls.get_project(project_id)["model_version"]
+    assert live.startswith("al-"), f"the project's model version was reset while Label Studio was down: {live!r}"
+    last = backend.wait_for_round(project_id, annotations=1, timeout=180)
+    assert ls.get_project(project_id)["model_version"] == last["model_version"]
+    live_ranking_is_whole(ls, project_id, last["ranked"])
+    assert ls.next_task(project_id)["id"] == last["top_task"] != cold["top_task"]
+    assert len(queue.failed_job_registry) == 0, "the retried round should have succeeded, not failed for good"
+
+
+def wait_until(condition, what: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def predict_body(project_id: int, text: str) -> dict:
+    """A /predict request as Label Studio 1.23 posts it, for one task."""
+    task = {"id": 1, "data": {"text": text}, "annotations": [], "predictions": []}
+    return {"tasks": [task], "project": f"{project_id}.0", "label_config": AG_NEWS_CONFIG, "params": {"context": None}}
