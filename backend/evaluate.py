@@ -7,6 +7,10 @@ Round 0 has no labels: the head is the zero-shot head built from the label names
 cold start, and the strategy picks the first batch. Every later round retrains the production head
 (and committee) on the labels so far, scores the test set, and lets the strategy pick the next batch.
 Writes DIR/results.json and DIR/learning_curve.png. Embeddings are cached under --cache-dir.
+
+With --finetune-at 500 the encoder is also fine-tuned (backend.ml.finetune) on the labels each replay has at
+500, and the fine-tuned encoder and head are scored on the test set; the replay itself goes on with the frozen
+encoder, as the backend's rounds do.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import csv
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from backend.config import DEFAULT_MODEL_NAME
-from backend.ml.head import fit_committee, fit_head, proba_of_heads, zero_shot_head
+from backend.ml.head import LinearHead, fit_committee, fit_head, proba_of_heads, zero_shot_head
 from backend.scoring.base import Pool
 from backend.scoring.registry import STRATEGIES, get_strategy
 from backend.scoring.stopping import prediction_stability, should_stop
@@ -38,6 +43,7 @@ class Dataset:
     embeddings: np.ndarray  # (n, d) float32
     labels: np.ndarray  # (n,) int class index
     classes: tuple[str, ...]
+    texts: list[str]
 
 
 def read_labelled_csv(path: str, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
@@ -87,14 +93,21 @@ def run_one(
     budgets: list[int],
     seed: int,
     progress: tqdm,
+    finetune: Callable[[np.ndarray, LinearHead, int], float] | None = None,
+    finetune_at: frozenset[int] = frozenset(),
 ) -> dict:
-    """One replay: accuracy and macro-F1 on the test set after each budget."""
+    """One replay: accuracy and macro-F1 on the test set after each budget.
+
+    `finetune(labeled, probe, seed)`, when given, is called at the budgets in `finetune_at` and returns the test
+    accuracy of an encoder fine-tuned on the labelled rows; the replay goes on with the frozen encoder.
+    """
     rng = np.random.default_rng(seed)
     strategy = get_strategy(strategy_name)
     k = len(pool.classes)
     labeled = np.zeros(len(pool.labels), dtype=bool)
     heads = [zero_shot_head(label_embeddings, False)]
     accuracy, f1, stability, stop_budget = [], [], [], None
+    finetuned: dict[int, float] = {}
     previous_probs = None
     for round_index, budget in enumerate(budgets):
         all_probs = proba_of_heads(heads, pool.embeddings)
@@ -123,8 +136,34 @@ def run_one(
         predicted = heads[0].predict_proba(test.embeddings).argmax(axis=1)
         accuracy.append(float(np.mean(predicted == test.labels)))
         f1.append(macro_f1(test.labels, predicted, k))
+        if finetune is not None and budget in finetune_at:
+            finetuned[budget] = finetune(labeled, heads[0], seed)
         progress.update(1)
-    return {"accuracy": accuracy, "macro_f1": f1, "stability": stability, "stop_budget": stop_budget}
+    return {
+        "accuracy": accuracy,
+        "macro_f1": f1,
+        "stability": stability,
+        "stop_budget": stop_budget,
+        "finetuned_accuracy": finetuned,
+    }
+
+
+def finetuned_accuracy_on(pool: Dataset, test: Dataset, model_name: str, max_length: int, config_overrides: dict):
+    """A `finetune` callable for `run_one`: fine-tune the encoder on the labelled pool rows, score the test set."""
+    from backend.ml.encoder import Encoder
+    from backend.ml.finetune import FineTuneConfig, finetune_encoder
+
+    encoder = Encoder(model_name, max_length=max_length)
+
+    def finetune(labeled: np.ndarray, probe: LinearHead, seed: int) -> float:
+        rows = np.flatnonzero(labeled)
+        config = FineTuneConfig(seed=seed, **config_overrides)
+        targets = one_hot_indices(pool.labels[rows], len(pool.classes))
+        tuned, head = finetune_encoder(encoder, [pool.texts[i] for i in rows], targets, probe, config)
+        predicted = head.predict_proba(tuned.encode(test.texts)).argmax(axis=1)
+        return float(np.mean(predicted == test.labels))
+
+    return finetune
 
 
 def _mistakes(probs: np.ndarray, truth: np.ndarray, labeled: np.ndarray) -> np.ndarray:
@@ -173,12 +212,20 @@ def summarise(runs: dict[str, list[dict]], budgets: list[int], full_accuracy: fl
             "labels_saved_at_least": float(np.mean(at_least)) if len(at_least) == len(saved) else None,
             "area_under_curve": area_under_curve(budgets, accuracy.mean(axis=0)),
             "stop_budget_per_seed": [run.get("stop_budget") for run in seed_runs],
+            "finetuned_accuracy_per_seed": [run.get("finetuned_accuracy") or {} for run in seed_runs],
+            "finetuned_accuracy_mean": _mean_per_budget([run.get("finetuned_accuracy") or {} for run in seed_runs]),
             "accuracy_at_stop_per_seed": [
                 run["accuracy"][budgets.index(run["stop_budget"])] if run.get("stop_budget") else None
                 for run in seed_runs
             ],
         }
     return {"full_pool_accuracy": full_accuracy, "target_accuracy": target, "strategies": results}
+
+
+def _mean_per_budget(per_seed: list[dict[int, float]]) -> dict[int, float]:
+    """{budget: accuracy} per seed -> {budget: mean over the seeds that have it}."""
+    budgets = sorted({budget for seed in per_seed for budget in seed})
+    return {b: float(np.mean([seed[b] for seed in per_seed if b in seed])) for b in budgets}
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
@@ -232,6 +279,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL_NAME)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--cache-dir", default=".cache/embeddings")
+    parser.add_argument(
+        "--finetune-at",
+        default="",
+        help="comma-separated budgets at which the encoder is also fine-tuned on the labels so far and scored",
+    )
+    parser.add_argument("--finetune-epochs", type=int, default=4)
     args = parser.parse_args(argv)
     names = ["random"] + [name for name in args.strategy.split(",") if name and name != "random"]
     for name in names:
@@ -250,22 +303,32 @@ def main(argv: list[str] | None = None) -> None:
         cached_embeddings(pool_texts, args.model, cache, args.max_length),
         np.array([index[label] for label in pool_labels]),
         classes,
+        pool_texts,
     )
     test = Dataset(
         cached_embeddings([test_texts[i] for i in keep], args.model, cache, args.max_length),
         np.array([index[test_labels[i]] for i in keep]),
         classes,
+        [test_texts[i] for i in keep],
     )
     label_embeddings = cached_embeddings(list(classes), args.model, cache, args.max_length)
 
     budgets = list(range(args.batch_size, args.budget + 1, args.batch_size))
     full = fit_head(pool.embeddings, one_hot_indices(pool.labels, len(classes)), False)
     full_accuracy = float(np.mean(full.predict_proba(test.embeddings).argmax(axis=1) == test.labels))
+    finetune_at = frozenset(int(b) for b in args.finetune_at.split(",") if b)
+    if finetune_at - set(budgets):
+        parser.error(f"--finetune-at {sorted(finetune_at - set(budgets))} is not among the budgets {budgets}")
+    finetune = None
+    if finetune_at:
+        overrides = {"epochs": args.finetune_epochs}
+        finetune = finetuned_accuracy_on(pool, test, args.model, args.max_length, overrides)
     runs: dict[str, list[dict]] = {}
     with tqdm(total=len(names) * args.seeds * len(budgets), desc="rounds") as progress:
         for name in names:
             runs[name] = [
-                run_one(name, pool, test, label_embeddings, budgets, seed, progress) for seed in range(args.seeds)
+                run_one(name, pool, test, label_embeddings, budgets, seed, progress, finetune, finetune_at)
+                for seed in range(args.seeds)
             ]
     summary = summarise(runs, budgets, full_accuracy)
     summary["arguments"] = vars(args)
@@ -278,6 +341,9 @@ def main(argv: list[str] | None = None) -> None:
         saved = result["labels_saved"] or result["labels_saved_at_least"]
         kind = "" if result["labels_saved"] else ">=" if saved else ""
         print(f"{name:>24}: labels saved {kind}{saved or 'n/a'}, AUC {result['area_under_curve']:.4f}, {at}")
+        if result["finetuned_accuracy_mean"]:
+            tuned = {b: round(a, 4) for b, a in result["finetuned_accuracy_mean"].items()}
+            print(f"{'':>24}  fine-tuned encoder: {tuned}")
 
 
 if __name__ == "__main__":

@@ -28,34 +28,21 @@ def write_csv(path, rows):
         writer.writerows({"text": row["text"], "label": row["label"]} for row in rows)
 
 
-def test_harness_writes_results_and_plot(tiny_bert, tmp_path):
+def harness_arguments(tmp_path, tiny_bert, *extra: str) -> list[str]:
+    """A small replay on TREC-6 rows with the tiny offline BERT: margin (and random), budgets 20, 40, 60."""
     write_csv(tmp_path / "pool.csv", read_csv("trec6/train.csv", 300))
     write_csv(tmp_path / "test.csv", read_csv("trec6/test.csv", 100))
+    return [
+        *("--pool", str(tmp_path / "pool.csv"), "--test", str(tmp_path / "test.csv")),
+        *("--strategy", "margin", "--budget", "60", "--batch-size", "20", "--out", str(tmp_path / "out")),
+        *("--model", tiny_bert, "--max-length", "32", "--cache-dir", str(tmp_path / "cache")),
+        *extra,
+    ]
+
+
+def test_harness_writes_results_and_plot(tiny_bert, tmp_path):
+    main(harness_arguments(tmp_path, tiny_bert, "--seeds", "2"))
     out = tmp_path / "out"
-    main(
-        [
-            "--pool",
-            str(tmp_path / "pool.csv"),
-            "--test",
-            str(tmp_path / "test.csv"),
-            "--strategy",
-            "margin",
-            "--budget",
-            "60",
-            "--batch-size",
-            "20",
-            "--seeds",
-            "2",
-            "--out",
-            str(out),
-            "--model",
-            tiny_bert,
-            "--max-length",
-            "32",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-        ]
-    )
     results = json.loads((out / "results.json").read_text())
     assert set(results["strategies"]) == {"random", "margin"}  # random always runs as the baseline
     margin = results["strategies"]["margin"]
@@ -65,8 +52,22 @@ def test_harness_writes_results_and_plot(tiny_bert, tmp_path):
     assert 0.0 < results["full_pool_accuracy"] <= 1.0
     assert len(margin["stop_budget_per_seed"]) == 2  # the stopping signal: a budget, or None if never stable
     assert all(b is None or b in margin["budgets"] for b in margin["stop_budget_per_seed"])
+    assert margin["finetuned_accuracy_mean"] == {}  # no fine-tuning unless asked
     assert (out / "learning_curve.png").stat().st_size > 1000
     assert list((tmp_path / "cache").glob("*.npy"))  # embeddings reused on the next run
+
+
+def test_harness_scores_a_finetuned_encoder_at_the_budgets_asked(tiny_bert, tmp_path):
+    main(harness_arguments(tmp_path, tiny_bert, "--seeds", "1", "--finetune-at", "40,60", "--finetune-epochs", "1"))
+    margin = json.loads((tmp_path / "out" / "results.json").read_text())["strategies"]["margin"]
+    assert [sorted(seed) for seed in margin["finetuned_accuracy_per_seed"]] == [["40", "60"]]
+    assert set(margin["finetuned_accuracy_mean"]) == {"40", "60"}
+    assert all(0.0 <= value <= 1.0 for value in margin["finetuned_accuracy_mean"].values())
+
+
+def test_finetune_budgets_must_be_among_the_replay_budgets(tiny_bert, tmp_path):
+    with pytest.raises(SystemExit):
+        main(harness_arguments(tmp_path, tiny_bert, "--seeds", "1", "--finetune-at", "50"))
 
 
 def test_unknown_strategy_fails_before_encoding(tmp_path):

@@ -202,6 +202,7 @@ def test_registry_lists_names_and_params_in_its_errors():
         "density_weighted",
         "error_prediction",
         "expected_gradient_length",
+        "badge",
         "hybrid",
     } == set(STRATEGIES)
     assert all(cls.name == name for name, cls in STRATEGIES.items())

@@ -118,9 +118,7 @@ class Encoder:
         started = time.perf_counter()
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        token_ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, add_special_tokens=True)[
-            "input_ids"
-        ]
+        token_ids = self.token_ids(texts)
         order = np.argsort([-len(ids) for ids in token_ids], kind="stable")
         outputs = []
         stats = EncodeStats(texts=len(texts))
@@ -133,6 +131,12 @@ class Encoder:
         stats.seconds = time.perf_counter() - started
         self.last_stats = stats
         return result
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, with special tokens, cut at `max_length`."""
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length, add_special_tokens=True)[
+            "input_ids"
+        ]
 
     def _batches_by_token_budget(self, order: np.ndarray, token_ids: list[list[int]]):
         """Yield index lists whose padded size (rows x longest row) stays within `batch_tokens`."""
@@ -147,15 +151,25 @@ class Encoder:
             yield batch
 
     def _encode_batch(self, batch_ids: list[list[int]], stats: EncodeStats) -> torch.Tensor:
-        padded = self._pad(batch_ids)
+        inputs = self.to_device(self.pad(batch_ids))
         stats.batches += 1
         stats.tokens += sum(len(ids) for ids in batch_ids)
-        stats.padded_tokens += int(padded["input_ids"].numel())
+        stats.padded_tokens += int(inputs["input_ids"].numel())
+        return self.embed(inputs)
+
+    def to_device(self, padded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Move a padded batch to the encoder's device (pinned memory and a non-blocking copy on CUDA)."""
         on_gpu = self.device.type == "cuda"
-        inputs = {
+        return {
             name: (tensor.pin_memory() if on_gpu else tensor).to(self.device, non_blocking=on_gpu)
             for name, tensor in padded.items()
         }
+
+    def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward pass and pooling of a padded batch on the device -> (b, d) float32, rows L2-normalised.
+
+        Gradients flow when the caller allows them (fine-tuning); `encode` calls it under inference mode.
+        """
         with torch.autocast(
             device_type=self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
         ):
@@ -167,7 +181,7 @@ class Encoder:
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         return torch.nn.functional.normalize(pooled.float(), dim=1)
 
-    def _pad(self, batch_ids: list[list[int]]) -> dict[str, torch.Tensor]:
+    def pad(self, batch_ids: list[list[int]]) -> dict[str, torch.Tensor]:
         """Right-pad token id lists to the batch's longest row (dynamic padding)."""
         longest = max(len(ids) for ids in batch_ids)
         input_ids = torch.full((len(batch_ids), longest), self.tokenizer.pad_token_id or 0, dtype=torch.long)

@@ -23,7 +23,8 @@ import math
 import numpy as np
 
 from backend.scoring.diversity import cluster_picks
-from backend.scoring.strategies import QueryStrategy, check_range, top_indices, uncertainty_scores
+from backend.scoring.gradient import gradient_kmeanspp, hypothetical_residuals
+from backend.scoring.strategies import QueryStrategy, check_choice, check_range, top_indices, uncertainty_scores
 from backend.scoring.uncertainty import margin
 
 
@@ -103,6 +104,7 @@ class Hybrid(QueryStrategy):
         rare_share: float = 0.2,
         rare_min_labels: int = 3,
         max_candidates: int = 5_000,
+        uncertainty: str = "margin",
     ):
         check_range("cold_start_labels_per_class", cold_start_labels_per_class, 0.0, 1e6)
         check_range("warm_labels_per_class", warm_labels_per_class, cold_start_labels_per_class, 1e6)
@@ -116,6 +118,8 @@ class Hybrid(QueryStrategy):
         self.rare_share = rare_share
         self.rare_min_labels = rare_min_labels
         self.max_candidates = max_candidates
+        check_choice("uncertainty", uncertainty, ("margin", "badge"))
+        self.uncertainty = uncertainty
 
     def _select(self, pool, unlabeled, n, rng):
         labeled = pool.indices_labeled
@@ -159,6 +163,11 @@ class Hybrid(QueryStrategy):
         if n == 0:
             return np.empty(0, dtype=np.intp)
         positions = np.flatnonzero(available)
+        if self.uncertainty == "badge":
+            candidates = positions[top_indices(uncertainty[positions], self.max_candidates, rng)]
+            residuals = hypothetical_residuals(pool.probs[unlabeled[candidates]], pool.multi_label)
+            embeddings = np.asarray(pool.embeddings[unlabeled[candidates]], dtype=np.float32)
+            return candidates[gradient_kmeanspp(embeddings, residuals, n, rng)]
         n_candidates = min(max(n, math.ceil(self.candidate_factor * n)), self.max_candidates)
         candidates = positions[top_indices(uncertainty[positions], n_candidates, rng)]
         if len(candidates) <= n:

@@ -7,6 +7,7 @@ import inspect
 from backend.scoring.base import Strategy
 from backend.scoring.hybrid import Hybrid
 from backend.scoring.strategies import (
+    Badge,
     Bald,
     Cluster,
     Coreset,
@@ -29,6 +30,7 @@ STRATEGIES: dict[str, type] = {
         EntropySampling,
         VoteEntropy,
         Bald,
+        Badge,
         Coreset,
         Cluster,
         DensityWeighted,

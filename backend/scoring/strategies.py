@@ -16,6 +16,7 @@ import numpy as np
 
 from backend.scoring.base import Pool
 from backend.scoring.diversity import cluster_picks, greedy_coreset, knn_density, max_similarity, normalize_rows
+from backend.scoring.gradient import gradient_kmeanspp, gradient_norms_squared, hypothetical_residuals
 from backend.scoring.uncertainty import bald, entropy, least_confidence, margin, per_label, vote_entropy
 
 UNCERTAINTY_MEASURES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -304,3 +305,27 @@ class ExpectedGradientLength(QueryStrategy):
         norms = row_norms(pool.embeddings)[unlabeled]
         scores = expected_gradient_length(pool.probs[unlabeled], norms, pool.multi_label)
         return unlabeled[top_indices(scores, n, rng)]
+
+
+class Badge(QueryStrategy):
+    """BADGE: k-means++ seeding on the linear head's gradient embeddings (see `scoring.gradient`).
+
+    Args:
+        max_candidates: on larger pools, seeding runs on this many rows with the largest gradients.
+    """
+
+    name = "badge"
+
+    def __init__(self, max_candidates: int = 20_000):
+        check_range("max_candidates", max_candidates, 1, 10**9, integer=True)
+        self.max_candidates = max_candidates
+
+    def _select(self, pool, unlabeled, n, rng):
+        residuals = hypothetical_residuals(pool.probs[unlabeled], pool.multi_label)
+        candidates = np.arange(len(unlabeled))
+        if len(unlabeled) > self.max_candidates:
+            norms = gradient_norms_squared(pool.embeddings[unlabeled], residuals)
+            candidates = top_indices(norms, self.max_candidates, rng)
+        embeddings = np.asarray(pool.embeddings[unlabeled[candidates]], dtype=np.float32)
+        picks = gradient_kmeanspp(embeddings, residuals[candidates], n, rng)
+        return unlabeled[candidates[picks]]

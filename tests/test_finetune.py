@@ -1,0 +1,76 @@
+"""Fine-tuning the encoder (LP-FT) on the tiny offline BERT: it learns, leaves the original alone, is repeatable."""
+
+import numpy as np
+import pytest
+import torch
+
+from backend.ml.encoder import Encoder
+from backend.ml.finetune import FineTuneConfig, finetune_encoder
+from backend.ml.head import fit_head
+from tests.conftest import read_csv
+
+FAST = FineTuneConfig(epochs=8, batch_size=8, learning_rate=1e-3, head_learning_rate=1e-2)
+"""A tiny random BERT needs a larger step than a pretrained one to move in a few epochs."""
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_bert):
+    return Encoder(tiny_bert, max_length=32, batch_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def sports_or_business():
+    rows = [row for row in read_csv("ag_news/pool.csv", 400) if row["label"] in ("Sports", "Business")][:48]
+    texts = [row["text"] for row in rows]
+    targets = np.array([[row["label"] == "Sports", row["label"] == "Business"] for row in rows], dtype=np.float32)
+    return texts, targets
+
+
+def cross_entropy(head, embeddings, targets) -> float:
+    logits = torch.as_tensor(head.logits(embeddings))
+    return float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(targets.argmax(axis=1))))
+
+
+def test_finetuning_fits_the_labelled_texts_better_than_the_probe(encoder, sports_or_business):
+    texts, targets = sports_or_business
+    frozen = encoder.encode(texts)
+    probe = fit_head(frozen, targets, multi_label=False, l2=1e-1)
+    tuned, head = finetune_encoder(encoder, texts, targets, probe, FAST)
+    before = cross_entropy(probe, frozen, targets)
+    after = cross_entropy(head, tuned.encode(texts), targets)
+    assert after < 0.5 * before, (before, after)
+    assert np.mean(head.predict_proba(tuned.encode(texts)).argmax(axis=1) == targets.argmax(axis=1)) == 1.0
+
+
+def test_finetuning_leaves_the_original_encoder_alone_and_names_its_copy(encoder, sports_or_business):
+    texts, targets = sports_or_business
+    frozen = encoder.encode(texts)
+    probe = fit_head(frozen, targets, multi_label=False)
+    tuned, _ = finetune_encoder(encoder, texts[:16], targets[:16], probe, FineTuneConfig(epochs=1, batch_size=8))
+    np.testing.assert_array_equal(encoder.encode(texts), frozen)
+    assert tuned.encoder_id != encoder.encoder_id  # its embeddings never share a cache entry with the frozen ones
+    assert not np.allclose(tuned.encode(texts), frozen)
+
+
+def test_finetuning_is_deterministic_under_a_seed(encoder, sports_or_business):
+    texts, targets = sports_or_business
+    probe = fit_head(encoder.encode(texts), targets, multi_label=False)
+    config = FineTuneConfig(epochs=1, batch_size=8, seed=3)
+    first, _ = finetune_encoder(encoder, texts[:16], targets[:16], probe, config)
+    second, _ = finetune_encoder(encoder, texts[:16], targets[:16], probe, config)
+    np.testing.assert_allclose(first.encode(texts), second.encode(texts), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "field, value", [("epochs", 0), ("batch_size", -1), ("learning_rate", 0.0), ("head_learning_rate", -1e-3)]
+)
+def test_bad_finetune_settings_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        FineTuneConfig(**{field: value})
+
+
+def test_mismatched_texts_and_targets_are_refused(encoder, sports_or_business):
+    texts, targets = sports_or_business
+    probe = fit_head(encoder.encode(texts), targets, multi_label=False)
+    with pytest.raises(ValueError, match="matching"):
+        finetune_encoder(encoder, texts[:3], targets[:5], probe)
