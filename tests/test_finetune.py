@@ -74,3 +74,40 @@ def test_mismatched_texts_and_targets_are_refused(encoder, sports_or_business):
     probe = fit_head(encoder.encode(texts), targets, multi_label=False)
     with pytest.raises(ValueError, match="matching"):
         finetune_encoder(encoder, texts[:3], targets[:5], probe)
+
+
+def annotated_task(task_id: int, text: str, label: str) -> dict:
+    """A task as Label Studio's export returns it, with one submitted annotation."""
+    region = {"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": [label]}}
+    return {"id": task_id, "data": {"text": text}, "annotations": [{"id": task_id, "result": [region]}]}
+
+
+def test_project_finetuning_writes_a_model_folder_that_loads_as_the_encoder(encoder, sports_or_business, tmp_path):
+    from backend.finetune import finetune_on_tasks
+    from backend.label_config import parse_label_config
+    from tests.conftest import AG_NEWS_CONFIG
+
+    texts, targets = sports_or_business
+    tasks = [
+        annotated_task(i, text, "Sports" if row[0] else "Business")
+        for i, (text, row) in enumerate(zip(texts, targets, strict=True))
+    ]
+    tasks.append({"id": 999, "data": {"text": "not annotated"}, "annotations": []})
+    out = str(tmp_path / "tuned")
+    summary = finetune_on_tasks(tasks, parse_label_config(AG_NEWS_CONFIG), encoder, out, FineTuneConfig(epochs=1))
+    assert summary["annotations"] == len(texts)
+    loaded = Encoder(out, max_length=32)
+    assert loaded.pooling == encoder.pooling and loaded.dim == encoder.dim
+    assert loaded.encoder_id != encoder.encoder_id
+    assert not np.allclose(loaded.encode(texts[:4]), encoder.encode(texts[:4]))
+
+
+def test_project_finetuning_needs_annotations(encoder, tmp_path):
+    from backend.finetune import finetune_on_tasks
+    from backend.label_config import parse_label_config
+    from tests.conftest import AG_NEWS_CONFIG
+
+    with pytest.raises(SystemExit, match="at least 2 annotated tasks"):
+        finetune_on_tasks(
+            [annotated_task(1, "one", "Sports")], parse_label_config(AG_NEWS_CONFIG), encoder, str(tmp_path), FAST
+        )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 
@@ -112,3 +113,22 @@ def _fingerprint(texts: list[str], targets: np.ndarray, config: FineTuneConfig) 
     digest.update(np.ascontiguousarray(targets).tobytes())
     digest.update(repr(config).encode())
     return digest.hexdigest()
+
+
+def save_encoder(encoder: Encoder, folder: str) -> None:
+    """Write `encoder` as a model folder that `Encoder(folder)` (MODEL_NAME=folder) loads with the same pooling."""
+    from pathlib import Path
+
+    encoder.model.save_pretrained(folder)
+    encoder.tokenizer.save_pretrained(folder)
+    pooling = Path(folder) / "1_Pooling"
+    pooling.mkdir(exist_ok=True)
+    (pooling / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": encoder.dim,
+                "pooling_mode_cls_token": encoder.pooling == "cls",
+                "pooling_mode_mean_tokens": encoder.pooling == "mean",
+            }
+        )
+    )
