@@ -70,6 +70,24 @@ def cached_embeddings(texts: list[str], model_name: str, cache_dir: Path, max_le
     return embeddings.astype(np.float32)
 
 
+def strategy_from_spec(spec: str):
+    """`NAME` or `NAME:KEY=VALUE[:KEY=VALUE...]` -> the strategy; values are JSON when they parse, else strings.
+
+    e.g. `hybrid:uncertainty=badge:candidate_factor=1`. Raises ValueError naming a bad name or parameter.
+    """
+    name, *pairs = spec.split(":")
+    params = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            raise ValueError(f"strategy parameter {pair!r} in {spec!r} is not KEY=VALUE")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return get_strategy(name, **params)
+
+
 def one_hot_indices(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return np.eye(n_classes, dtype=np.float32)[labels]
 
@@ -86,7 +104,7 @@ def macro_f1(truth: np.ndarray, predicted: np.ndarray, n_classes: int) -> float:
 
 
 def run_one(
-    strategy_name: str,
+    strategy_name: str,  # a spec: NAME or NAME:KEY=VALUE:...
     pool: Dataset,
     test: Dataset,
     label_embeddings: np.ndarray,
@@ -102,7 +120,7 @@ def run_one(
     accuracy of an encoder fine-tuned on the labelled rows; the replay goes on with the frozen encoder.
     """
     rng = np.random.default_rng(seed)
-    strategy = get_strategy(strategy_name)
+    strategy = strategy_from_spec(strategy_name)
     k = len(pool.classes)
     labeled = np.zeros(len(pool.labels), dtype=bool)
     heads = [zero_shot_head(label_embeddings, False)]
@@ -269,7 +287,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pool", required=True)
     parser.add_argument("--test", required=True)
-    parser.add_argument("--strategy", default="hybrid", help=f"comma-separated; known: {', '.join(STRATEGIES)}")
+    parser.add_argument(
+        "--strategy",
+        default="hybrid",
+        help=f"comma-separated NAME or NAME:KEY=VALUE:...; known: {', '.join(STRATEGIES)}",
+    )
     parser.add_argument("--budget", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3)
@@ -288,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     names = ["random"] + [name for name in args.strategy.split(",") if name and name != "random"]
     for name in names:
-        get_strategy(name)  # fail before encoding anything
+        strategy_from_spec(name)  # fail before encoding anything
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -91,3 +91,15 @@ def test_labels_saved_is_exact_or_a_lower_bound():
     bound = summarise(runs, budgets, full_accuracy=0.805 / 0.95)
     assert bound["strategies"]["slow"]["labels_saved"] is None
     assert bound["strategies"]["slow"]["labels_saved_at_least"] == pytest.approx(400 / (300 + 100 * 0.105 / 0.11))
+
+
+def test_strategy_specs_carry_parameters():
+    from backend.evaluate import strategy_from_spec
+
+    hybrid = strategy_from_spec("hybrid:uncertainty=badge:candidate_factor=1")
+    assert hybrid.uncertainty == "badge" and hybrid.candidate_factor == 1
+    assert strategy_from_spec("margin").name == "margin"
+    with pytest.raises(ValueError, match="'candidate_factr'"):
+        strategy_from_spec("hybrid:candidate_factr=2")
+    with pytest.raises(ValueError, match="not KEY=VALUE"):
+        strategy_from_spec("hybrid:badge")
