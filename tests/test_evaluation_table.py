@@ -1,0 +1,42 @@
+"""The README's evaluation table: runs on one data set merge, first run first."""
+
+import json
+
+from benchmarks.evaluation_table import main
+
+
+def write_results(folder, pool: str, strategies: dict[str, list[float]]) -> None:
+    folder.mkdir()
+    budgets = [100, 200]
+    results = {
+        "arguments": {"pool": pool},
+        "full_pool_accuracy": 0.9,
+        "target_accuracy": 0.855,
+        "strategies": {
+            name: {
+                "budgets": budgets,
+                "accuracy_mean": curve,
+                "accuracy_per_seed": [curve],
+                "labels_saved": None,
+                "labels_saved_at_least": None,
+                "area_under_curve": sum(curve) / 2,
+            }
+            for name, curve in strategies.items()
+        },
+    }
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+def test_runs_on_one_data_set_merge_and_plot(tmp_path, capsys):
+    write_results(tmp_path / "a", "data/trec6/train.csv", {"random": [0.5, 0.6], "margin": [0.55, 0.7]})
+    write_results(tmp_path / "b", "data/trec6/train.csv", {"random": [0.1, 0.1], "hybrid:x=1": [0.4, 0.8]})
+    main([str(tmp_path / "a"), str(tmp_path / "b"), "--plot", str(tmp_path / "plots")])
+    lines = capsys.readouterr().out.splitlines()[2:]
+    assert [line.split(" | ")[:2] for line in lines] == [
+        ["| trec6", "random"],
+        ["| trec6", "margin"],
+        ["| trec6", "hybrid:x=1"],
+    ]
+    assert lines[0].split(" | ")[3] == "0.500@100, 0.600@200"  # the first run's random, not the repeat
+    assert lines[2].endswith("| -0.100 |")  # worst gap to that random at budgets >= 100
+    assert (tmp_path / "plots" / "learning_curve_trec6.png").stat().st_size > 1000
