@@ -24,6 +24,10 @@ AG_NEWS_CONFIG = """<View>
 </View>"""
 
 
+ROUTES = [("get", "/health"), ("get", "/metrics"), ("post", "/setup"), ("post", "/predict"), ("post", "/webhook")]
+"""Every route of the ML backend protocol, as (requests/test-client method, path)."""
+
+
 def read_csv(name: str, limit: int | None = None) -> list[dict]:
     """Rows of a shared data set, e.g. read_csv('ag_news/test.csv', 40)."""
     path = DATA_DIR / name

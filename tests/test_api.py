@@ -6,7 +6,7 @@ import pytest
 import redis
 from rq import Queue
 
-from tests.conftest import AG_NEWS_CONFIG, AG_NEWS_LABELS
+from tests.conftest import AG_NEWS_CONFIG, AG_NEWS_LABELS, ROUTES
 
 TEXTS = ["Stocks fell sharply on Wall Street", "The striker scored twice in the final", "A new chip from Intel"]
 
@@ -164,13 +164,7 @@ def test_basic_auth_guards_every_route(settings, tmp_path):
     client = app.test_client()
     good = {"Authorization": "Basic " + base64.b64encode(b"ls:s3cret").decode()}
     bad = {"Authorization": "Basic " + base64.b64encode(b"ls:wrong").decode()}
-    for method, route in [
-        ("get", "/health"),
-        ("get", "/metrics"),
-        ("post", "/setup"),
-        ("post", "/predict"),
-        ("post", "/webhook"),
-    ]:
+    for method, route in ROUTES:
         for headers in ({}, bad):
             response = getattr(client, method)(route, headers=headers, json={})
             assert response.status_code == 401, route

@@ -3,6 +3,7 @@
 import pytest
 import requests
 
+from tests.conftest import ROUTES
 from tests.e2e.fixtures import annotate
 
 pytestmark = pytest.mark.e2e
@@ -12,13 +13,7 @@ AUTH = {"BASIC_AUTH_USER": "ls-backend", "BASIC_AUTH_PASS": "pw-9f3b1c77e2"}
 @pytest.mark.parametrize("backend", [AUTH], indirect=True)
 def test_secured_backend_keeps_receiving_label_studio_webhooks(backend, project, secrets_never_logged):
     ls, project_id, truth = project
-    for method, route in [
-        ("get", "/health"),
-        ("get", "/metrics"),
-        ("post", "/setup"),
-        ("post", "/predict"),
-        ("post", "/webhook"),
-    ]:
+    for method, route in ROUTES:
         assert getattr(requests, method)(backend.url + route, timeout=5).status_code == 401
     ls.connect_ml_backend(
         project_id,
