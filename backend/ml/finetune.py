@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -84,14 +85,18 @@ def finetune_encoder(
     token_ids = tuned.token_ids(texts)
     y = torch.as_tensor(targets, device=device)
     rng = np.random.default_rng(config.seed)
+    # fp16 autocast (CUDA without bf16) needs loss scaling, or small gradients underflow to zero
+    scaler = torch.amp.GradScaler(device.type, enabled=tuned.autocast_dtype == torch.float16)
     for _ in range(config.epochs):
         for rows in np.array_split(rng.permutation(len(texts)), math.ceil(len(texts) / config.batch_size)):
             inputs = tuned.to_device(tuned.pad([token_ids[i] for i in rows]))
             logits = tuned.embed(inputs) @ weights + bias
             loss = _loss(logits, y[torch.as_tensor(rows, device=device)], probe.multi_label)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(tuned.model.parameters(), 1.0)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
     tuned.model.eval()
@@ -117,8 +122,6 @@ def _fingerprint(texts: list[str], targets: np.ndarray, config: FineTuneConfig) 
 
 def save_encoder(encoder: Encoder, folder: str) -> None:
     """Write `encoder` as a model folder that `Encoder(folder)` (MODEL_NAME=folder) loads with the same pooling."""
-    from pathlib import Path
-
     encoder.model.save_pretrained(folder)
     encoder.tokenizer.save_pretrained(folder)
     pooling = Path(folder) / "1_Pooling"
