@@ -38,9 +38,9 @@ def finetune_on_tasks(
     probe = fit_head(encoder.encode(texts), targets, config.multi_label)
     tuned, _ = finetune_encoder(encoder, texts, targets, probe, finetune)
     save_encoder(tuned, out)
-    summary = {"annotations": len(examples), "seconds": round(time.perf_counter() - started, 1), "out": out}
-    log.info("fine-tuned %s on %d annotations in %.1f s, saved to %s", encoder.model_name, *summary.values())
-    return summary
+    seconds = round(time.perf_counter() - started, 1)
+    log.info("fine-tuned %s on %d annotations in %.1f s, saved to %s", encoder.model_name, len(texts), seconds, out)
+    return {"annotations": len(examples), "seconds": seconds, "out": out}
 
 
 def main(argv: list[str] | None = None) -> None:

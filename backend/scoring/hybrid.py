@@ -10,7 +10,8 @@ A batch of n is split three ways:
 * uncertainty picks, the rest: margin, de-duplicated. The `candidate_factor` x n highest-margin rows are
   clustered (margin-weighted k-means) into as many clusters as picks are needed, and the highest-margin row of
   each cluster is taken (cluster-margin). With factor 1 this is plain margin, so the uncertainty term stays
-  faithful to margin; the clustering only keeps near-duplicates out of one batch.
+  faithful to margin; the clustering only keeps near-duplicates out of one batch. With `uncertainty="badge"`
+  they are BADGE picks instead (see `scoring.gradient`), among the highest-margin rows.
 
 Cost on a pool of N unlabelled rows: margin is O(N·k) and the candidate pick O(N); embeddings are only read for
 at most `max_candidates` rows (a random sample at cold start, the top-margin rows later), where k-means runs.
@@ -88,10 +89,12 @@ class Hybrid(QueryStrategy):
         cold_start_labels_per_class: up to this many labels per class, the whole batch is diversity picks.
         warm_labels_per_class: from this many labels per class on, no diversity picks are made.
         candidate_factor: the uncertainty picks come from the top `candidate_factor` x n rows by margin;
-            1 is plain margin, larger trades margin for less redundancy.
+            1 is plain margin, larger trades margin for less redundancy. Unused with `uncertainty="badge"`.
         rare_share: the largest share of a batch spent on classes with fewer than `rare_min_labels` labels.
         rare_min_labels: a class with fewer labelled rows is rare; 0 turns rare-class picks off.
         max_candidates: the most rows whose embeddings are read (k-means runs on these).
+        uncertainty: how the uncertainty picks are made: "margin" (de-duplicated, as above) or "badge"
+            (BADGE's k-means++ on gradient embeddings, among the `max_candidates` highest-margin rows).
     """
 
     name = "hybrid"
@@ -166,8 +169,7 @@ class Hybrid(QueryStrategy):
         if self.uncertainty == "badge":
             candidates = positions[top_indices(uncertainty[positions], self.max_candidates, rng)]
             residuals = hypothetical_residuals(pool.probs[unlabeled[candidates]], pool.multi_label)
-            embeddings = np.asarray(pool.embeddings[unlabeled[candidates]], dtype=np.float32)
-            return candidates[gradient_kmeanspp(embeddings, residuals, n, rng)]
+            return candidates[gradient_kmeanspp(pool.embeddings[unlabeled[candidates]], residuals, n, rng)]
         n_candidates = min(max(n, math.ceil(self.candidate_factor * n)), self.max_candidates)
         candidates = positions[top_indices(uncertainty[positions], n_candidates, rng)]
         if len(candidates) <= n:

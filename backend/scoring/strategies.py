@@ -326,6 +326,5 @@ class Badge(QueryStrategy):
         if len(unlabeled) > self.max_candidates:
             norms = gradient_norms_squared(pool.embeddings[unlabeled], residuals)
             candidates = top_indices(norms, self.max_candidates, rng)
-        embeddings = np.asarray(pool.embeddings[unlabeled[candidates]], dtype=np.float32)
-        picks = gradient_kmeanspp(embeddings, residuals[candidates], n, rng)
+        picks = gradient_kmeanspp(pool.embeddings[unlabeled[candidates]], residuals[candidates], n, rng)
         return unlabeled[candidates[picks]]
