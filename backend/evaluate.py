@@ -88,6 +88,24 @@ def strategy_from_spec(spec: str):
     return get_strategy(name, **params)
 
 
+def choice_names(classes: tuple[str, ...], spec: str) -> list[str]:
+    """The choice value an annotator would see for each class: `spec` is `LABEL=NAME,...`, others keep the label.
+
+    Zero-shot cold start embeds these names, so a CSV with labels such as `0`/`1` can be replayed as the project
+    with `Negative`/`Positive` choices it stands for. Raises ValueError for a pair that is malformed or names a
+    label the pool does not have.
+    """
+    names = dict.fromkeys(classes)
+    for pair in filter(None, spec.split(",")):
+        label, equals, name = pair.partition("=")
+        if not equals or not name:
+            raise ValueError(f"label name {pair!r} is not LABEL=NAME")
+        if label not in names:
+            raise ValueError(f"label {label!r} is not in the pool; its labels are {list(classes)}")
+        names[label] = name
+    return [name or label for label, name in names.items()]
+
+
 def one_hot_indices(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return np.eye(n_classes, dtype=np.float32)[labels]
 
@@ -307,6 +325,11 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated budgets at which the encoder is also fine-tuned on the labels so far and scored",
     )
     parser.add_argument("--finetune-epochs", type=int, default=4)
+    parser.add_argument(
+        "--label-names",
+        default="",
+        help="comma-separated LABEL=NAME: the choice a CSV label stands for (zero-shot uses it), e.g. 0=negative",
+    )
     args = parser.parse_args(argv)
     names = ["random"] + [name for name in args.strategy.split(",") if name and name != "random"]
     for name in names:
@@ -333,7 +356,11 @@ def main(argv: list[str] | None = None) -> None:
         classes,
         [test_texts[i] for i in keep],
     )
-    label_embeddings = cached_embeddings(list(classes), args.model, cache, args.max_length)
+    try:
+        names_of_choices = choice_names(classes, args.label_names)
+    except ValueError as error:
+        parser.error(f"--label-names: {error}")
+    label_embeddings = cached_embeddings(names_of_choices, args.model, cache, args.max_length)
 
     budgets = list(range(args.batch_size, args.budget + 1, args.batch_size))
     full = fit_head(pool.embeddings, one_hot_indices(pool.labels, len(classes)), False)

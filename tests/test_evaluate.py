@@ -103,3 +103,21 @@ def test_strategy_specs_carry_parameters():
         strategy_from_spec("hybrid:candidate_factr=2")
     with pytest.raises(ValueError, match="not KEY=VALUE"):
         strategy_from_spec("hybrid:badge")
+
+
+def test_label_names_stand_in_for_csv_labels():
+    from backend.evaluate import choice_names
+
+    assert choice_names(("0", "1"), "0=negative,1=positive") == ["negative", "positive"]
+    assert choice_names(("ABBR", "DESC"), "ABBR=abbreviation") == ["abbreviation", "DESC"]  # others keep theirs
+    assert choice_names(("a", "b"), "") == ["a", "b"]
+    with pytest.raises(ValueError, match="'2' is not in the pool"):
+        choice_names(("0", "1"), "2=neutral")
+    with pytest.raises(ValueError, match="not LABEL=NAME"):
+        choice_names(("0", "1"), "0")
+
+
+def test_bad_label_names_are_a_usage_error(tiny_bert, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(harness_arguments(tmp_path, tiny_bert, "--seeds", "1", "--label-names", "NOPE=x"))
+    assert "--label-names: label 'NOPE' is not in the pool" in capsys.readouterr().err
