@@ -25,6 +25,7 @@ class FakeLabelStudio:
         }
         self.predictions: list[dict] = []
         self.task_list_reads = 0
+        self.writes: list[str] = []
 
     def get_project(self, project_id):
         return dict(self.project)
@@ -37,6 +38,11 @@ class FakeLabelStudio:
         return iter(list(self.tasks.values()))
 
     def import_predictions(self, project_id, predictions):
+        self.writes.append("bulk")
+        self.predictions.extend(predictions)
+
+    def create_predictions(self, predictions):
+        self.writes.append("single")
         self.predictions.extend(predictions)
 
     def set_model_version(self, project_id, version):
@@ -72,6 +78,15 @@ def test_a_round_publishes_a_whole_ranking_and_switches_the_version(runtime, lab
     assert label_studio.predictions[0]["task"] == summary["top_task"]
     assert len({p["task"] for p in label_studio.predictions}) == 20
     assert all(p["result"][0]["value"]["choices"][0] in label_studio.truth.values() for p in label_studio.predictions)
+
+
+def test_large_projects_get_single_writes_instead_of_a_bulk_import(runtime, label_studio, monkeypatch):
+    assert rerank("1", runtime, generation=1)["writes"] == "bulk"  # 60 tasks, 20 predictions
+    monkeypatch.setattr(rerank_module, "SINGLE_WRITES_ABOVE_TASKS_PER_PREDICTION", 2)  # as if 60 were many
+    summary = rerank("1", runtime, generation=2)
+    assert summary["published"] and summary["writes"] == "single" and label_studio.writes == ["bulk", "single"]
+    assert label_studio.project["model_version"] == summary["model_version"]
+    assert len([p for p in label_studio.predictions if p["model_version"] == summary["model_version"]]) == 20
 
 
 def test_the_next_round_uses_the_new_annotation_and_never_ranks_it(runtime, label_studio):
