@@ -18,6 +18,7 @@ from backend.scoring.strategies import (
     LeastConfidence,
     MarginSampling,
     RandomSampling,
+    SoftrankMargin,
     VoteEntropy,
 )
 
@@ -27,6 +28,7 @@ STRATEGIES: dict[str, type] = {
         RandomSampling,
         LeastConfidence,
         MarginSampling,
+        SoftrankMargin,
         EntropySampling,
         VoteEntropy,
         Bald,
