@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from backend.scoring.base import Pool
-from backend.scoring.hybrid import Hybrid, candidate_factor, class_counts, diversity_share, rare_class_picks
+from backend.scoring.hybrid import Hybrid, class_counts, diversity_share, rare_class_picks
 from backend.scoring.registry import get_strategy
 from backend.scoring.uncertainty import margin
 
@@ -64,15 +64,6 @@ def test_with_many_labels_picks_stay_among_the_top_margin_candidates():
     assert np.all(np.diff(scores) <= 0), "uncertainty picks come best first"
 
 
-def test_softrank_uncertainty_picks_are_softrank_margin_once_warm():
-    pool = warm_pool(seed=2)
-    expected = get_strategy("softrank_margin").select(pool, 10, np.random.default_rng(3))
-    picks = get_strategy("hybrid", uncertainty="softrank").select(pool, 10, np.random.default_rng(3))
-    assert picks.tolist() == expected.tolist()
-    top_10 = set(get_strategy("margin").select(pool, 10, np.random.default_rng(0)).tolist())
-    assert set(picks.tolist()) != top_10  # drawn, not the top of the ranking
-
-
 def test_near_duplicates_are_not_picked_together():
     # Rows 0-3: one point, the highest margins. Rows 4-6 and 7-8: two other tight groups, lower margins.
     # Rows 9-29: confident, never candidates.
@@ -84,20 +75,7 @@ def test_near_duplicates_are_not_picked_together():
     targets = np.eye(2)[np.arange(len(probs)) % 2]
     pool = Pool(embeddings, probs, labeled, targets=targets)
     assert get_strategy("margin").select(pool, 3, np.random.default_rng(0)).tolist() == [0, 1, 2]
-    constant = get_strategy("hybrid", fade_deduplication=False)  # 3 x 3 candidates: rows 0-8, three groups
-    assert constant.select(pool, 3, np.random.default_rng(0)).tolist() == [0, 4, 7]
-    # faded: 12 labels for a batch of 3 -> factor 1 + 2 * 3/12 = 1.5 -> 5 candidates, rows 0-4: two groups,
-    # so one group gives two picks (the best two of 0-3) and row 4 the third
-    faded = get_strategy("hybrid").select(pool, 3, np.random.default_rng(0)).tolist()
-    assert faded == [0, 1, 4]
-
-
-@pytest.mark.parametrize(
-    ("n", "n_labeled", "fade", "expected"),
-    [(20, 0, True, 3.0), (20, 20, True, 3.0), (20, 40, True, 2.0), (20, 400, True, 1.1), (20, 400, False, 3.0)],
-)
-def test_deduplication_fades_as_labels_outnumber_the_batch(n, n_labeled, fade, expected):
-    assert candidate_factor(3.0, n, n_labeled, fade) == pytest.approx(expected)
+    assert get_strategy("hybrid").select(pool, 3, np.random.default_rng(0)).tolist() == [0, 4, 7]
 
 
 def rare_pool() -> Pool:
@@ -143,6 +121,5 @@ def test_class_counts():
 def test_repr_and_defaults_are_exposed():
     assert repr(Hybrid()) == (
         "Hybrid(cold_start_labels_per_class=1.0, warm_labels_per_class=3.0, candidate_factor=3.0, "
-        "rare_share=0.2, rare_min_labels=3, max_candidates=5000, uncertainty='margin', "
-        "fade_deduplication=True)"
+        "rare_share=0.2, rare_min_labels=3, max_candidates=5000, uncertainty='margin')"
     )

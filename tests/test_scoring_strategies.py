@@ -203,7 +203,6 @@ def test_registry_lists_names_and_params_in_its_errors():
         "error_prediction",
         "expected_gradient_length",
         "badge",
-        "softrank_margin",
         "hybrid",
     } == set(STRATEGIES)
     assert all(cls.name == name for name, cls in STRATEGIES.items())
@@ -226,9 +225,6 @@ def test_registry_lists_names_and_params_in_its_errors():
         ("hybrid", {"warm_labels_per_class": 0.5}, "warm_labels_per_class .* got 0.5"),
         ("hybrid", {"rare_min_labels": 2.5}, "rare_min_labels must be an integer"),
         ("coreset", {"max_candidates": 0}, "max_candidates .* got 0"),
-        ("softrank_margin", {"beta": -0.5}, "beta .* got -0.5"),
-        ("hybrid", {"fade_deduplication": 1}, "fade_deduplication must be True or False; got 1"),
-        ("hybrid", {"uncertainty": "bald"}, "'margin', 'badge', 'softrank'; got 'bald'"),
     ],
 )
 def test_bad_params_are_quoted(name, params, message):
@@ -241,20 +237,3 @@ def test_repr_lists_the_params():
         "DensityWeighted(measure='margin', beta=2.0, n_neighbors=10, n_reference=2000, max_candidates=5000)"
     )
     assert repr(get_strategy("random")) == "RandomSampling()"
-
-
-def test_softrank_draws_by_rank():
-    from backend.scoring.strategies import softrank_sample
-
-    scores = np.array([0.1, 0.9, 0.5, 0.7])  # ranks 4, 1, 3, 2
-    # a very sharp draw is top-n, best first; every draw is distinct and inside the scores
-    assert softrank_sample(scores, 3, np.random.default_rng(0), beta=1e6).tolist() == [1, 3, 2]
-    assert sorted(softrank_sample(scores, 4, np.random.default_rng(1)).tolist()) == [0, 1, 2, 3]
-    assert len(softrank_sample(scores, 0, np.random.default_rng(1))) == 0
-    # beta = 1, one pick out of two: P(rank 1) = 1 / (1 + 1/2) = 2/3
-    rng = np.random.default_rng(2)
-    firsts = [softrank_sample(np.array([0.2, 0.8]), 1, rng)[0] for _ in range(3000)]
-    assert np.mean(np.array(firsts) == 1) == pytest.approx(2 / 3, abs=0.03)
-    # beta = 0: uniform, whatever the scores
-    firsts = [softrank_sample(np.array([0.2, 0.8]), 1, rng, beta=0.0)[0] for _ in range(3000)]
-    assert np.mean(np.array(firsts) == 1) == pytest.approx(1 / 2, abs=0.03)

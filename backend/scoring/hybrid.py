@@ -10,11 +10,8 @@ A batch of n is split three ways:
 * uncertainty picks, the rest: margin, de-duplicated. The `candidate_factor` x n highest-margin rows are
   clustered (margin-weighted k-means) into as many clusters as picks are needed, and the highest-margin row of
   each cluster is taken (cluster-margin). With factor 1 this is plain margin, so the uncertainty term stays
-  faithful to margin; the clustering only keeps near-duplicates out of one batch. Redundancy within a batch
-  matters while the batch is large next to the labels the head has seen, and fades as labels accumulate, so
-  by default (`fade_deduplication`) the factor shrinks towards 1 as 1 + (factor - 1) · min(1, n / labels).
-  With `uncertainty="badge"` they are BADGE picks instead (see `scoring.gradient`), among the highest-margin
-  rows; with `uncertainty="softrank"` they are drawn by margin rank (`strategies.softrank_sample`).
+  faithful to margin; the clustering only keeps near-duplicates out of one batch. With `uncertainty="badge"`
+  they are BADGE picks instead (see `scoring.gradient`), among the highest-margin rows.
 
 Cost on a pool of N unlabelled rows: margin is O(N·k) and the candidate pick O(N); embeddings are only read for
 at most `max_candidates` rows (a random sample at cold start, the top-margin rows later), where k-means runs.
@@ -28,14 +25,7 @@ import numpy as np
 
 from backend.scoring.diversity import cluster_picks
 from backend.scoring.gradient import gradient_kmeanspp, hypothetical_residuals
-from backend.scoring.strategies import (
-    QueryStrategy,
-    check_choice,
-    check_range,
-    softrank_sample,
-    top_indices,
-    uncertainty_scores,
-)
+from backend.scoring.strategies import QueryStrategy, check_choice, check_range, top_indices, uncertainty_scores
 from backend.scoring.uncertainty import margin
 
 
@@ -47,13 +37,6 @@ def diversity_share(n_labeled: int, n_classes: int, cold_start: float, warm: flo
     if labels_per_class >= warm:
         return 0.0
     return (warm - labels_per_class) / (warm - cold_start)
-
-
-def candidate_factor(factor: float, n: int, n_labeled: int, fade: bool) -> float:
-    """How many top-margin candidates per pick are de-duplicated: `factor`, or faded as labels outnumber n."""
-    if not fade:
-        return factor
-    return 1.0 + (factor - 1.0) * min(1.0, n / max(n_labeled, 1))
 
 
 def class_counts(targets: np.ndarray, labeled: np.ndarray) -> np.ndarray:
@@ -110,11 +93,8 @@ class Hybrid(QueryStrategy):
         rare_share: the largest share of a batch spent on classes with fewer than `rare_min_labels` labels.
         rare_min_labels: a class with fewer labelled rows is rare; 0 turns rare-class picks off.
         max_candidates: the most rows whose embeddings are read (k-means runs on these).
-        fade_deduplication: shrink the candidate factor towards 1 (plain margin) as labels outnumber the batch:
-            1 + (candidate_factor - 1) · min(1, n / labels). False keeps it constant.
         uncertainty: how the uncertainty picks are made: "margin" (de-duplicated, as above) or "badge"
-            (BADGE's k-means++ on gradient embeddings, among the `max_candidates` highest-margin rows) or
-            "softrank" (drawn without replacement with P ∝ 1 / margin rank).
+            (BADGE's k-means++ on gradient embeddings, among the `max_candidates` highest-margin rows).
     """
 
     name = "hybrid"
@@ -128,7 +108,6 @@ class Hybrid(QueryStrategy):
         rare_min_labels: int = 3,
         max_candidates: int = 5_000,
         uncertainty: str = "margin",
-        fade_deduplication: bool = True,
     ):
         check_range("cold_start_labels_per_class", cold_start_labels_per_class, 0.0, 1e6)
         check_range("warm_labels_per_class", warm_labels_per_class, cold_start_labels_per_class, 1e6)
@@ -142,11 +121,8 @@ class Hybrid(QueryStrategy):
         self.rare_share = rare_share
         self.rare_min_labels = rare_min_labels
         self.max_candidates = max_candidates
-        check_choice("uncertainty", uncertainty, ("margin", "badge", "softrank"))
+        check_choice("uncertainty", uncertainty, ("margin", "badge"))
         self.uncertainty = uncertainty
-        if not isinstance(fade_deduplication, bool):
-            raise ValueError(f"fade_deduplication must be True or False; got {fade_deduplication!r}")
-        self.fade_deduplication = fade_deduplication
 
     def _select(self, pool, unlabeled, n, rng):
         labeled = pool.indices_labeled
@@ -190,14 +166,11 @@ class Hybrid(QueryStrategy):
         if n == 0:
             return np.empty(0, dtype=np.intp)
         positions = np.flatnonzero(available)
-        if self.uncertainty == "softrank":
-            return positions[softrank_sample(uncertainty[positions], n, rng)]
         if self.uncertainty == "badge":
             candidates = positions[top_indices(uncertainty[positions], self.max_candidates, rng)]
             residuals = hypothetical_residuals(pool.probs[unlabeled[candidates]], pool.multi_label)
             return candidates[gradient_kmeanspp(pool.embeddings[unlabeled[candidates]], residuals, n, rng)]
-        factor = candidate_factor(self.candidate_factor, n, len(pool.indices_labeled), self.fade_deduplication)
-        n_candidates = min(max(n, math.ceil(factor * n)), self.max_candidates)
+        n_candidates = min(max(n, math.ceil(self.candidate_factor * n)), self.max_candidates)
         candidates = positions[top_indices(uncertainty[positions], n_candidates, rng)]
         if len(candidates) <= n:
             return candidates

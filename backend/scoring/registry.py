@@ -18,7 +18,6 @@ from backend.scoring.strategies import (
     LeastConfidence,
     MarginSampling,
     RandomSampling,
-    SoftrankMargin,
     VoteEntropy,
 )
 
@@ -28,7 +27,6 @@ STRATEGIES: dict[str, type] = {
         RandomSampling,
         LeastConfidence,
         MarginSampling,
-        SoftrankMargin,
         EntropySampling,
         VoteEntropy,
         Bald,

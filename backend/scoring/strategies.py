@@ -75,27 +75,6 @@ def top_indices(scores: np.ndarray, n: int, rng: np.random.Generator) -> np.ndar
     return shuffled[best[np.lexsort((best, negated[best]))]]
 
 
-def softrank_sample(scores: np.ndarray, n: int, rng: np.random.Generator, beta: float = 1.0) -> np.ndarray:
-    """n distinct positions drawn without replacement with P ∝ rank^-beta (rank 1 = highest score). (c,) -> (n,)
-
-    Stochastic batch acquisition ("softrank", Kirsch et al., TMLR 2023): top-n takes a batch of near-identical
-    rows from the very top of a ranking computed before any of them is labelled; drawing by rank keeps most
-    picks near the top and spreads the others down the ranking. beta = 0 is uniform random, large beta top-n.
-    Drawn with the Gumbel-top-k trick; ties in `scores` rank in random order. O(c log c). Returned in the
-    order drawn, so the first is the most likely.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    n = min(int(n), len(scores))
-    if n <= 0:
-        return np.empty(0, dtype=np.intp)
-    shuffled = rng.permutation(len(scores))
-    order = shuffled[np.argsort(-scores[shuffled], kind="stable")]
-    ranks = np.empty(len(scores))
-    ranks[order] = np.arange(1, len(scores) + 1)
-    keys = -beta * np.log(ranks) + rng.gumbel(size=len(scores))
-    return top_indices(keys, n, rng)
-
-
 def check_choice(name: str, value: object, allowed: Sequence) -> None:
     """Raise ValueError naming `name`, quoting `value` and listing `allowed`, unless value is one of them."""
     if value not in allowed:
@@ -157,24 +136,6 @@ class UncertaintySampling(QueryStrategy):
     def _select(self, pool, unlabeled, n, rng):
         scores = uncertainty_scores(pool.probs[unlabeled], pool.multi_label, type(self).measure)
         return unlabeled[top_indices(scores, n, rng)]
-
-
-class SoftrankMargin(QueryStrategy):
-    """Margin, drawn by rank instead of taken from the top (`softrank_sample`).
-
-    Args:
-        beta: how sharply the draw favours the top ranks; 0 is random order.
-    """
-
-    name = "softrank_margin"
-
-    def __init__(self, beta: float = 1.0):
-        check_range("beta", beta, 0.0, 1e6)
-        self.beta = beta
-
-    def _select(self, pool, unlabeled, n, rng):
-        scores = uncertainty_scores(pool.probs[unlabeled], pool.multi_label, margin)
-        return unlabeled[softrank_sample(scores, n, rng, self.beta)]
 
 
 class LeastConfidence(UncertaintySampling):
