@@ -146,6 +146,18 @@ def test_webhook_acknowledges_and_coalesces_a_burst_into_one_job(client, redis_u
     assert queue.job_ids == ["rerank-3-0"]
 
 
+def test_project_updated_re_ranks_only_for_a_change_we_did_not_make(client, redis_url):
+    registry = redis.Redis.from_url(redis_url)
+    registry.hset("al:project:3", "live_version", "al-v000002-x")
+
+    def project_updated(**project):
+        return client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 3, **project}}).json
+
+    assert project_updated(model_version="al-v000002-x")["rerank"] == "not needed"  # our own switch
+    assert project_updated(title="renamed")["rerank"] == "not needed"
+    assert project_updated(model_version="")["rerank"] == "enqueued"  # reset from the UI
+
+
 def test_metrics_lists_projects_and_their_events(client):
     client.post("/setup", json=setup_payload())
     client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": [{"id": 1}]})

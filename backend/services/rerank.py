@@ -269,8 +269,11 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
         predictions = priority_predictions(state, pool, picks, version)
         project_tasks = len(state.task_ids) + len(state.labelled)
         summary["writes"] = write_predictions(runtime.label_studio, int(project), predictions, project_tasks)
-        runtime.label_studio.set_model_version(int(project), version)
+        # Before the switch: Label Studio posts PROJECT_UPDATED from inside the PATCH, and /webhook must see
+        # this version as ours, not as a change from the UI (which would queue another round, for ever). If
+        # the PATCH fails, reconciliation sees Label Studio's version differ from this one and re-ranks.
         runtime.registry.set_live_version(project, version)
+        runtime.label_studio.set_model_version(int(project), version)
         summary["published"] = True
         watch.lap("publish")
         runtime.queue.enqueue_cleanup(project, version)

@@ -6,6 +6,7 @@ Label Studio's webhook -> /webhook -> RQ -> worker retrains and publishes -> Lab
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import pytest
 import redis
@@ -33,6 +34,19 @@ def test_next_task_is_our_top_task_after_every_round(backend, project, secrets_n
         assert ls.get_project(project_id)["model_version"] == last["model_version"]
         assert last["top_task"] != top
         top = last["top_task"]
+
+
+def test_our_own_version_switch_does_not_start_another_round(backend, project, redis_url):
+    # Label Studio posts PROJECT_UPDATED from inside the PATCH that switches the version, before the round
+    # that made it has returned: were that taken as a change from the UI, every round would queue the next.
+    ls, project_id, _ = project
+    ls.connect_ml_backend(project_id, backend.url, "al-backend")
+    cold = backend.wait_for_round(project_id, annotations=0)
+    generation = redis.Redis.from_url(redis_url).get(f"al:rerank:generation:{project_id}")
+    time.sleep(8)  # several rounds' time on this project
+    assert redis.Redis.from_url(redis_url).get(f"al:rerank:generation:{project_id}") == generation
+    assert backend.last_round(project_id)["model_version"] == cold["model_version"]
+    assert backend.metrics()["projects"][str(project_id)]["events"].get("PROJECT_UPDATED", 0) >= 1
 
 
 def test_a_burst_of_webhooks_is_reflected_with_few_reranks(backend, project, redis_url):
