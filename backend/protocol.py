@@ -7,6 +7,7 @@ naming the field and what was wrong with it. Routes never index into raw request
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 from backend.errors import MalformedRequest
@@ -63,6 +64,9 @@ def require_object(body: object, route: str) -> dict:
     return body
 
 
+PROJECT_ID = re.compile(r"[0-9]{1,18}")
+
+
 def project_id(value: object, field_name: str = "project") -> str:
     """Label Studio sends project ids as ints, as strings, as "id.timestamp" (in /predict), or as objects."""
     if isinstance(value, dict):
@@ -70,9 +74,9 @@ def project_id(value: object, field_name: str = "project") -> str:
     if isinstance(value, bool) or value is None or value == "":
         raise MalformedRequest(f"'{field_name}' must be a project id, got {value!r}")
     text = str(value).split(".", 1)[0]
-    if not text.isdigit():
-        raise MalformedRequest(f"'{field_name}' must be a numeric project id, got {value!r}")
-    return text
+    if not PROJECT_ID.fullmatch(text):  # ASCII digits only: str.isdigit() also takes "²" and "١٢"
+        raise MalformedRequest(f"'{field_name}' must be a numeric project id, got {value!r:.80}")
+    return str(int(text))  # "007" and "7" are one project
 
 
 def parse_setup(body: object) -> SetupRequest:

@@ -114,6 +114,9 @@ def test_unsupported_config_is_a_422_naming_supported_tags(client, route):
         ("/predict", b'{"tasks": "abc"}', "'tasks'"),
         ("/predict", b'{"tasks": [{"id": 1}], "label_config": "<View/>"}', "tasks[0]"),
         ("/predict", b'{"tasks": [], "project": "abc"}', "numeric project id"),
+        ("/setup", '{"project": "\u00b2", "schema": "<View/>"}'.encode(), "numeric project id"),
+        ("/webhook", '{"action": "ANNOTATION_CREATED", "project": {"id": "\u0661"}}'.encode(), "numeric project id"),
+        ("/webhook", b'{"action": "ANNOTATION_CREATED", "project": {"id": "-3"}}', "numeric project id"),
         ("/setup", b'{"project": 1}', "'schema'"),
         ("/setup", b'{"project": 1, "schema": "<View/>", "extra_params": "{bad"}', "extra_params"),
         ("/setup", b'{"project": 1, "schema": "<View/>", "extra_params": {"strategy": "nope"}}', "known strategies"),
@@ -127,6 +130,12 @@ def test_malformed_bodies_get_a_4xx_naming_the_problem(client, route, body, expe
     response = client.post(route, data=body, content_type="application/json")
     assert 400 <= response.status_code < 500
     assert expected in response.json["message"]
+
+
+def test_project_ids_are_normalised(client):
+    event = {"action": "ANNOTATION_CREATED", "annotation": {"id": 1}}
+    assert client.post("/webhook", json=event | {"project": {"id": 7}}).json["rerank"] == "enqueued"
+    assert client.post("/webhook", json=event | {"project": {"id": "007"}}).json["rerank"] == "coalesced"
 
 
 def test_predict_without_label_config_uses_the_one_from_setup(client):
