@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import time
 
 from rq import get_current_job
@@ -121,14 +122,26 @@ def encode_chunk(project: str, job_id: str, texts: list[str]) -> int:
     return len(texts)
 
 
+def version_number(version: str, prefix: str) -> int | None:
+    """The round number in one of our model versions (`<prefix>-v000012-<time>` -> 12), else None."""
+    match = re.fullmatch(rf"{re.escape(prefix)}-v(\d+)(-.*)?", version)
+    return int(match.group(1)) if match else None
+
+
 def cleanup_versions(project: str, keep_version: str) -> list[str]:
-    """Delete this backend's older model versions of `project`; never the project's current one."""
+    """Delete this backend's model versions of `project` older than `keep_version`; never the current one.
+
+    Only older ones: a newer round may be writing its predictions right now (cleanup takes no lock), and
+    deleting its version would leave Label Studio switching to, or serving, an empty ranking.
+    """
     rt = runtime()
     current = rt.label_studio.get_project(int(project)).get("model_version")
-    prefix = rt.settings.model_version_prefix + "-"
+    prefix = rt.settings.model_version_prefix
+    keep_number = version_number(keep_version, prefix)
     deleted = []
     for version in rt.label_studio.model_versions(int(project)):
-        if version.startswith(prefix) and version not in (keep_version, current):
+        number = version_number(version, prefix)
+        if number is not None and keep_number is not None and number < keep_number and version != current:
             rt.label_studio.delete_model_version(int(project), version)
             deleted.append(version)
     rt.artifacts.prune(project)

@@ -45,6 +45,15 @@ class FakeLabelStudio:
         self.writes.append("single")
         self.predictions.extend(predictions)
 
+    def model_versions(self, project_id):
+        versions: dict[str, int] = {}
+        for prediction in self.predictions:
+            versions[prediction["model_version"]] = versions.get(prediction["model_version"], 0) + 1
+        return versions
+
+    def delete_model_version(self, project_id, version):
+        self.predictions = [p for p in self.predictions if p["model_version"] != version]
+
     def set_model_version(self, project_id, version):
         assert any(p["model_version"] == version for p in self.predictions), "switch to a version with predictions"
         self.project["model_version"] = version
@@ -151,3 +160,13 @@ def test_rounds_report_a_stopping_signal(runtime, label_studio):
     assert third["stopping"]["stability_kappa"] == 1.0
     assert third["stopping"]["history"][-1] == 1.0
     assert 0.0 <= third["stopping"]["mean_uncertainty"] <= 1.0
+
+
+def test_cleanup_deletes_older_versions_only_never_one_a_newer_round_is_writing(runtime, label_studio, monkeypatch):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    first, second = (rerank("1", runtime, generation=g)["model_version"] for g in (1, 2))
+    label_studio.predictions.append({"task": 1, "score": 0.0, "model_version": "al-v000099-20991231T000000"})
+    label_studio.predictions.append({"task": 2, "score": 0.0, "model_version": "someone-else-v1"})
+    assert jobs.cleanup_versions("1", second) == [first]
+    assert set(label_studio.model_versions(1)) == {second, "al-v000099-20991231T000000", "someone-else-v1"}
+    assert label_studio.project["model_version"] == second
