@@ -170,3 +170,18 @@ def test_cleanup_deletes_older_versions_only_never_one_a_newer_round_is_writing(
     assert jobs.cleanup_versions("1", second) == [first]
     assert set(label_studio.model_versions(1)) == {second, "al-v000099-20991231T000000", "someone-else-v1"}
     assert label_studio.project["model_version"] == second
+
+
+def test_a_round_overtaken_while_writing_does_not_switch_the_version(runtime, label_studio, monkeypatch):
+    first = rerank("1", runtime, generation=1)
+    write = label_studio.import_predictions
+
+    def a_newer_round_claims_meanwhile(project_id, predictions):
+        write(project_id, predictions)
+        assert runtime.queue.may_publish("1", 3)
+
+    monkeypatch.setattr(label_studio, "import_predictions", a_newer_round_claims_meanwhile)
+    second = rerank("1", runtime, generation=2)
+    assert not second["published"] and second["writes"] == "bulk"
+    assert label_studio.project["model_version"] == first["model_version"]
+    assert runtime.registry.live_version("1") == first["model_version"]

@@ -216,6 +216,23 @@ def write_predictions(label_studio, project: int, predictions: list[dict], proje
     return "bulk"
 
 
+def publish(runtime, project: str, generation: int, version: str, state, pool, picks, summary: dict) -> bool:
+    """Write the ranking under `version` and switch the project to it, unless a newer round overtook this one."""
+    predictions = priority_predictions(state, pool, picks, version)
+    project_tasks = len(state.task_ids) + len(state.labelled)
+    summary["writes"] = write_predictions(runtime.label_studio, int(project), predictions, project_tasks)
+    if not runtime.queue.still_publisher(project, generation):
+        log.warning("project %s: a newer round published while %s was being written; not switching", project, version)
+        return False
+    # Before the switch: Label Studio posts PROJECT_UPDATED from inside the PATCH, and /webhook must see this
+    # version as ours, not as a change from the UI (which would queue another round, for ever). If the PATCH
+    # fails, reconciliation sees Label Studio's version differ from this one and re-ranks.
+    runtime.registry.set_live_version(project, version)
+    runtime.label_studio.set_model_version(int(project), version)
+    runtime.queue.enqueue_cleanup(project, version)
+    return True
+
+
 def rerank(project: str, runtime, generation: int, timing: dict | None = None) -> dict:
     """Run one round for `project` and return its summary (also recorded for /metrics).
 
@@ -266,17 +283,8 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
         "finished_at": time.time(),
     }
     if len(picks) and runtime.queue.may_publish(project, generation):
-        predictions = priority_predictions(state, pool, picks, version)
-        project_tasks = len(state.task_ids) + len(state.labelled)
-        summary["writes"] = write_predictions(runtime.label_studio, int(project), predictions, project_tasks)
-        # Before the switch: Label Studio posts PROJECT_UPDATED from inside the PATCH, and /webhook must see
-        # this version as ours, not as a change from the UI (which would queue another round, for ever). If
-        # the PATCH fails, reconciliation sees Label Studio's version differ from this one and re-ranks.
-        runtime.registry.set_live_version(project, version)
-        runtime.label_studio.set_model_version(int(project), version)
-        summary["published"] = True
+        summary["published"] = publish(runtime, project, generation, version, state, pool, picks, summary)
         watch.lap("publish")
-        runtime.queue.enqueue_cleanup(project, version)
     summary["seconds"] = watch.stages
     summary["job"] = timing or {}
     summary["seconds_total"] = round(sum(watch.stages.values()), 4)
