@@ -15,7 +15,7 @@ from backend.errors import BackendError, MalformedRequest, Unauthorized
 from backend.label_config import parse_label_config
 from backend.protocol import parse_predict, parse_setup, parse_webhook
 from backend.runtime import Runtime
-from backend.services.predict import model_version
+from backend.services.predict import interactive_version
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _register_routes(app: Flask, runtime: Runtime) -> None:
         config = parse_label_config(setup_request.label_config)  # reject unsupported configs, with the reason
         runtime.projects.setup(setup_request)
         artifact = runtime.predictor.artifact_for(setup_request.project, config)
-        return jsonify(model_version=model_version(runtime.settings.model_version_prefix, artifact))
+        return jsonify(model_version=interactive_version(runtime.settings.model_version_prefix, artifact))
 
     @app.post("/predict")
     def predict():

@@ -73,7 +73,7 @@ def test_predict_returns_one_valid_prediction_per_task_in_order(client):
         assert region["from_name"] == "topic" and region["to_name"] == "text" and region["type"] == "choices"
         assert len(region["value"]["choices"]) == 1 and region["value"]["choices"][0] in AG_NEWS_LABELS
         assert 0.25 <= result["score"] <= 1.0  # confidence of a 4-way softmax
-        assert result["model_version"] == "al-zero-shot"
+        assert result["model_version"] == "al-zero-shot-predict"  # never a ranking's version
     single = client.post("/predict", json=predict_payload([tasks[1]])).json["results"][0]
     assert single["result"] == results[1]["result"]
     assert single["score"] == pytest.approx(results[1]["score"], abs=1e-5)

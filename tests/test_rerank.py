@@ -185,3 +185,13 @@ def test_a_round_overtaken_while_writing_does_not_switch_the_version(runtime, la
     assert not second["published"] and second["writes"] == "bulk"
     assert label_studio.project["model_version"] == first["model_version"]
     assert runtime.registry.live_version("1") == first["model_version"]
+
+
+def test_interactive_predictions_never_carry_the_ranking_version(runtime, label_studio):
+    from backend.label_config import parse_label_config
+
+    live = rerank("1", runtime, generation=1)["model_version"]
+    task = {"id": 1, "data": label_studio.tasks[1]["data"]}
+    (answer,) = runtime.predictor.predict("1", parse_label_config(AG_NEWS_CONFIG), [task])
+    assert answer["model_version"] == live + "-predict"  # same head, but Label Studio keeps them apart
+    assert jobs.version_number(answer["model_version"], "al") == jobs.version_number(live, "al")  # cleaned up too

@@ -28,6 +28,16 @@ def model_version(prefix: str, artifact: HeadArtifact) -> str:
     return f"{prefix}-{artifact.version}-{artifact.meta.get('created', '')}".rstrip("-")
 
 
+def interactive_version(prefix: str, artifact: HeadArtifact) -> str:
+    """The version /predict and /setup answer with: the artifact's, suffixed so it never equals a ranking's.
+
+    Label Studio stores what /predict returns (e.g. the Data Manager's "Retrieve Predictions") under the
+    version in the answer; under the live ranking's version, those confidence scores would mix into the
+    priorities Uncertainty sampling serves by.
+    """
+    return model_version(prefix, artifact) + "-predict"
+
+
 def predicted_labels(probs: np.ndarray, labels: tuple[str, ...], multi_label: bool) -> list[list[str]]:
     """(n, k) probabilities -> chosen label names per row: the argmax, or every label with p >= 0.5."""
     if not multi_label:
@@ -64,7 +74,7 @@ class Predictor:
         A task without the config's text field gets an empty prediction (and a log line), not an error for all.
         """
         artifact = self.artifact_for(project, config)
-        version = model_version(self.version_prefix, artifact)
+        version = interactive_version(self.version_prefix, artifact)
         texts, rows = [], []
         for row, task in enumerate(tasks):
             try:
