@@ -195,3 +195,13 @@ def test_interactive_predictions_never_carry_the_ranking_version(runtime, label_
     (answer,) = runtime.predictor.predict("1", parse_label_config(AG_NEWS_CONFIG), [task])
     assert answer["model_version"] == live + "-predict"  # same head, but Label Studio keeps them apart
     assert jobs.version_number(answer["model_version"], "al") == jobs.version_number(live, "al")  # cleaned up too
+
+
+def test_the_server_keeps_one_head_per_project_not_one_per_version(runtime, label_studio):
+    from backend.label_config import parse_label_config
+
+    config = parse_label_config(AG_NEWS_CONFIG)
+    for generation in (1, 2, 3):
+        version = rerank("1", runtime, generation=generation)["model_version"]
+        assert runtime.predictor.artifact_for("1", config).version in version  # the newest, every time
+    assert len(runtime.predictor._heads) == 1

@@ -55,18 +55,23 @@ class Predictor:
     version_prefix: str = "al"
 
     def __post_init__(self):
-        self._heads: dict[tuple, HeadArtifact] = {}
+        self._heads: dict[tuple[str, ClassificationConfig], tuple[str | None, HeadArtifact]] = {}
         self._lock = threading.Lock()
 
     def artifact_for(self, project: str, config: ClassificationConfig) -> HeadArtifact:
-        """The project's newest trained artifact for this config, else a zero-shot one (cached per process)."""
+        """The project's newest trained artifact for this config, else a zero-shot one.
+
+        Cached per process, one entry per project and config: a newer version on disk replaces it.
+        """
         versions = self.store.versions(project) if project else []
-        key = (project, versions[-1] if versions else None, config)
+        newest = versions[-1] if versions else None
         with self._lock:
-            if key not in self._heads:
-                artifact = self.store.load_latest(project, config.labels, self.encoder.encoder_id) if versions else None
-                self._heads[key] = artifact or zero_shot_artifact(config, self.encoder, self.cache)
-            return self._heads[key]
+            cached_version, artifact = self._heads.get((project, config), (None, None))
+            if artifact is None or cached_version != newest:
+                trained = self.store.load_latest(project, config.labels, self.encoder.encoder_id) if versions else None
+                artifact = trained or zero_shot_artifact(config, self.encoder, self.cache)
+                self._heads[(project, config)] = (newest, artifact)
+            return artifact
 
     def predict(self, project: str, config: ClassificationConfig, tasks: list[dict]) -> list[dict]:
         """One Label Studio prediction per task, in order: predicted choice(s) and the confidence as `score`.
