@@ -5,9 +5,11 @@ Every field names the environment variable it comes from; the README's settings 
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from urllib.parse import urlsplit
 
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -134,7 +136,10 @@ class Settings:
 
     def secrets(self) -> list[str]:
         """Values that must never reach logs or error messages."""
-        return [value for value in (self.label_studio_api_key, self.basic_auth_pass) if value]
+        credentials = f"{self.basic_auth_user}:{self.basic_auth_pass}".encode()
+        basic_header = base64.b64encode(credentials).decode() if self.basic_auth_pass else ""
+        redis_password = urlsplit(self.redis_url).password or ""
+        return [v for v in (self.label_studio_api_key, self.basic_auth_pass, basic_header, redis_password) if v]
 
 
 SETTING_NAMES = [f.name for f in fields(Settings)]

@@ -10,7 +10,7 @@ FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
 
 
 class RedactSecrets(logging.Filter):
-    """Replaces any configured secret (API key, basic-auth password) in a record's final message."""
+    """Replaces any configured secret (`Settings.secrets`) in a record's final message and its traceback."""
 
     def __init__(self, secrets: list[str]):
         super().__init__()
@@ -18,11 +18,17 @@ class RedactSecrets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.secrets:
-            message = record.getMessage()
-            for secret in self.secrets:
-                message = message.replace(secret, "***")
-            record.msg, record.args = message, None
+            record.msg, record.args = self.redact(record.getMessage()), None
+            if record.exc_info and not record.exc_text:  # the traceback, formatted once here, redacted
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = self.redact(record.exc_text)
         return True
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
 
 
 def configure_logging(settings: Settings) -> None:

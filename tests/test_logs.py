@@ -1,0 +1,48 @@
+"""Secrets never reach the log output: messages, tracebacks, the basic-auth header, Redis's password."""
+
+from __future__ import annotations
+
+import base64
+import logging
+
+from backend.config import Settings
+from backend.logs import FORMAT, RedactSecrets
+
+
+def log_output(settings: Settings, emit) -> str:
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.emit = lambda record: records.append(handler.format(record))
+    handler.addFilter(RedactSecrets(settings.secrets()))
+    logger = logging.getLogger("test-secrets")
+    logger.handlers[:], logger.propagate = [handler], False
+    emit(logger)
+    return "\n".join(records)
+
+
+def test_messages_tracebacks_and_derived_forms_of_secrets_are_redacted():
+    settings = Settings(
+        label_studio_api_key="key-123456",
+        basic_auth_user="ls",
+        basic_auth_pass="pa55word",
+        redis_url="redis://:redispw@localhost:6379/0",
+    )
+    header = base64.b64encode(b"ls:pa55word").decode()
+
+    def emit(logger):
+        logger.info("calling with %s and Basic %s", settings.label_studio_api_key, header)
+        try:
+            raise ConnectionError(f"cannot reach {settings.redis_url} with token key-123456")
+        except ConnectionError:
+            logger.exception("failed")
+
+    output = log_output(settings, emit)
+    assert "Traceback" in output and "ConnectionError" in output and "***" in output
+    for secret in ("key-123456", "pa55word", header, "redispw"):
+        assert secret not in output
+
+
+def test_secrets_lists_only_what_is_set():
+    assert Settings().secrets() == []
+    assert Settings(redis_url="redis://localhost:6379/0", basic_auth_user="ls").secrets() == []
