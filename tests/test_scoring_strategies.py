@@ -237,3 +237,21 @@ def test_repr_lists_the_params():
         "DensityWeighted(measure='margin', beta=2.0, n_neighbors=10, n_reference=2000, max_candidates=5000)"
     )
     assert repr(get_strategy("random")) == "RandomSampling()"
+
+
+CAPPED = {
+    "coreset": {"max_candidates": 2},
+    "badge": {"max_candidates": 2},
+    "hybrid": {"max_candidates": 2},
+    "cluster": {"max_fit_rows": 2},
+    "density_weighted": {"max_candidates": 2},
+    "error_prediction": {"max_candidates": 2},
+}
+
+
+@pytest.mark.parametrize(("name", "params"), list(CAPPED.items()))
+@pytest.mark.parametrize("pool_kind", ["cold_start", "single"])
+def test_a_cap_on_candidates_never_caps_the_batch(name, params, pool_kind):
+    pool = make_pool(**POOLS[pool_kind])
+    picks = get_strategy(name, **params).select(pool, 30, np.random.default_rng(0))
+    assert len(picks) == 30 and len(set(picks.tolist())) == 30 and not pool.labeled[picks].any()

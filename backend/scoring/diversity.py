@@ -163,7 +163,7 @@ def cluster_picks(
     if n <= 0:
         return np.empty(0, dtype=np.intp)
     weights = np.ones(len(indices_unlabeled)) if weights is None else np.asarray(weights, dtype=np.float64)
-    fitted = _sample_positions(len(indices_unlabeled), max_fit_rows, rng)
+    fitted = _sample_positions(len(indices_unlabeled), max(max_fit_rows, n), rng)  # never fewer rows than picks
     labeled = indices_labeled[_sample_positions(len(indices_labeled), max_fit_rows // 2, rng)]
     points = normalize_rows(embeddings[np.concatenate([indices_unlabeled[fitted], labeled])])
     point_weights = np.concatenate([weights[fitted], np.full(len(labeled), weights.mean())])

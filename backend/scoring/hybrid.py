@@ -146,8 +146,9 @@ class Hybrid(QueryStrategy):
         if n == 0:
             return np.empty(0, dtype=np.intp)
         sample = np.arange(len(unlabeled))
-        if len(sample) > self.max_candidates:
-            sample = np.sort(rng.choice(len(unlabeled), size=self.max_candidates, replace=False))
+        limit = max(self.max_candidates, n)  # the cap on candidates never caps the batch
+        if len(sample) > limit:
+            sample = np.sort(rng.choice(len(unlabeled), size=limit, replace=False))
         rows = cluster_picks(
             pool.embeddings, unlabeled[sample], n, rng, indices_labeled=pool.indices_labeled, max_fit_rows=len(sample)
         )
@@ -167,10 +168,10 @@ class Hybrid(QueryStrategy):
             return np.empty(0, dtype=np.intp)
         positions = np.flatnonzero(available)
         if self.uncertainty == "badge":
-            candidates = positions[top_indices(uncertainty[positions], self.max_candidates, rng)]
+            candidates = positions[top_indices(uncertainty[positions], max(self.max_candidates, n), rng)]
             residuals = hypothetical_residuals(pool.probs[unlabeled[candidates]], pool.multi_label)
             return candidates[gradient_kmeanspp(pool.embeddings[unlabeled[candidates]], residuals, n, rng)]
-        n_candidates = min(max(n, math.ceil(self.candidate_factor * n)), self.max_candidates)
+        n_candidates = min(max(n, math.ceil(self.candidate_factor * n)), max(n, self.max_candidates))
         candidates = positions[top_indices(uncertainty[positions], n_candidates, rng)]
         if len(candidates) <= n:
             return candidates

@@ -199,8 +199,9 @@ class Coreset(QueryStrategy):
         self.max_candidates = max_candidates
 
     def _select(self, pool, unlabeled, n, rng):
-        if len(unlabeled) > self.max_candidates:
-            unlabeled = np.sort(rng.choice(unlabeled, size=self.max_candidates, replace=False))
+        limit = max(self.max_candidates, n)  # the cap on candidates never caps the batch
+        if len(unlabeled) > limit:
+            unlabeled = np.sort(rng.choice(unlabeled, size=limit, replace=False))
         return greedy_coreset(pool.embeddings, unlabeled, pool.indices_labeled, n)
 
 
@@ -323,8 +324,9 @@ class Badge(QueryStrategy):
     def _select(self, pool, unlabeled, n, rng):
         residuals = hypothetical_residuals(pool.probs[unlabeled], pool.multi_label)
         candidates = np.arange(len(unlabeled))
-        if len(unlabeled) > self.max_candidates:
+        limit = max(self.max_candidates, n)  # the cap on candidates never caps the batch
+        if len(unlabeled) > limit:
             norms = gradient_norms_squared(pool.embeddings[unlabeled], residuals)
-            candidates = top_indices(norms, self.max_candidates, rng)
+            candidates = top_indices(norms, limit, rng)
         picks = gradient_kmeanspp(pool.embeddings[unlabeled[candidates]], residuals[candidates], n, rng)
         return unlabeled[candidates[picks]]
