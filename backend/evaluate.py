@@ -144,14 +144,8 @@ def run_one(
     heads = [zero_shot_head(label_embeddings, False)]
     accuracy, f1, stability, stop_budget = [], [], [], None
     finetuned: dict[int, float] = {}
-    previous_probs = None
     for round_index, budget in enumerate(budgets):
         all_probs = proba_of_heads(heads, pool.embeddings)
-        if previous_probs is not None and round_index >= 2:  # round 1 compares against zero-shot: skip it
-            stability.append(prediction_stability(previous_probs, all_probs[0], False))
-            if stop_budget is None and should_stop(stability):
-                stop_budget = budgets[round_index - 1]  # the labels the stable model was trained on
-        previous_probs = all_probs[0]
         targets = np.zeros((len(labeled), k), dtype=np.float32)
         targets[labeled] = one_hot_indices(pool.labels[labeled], k)
         state = Pool(
@@ -169,6 +163,11 @@ def run_one(
         labeled[picks] = True
         x, y = pool.embeddings[labeled], one_hot_indices(pool.labels[labeled], k)
         heads = [fit_head(x, y, False), *fit_committee(x, y, False, COMMITTEE_SIZE, rng)]
+        if round_index >= 1:  # stability of the new model against the previous one (not zero-shot), unlabelled rows
+            previous, current = all_probs[0][~labeled], heads[0].predict_proba(pool.embeddings[~labeled])
+            stability.append(prediction_stability(previous, current, False))
+            if stop_budget is None and should_stop(stability):
+                stop_budget = budget  # the labels the stable model was trained on
         predicted = heads[0].predict_proba(test.embeddings).argmax(axis=1)
         accuracy.append(float(np.mean(predicted == test.labels)))
         f1.append(macro_f1(test.labels, predicted, k))
@@ -288,17 +287,24 @@ def resummarise(out: Path) -> dict:
     """Recompute the summary of an existing results.json (e.g. after a change to the figures derived)."""
     old = json.loads((out / "results.json").read_text())
     some = next(iter(old["strategies"].values()))
-    runs = {
-        name: [
-            {"accuracy": acc, "macro_f1": f1}
-            for acc, f1 in zip(r["accuracy_per_seed"], r["macro_f1_per_seed"], strict=True)
-        ]
-        for name, r in old["strategies"].items()
-    }
+    runs = {name: _seed_runs(r) for name, r in old["strategies"].items()}
     summary = summarise(runs, some["budgets"], old["full_pool_accuracy"])
     summary.update({k: old[k] for k in ("arguments", "seconds") if k in old})
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _seed_runs(result: dict) -> list[dict]:
+    """One strategy's summary in results.json -> its per-seed runs, everything `summarise` reads kept."""
+    seeds = len(result["accuracy_per_seed"])
+    stops = result.get("stop_budget_per_seed") or [None] * seeds
+    tuned = result.get("finetuned_accuracy_per_seed") or [{}] * seeds
+    return [
+        {"accuracy": acc, "macro_f1": f1, "stop_budget": stop, "finetuned_accuracy": finetuned}
+        for acc, f1, stop, finetuned in zip(
+            result["accuracy_per_seed"], result["macro_f1_per_seed"], stops, tuned, strict=True
+        )
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

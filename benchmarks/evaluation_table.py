@@ -29,6 +29,9 @@ def merged_results(folders: list[Path]) -> dict[str, dict]:
         if name not in merged:
             merged[name] = results
         else:
+            first_budgets = merged[name]["strategies"]["random"]["budgets"]
+            if results["strategies"]["random"]["budgets"] != first_budgets:
+                raise SystemExit(f"{folder}: budgets differ from the first {name} run's; not comparable")
             for strategy, result in results["strategies"].items():
                 merged[name]["strategies"].setdefault(strategy, result)
     return merged

@@ -121,3 +121,39 @@ def test_bad_label_names_are_a_usage_error(tiny_bert, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(harness_arguments(tmp_path, tiny_bert, "--seeds", "1", "--label-names", "NOPE=x"))
     assert "--label-names: label 'NOPE' is not in the pool" in capsys.readouterr().err
+
+
+def test_stopping_compares_successive_models_on_unlabelled_rows(tiny_bert, tmp_path, monkeypatch):
+    import backend.evaluate as evaluate
+
+    compared: list[int] = []
+    stability = evaluate.prediction_stability
+
+    def recording(previous, current, multi_label):
+        compared.append(len(previous))
+        return stability(previous, current, multi_label)
+
+    monkeypatch.setattr(evaluate, "prediction_stability", recording)
+    monkeypatch.setattr(evaluate, "should_stop", lambda history: len(history) >= 2)  # stable after two comparisons
+    main(harness_arguments(tmp_path, tiny_bert, "--seeds", "1", "--strategy", "margin"))
+    margin = json.loads((tmp_path / "out" / "results.json").read_text())["strategies"]["margin"]
+    # budgets 20, 40, 60 on a 300-row pool: the model at 40 vs the one at 20 on the 260 rows still unlabelled,
+    # then 60 vs 40 on 240 (zero-shot is never compared), for random and margin
+    assert compared == [260, 240, 260, 240]
+    assert margin["stop_budget_per_seed"] == [60]
+    assert margin["accuracy_at_stop_per_seed"] == [margin["accuracy_per_seed"][0][2]]
+
+
+def test_resummarise_keeps_stops_and_finetuned_figures(tmp_path):
+    from backend.evaluate import resummarise, summarise
+
+    budgets = [20, 40]
+    runs = {
+        name: [{"accuracy": [0.5, 0.8], "macro_f1": [0.4, 0.7], "stop_budget": 40, "finetuned_accuracy": {40: 0.9}}]
+        for name in ("random", "hybrid")
+    }
+    before = summarise(runs, budgets, full_accuracy=0.8)
+    (tmp_path / "results.json").write_text(json.dumps(before))
+    after = resummarise(tmp_path)["strategies"]["hybrid"]
+    assert after["stop_budget_per_seed"] == [40] and after["accuracy_at_stop_per_seed"] == [0.8]
+    assert after["finetuned_accuracy_mean"] == {"40": 0.9}

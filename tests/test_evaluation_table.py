@@ -5,9 +5,9 @@ import json
 from benchmarks.evaluation_table import main
 
 
-def write_results(folder, pool: str, strategies: dict[str, list[float]]) -> None:
+def write_results(folder, pool: str, strategies: dict[str, list[float]], budgets=(100, 200)) -> None:
     folder.mkdir()
-    budgets = [100, 200]
+    budgets = list(budgets)
     results = {
         "arguments": {"pool": pool},
         "full_pool_accuracy": 0.9,
@@ -40,3 +40,12 @@ def test_runs_on_one_data_set_merge_and_plot(tmp_path, capsys):
     assert lines[0].split(" | ")[3] == "0.500@100, 0.600@200"  # the first run's random, not the repeat
     assert lines[2].endswith("| -0.100 |")  # worst gap to that random at budgets >= 100
     assert (tmp_path / "plots" / "learning_curve_trec6.png").stat().st_size > 1000
+
+
+def test_runs_with_other_budgets_do_not_merge(tmp_path):
+    import pytest
+
+    write_results(tmp_path / "a", "data/trec6/train.csv", {"random": [0.5, 0.6]})
+    write_results(tmp_path / "b", "data/trec6/train.csv", {"random": [0.5, 0.6]}, budgets=(50, 100))
+    with pytest.raises(SystemExit, match="budgets differ"):
+        main([str(tmp_path / "a"), str(tmp_path / "b")])
