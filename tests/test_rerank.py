@@ -205,3 +205,24 @@ def test_the_server_keeps_one_head_per_project_not_one_per_version(runtime, labe
         version = rerank("1", runtime, generation=generation)["model_version"]
         assert runtime.predictor.artifact_for("1", config).version in version  # the newest, every time
     assert len(runtime.predictor._heads) == 1
+
+
+def test_a_round_while_chunks_are_encoding_waits_for_them_and_requeues_a_failed_one(runtime, label_studio, monkeypatch):
+    from rq.job import Job, JobStatus
+
+    monkeypatch.setattr(rerank_module, "ENCODE_CHUNK", 25)
+    rerank("1", runtime, generation=1)
+    queue = runtime.queue.queue
+    chunk = next(job_id for job_id in queue.get_job_ids() if job_id.startswith("encode-1-"))
+    runtime.redis.hset("al:encoding:1", "done", 1)  # one chunk encoded meanwhile
+    failed = Job.fetch(chunk, connection=runtime.redis)  # and another failed for good
+    queue.remove(failed)
+    failed.set_status(JobStatus.FAILED)
+    queue.failed_job_registry.add(failed, ttl=3600)
+
+    second = rerank("1", runtime, generation=2)  # snapshot saved, vectors missing: waits, does not fail
+    assert second["published"] is False and "chunk jobs" in second["encoding"]
+    assert chunk in queue.get_job_ids() and chunk not in queue.failed_job_registry.get_job_ids()
+    follow_ups = [j for j in queue.deferred_job_registry.get_job_ids() if j.startswith("rerank-1-after-")]
+    assert len(follow_ups) == 1  # one round waits for the chunks, however many rounds asked
+    assert runtime.queue.encoding_progress("1") == {"chunks": 3, "done": 1, "texts": 60}  # progress kept

@@ -28,6 +28,7 @@ FAILURE_TTL = 7 * 24 * 3600
 """Failed jobs stay in RQ's failed registry for a week, for inspection and requeueing."""
 RESULT_TTL = 3600
 DEAD_STATUSES = (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
+WAITING_STATUSES = (JobStatus.DEFERRED, JobStatus.QUEUED, JobStatus.SCHEDULED)
 
 PUBLISH_IF_NEWER = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -38,6 +39,10 @@ return 0
 
 def generation_key(project: str) -> str:
     return f"al:rerank:generation:{project}"
+
+
+def reconcile_alive_key(project: str) -> str:
+    return f"al:reconcile:alive:{project}"
 
 
 def encoding_key(project: str) -> str:
@@ -94,6 +99,11 @@ class JobQueue:
             self.queue.schedule_job(job, _in(interval), unique=True)
         except DuplicateJobError:
             pass
+        self.client.set(reconcile_alive_key(project), slot, ex=2 * interval + 60)
+
+    def reconcile_scheduled(self, project: str) -> bool:
+        """Whether the project's chain of reconciliations is alive (scheduled within the last two intervals)."""
+        return bool(self.client.exists(reconcile_alive_key(project)))
 
     def enqueue_connect(self, project: str) -> None:
         """First `/setup` of a project: configure it in Label Studio and build the cold-start ranking."""
@@ -108,23 +118,34 @@ class JobQueue:
 
     def enqueue_encoding(self, project: str, chunks: list[list[str]], then_rerank: bool = True) -> list[str]:
         """One job per chunk of texts, id = hash of its texts, so each chunk is encoded once even when several
-        rounds ask; then (optionally) a re-rank that depends on all of them. Returns the chunk job ids."""
+        rounds ask; then (optionally) one re-rank that depends on all of them. Returns the chunk job ids.
+
+        A chunk whose job failed for good is requeued from rq's failed registry (else its id would block it
+        for as long as failures are kept); progress restarts only when no encoding is under way.
+        """
         job_ids = []
         for chunk in chunks:
             digest = hashlib.sha1("\0".join(chunk).encode("utf-8", errors="replace")).hexdigest()[:16]
             job_id = f"encode-{project}-{digest}"
-            self._enqueue_unique("backend.jobs.encode_chunk", job_id, project, job_id, chunk)
+            if not self._enqueue_unique("backend.jobs.encode_chunk", job_id, project, job_id, chunk):
+                if self._status(job_id) == JobStatus.FAILED:
+                    self.queue.failed_job_registry.requeue(job_id)
             job_ids.append(job_id)
-        self.client.hset(
-            encoding_key(project), mapping={"chunks": len(chunks), "done": 0, "texts": sum(map(len, chunks))}
-        )
+        progress = self.encoding_progress(project)
+        if progress.get("done", 0) >= progress.get("chunks", 0):
+            mapping = {"chunks": len(chunks), "done": 0, "texts": sum(map(len, chunks))}
+            self.client.hset(encoding_key(project), mapping=mapping)
         if then_rerank:
-            self.queue.enqueue_call(
-                "backend.jobs.rerank_project",
-                args=(project, "embeddings ready"),
-                depends_on=job_ids,
-                **self._job_options(),
-            )
+            after = hashlib.sha1("\0".join(sorted(job_ids)).encode()).hexdigest()[:16]
+            follow_up = f"rerank-{project}-after-{after}"
+            if self._status(follow_up) not in WAITING_STATUSES:  # (rq's unique=True refuses dependencies)
+                self.queue.enqueue_call(
+                    "backend.jobs.rerank_project",
+                    args=(project, "embeddings ready"),
+                    job_id=follow_up,
+                    depends_on=job_ids,
+                    **self._job_options(),
+                )
         return job_ids
 
     def encoding_progress(self, project: str) -> dict:

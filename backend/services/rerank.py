@@ -181,21 +181,22 @@ def priority_predictions(state: ProjectState, pool: Pool, picks: np.ndarray, ver
 
 
 def stopping_signal(runtime, project: str, artifact: HeadArtifact, pool: Pool) -> dict:
-    """Kappa between this version's and the previous version's predictions on the pool, mean uncertainty of the
-    unlabelled rows, and whether the last rounds were stable enough to suggest that more labels pay off little."""
+    """Kappa between this version's and the previous version's predictions on the unlabelled rows, their mean
+    uncertainty, and whether the last rounds were stable enough to suggest that more labels pay off little."""
     versions = runtime.artifacts.versions(project)
     history = ((runtime.registry.last_round(project) or {}).get("stopping") or {}).get("history", [])
     stability = None
-    if len(versions) >= 2 and versions[-1] == artifact.version:
+    unlabelled = ~pool.labeled  # the stop set: labelled rows are training rows of both models, so they agree
+    if len(versions) >= 2 and versions[-1] == artifact.version and unlabelled.any():
         try:
             previous = runtime.artifacts.load(project, versions[-2])
             if previous.labels == artifact.labels:
-                previous_probs = previous.head.predict_proba(pool.embeddings)
-                stability = round(prediction_stability(previous_probs, pool.probs, pool.multi_label), 5)
+                previous_probs = previous.head.predict_proba(pool.embeddings[unlabelled])
+                current_probs = pool.probs[unlabelled]
+                stability = round(prediction_stability(previous_probs, current_probs, pool.multi_label), 5)
         except (OSError, ValueError, KeyError):
             stability = None
     history = ([*history, stability] if stability is not None else history)[-10:]
-    unlabelled = ~pool.labeled
     mean_uncertainty = (
         float(uncertainty_scores(pool.probs[unlabelled], pool.multi_label).mean()) if unlabelled.any() else 0.0
     )
@@ -240,20 +241,20 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
     """
     settings = runtime.settings
     watch = Stopwatch()
+    encoder, cache = runtime.encoder, runtime.embedding_cache
     try:
         state = read_project_state(runtime, project, watch)
+        try:
+            unlabelled_embeddings = cached_matrix(cache, state.text_keys, encoder.dim)
+        except LookupError as exc:  # vectors missing (still being encoded, or Redis lost them): re-read, re-encode
+            log.warning("project %s: %s", project, exc)
+            runtime.snapshots.mark_stale(project)
+            state = read_project_state(runtime, project, watch)
+            unlabelled_embeddings = cached_matrix(cache, state.text_keys, encoder.dim)
     except EncodingQueued as queued:
         log.info("project %s: %s; a new round follows them", project, queued)
         return {"generation": generation, "published": False, "encoding": str(queued)}
-    encoder, cache = runtime.encoder, runtime.embedding_cache
     labelled_embeddings = embed_texts([example.text for example in state.labelled], encoder, cache)
-    try:
-        unlabelled_embeddings = cached_matrix(cache, state.text_keys, encoder.dim)
-    except LookupError as exc:  # the cache lost vectors (e.g. Redis restarted without persistence): re-encode
-        log.warning("project %s: %s", project, exc)
-        runtime.snapshots.mark_stale(project)
-        state = read_project_state(runtime, project, watch)
-        unlabelled_embeddings = cached_matrix(cache, state.text_keys, encoder.dim)
     watch.lap("load_embeddings")
     artifact = train_artifact(
         state.labelled, state.config, encoder, cache, settings.committee_size, settings.min_annotations_to_train
