@@ -62,6 +62,21 @@ def test_setup_records_the_project_and_queues_its_connection(client, redis_url, 
     assert queue.job_ids == ["connect-3"]
 
 
+def test_setup_restarts_a_reconciliation_chain_that_broke(client, redis_url, settings):
+    from rq.registry import ScheduledJobRegistry
+
+    client.post("/setup", json=setup_payload())
+    scheduled = ScheduledJobRegistry(settings.queue_name, connection=redis.Redis.from_url(redis_url))
+    assert scheduled.get_job_ids() == ["reconcile-3-0"]
+    client.post("/setup", json=setup_payload())
+    assert scheduled.get_job_ids() == ["reconcile-3-0"]  # alive: nothing more
+    scheduled.remove("reconcile-3-0", delete_job=True)  # the chain broke (say Redis was away when it rescheduled)
+    redis.Redis.from_url(redis_url).delete("al:reconcile:alive:3")
+    client.post("/setup", json=setup_payload())
+    (restarted,) = scheduled.get_job_ids()
+    assert restarted.startswith("reconcile-3-") and restarted != "reconcile-3-0"
+
+
 def test_predict_returns_one_valid_prediction_per_task_in_order(client):
     tasks = [ls_task(i, text) for i, text in enumerate(TEXTS, start=10)]
     response = client.post("/predict", json=predict_payload(tasks))
