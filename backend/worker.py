@@ -20,6 +20,8 @@ from backend.logs import configure_logging
 
 log = logging.getLogger(__name__)
 
+MAINTENANCE_SECONDS = 60
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,7 +35,14 @@ def main(argv: list[str] | None = None) -> None:
         preload(runtime)
     log.info("worker listening on %s (queue %r)", settings.redis_url.split("@")[-1], settings.queue_name)
     while True:
-        worker = Worker([runtime.queue.queue], connection=runtime.redis)
+        # Maintenance every minute, not rq's ten, and a wait for jobs short enough to get to it: a dead worker's
+        # scheduler lock and abandoned jobs are taken over that much sooner.
+        worker = Worker(
+            [runtime.queue.queue],
+            connection=runtime.redis,
+            maintenance_interval=MAINTENANCE_SECONDS,
+            worker_ttl=MAINTENANCE_SECONDS,
+        )
         try:
             worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
             return  # burst finished, or stopped by a signal

@@ -206,3 +206,20 @@ def test_basic_auth_guards_every_route(settings, tmp_path):
             assert response.status_code == 401, route
             assert "s3cret" not in response.get_data(as_text=True)
         assert getattr(client, method)(route, headers=good, json={}).status_code != 401
+
+
+@pytest.mark.parametrize(("started_seconds_ago", "expected"), [(1, "coalesced"), (120, "enqueued")])
+def test_a_rerank_whose_worker_died_before_it_began_does_not_swallow_events(runtime, started_seconds_ago, expected):
+    from datetime import timedelta
+
+    from rq.job import Job, JobStatus
+    from rq.utils import now
+
+    assert runtime.queue.request_rerank("3", "first") == "enqueued"
+    job = Job.fetch("rerank-3-0", connection=runtime.redis)  # a worker took it, then was SIGKILLed
+    job.started_at = now() - timedelta(seconds=started_seconds_ago)
+    job.set_status(JobStatus.STARTED)
+    job.save()
+    assert runtime.queue.request_rerank("3", "another annotation") == expected
+    if expected == "enqueued":
+        assert "rerank-3-1" in runtime.queue.queue.get_job_ids()

@@ -28,6 +28,7 @@ FAILURE_TTL = 7 * 24 * 3600
 """Failed jobs stay in RQ's failed registry for a week, for inspection and requeueing."""
 RESULT_TTL = 3600
 DEAD_STATUSES = (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
+STALLED_AFTER_SECONDS = 30
 WAITING_STATUSES = (JobStatus.DEFERRED, JobStatus.QUEUED, JobStatus.SCHEDULED)
 
 PUBLISH_IF_NEWER = """
@@ -70,10 +71,24 @@ class JobQueue:
         if self._enqueue_unique("backend.jobs.rerank_project", job_id, project, reason):
             return "enqueued"
         status = self._status(job_id)
-        if status in DEAD_STATUSES:  # died before it took its generation: start the next one
+        if status in DEAD_STATUSES or (status == JobStatus.STARTED and self._stalled(job_id)):
+            # it died before it took its generation (failed, or its worker was killed): start the next one
             self.client.incr(generation_key(project))
             return self.request_rerank(project, reason)
         return "coalesced"
+
+    def _stalled(self, job_id: str) -> bool:
+        """A started re-rank that has not taken its generation within `STALLED_AFTER_SECONDS` lost its worker.
+
+        Taking the generation is the job's first step. rq itself notices a dead worker's job only after its
+        heartbeat expires and a worker's next maintenance pass (minutes); until then, events would coalesce
+        into a job that never runs.
+        """
+        try:
+            started_at = Job.fetch(job_id, connection=self.client).started_at
+        except NoSuchJobError:
+            return False
+        return started_at is not None and (now() - started_at).total_seconds() > STALLED_AFTER_SECONDS
 
     def start_rerank(self, project: str) -> int:
         """Called first by a re-rank job: take a new generation, so later events queue a follower."""

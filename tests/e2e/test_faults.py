@@ -9,6 +9,7 @@ import pytest
 import redis
 import requests
 from rq import Queue
+from rq.registry import StartedJobRegistry
 
 from tests.conftest import AG_NEWS_CONFIG, RedisServer
 from tests.e2e.fixtures import annotate, start_backend
@@ -25,18 +26,26 @@ def live_ranking_is_whole(ls, project_id: int, expected: int) -> None:
 
 
 @pytest.mark.parametrize("backend", [FAST_RECOVERY], indirect=True)
-def test_worker_killed_mid_round(backend, project):
+def test_worker_killed_mid_round(backend, project, redis_url):
     ls, project_id, truth = project
     ls.connect_ml_backend(project_id, backend.url, "al-backend")
     cold = backend.wait_for_round(project_id, annotations=0)
     top = cold["top_task"]
+    started = StartedJobRegistry(backend.env["QUEUE_NAME"], connection=redis.Redis.from_url(redis_url))
     annotate(ls, top, truth[top])
-    time.sleep(0.4)  # the round for this annotation is under way
-    backend.kill_worker(0)
+    deadline = time.time() + 30
+    while not any(job_id.startswith(f"rerank-{project_id}-") for job_id in started.get_job_ids()):
+        assert time.time() < deadline, "the round for the annotation never started"
+        time.sleep(0.01)
+    backend.kill_worker(0)  # while that round runs
+    assert backend.last_round(project_id)["annotations"] == 0, "the round finished before the kill"
     live_ranking_is_whole(ls, project_id, cold["ranked"])
 
-    backend.start_worker()  # the lost round is redone: reconciliation notices the unreflected annotation
-    last = backend.wait_for_round(project_id, annotations=1, timeout=120)
+    # The lost round is redone: once the new worker holds rq's scheduler lock (the dead one's expires after
+    # 61 s; workers retry each minute), reconciliation notices the unreflected annotation, and the stalled job
+    # no longer swallows the request.
+    backend.start_worker()
+    last = backend.wait_for_round(project_id, annotations=1, timeout=240)
     assert ls.get_project(project_id)["model_version"] == last["model_version"]
     live_ranking_is_whole(ls, project_id, last["ranked"])
     assert ls.next_task(project_id)["id"] == last["top_task"]
