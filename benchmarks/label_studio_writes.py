@@ -18,10 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from backend.adapters.label_studio import LabelStudio
-from tests.conftest import AG_NEWS_CONFIG, free_port, read_csv
-from tests.label_studio_server import label_studio_binary, start_label_studio
-
-IMPORT_CHUNK = 5000
+from benchmarks.common import ag_news_project, require_label_studio
+from tests.conftest import free_port
+from tests.label_studio_server import start_label_studio
 
 
 def timed(call: Callable, *args) -> float:
@@ -43,18 +42,8 @@ def predictions_for(task_ids: list[int], version: str) -> list[dict]:
     ]
 
 
-def make_project(ls: LabelStudio, n_tasks: int) -> tuple[int, list[int]]:
-    rows = read_csv("ag_news/pool.csv")
-    project = ls.create_project(f"writes-{n_tasks}", AG_NEWS_CONFIG)["id"]
-    task_ids: list[int] = []
-    for start in range(0, n_tasks, IMPORT_CHUNK):
-        batch = [{"text": rows[i % len(rows)]["text"]} for i in range(start, min(n_tasks, start + IMPORT_CHUNK))]
-        task_ids += ls.import_tasks(project, batch)["task_ids"]
-    return project, task_ids
-
-
 def measure(ls: LabelStudio, n_tasks: int, k: int, repeats: int) -> dict[str, list[float]]:
-    project, task_ids = make_project(ls, n_tasks)
+    project, task_ids = ag_news_project(ls, f"writes-{n_tasks}", n_tasks)
     times: dict[str, list[float]] = {
         "bulk import": [],
         "single POSTs": [],
@@ -80,9 +69,7 @@ def main() -> None:
     parser.add_argument("--predictions", type=int, default=20, help="K, the predictions a round writes")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    binary = label_studio_binary()
-    if binary is None:
-        raise SystemExit("label-studio not found: run scripts/setup_label_studio.sh or set LABEL_STUDIO_BIN")
+    binary = require_label_studio()
     with tempfile.TemporaryDirectory() as tmp:
         label_studio = start_label_studio(binary, Path(tmp), free_port())
         try:

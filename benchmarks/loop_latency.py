@@ -22,17 +22,15 @@ import numpy as np
 import requests
 
 from backend.adapters.label_studio import LabelStudio
-from tests.conftest import AG_NEWS_CONFIG, RedisServer, free_port, read_csv
-from tests.label_studio_server import label_studio_binary, start_label_studio
+from benchmarks.common import ag_news_project, require_label_studio
+from tests.conftest import RedisServer, free_port, read_csv
+from tests.label_studio_server import start_label_studio
 from tests.processes import BackendProcesses
 
 
 def measure_project(ls: LabelStudio, backend: BackendProcesses, n_tasks: int, rounds: int) -> dict:
     rows = read_csv("ag_news/pool.csv")
-    project = ls.create_project(f"bench-{n_tasks}", AG_NEWS_CONFIG)["id"]
-    for start in range(0, n_tasks, 5000):
-        batch = range(start, min(n_tasks, start + 5000))
-        ls.import_tasks(project, [{"text": rows[i % len(rows)]["text"]} for i in batch])
+    project, _ = ag_news_project(ls, f"bench-{n_tasks}", n_tasks)
     truth = {}
     started = time.time()
     ls.connect_ml_backend(project, backend.url, "al-backend")
@@ -88,9 +86,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="1000,10000")
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
-    binary = label_studio_binary()
-    if binary is None:
-        raise SystemExit("label-studio not found: run scripts/setup_label_studio.sh or set LABEL_STUDIO_BIN")
+    binary = require_label_studio()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "redis").mkdir()
