@@ -97,7 +97,7 @@ def reconcile_project(project: str) -> dict:
     rt = runtime()
     interval = rt.settings.reconcile_interval
     if interval > 0:
-        rt.queue.schedule_reconcile(project, interval, slot=int(time.time() // interval) + 1)
+        rt.queue.schedule_reconcile(project, interval)
     secure_webhooks(rt, project)
     last = rt.registry.last_round(project) or {}
     info = rt.label_studio.get_project(int(project))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from datetime import timedelta
 
 import redis
@@ -102,8 +103,13 @@ class JobQueue:
         """True while no newer generation has claimed the right to publish since `may_publish` gave it to us."""
         return int(self.client.get(published_key(project)) or 0) == generation
 
-    def schedule_reconcile(self, project: str, interval: int, slot: int) -> None:
-        """Schedule the project's next reconciliation in `interval` s; one job per (project, slot)."""
+    def schedule_reconcile(self, project: str, interval: int, slot: int | None = None) -> None:
+        """Schedule the project's next reconciliation in `interval` s; one job per (project, slot).
+
+        The slot defaults to the next interval-long period of the clock, so callers in the same period share one.
+        """
+        if slot is None:
+            slot = int(time.time() // interval) + 1 if interval > 0 else 0
         job = self.queue.create_job(
             "backend.jobs.reconcile_project",
             args=(project,),

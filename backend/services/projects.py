@@ -42,8 +42,7 @@ class ProjectService:
             elif self.reconcile_interval > 0 and not self.queue.reconcile_scheduled(request.project):
                 # each reconciliation schedules the next; if one could not (Redis away then), restart the chain
                 log.info("project %s: reconciliation was not scheduled; restarting it", request.project)
-                slot = int(time.time() // self.reconcile_interval) + 1
-                self.queue.schedule_reconcile(request.project, self.reconcile_interval, slot=slot)
+                self.queue.schedule_reconcile(request.project, self.reconcile_interval)
         except redis.RedisError as exc:
             log.warning("project %s: /setup not recorded, Redis unavailable (%s)", request.project, type(exc).__name__)
 
