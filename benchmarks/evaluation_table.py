@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, results in merged.items():
         print("\n".join(rows(name, results)))
     if args.plot:
-        from backend.evaluate import plot
+        from backend.evaluation_summary import plot
 
         args.plot.mkdir(parents=True, exist_ok=True)
         for name, results in merged.items():

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from backend.evaluate import labels_to_reach, macro_f1, main
+from backend.evaluate import macro_f1, main
+from backend.evaluation_summary import labels_to_reach
 from tests.conftest import read_csv
 
 
@@ -76,7 +77,7 @@ def test_unknown_strategy_fails_before_encoding(tmp_path):
 
 
 def test_labels_saved_is_exact_or_a_lower_bound():
-    from backend.evaluate import summarise
+    from backend.evaluation_summary import summarise
 
     budgets = [100, 200, 300, 400]
     runs = {
@@ -145,7 +146,7 @@ def test_stopping_compares_successive_models_on_unlabelled_rows(tiny_bert, tmp_p
 
 
 def test_resummarise_keeps_stops_and_finetuned_figures(tmp_path):
-    from backend.evaluate import resummarise, summarise
+    from backend.evaluation_summary import resummarise, summarise
 
     budgets = [20, 40]
     runs = {

@@ -1,0 +1,116 @@
+"""What `backend.evaluate` makes of its replays: labels saved, area under the curve, the stop, the plot.
+
+Works on per-seed runs ({"accuracy": [...], "macro_f1": [...], "stop_budget", "finetuned_accuracy"}, one value
+per budget) and on the results.json it writes, so a summary can be recomputed without replaying.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+TARGET_FRACTION = 0.95
+"""Labels saved is measured at this fraction of the full-pool accuracy."""
+
+
+def labels_to_reach(budgets: list[int], curve: list[float], target: float) -> float | None:
+    """Labels at which `curve` first reaches `target`, interpolated between budgets; None if never."""
+    for i, value in enumerate(curve):
+        if value >= target:
+            if i == 0:
+                return float(budgets[0])
+            b0, b1, v0 = budgets[i - 1], budgets[i], curve[i - 1]
+            return float(b0 + (b1 - b0) * (target - v0) / (value - v0))
+    return None
+
+
+def area_under_curve(budgets: list[int], curve: np.ndarray) -> float:
+    """Mean accuracy over the budget range (trapezoids); the single value when there is one budget."""
+    if len(budgets) == 1:
+        return float(curve[0])
+    return float(np.trapezoid(curve, budgets) / (budgets[-1] - budgets[0]))
+
+
+def summarise(runs: dict[str, list[dict]], budgets: list[int], full_accuracy: float) -> dict:
+    target = TARGET_FRACTION * full_accuracy
+    random_needs = [labels_to_reach(budgets, run["accuracy"], target) for run in runs["random"]]
+    results = {}
+    for name, seed_runs in runs.items():
+        accuracy = np.array([run["accuracy"] for run in seed_runs])
+        needs = [labels_to_reach(budgets, run["accuracy"], target) for run in seed_runs]
+        saved = [r / s if r and s else None for r, s in zip(random_needs, needs, strict=True)]
+        known = [value for value in saved if value is not None]
+        # where random never reached the target within the budget, budget / labels needed is a lower bound
+        at_least = [r / s if r else budgets[-1] / s for r, s in zip(random_needs, needs, strict=True) if s]
+        results[name] = {
+            "budgets": budgets,
+            "accuracy_per_seed": accuracy.tolist(),
+            "accuracy_mean": accuracy.mean(axis=0).tolist(),
+            "macro_f1_per_seed": [run["macro_f1"] for run in seed_runs],
+            "macro_f1_mean": np.mean([run["macro_f1"] for run in seed_runs], axis=0).tolist(),
+            "labels_to_target_per_seed": needs,
+            "labels_saved_per_seed": saved,
+            "labels_saved": float(np.mean(known)) if len(known) == len(saved) else None,
+            "labels_saved_at_least": float(np.mean(at_least)) if len(at_least) == len(saved) else None,
+            "area_under_curve": area_under_curve(budgets, accuracy.mean(axis=0)),
+            "stop_budget_per_seed": [run.get("stop_budget") for run in seed_runs],
+            "finetuned_accuracy_per_seed": [run.get("finetuned_accuracy") or {} for run in seed_runs],
+            "finetuned_accuracy_mean": _mean_per_budget([run.get("finetuned_accuracy") or {} for run in seed_runs]),
+            "accuracy_at_stop_per_seed": [
+                run["accuracy"][budgets.index(run["stop_budget"])] if run.get("stop_budget") else None
+                for run in seed_runs
+            ],
+        }
+    return {"full_pool_accuracy": full_accuracy, "target_accuracy": target, "strategies": results}
+
+
+def _mean_per_budget(per_seed: list[dict[int, float]]) -> dict[int, float]:
+    """{budget: accuracy} per seed -> {budget: mean over the seeds that have it}."""
+    budgets = sorted({budget for seed in per_seed for budget in seed})
+    return {b: float(np.mean([seed[b] for seed in per_seed if b in seed])) for b in budgets}
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for name, result in summary["strategies"].items():
+        accuracy = np.array(result["accuracy_per_seed"])
+        mean, std = accuracy.mean(axis=0), accuracy.std(axis=0)
+        axis.plot(result["budgets"], mean, label=f"{name} (AUC {result['area_under_curve']:.3f})")
+        axis.fill_between(result["budgets"], mean - std, mean + std, alpha=0.2)
+    axis.axhline(summary["full_pool_accuracy"], color="grey", linestyle=":", label="full pool")
+    axis.axhline(summary["target_accuracy"], color="grey", linestyle="--", label="95% of full pool")
+    axis.set(xlabel="labels", ylabel="test accuracy", title=title)
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def resummarise(out: Path) -> dict:
+    """Recompute the summary of an existing results.json (e.g. after a change to the figures derived)."""
+    old = json.loads((out / "results.json").read_text())
+    some = next(iter(old["strategies"].values()))
+    runs = {name: _seed_runs(r) for name, r in old["strategies"].items()}
+    summary = summarise(runs, some["budgets"], old["full_pool_accuracy"])
+    summary.update({k: old[k] for k in ("arguments", "seconds") if k in old})
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _seed_runs(result: dict) -> list[dict]:
+    """One strategy's summary in results.json -> its per-seed runs, everything `summarise` reads kept."""
+    seeds = len(result["accuracy_per_seed"])
+    stops = result.get("stop_budget_per_seed") or [None] * seeds
+    tuned = result.get("finetuned_accuracy_per_seed") or [{}] * seeds
+    return [
+        {"accuracy": acc, "macro_f1": f1, "stop_budget": stop, "finetuned_accuracy": finetuned}
+        for acc, f1, stop, finetuned in zip(
+            result["accuracy_per_seed"], result["macro_f1_per_seed"], stops, tuned, strict=True
+        )
+    ]
