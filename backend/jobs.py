@@ -14,11 +14,12 @@ import time
 from rq import get_current_job
 from rq.utils import now
 
+from backend.adapters.label_studio import LabelStudioNotFound
 from backend.adapters.queue import encoding_key
 from backend.config import Settings
 from backend.runtime import Runtime
 from backend.services.embeddings import embed_texts
-from backend.services.rerank import annotation_fingerprint, rerank
+from backend.services.rerank import ProjectDisconnected, annotation_fingerprint, read_connected_project, rerank
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,20 @@ def rerank_project(project: str, reason: str = "") -> dict:
     )
     with lock:
         timing = {"queued": queued_seconds, "lock_wait": round(time.perf_counter() - waited, 4)}
-        return rerank(project, rt, generation, timing)
+        try:
+            return rerank(project, rt, generation, timing)
+        except ProjectDisconnected as gone:
+            return {"generation": generation, "published": False, **stop_working_on(rt, project, gone)}
+
+
+def stop_working_on(rt: Runtime, project: str, gone: ProjectDisconnected) -> dict:
+    """Mark `project` disconnected: its webhooks are acknowledged and ignored, and reconciliation stops.
+
+    A new `/setup` (connecting the backend to the project again) undoes this.
+    """
+    rt.registry.disconnect(project, str(gone))
+    log.warning("project %s: stopped working on it: %s; connecting the backend again resumes", project, gone)
+    return {"disconnected": str(gone)}
 
 
 def secure_webhooks(rt: Runtime, project: str) -> int:
@@ -92,15 +106,21 @@ def reconcile_project(project: str) -> dict:
     """Periodic repair: re-rank when Label Studio's state differs from what the last round saw.
 
     Catches what lost webhooks did not tell: annotations added, changed or deleted; tasks imported or
-    deleted; the model version reset from the UI.
+    deleted; the model version reset from the UI; the project deleted or the backend removed from it (which
+    ends the chain of reconciliations).
     """
     rt = runtime()
+    if rt.registry.is_disconnected(project):
+        return {"rerank": "not needed", "disconnected": True}  # and the chain ends here
     interval = rt.settings.reconcile_interval
     if interval > 0:
         rt.queue.schedule_reconcile(project, interval)
+    try:
+        info = read_connected_project(rt.label_studio, project)
+    except ProjectDisconnected as gone:
+        return {"rerank": "not needed", **stop_working_on(rt, project, gone)}
     secure_webhooks(rt, project)
     last = rt.registry.last_round(project) or {}
-    info = rt.label_studio.get_project(int(project))
     annotated = rt.label_studio.annotated_tasks(int(project))
     reasons = []
     if annotation_fingerprint(annotated, int(info.get("task_number") or 0)) != last.get("fingerprint"):
@@ -135,7 +155,10 @@ def cleanup_versions(project: str, keep_version: str) -> list[str]:
     deleting its version would leave Label Studio switching to, or serving, an empty ranking.
     """
     rt = runtime()
-    current = rt.label_studio.get_project(int(project)).get("model_version")
+    try:
+        current = rt.label_studio.get_project(int(project)).get("model_version")
+    except LabelStudioNotFound:
+        return []  # the project was deleted, and its versions with it
     prefix = rt.settings.model_version_prefix
     keep_number = version_number(keep_version, prefix)
     deleted = []

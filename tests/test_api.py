@@ -5,6 +5,7 @@ import base64
 import pytest
 import redis
 from rq import Queue
+from rq.job import JobStatus
 
 from tests.conftest import AG_NEWS_CONFIG, AG_NEWS_LABELS, ROUTES
 
@@ -67,14 +68,37 @@ def test_setup_restarts_a_reconciliation_chain_that_broke(client, redis_url, set
 
     client.post("/setup", json=setup_payload())
     scheduled = ScheduledJobRegistry(settings.queue_name, connection=redis.Redis.from_url(redis_url))
-    assert scheduled.get_job_ids() == ["reconcile-3-0"]
+    (first,) = scheduled.get_job_ids()
+    assert first.startswith("reconcile-3-")
     client.post("/setup", json=setup_payload())
-    assert scheduled.get_job_ids() == ["reconcile-3-0"]  # alive: nothing more
-    scheduled.remove("reconcile-3-0", delete_job=True)  # the chain broke (say Redis was away when it rescheduled)
+    assert scheduled.get_job_ids() == [first]  # alive: nothing more
+    scheduled.remove(first, delete_job=True)  # the chain broke (say Redis was away when it rescheduled)
     redis.Redis.from_url(redis_url).delete("al:reconcile:alive:3")
     client.post("/setup", json=setup_payload())
     (restarted,) = scheduled.get_job_ids()
-    assert restarted.startswith("reconcile-3-") and restarted != "reconcile-3-0"
+    assert restarted.startswith("reconcile-3-")
+
+
+def test_a_disconnected_project_is_left_alone_until_connected_again(client, runtime, redis_url, settings):
+    queue = Queue(settings.queue_name, connection=redis.Redis.from_url(redis_url))
+    client.post("/setup", json=setup_payload())
+    connect = queue.fetch_job("connect-3")
+    queue.remove(connect)
+    connect.set_status(JobStatus.FINISHED)  # as if it had run: its id stays taken while rq keeps its result
+    runtime.registry.disconnect("3", "project 3 has no ML backend connected any more")
+
+    # Label Studio keeps a removed backend's webhook: its events are acknowledged and change nothing
+    event = {"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": 1}, "task": {"id": 5}}
+    answer = client.post("/webhook", json=event)
+    assert answer.status_code == 201 and answer.json["rerank"] == "not needed" and answer.json["disconnected"]
+    assert queue.job_ids == []
+    metrics = client.get("/metrics").json
+    assert "3" not in metrics["projects"] and "no ML backend" in metrics["disconnected"]["3"]["reason"]
+
+    client.post("/setup", json=setup_payload())  # connected again (in the project's Model settings)
+    assert queue.job_ids == ["connect-3"]  # configured and ranked again, though an earlier connect job exists
+    assert client.post("/webhook", json=event).json["rerank"] in ("enqueued", "coalesced")
+    assert client.get("/metrics").json["disconnected"] == {}
 
 
 def test_predict_returns_one_valid_prediction_per_task_in_order(client):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from backend import jobs
+from backend.adapters.label_studio import LabelStudioNotFound
 from backend.services import rerank as rerank_module
 from backend.services.rerank import rerank
 from tests.conftest import AG_NEWS_CONFIG, read_csv
@@ -26,9 +27,16 @@ class FakeLabelStudio:
         self.predictions: list[dict] = []
         self.task_list_reads = 0
         self.writes: list[str] = []
+        self.backends = [{"id": 1, "url": "http://backend:9090", "project": 1}]
+        self.deleted = False
 
     def get_project(self, project_id):
+        if self.deleted:
+            raise LabelStudioNotFound(f"Label Studio GET /api/projects/{project_id}: HTTP 404")
         return dict(self.project)
+
+    def ml_backends(self, project_id):
+        return list(self.backends)
 
     def annotated_tasks(self, project_id):
         return [task for task in self.tasks.values() if task["annotations"]]
@@ -135,6 +143,28 @@ def test_reconciliation_requests_a_round_only_when_label_studio_changed(runtime,
     assert outcome["rerank"] == "enqueued" and outcome["reasons"] == ["annotations or tasks changed"]
     label_studio.project["model_version"] = ""  # reset from the UI
     assert "model version is ''" in jobs.reconcile_project("1")["reasons"]
+
+
+def test_removing_the_backend_or_deleting_the_project_stops_the_work_on_it(runtime, label_studio, monkeypatch):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    live = jobs.rerank_project("1")["model_version"]
+    label_studio.backends = []  # "Delete" in the project's Model settings; its webhook keeps posting
+    label_studio.annotate(3, label_studio.truth[3])
+    outcome = jobs.rerank_project("1")
+    assert outcome["published"] is False and "no ML backend" in outcome["disconnected"]
+    assert label_studio.project["model_version"] == live and runtime.registry.is_disconnected("1")
+    assert {p["model_version"] for p in label_studio.predictions} == {live}  # nothing written
+
+    scheduled = runtime.queue.queue.scheduled_job_registry
+    assert jobs.reconcile_project("1") == {"rerank": "not needed", "disconnected": True}
+    assert scheduled.get_job_ids() == []  # the chain of reconciliations ends
+
+    runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})  # connected again, then the project is deleted
+    label_studio.backends = [{"id": 2, "url": "http://backend:9090", "project": 1}]
+    label_studio.deleted = True
+    outcome = jobs.reconcile_project("1")
+    assert "no longer exists" in outcome["disconnected"] and runtime.registry.is_disconnected("1")
+    assert jobs.rerank_project("1")["disconnected"] and jobs.cleanup_versions("1", live) == []
 
 
 def test_committee_probabilities_reach_the_strategy(runtime, label_studio):

@@ -4,8 +4,8 @@ The SDK sends the key (a legacy `Token` or a personal access token, which it exc
 retries connection errors, 408/409/429 and 5xx twice. Calls the SDK lacks (`/next`, `/model-versions/`) and
 the two reads that must be cheap (task pages, the annotated export) go through the SDK's own authenticated
 HTTP client and stay plain JSON. Every method returns Label Studio's JSON as dicts and lists. Failures raise
-`LabelStudioUnavailable` (unreachable, timeout, 5xx) or its subclass `LabelStudioRejected` (4xx); messages name
-the method, the URL path and the status, never the key.
+`LabelStudioUnavailable` (unreachable, timeout, 5xx) or its subclass `LabelStudioRejected` (4xx; `LabelStudioNotFound`
+for 404); messages name the method, the URL path and the status, never the key.
 """
 
 from __future__ import annotations
@@ -33,6 +33,16 @@ BULK_TIMEOUT = 600.0
 
 class LabelStudioRejected(LabelStudioUnavailable):
     """Label Studio refused a call with a 4xx (bad request, unknown object, refused key): retrying won't help."""
+
+
+class LabelStudioNotFound(LabelStudioRejected):
+    """Label Studio answered 404: the object (a project, a task) does not exist, or no longer does."""
+
+
+def _error_for(status: int | None) -> type[LabelStudioUnavailable]:
+    if status == 404:
+        return LabelStudioNotFound
+    return LabelStudioRejected if status and 400 <= status < 500 else LabelStudioUnavailable
 
 
 class LabelStudio:
@@ -63,8 +73,8 @@ class LabelStudio:
         try:
             return function()
         except ApiError as exc:
-            error = LabelStudioRejected if exc.status_code and 400 <= exc.status_code < 500 else LabelStudioUnavailable
-            raise error(f"Label Studio {request}: HTTP {exc.status_code} {str(exc.body)[:300]}") from None
+            message = f"Label Studio {request}: HTTP {exc.status_code} {str(exc.body)[:300]}"
+            raise _error_for(exc.status_code)(message) from None
         except httpx.TimeoutException:
             raise LabelStudioUnavailable(f"Label Studio {request}: timed out at {self.url}") from None
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
@@ -84,8 +94,8 @@ class LabelStudio:
         request = f"{method} /{path}"
         response = self._call(request, lambda: client.request(path, method=method, request_options=options, **kwargs))
         if response.status_code >= 400:
-            error = LabelStudioRejected if response.status_code < 500 else LabelStudioUnavailable
-            raise error(f"Label Studio {request}: HTTP {response.status_code} {response.text[:300]}")
+            message = f"Label Studio {request}: HTTP {response.status_code} {response.text[:300]}"
+            raise _error_for(response.status_code)(message)
         return response.json() if response.content else None
 
     # projects
@@ -245,6 +255,16 @@ class LabelStudio:
         """The ML backends connected to the project."""
         ml = self.sdk.ml.with_raw_response
         return self._json(f"GET /api/ml?project={project_id}", lambda: ml.list(project=project_id))
+
+    def delete_ml_backend(self, ml_backend_id: int) -> None:
+        """Disconnect an ML backend, as "Delete" in the project's Model settings does (its webhook stays)."""
+        ml = self.sdk.ml.with_raw_response
+        self._call(f"DELETE /api/ml/{ml_backend_id}", lambda: ml.delete(ml_backend_id))
+
+    def delete_project(self, project_id: int) -> None:
+        """Delete a project with its tasks, annotations and predictions (no webhook is sent for it)."""
+        projects = self.sdk.projects.with_raw_response
+        self._call(f"DELETE /api/projects/{project_id}", lambda: projects.delete(project_id))
 
     def webhooks(self, project_id: int) -> list[dict]:
         """The project's webhooks (id, url, headers, actions, ...)."""

@@ -8,6 +8,8 @@ import time
 import redis
 
 PROJECTS_KEY = "al:projects"
+DISCONNECTED_KEY = "al:projects:disconnected"
+"""Projects the backend stopped working on: {project: JSON {reason, at}}; connecting one again clears it."""
 
 
 class ProjectRegistry:
@@ -23,6 +25,7 @@ class ProjectRegistry:
     def save_setup(self, project: str, label_config: str, params: dict) -> bool:
         """Store the project's config; True when the project is connected for the first time."""
         first = bool(self.client.sadd(PROJECTS_KEY, project))
+        self.client.hdel(DISCONNECTED_KEY, project)
         self.client.hset(
             self.key(project),
             mapping={"label_config": label_config, "params": json.dumps(params), "setup_at": time.time()},
@@ -34,6 +37,21 @@ class ProjectRegistry:
 
     def is_connected(self, project: str) -> bool:
         return bool(self.client.sismember(PROJECTS_KEY, project))
+
+    def disconnect(self, project: str, reason: str) -> None:
+        """Stop serving `project` (deleted in Label Studio, or its ML backend removed) until `/setup` comes again.
+
+        Its config, rounds and the settings from before connecting stay, for inspection and for undoing.
+        """
+        self.client.srem(PROJECTS_KEY, project)
+        self.client.hset(DISCONNECTED_KEY, project, json.dumps({"reason": reason, "at": time.time()}))
+
+    def disconnected(self) -> dict[str, dict]:
+        """{project: {reason, at}} for every project the backend stopped working on."""
+        return {k.decode(): json.loads(v) for k, v in self.client.hgetall(DISCONNECTED_KEY).items()}
+
+    def is_disconnected(self, project: str) -> bool:
+        return bool(self.client.hexists(DISCONNECTED_KEY, project))
 
     def label_config(self, project: str) -> str | None:
         raw = self.client.hget(self.key(project), "label_config")

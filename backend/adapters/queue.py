@@ -10,6 +10,7 @@ The same counter is the fencing token that keeps an older, slower job from publi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -127,8 +128,17 @@ class JobQueue:
         return bool(self.client.exists(reconcile_alive_key(project)))
 
     def enqueue_connect(self, project: str) -> None:
-        """First `/setup` of a project: configure it in Label Studio and build the cold-start ranking."""
-        self._enqueue_unique("backend.jobs.connect_project", f"connect-{project}", project)
+        """First `/setup` of a project: configure it in Label Studio and build the cold-start ranking.
+
+        One connect job per project at a time; one kept from an earlier connection (finished or failed) gives way.
+        """
+        job_id = f"connect-{project}"
+        if self._enqueue_unique("backend.jobs.connect_project", job_id, project):
+            return
+        if self._status(job_id) not in (*WAITING_STATUSES, JobStatus.STARTED):
+            with contextlib.suppress(NoSuchJobError):
+                Job.fetch(job_id, connection=self.client).delete()
+            self._enqueue_unique("backend.jobs.connect_project", job_id, project)
 
     def enqueue_cleanup(self, project: str, keep_version: str) -> None:
         self.queue.enqueue_call(

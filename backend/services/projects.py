@@ -38,7 +38,7 @@ class ProjectService:
             if first:
                 log.info("project %s connected: queueing set-up and cold-start ranking", request.project)
                 self.queue.enqueue_connect(request.project)
-                self.queue.schedule_reconcile(request.project, self.reconcile_interval, slot=0)
+                self.queue.schedule_reconcile(request.project, self.reconcile_interval)
             elif self.reconcile_interval > 0 and not self.queue.reconcile_scheduled(request.project):
                 # each reconciliation schedules the next; if one could not (Redis away then), restart the chain
                 log.info("project %s: reconciliation was not scheduled; restarting it", request.project)
@@ -56,6 +56,9 @@ class ProjectService:
     def on_event(self, event: WebhookEvent) -> dict:
         """Acknowledge a webhook: count it and make sure a re-rank follows. Never calls Label Studio."""
         self.registry.count_event(event.project, event.action)
+        if self.registry.is_disconnected(event.project):
+            # Label Studio keeps the webhook of a removed ML backend: its events must not bring the backend back
+            return {"rerank": "not needed", "disconnected": True}
         if event.action in ("TASKS_CREATED", "TASKS_DELETED"):
             self.snapshots.mark_stale(event.project)
         if event.action in IGNORED_WEBHOOK_ACTIONS or not self._changes_ranking(event):
@@ -74,7 +77,8 @@ class ProjectService:
         return changed_version or changed_config
 
     def metrics(self) -> dict:
-        """Per project: the last round (model version, annotations used, seconds per stage) and event counts."""
+        """Per project: the last round (model version, annotations used, seconds per stage) and event counts;
+        and the projects the backend stopped working on, with the reason."""
         projects = {}
         for project in self.registry.projects():
             projects[project] = {
@@ -82,4 +86,9 @@ class ProjectService:
                 "events": self.registry.event_counts(project),
                 "encoding": self.queue.encoding_progress(project),
             }
-        return {"queue_length": self.queue.length(), "projects": projects, "time": time.time()}
+        return {
+            "queue_length": self.queue.length(),
+            "projects": projects,
+            "disconnected": self.registry.disconnected(),
+            "time": time.time(),
+        }

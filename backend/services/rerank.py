@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from backend.adapters.embedding_cache import text_key
+from backend.adapters.label_studio import LabelStudioNotFound
 from backend.adapters.task_snapshot import TaskSnapshot
 from backend.label_config import ClassificationConfig, parse_label_config
 from backend.ml.artifacts import HeadArtifact
@@ -85,6 +86,25 @@ class EncodingQueued(Exception):
     """The round found too many uncached texts: chunk jobs and a follow-up round were queued instead."""
 
 
+class ProjectDisconnected(Exception):
+    """Label Studio no longer has the project, or the project no longer has an ML backend: stop working on it."""
+
+
+def read_connected_project(label_studio, project: str) -> dict:
+    """The project from Label Studio, after checking that it still exists and still has an ML backend.
+
+    Removing the backend in the project's Model settings leaves its webhook behind, so events keep coming; without
+    this check the backend would go on rewriting the order of a project it was disconnected from.
+    """
+    try:
+        info = label_studio.get_project(int(project))
+    except LabelStudioNotFound:
+        raise ProjectDisconnected(f"project {project} no longer exists in Label Studio") from None
+    if not label_studio.ml_backends(int(project)):
+        raise ProjectDisconnected(f"project {project} has no ML backend connected any more")
+    return info
+
+
 def refresh_snapshot(runtime, project: str, config: ClassificationConfig, task_number: int) -> TaskSnapshot:
     """Read every task (paged) and make sure each text is in the embedding cache.
 
@@ -115,7 +135,7 @@ def refresh_snapshot(runtime, project: str, config: ClassificationConfig, task_n
 def read_project_state(runtime, project: str, watch: Stopwatch) -> ProjectState:
     """Project header and annotated tasks from Label Studio (~0.2 s); the task list from the snapshot."""
     label_studio = runtime.label_studio
-    info = label_studio.get_project(int(project))
+    info = read_connected_project(label_studio, project)
     config = parse_label_config(info["label_config"])
     annotated = label_studio.annotated_tasks(int(project))
     watch.lap("read_label_studio")

@@ -88,3 +88,26 @@ def test_reconciliation_repairs_what_lost_webhooks_did_not_say(backend, project)
     assert "reconcile" in backend.all_logs()
     assert last["top_task"] not in annotated
     assert ls.next_task(project_id)["id"] == last["top_task"]
+
+
+def test_removing_the_backend_stops_the_rounds_and_connecting_it_again_resumes_them(backend, project):
+    ls, project_id, truth = project
+    connection = ls.connect_ml_backend(project_id, backend.url, "al-backend")
+    cold = backend.wait_for_round(project_id, annotations=0)
+    ls.delete_ml_backend(connection["id"])  # Label Studio keeps its webhook, which goes on posting events
+    first, second = [task_id for task_id in truth if task_id != cold["top_task"]][:2]
+    annotate(ls, first, truth[first])
+
+    deadline = time.time() + 60
+    while str(project_id) not in backend.metrics()["disconnected"]:
+        assert time.time() < deadline, "the round after the removal did not notice it"
+        time.sleep(0.2)
+    assert "no ML backend" in backend.metrics()["disconnected"][str(project_id)]["reason"]
+    annotate(ls, second, truth[second])  # acknowledged and ignored
+    time.sleep(2)
+    assert ls.get_project(project_id)["model_version"] == cold["model_version"]  # no round wrote since
+
+    ls.connect_ml_backend(project_id, backend.url, "al-backend")
+    last = backend.wait_for_round(project_id, annotations=2)
+    assert ls.get_project(project_id)["model_version"] == last["model_version"]
+    assert ls.next_task(project_id)["id"] == last["top_task"] not in (first, second)

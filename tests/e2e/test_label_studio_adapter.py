@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from backend.adapters.label_studio import LabelStudio, LabelStudioRejected
+from backend.adapters.label_studio import LabelStudio, LabelStudioNotFound, LabelStudioRejected
 from backend.errors import LabelStudioUnavailable
 from tests.conftest import AG_NEWS_CONFIG, read_csv
 
@@ -128,7 +128,7 @@ def test_errors_name_the_call_and_never_the_key(ls, label_studio, project):
     project_id, _ = project
     with pytest.raises(LabelStudioRejected, match=r"PATCH /api/projects/\d+: HTTP 400"):
         ls.set_model_version(project_id, "no-such-version")
-    with pytest.raises(LabelStudioRejected, match="HTTP 404"):
+    with pytest.raises(LabelStudioNotFound, match="HTTP 404"):  # a deleted project reads the same
         ls.get_project(10**6)
     wrong_key = "f" * 40
     with pytest.raises(LabelStudioRejected, match="HTTP 401") as refused:
