@@ -95,8 +95,9 @@ class Settings:
     job_timeout: int = 600
     """JOB_TIMEOUT: seconds an RQ job may run."""
     rerank_lock_timeout: int = 120
-    """RERANK_LOCK_TIMEOUT: seconds before a dead worker's per-project re-rank lock expires (the generation
-    fence, not the lock, is what keeps an older round from publishing over a newer one)."""
+    """RERANK_LOCK_TIMEOUT: seconds before a dead worker's per-project re-rank lock expires; a live worker renews
+    its lock however long the round (the generation fence, not the lock, keeps an older round from publishing
+    over a newer one)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -7,10 +7,16 @@ A job that raises lands in RQ's failed registry after its retries; the previous 
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import re
+import threading
 import time
+from collections.abc import Iterator
 
+import redis
+from redis.exceptions import LockError
+from redis.lock import Lock
 from rq import get_current_job
 from rq.utils import now
 
@@ -49,14 +55,43 @@ def rerank_project(project: str, reason: str = "") -> dict:
     )
     waited = time.perf_counter()
     lock = rt.redis.lock(
-        f"al:rerank:lock:{project}", timeout=rt.settings.rerank_lock_timeout, blocking_timeout=rt.settings.job_timeout
+        f"al:rerank:lock:{project}",
+        timeout=rt.settings.rerank_lock_timeout,
+        blocking_timeout=rt.settings.job_timeout,
+        thread_local=False,  # `kept_alive` renews it from another thread
     )
-    with lock:
+    with lock, kept_alive(lock):
         timing = {"queued": queued_seconds, "lock_wait": round(time.perf_counter() - waited, 4)}
         try:
             return rerank(project, rt, generation, timing)
         except ProjectDisconnected as gone:
             return {"generation": generation, "published": False, **stop_working_on(rt, project, gone)}
+
+
+@contextlib.contextmanager
+def kept_alive(lock: Lock) -> Iterator[None]:
+    """Renew `lock` every third of its timeout while the block runs.
+
+    A round on a large project (a first task list of a million tasks, say) can outlast the timeout; a live worker
+    keeps its lock, and only a dead worker's lock expires.
+    """
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(lock.timeout / 3):
+            try:
+                lock.reacquire()
+            except (LockError, redis.RedisError) as exc:  # lost it (expired while Redis was away): the fence holds
+                log.warning("%s: could not renew the lock (%s)", lock.name, type(exc).__name__)
+                return
+
+    renewer = threading.Thread(target=renew, name=f"renew {lock.name}", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
 
 
 def stop_working_on(rt: Runtime, project: str, gone: ProjectDisconnected) -> dict:

@@ -3,6 +3,9 @@
 The end-to-end tests run the same code against a real Label Studio; these catch breakage in seconds.
 """
 
+import time
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -165,6 +168,24 @@ def test_removing_the_backend_or_deleting_the_project_stops_the_work_on_it(runti
     outcome = jobs.reconcile_project("1")
     assert "no longer exists" in outcome["disconnected"] and runtime.registry.is_disconnected("1")
     assert jobs.rerank_project("1")["disconnected"] and jobs.cleanup_versions("1", live) == []
+
+
+def test_a_round_longer_than_the_lock_timeout_keeps_its_lock(runtime, label_studio, monkeypatch):
+    runtime.settings = replace(runtime.settings, rerank_lock_timeout=1)
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    lock_key = "al:rerank:lock:1"
+    held = []
+
+    def a_long_round(project, rt, generation, timing):
+        for _ in range(6):  # 3 s, three lock timeouts
+            time.sleep(0.5)
+            held.append(rt.redis.exists(lock_key) and rt.redis.pttl(lock_key) > 0)
+        return {"published": True}
+
+    monkeypatch.setattr(jobs, "rerank", a_long_round)
+    assert jobs.rerank_project("1") == {"published": True}
+    assert held == [True] * 6, "another worker could have taken the project mid-round"
+    assert not runtime.redis.exists(lock_key)  # released at the end
 
 
 def test_committee_probabilities_reach_the_strategy(runtime, label_studio):
