@@ -3,6 +3,7 @@
 import time
 
 import redis
+from rq import Worker
 
 from backend.adapters.embedding_cache import text_key
 from tests.conftest import read_csv
@@ -20,13 +21,18 @@ def test_two_workers_encode_each_chunk_once(runtime, settings, tmp_path):
         "MODEL_DIR": settings.model_dir,
     }
     processes = BackendProcesses(env, tmp_path, port=0)
-    first = runtime.queue.enqueue_encoding("5", chunks, then_rerank=False)
-    second = runtime.queue.enqueue_encoding("5", chunks, then_rerank=False)  # a racing round asks again
-    assert first == second and len(set(first)) == 8
+    client = redis.Redis.from_url(settings.redis_url)
     try:
         for _ in range(2):
             processes.start_worker()
-        client = redis.Redis.from_url(settings.redis_url)
+        # both listening before any chunk is queued, so a worker that starts sooner cannot take every chunk
+        deadline = time.time() + 120
+        while Worker.count(queue=runtime.queue.queue) < 2:
+            assert time.time() < deadline, "the workers did not start"
+            time.sleep(0.2)
+        first = runtime.queue.enqueue_encoding("5", chunks, then_rerank=False)
+        second = runtime.queue.enqueue_encoding("5", chunks, then_rerank=False)  # a racing round asks again
+        assert first == second and len(set(first)) == 8
         deadline = time.time() + 120
         while time.time() < deadline and int(client.hget("al:encoding:5", "done") or 0) < len(chunks):
             time.sleep(0.2)
