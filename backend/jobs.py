@@ -151,12 +151,11 @@ def reconcile_project(project: str) -> dict:
     if interval > 0:
         rt.queue.schedule_reconcile(project, interval)
     try:
-        info = read_connected_project(rt.label_studio, project)
+        info, annotated = read_connected_project(rt.label_studio, project)
     except ProjectDisconnected as gone:
         return {"rerank": "not needed", **stop_working_on(rt, project, gone)}
     secure_webhooks(rt, project)
     last = rt.registry.last_round(project) or {}
-    annotated = rt.label_studio.annotated_tasks(int(project))
     reasons = []
     if annotation_fingerprint(annotated, int(info.get("task_number") or 0)) != last.get("fingerprint"):
         reasons.append("annotations or tasks changed")

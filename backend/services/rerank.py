@@ -10,6 +10,7 @@ The predictions go in with one bulk import on small projects and one POST each o
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import logging
 import time
@@ -90,19 +91,24 @@ class ProjectDisconnected(Exception):
     """Label Studio no longer has the project, or the project no longer has an ML backend: stop working on it."""
 
 
-def read_connected_project(label_studio, project: str) -> dict:
-    """The project from Label Studio, after checking that it still exists and still has an ML backend.
+def read_connected_project(label_studio, project: str) -> tuple[dict, list[dict]]:
+    """The project and its annotated tasks from Label Studio, after checking that the project still exists and
+    still has an ML backend. The three calls run side by side (~0.1 s less per round than one after another).
 
     Removing the backend in the project's Model settings leaves its webhook behind, so events keep coming; without
     this check the backend would go on rewriting the order of a project it was disconnected from.
     """
-    try:
-        info = label_studio.get_project(int(project))
-    except LabelStudioNotFound:
-        raise ProjectDisconnected(f"project {project} no longer exists in Label Studio") from None
-    if not label_studio.ml_backends(int(project)):
-        raise ProjectDisconnected(f"project {project} has no ML backend connected any more")
-    return info
+    with concurrent.futures.ThreadPoolExecutor(3) as calls:
+        info = calls.submit(label_studio.get_project, int(project))
+        backends = calls.submit(label_studio.ml_backends, int(project))
+        annotated = calls.submit(label_studio.annotated_tasks, int(project))
+        try:
+            project_info = info.result()
+        except LabelStudioNotFound:
+            raise ProjectDisconnected(f"project {project} no longer exists in Label Studio") from None
+        if not backends.result():
+            raise ProjectDisconnected(f"project {project} has no ML backend connected any more")
+        return project_info, annotated.result()
 
 
 def refresh_snapshot(runtime, project: str, config: ClassificationConfig, task_number: int) -> TaskSnapshot:
@@ -134,10 +140,8 @@ def refresh_snapshot(runtime, project: str, config: ClassificationConfig, task_n
 
 def read_project_state(runtime, project: str, watch: Stopwatch) -> ProjectState:
     """Project header and annotated tasks from Label Studio (~0.2 s); the task list from the snapshot."""
-    label_studio = runtime.label_studio
-    info = read_connected_project(label_studio, project)
+    info, annotated = read_connected_project(runtime.label_studio, project)
     config = parse_label_config(info["label_config"])
-    annotated = label_studio.annotated_tasks(int(project))
     watch.lap("read_label_studio")
     task_number = int(info.get("task_number") or 0)
     snapshot = runtime.snapshots.load(project)
