@@ -18,7 +18,7 @@ from datetime import timedelta
 
 import redis
 from rq import Queue, Retry
-from rq.exceptions import DuplicateJobError, NoSuchJobError
+from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.utils import now
 
@@ -70,7 +70,10 @@ class JobQueue:
         """Make sure a re-rank of `project` will start after now. Returns "enqueued" or "coalesced"."""
         generation = int(self.client.get(generation_key(project)) or 0)
         job_id = f"rerank-{project}-{generation}"
-        if self._enqueue_unique("backend.jobs.rerank_project", job_id, project, reason):
+        status = self._status(job_id)
+        if status in WAITING_STATUSES:
+            return "coalesced"  # a burst's usual path: two Redis reads
+        if status is None and self._enqueue_unique("backend.jobs.rerank_project", job_id, project, reason):
             return "enqueued"
         status = self._status(job_id)
         if status in DEAD_STATUSES or (status == JobStatus.STARTED and self._stalled(job_id)):
@@ -203,9 +206,10 @@ class JobQueue:
             return False
 
     def _status(self, job_id: str) -> JobStatus | None:
+        """The job's status (one HGET, without loading the job), or None if there is no such job."""
         try:
-            return Job.fetch(job_id, connection=self.client).get_status()
-        except NoSuchJobError:
+            return Job(job_id, connection=self.client).get_status()
+        except InvalidJobOperation:
             return None
 
 
