@@ -170,6 +170,15 @@ def test_removing_the_backend_or_deleting_the_project_stops_the_work_on_it(runti
     assert jobs.rerank_project("1")["disconnected"] and jobs.cleanup_versions("1", live) == []
 
 
+def test_a_disconnection_recorded_late_is_undone_by_the_next_round(runtime, label_studio, monkeypatch):
+    # a round saw no ML backend, the user connected it again (/setup), then that round recorded the disconnection
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})
+    runtime.registry.disconnect("1", "project 1 has no ML backend connected any more")
+    assert jobs.rerank_project("1")["published"]  # the connect job's round: Label Studio shows it connected
+    assert not runtime.registry.is_disconnected("1") and runtime.registry.is_connected("1")
+
+
 def test_a_round_longer_than_the_lock_timeout_keeps_its_lock(runtime, label_studio, monkeypatch):
     runtime.settings = replace(runtime.settings, rerank_lock_timeout=1)
     monkeypatch.setattr(jobs, "_runtime", runtime)

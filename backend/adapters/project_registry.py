@@ -46,6 +46,12 @@ class ProjectRegistry:
         self.client.srem(PROJECTS_KEY, project)
         self.client.hset(DISCONNECTED_KEY, project, json.dumps({"reason": reason, "at": time.time()}))
 
+    def confirm_connected(self, project: str) -> None:
+        """Label Studio shows `project` connected: undo a `disconnect` that a slower round recorded after the user
+        had connected the backend again."""
+        if self.client.hdel(DISCONNECTED_KEY, project):
+            self.client.sadd(PROJECTS_KEY, project)
+
     def disconnected(self) -> dict[str, dict]:
         """{project: {reason, at}} for every project the backend stopped working on."""
         return {k.decode(): json.loads(v) for k, v in self.client.hgetall(DISCONNECTED_KEY).items()}

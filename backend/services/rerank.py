@@ -141,6 +141,7 @@ def refresh_snapshot(runtime, project: str, config: ClassificationConfig, task_n
 def read_project_state(runtime, project: str, watch: Stopwatch) -> ProjectState:
     """Project header and annotated tasks from Label Studio (~0.2 s); the task list from the snapshot."""
     info, annotated = read_connected_project(runtime.label_studio, project)
+    runtime.registry.confirm_connected(project)
     config = parse_label_config(info["label_config"])
     watch.lap("read_label_studio")
     task_number = int(info.get("task_number") or 0)
