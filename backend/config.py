@@ -44,6 +44,9 @@ def _choice(environ: Mapping[str, str], name: str, default: str, allowed: tuple[
     return value
 
 
+PREDICTION_WRITES = ("auto", "bulk", "single")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Backend configuration. Secrets are kept out of `repr` so settings can be logged."""
@@ -86,6 +89,10 @@ class Settings:
     """STRATEGY: default query strategy name (see backend.scoring.registry)."""
     rank_top_k: int = 20
     """RANK_TOP_K: tasks that get a priority prediction per round (see README: Label Studio's write costs)."""
+    prediction_writes: str = "auto"
+    """PREDICTION_WRITES: how a round writes its predictions: "bulk" (one import), "single" (one POST each) or
+    "auto" (bulk on small projects, single on large ones: Label Studio's bulk import recounts every task unless it
+    runs with the flag named in the README, with which "bulk" is cheapest at any size)."""
     reconcile_interval: int = 60
     """RECONCILE_INTERVAL: seconds between reconciliation passes per connected project (0 disables)."""
     model_version_prefix: str = "al"
@@ -124,6 +131,7 @@ class Settings:
             committee_size=_int(env, "COMMITTEE_SIZE", defaults.committee_size, minimum=0),
             strategy=env.get("STRATEGY", "") or defaults.strategy,
             rank_top_k=_int(env, "RANK_TOP_K", defaults.rank_top_k, minimum=1),
+            prediction_writes=_choice(env, "PREDICTION_WRITES", defaults.prediction_writes, PREDICTION_WRITES),
             reconcile_interval=_int(env, "RECONCILE_INTERVAL", defaults.reconcile_interval),
             model_version_prefix=env.get("MODEL_VERSION_PREFIX", "") or defaults.model_version_prefix,
             min_annotations_to_train=_int(env, "MIN_ANNOTATIONS_TO_TRAIN", defaults.min_annotations_to_train, 1),

@@ -6,18 +6,20 @@ Starts Label Studio 1.23.2 (LABEL_STUDIO_BIN or .ls-venv) and, per project size,
 texts, then times (median of --repeats, each on a fresh model version): a bulk import of K predictions, K single
 `POST /api/predictions/` (4 threads), the `PATCH` that switches `project.model_version`, `GET /next`, and the
 deletion of a model version holding K predictions. Prints one line per operation and size.
+`--fast-prediction-import` starts Label Studio with the flag that stops the bulk import recounting every task.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from backend.adapters.label_studio import LabelStudio
+from backend.adapters.label_studio import FAST_PREDICTION_IMPORT_FLAG, LabelStudio
 from benchmarks.common import ag_news_project, require_label_studio
 from tests.conftest import free_port
 from tests.label_studio_server import start_label_studio
@@ -68,7 +70,14 @@ def main() -> None:
     parser.add_argument("--tasks", default="10000,100000")
     parser.add_argument("--predictions", type=int, default=20, help="K, the predictions a round writes")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--fast-prediction-import",
+        action="store_true",
+        help=f"start Label Studio with {FAST_PREDICTION_IMPORT_FLAG}=true",
+    )
     args = parser.parse_args()
+    if args.fast_prediction_import:
+        os.environ[FAST_PREDICTION_IMPORT_FLAG] = "true"  # Label Studio inherits the environment
     binary = require_label_studio()
     with tempfile.TemporaryDirectory() as tmp:
         label_studio = start_label_studio(binary, Path(tmp), free_port())

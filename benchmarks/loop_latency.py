@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import os
 import statistics
 import tempfile
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from backend.adapters.label_studio import LabelStudio
+from backend.adapters.label_studio import FAST_PREDICTION_IMPORT_FLAG, LabelStudio
 from benchmarks.common import ag_news_project, require_label_studio
 from tests.conftest import RedisServer, free_port, read_csv
 from tests.label_studio_server import start_label_studio
@@ -88,7 +89,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="1000,10000")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument(
+        "--fast-prediction-import",
+        action="store_true",
+        help=f"start Label Studio with {FAST_PREDICTION_IMPORT_FLAG}=true and the backend with PREDICTION_WRITES=bulk",
+    )
     args = parser.parse_args()
+    if args.fast_prediction_import:
+        os.environ[FAST_PREDICTION_IMPORT_FLAG] = "true"  # Label Studio inherits the environment
     binary = require_label_studio()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -104,6 +112,7 @@ def main() -> None:
                 "REDIS_URL": redis_server.url,
                 "MODEL_DIR": str(tmp / "models"),
                 "RECONCILE_INTERVAL": "3600",
+                "PREDICTION_WRITES": "bulk" if args.fast_prediction_import else "auto",
             },
             tmp,
             free_port(),

@@ -109,6 +109,22 @@ def test_large_projects_get_single_writes_instead_of_a_bulk_import(runtime, labe
     assert len([p for p in label_studio.predictions if p["model_version"] == summary["model_version"]]) == 20
 
 
+@pytest.mark.parametrize("how", ["bulk", "single"])
+def test_prediction_writes_can_be_fixed_whatever_the_size(runtime, label_studio, monkeypatch, how):
+    # e.g. "bulk" for a Label Studio whose bulk import no longer recounts every task (see README)
+    runtime.settings = replace(runtime.settings, prediction_writes=how)
+    monkeypatch.setattr(rerank_module, "SINGLE_WRITES_ABOVE_TASKS_PER_PREDICTION", 2 if how == "bulk" else 10**6)
+    summary = rerank("1", runtime, generation=1)
+    assert summary["published"] and summary["writes"] == how and label_studio.writes == [how]
+
+
+def test_an_unknown_way_of_writing_is_refused_with_the_choices():
+    from backend.config import Settings
+
+    with pytest.raises(ValueError, match="PREDICTION_WRITES must be one of auto, bulk, single; got 'sometimes'"):
+        Settings.from_env({"PREDICTION_WRITES": "sometimes"})
+
+
 def test_the_next_round_uses_the_new_annotation_and_never_ranks_it(runtime, label_studio):
     first = rerank("1", runtime, generation=1)
     label_studio.annotate(first["top_task"], label_studio.truth[first["top_task"]])

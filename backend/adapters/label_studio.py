@@ -27,6 +27,11 @@ TASK_PAGE_SIZE = 1000
 TASK_FIELDS = "id,data,meta,inner_id,created_at,updated_at"
 """The task fields listed (`include=`): leaving out Label Studio's per-task counters and aggregates (annotators,
 prediction results...) makes a page 3.5x cheaper (10k tasks: 3.1 s instead of 11 s for `fields=task_only`)."""
+FAST_PREDICTION_IMPORT_FLAG = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
+"""Label Studio 1.23's feature flag (off by default; set it to "true" in Label Studio's environment) with which a
+bulk prediction import updates the counters of the imported tasks only, instead of every task of the project: 20
+predictions into a 100,000-task project then take 0.08 s instead of 6.2 s. Run the backend with
+PREDICTION_WRITES=bulk against such a Label Studio."""
 BULK_TIMEOUT = 600.0
 """Seconds allowed to calls whose cost grows with the project: imports, the export, deleting a model version."""
 
