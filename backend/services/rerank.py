@@ -206,6 +206,18 @@ def priority_predictions(state: ProjectState, pool: Pool, picks: np.ndarray, ver
     ]
 
 
+STOP_SET_ROWS = 10_000
+"""The most unlabelled rows the stability kappa is computed on: its error is ~1/sqrt(rows) however large the pool."""
+
+
+def stop_set_rows(unlabelled: np.ndarray, limit: int = STOP_SET_ROWS) -> np.ndarray:
+    """Up to `limit` unlabelled row positions, evenly spread, so successive rounds compare nearly the same rows."""
+    rows = np.flatnonzero(unlabelled)
+    if len(rows) <= limit:
+        return rows
+    return rows[np.linspace(0, len(rows) - 1, limit).astype(np.intp)]
+
+
 def stopping_signal(runtime, project: str, artifact: HeadArtifact, pool: Pool) -> dict:
     """Kappa between this version's and the previous version's predictions on the unlabelled rows, their mean
     uncertainty, and whether the last rounds were stable enough to suggest that more labels pay off little."""
@@ -213,12 +225,13 @@ def stopping_signal(runtime, project: str, artifact: HeadArtifact, pool: Pool) -
     history = ((runtime.registry.last_round(project) or {}).get("stopping") or {}).get("history", [])
     stability = None
     unlabelled = ~pool.labeled  # the stop set: labelled rows are training rows of both models, so they agree
-    if len(versions) >= 2 and versions[-1] == artifact.version and unlabelled.any():
+    stop_set = stop_set_rows(unlabelled)
+    if len(versions) >= 2 and versions[-1] == artifact.version and len(stop_set):
         try:
             previous = runtime.artifacts.load(project, versions[-2])
             if previous.labels == artifact.labels:
-                previous_probs = previous.head.predict_proba(pool.embeddings[unlabelled])
-                current_probs = pool.probs[unlabelled]
+                previous_probs = previous.head.predict_proba(pool.embeddings[stop_set])
+                current_probs = pool.probs[stop_set]
                 stability = round(prediction_stability(previous_probs, current_probs, pool.multi_label), 5)
         except (OSError, ValueError, KeyError):
             stability = None
