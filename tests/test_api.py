@@ -247,3 +247,15 @@ def test_a_rerank_whose_worker_died_before_it_began_does_not_swallow_events(runt
     assert runtime.queue.request_rerank("3", "another annotation") == expected
     if expected == "enqueued":
         assert "rerank-3-1" in runtime.queue.queue.get_job_ids()
+
+
+@pytest.mark.parametrize("status", ["failed", "finished"])
+def test_a_rerank_that_ended_without_moving_the_generation_does_not_swallow_events(runtime, status):
+    from rq.job import Job, JobStatus
+
+    assert runtime.queue.request_rerank("3", "first") == "enqueued"
+    job = Job.fetch("rerank-3-0", connection=runtime.redis)
+    runtime.queue.queue.remove(job)
+    job.set_status(JobStatus(status))  # failed before it began, or finished and the counter was lost since
+    assert runtime.queue.request_rerank("3", "another annotation") == "enqueued"
+    assert "rerank-3-1" in runtime.queue.queue.get_job_ids()

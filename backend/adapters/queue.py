@@ -76,8 +76,9 @@ class JobQueue:
         if status is None and self._enqueue_unique("backend.jobs.rerank_project", job_id, project, reason):
             return "enqueued"
         status = self._status(job_id)
-        if status in DEAD_STATUSES or (status == JobStatus.STARTED and self._stalled(job_id)):
-            # it died before it took its generation (failed, or its worker was killed): start the next one
+        if status in (*DEAD_STATUSES, JobStatus.FINISHED) or (status == JobStatus.STARTED and self._stalled(job_id)):
+            # it died before it took its generation (failed, or its worker was killed), or it finished and the
+            # generation counter was lost since (a job takes a new generation as it starts): start the next one
             self.client.incr(generation_key(project))
             return self.request_rerank(project, reason)
         return "coalesced"
