@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
-from backend.adapters.label_studio import LabelStudio
+import argparse
+import os
+
+from backend.adapters.label_studio import FAST_PREDICTION_IMPORT_FLAG, LabelStudio
 from tests.conftest import AG_NEWS_CONFIG, read_csv
 from tests.label_studio_server import label_studio_binary
 
 IMPORT_CHUNK = 5000
+
+
+def parse_with_fast_prediction_import(parser: argparse.ArgumentParser, also: str = "") -> argparse.Namespace:
+    """Add `--fast-prediction-import` and parse; with it, the Label Studio started next (which inherits this
+    process's environment) runs with `FAST_PREDICTION_IMPORT_FLAG` on. `also` ends the option's help."""
+    parser.add_argument(
+        "--fast-prediction-import",
+        action="store_true",
+        help=f"start Label Studio with {FAST_PREDICTION_IMPORT_FLAG}=true{also}",
+    )
+    args = parser.parse_args()
+    if args.fast_prediction_import:
+        os.environ[FAST_PREDICTION_IMPORT_FLAG] = "true"
+    return args
 
 
 def require_label_studio() -> str:

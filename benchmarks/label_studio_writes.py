@@ -12,15 +12,14 @@ deletion of a model version holding K predictions. Prints one line per operation
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from backend.adapters.label_studio import FAST_PREDICTION_IMPORT_FLAG, LabelStudio
-from benchmarks.common import ag_news_project, require_label_studio
+from backend.adapters.label_studio import LabelStudio
+from benchmarks.common import ag_news_project, parse_with_fast_prediction_import, require_label_studio
 from tests.conftest import free_port
 from tests.label_studio_server import start_label_studio
 
@@ -70,14 +69,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="10000,100000")
     parser.add_argument("--predictions", type=int, default=20, help="K, the predictions a round writes")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--fast-prediction-import",
-        action="store_true",
-        help=f"start Label Studio with {FAST_PREDICTION_IMPORT_FLAG}=true",
-    )
-    args = parser.parse_args()
-    if args.fast_prediction_import:
-        os.environ[FAST_PREDICTION_IMPORT_FLAG] = "true"  # Label Studio inherits the environment
+    args = parse_with_fast_prediction_import(parser)
     binary = require_label_studio()
     with tempfile.TemporaryDirectory() as tmp:
         label_studio = start_label_studio(binary, Path(tmp), free_port())

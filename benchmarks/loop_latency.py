@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import os
 import statistics
 import tempfile
 import time
@@ -24,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from backend.adapters.label_studio import FAST_PREDICTION_IMPORT_FLAG, LabelStudio
-from benchmarks.common import ag_news_project, require_label_studio
+from backend.adapters.label_studio import LabelStudio
+from benchmarks.common import ag_news_project, parse_with_fast_prediction_import, require_label_studio
 from tests.conftest import RedisServer, free_port, read_csv
 from tests.label_studio_server import start_label_studio
 from tests.processes import BackendProcesses
@@ -89,14 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="1000,10000")
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument(
-        "--fast-prediction-import",
-        action="store_true",
-        help=f"start Label Studio with {FAST_PREDICTION_IMPORT_FLAG}=true and the backend with PREDICTION_WRITES=bulk",
-    )
-    args = parser.parse_args()
-    if args.fast_prediction_import:
-        os.environ[FAST_PREDICTION_IMPORT_FLAG] = "true"  # Label Studio inherits the environment
+    args = parse_with_fast_prediction_import(parser, also=" and the backend with PREDICTION_WRITES=bulk")
     binary = require_label_studio()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
