@@ -32,7 +32,7 @@ from backend.evaluation_summary import plot, summarise
 from backend.ml.head import LinearHead, fit_committee, fit_head, proba_of_heads, zero_shot_head
 from backend.scoring.base import Pool
 from backend.scoring.registry import STRATEGIES, get_strategy
-from backend.scoring.stopping import prediction_stability, should_stop
+from backend.scoring.stopping import prediction_stability, should_stop, stop_set_rows
 
 COMMITTEE_SIZE = 5
 
@@ -162,8 +162,9 @@ def run_one(
         labeled[picks] = True
         x, y = pool.embeddings[labeled], one_hot_indices(pool.labels[labeled], k)
         heads = [fit_head(x, y, False), *fit_committee(x, y, False, COMMITTEE_SIZE, rng)]
-        if round_index >= 1:  # stability of the new model against the previous one (not zero-shot), unlabelled rows
-            previous, current = all_probs[0][~labeled], heads[0].predict_proba(pool.embeddings[~labeled])
+        if round_index >= 1:  # stability of the new model against the previous one (not zero-shot), as in rounds
+            stop_set = stop_set_rows(~labeled)
+            previous, current = all_probs[0][stop_set], heads[0].predict_proba(pool.embeddings[stop_set])
             stability.append(prediction_stability(previous, current, False))
             if stop_budget is None and should_stop(stability):
                 stop_budget = budget  # the labels the stable model was trained on

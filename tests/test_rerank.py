@@ -225,13 +225,6 @@ def test_committee_probabilities_reach_the_strategy(runtime, label_studio):
     assert np.isfinite(artifact.head.weights).all()
 
 
-def test_the_stop_set_is_the_unlabelled_rows_evenly_spread_up_to_a_limit():
-    unlabelled = np.array([True, False, True, True, False, True, True, True])
-    assert rerank_module.stop_set_rows(unlabelled, limit=10).tolist() == [0, 2, 3, 5, 6, 7]
-    assert rerank_module.stop_set_rows(unlabelled, limit=3).tolist() == [0, 3, 7]  # first, middle, last
-    assert rerank_module.stop_set_rows(np.zeros(4, dtype=bool)).tolist() == []
-
-
 def test_rounds_report_a_stopping_signal(runtime, label_studio):
     first = rerank("1", runtime, generation=1)
     assert first["stopping"]["stability_kappa"] is None and first["stopping"]["suggest_stop"] is False

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from backend.scoring.stopping import cohen_kappa, prediction_stability, should_stop
+from backend.scoring.stopping import cohen_kappa, prediction_stability, should_stop, stop_set_rows
 
 
 def test_kappa_by_hand():
@@ -24,3 +24,10 @@ def test_stop_only_after_enough_stable_rounds():
     assert not should_stop([0.999, 0.999])
     assert not should_stop([0.999, 0.95, 0.999, 0.999])
     assert should_stop([0.5, 0.995, 0.999, 0.991])
+
+
+def test_the_stop_set_is_the_unlabelled_rows_evenly_spread_up_to_a_limit():
+    unlabelled = np.array([True, False, True, True, False, True, True, True])
+    assert stop_set_rows(unlabelled, limit=10).tolist() == [0, 2, 3, 5, 6, 7]
+    assert stop_set_rows(unlabelled, limit=3).tolist() == [0, 3, 7]  # first, middle, last
+    assert stop_set_rows(np.zeros(4, dtype=bool)).tolist() == []

@@ -10,6 +10,19 @@ import numpy as np
 
 KAPPA_THRESHOLD = 0.99
 PATIENCE = 3
+STOP_SET_ROWS = 10_000
+"""The most unlabelled rows the stability kappa is computed on: its error is ~1/sqrt(rows) however large the pool."""
+
+
+def stop_set_rows(unlabelled: np.ndarray, limit: int = STOP_SET_ROWS) -> np.ndarray:
+    """Up to `limit` unlabelled row positions, evenly spread, so successive rounds compare nearly the same rows.
+
+    Labelled rows are left out: they are training rows of both models, so they agree. (n,) bool -> (<= limit,)
+    """
+    rows = np.flatnonzero(unlabelled)
+    if len(rows) <= limit:
+        return rows
+    return rows[np.linspace(0, len(rows) - 1, limit).astype(np.intp)]
 
 
 def cohen_kappa(labels_a: np.ndarray, labels_b: np.ndarray, n_classes: int) -> float:

@@ -26,7 +26,7 @@ from backend.ml.artifacts import HeadArtifact
 from backend.ml.head import one_hot, proba_of_heads
 from backend.scoring.base import Pool
 from backend.scoring.registry import get_strategy
-from backend.scoring.stopping import prediction_stability, should_stop
+from backend.scoring.stopping import prediction_stability, should_stop, stop_set_rows
 from backend.scoring.strategies import uncertainty_scores
 from backend.services.embeddings import embed_texts
 from backend.services.predict import model_version, predicted_labels
@@ -206,25 +206,13 @@ def priority_predictions(state: ProjectState, pool: Pool, picks: np.ndarray, ver
     ]
 
 
-STOP_SET_ROWS = 10_000
-"""The most unlabelled rows the stability kappa is computed on: its error is ~1/sqrt(rows) however large the pool."""
-
-
-def stop_set_rows(unlabelled: np.ndarray, limit: int = STOP_SET_ROWS) -> np.ndarray:
-    """Up to `limit` unlabelled row positions, evenly spread, so successive rounds compare nearly the same rows."""
-    rows = np.flatnonzero(unlabelled)
-    if len(rows) <= limit:
-        return rows
-    return rows[np.linspace(0, len(rows) - 1, limit).astype(np.intp)]
-
-
 def stopping_signal(runtime, project: str, artifact: HeadArtifact, pool: Pool) -> dict:
     """Kappa between this version's and the previous version's predictions on the unlabelled rows, their mean
     uncertainty, and whether the last rounds were stable enough to suggest that more labels pay off little."""
     versions = runtime.artifacts.versions(project)
     history = ((runtime.registry.last_round(project) or {}).get("stopping") or {}).get("history", [])
     stability = None
-    unlabelled = ~pool.labeled  # the stop set: labelled rows are training rows of both models, so they agree
+    unlabelled = ~pool.labeled
     stop_set = stop_set_rows(unlabelled)
     if len(versions) >= 2 and versions[-1] == artifact.version and len(stop_set):
         try:
