@@ -25,7 +25,7 @@ from backend.adapters.queue import encoding_key
 from backend.config import Settings
 from backend.runtime import Runtime
 from backend.services.embeddings import embed_texts
-from backend.services.rerank import ProjectDisconnected, annotation_fingerprint, read_connected_project, rerank
+from backend.services.rerank import ProjectDisconnected, read_connected_project, rerank
 
 log = logging.getLogger(__name__)
 
@@ -151,16 +151,16 @@ def reconcile_project(project: str) -> dict:
     if interval > 0:
         rt.queue.schedule_reconcile(project, interval)
     try:
-        info, annotated = read_connected_project(rt.label_studio, project)
+        reading = read_connected_project(rt.label_studio, project)
     except ProjectDisconnected as gone:
         return {"rerank": "not needed", **stop_working_on(rt, project, gone)}
     secure_webhooks(rt, project)
     last = rt.registry.last_round(project) or {}
     reasons = []
-    if annotation_fingerprint(annotated, int(info.get("task_number") or 0)) != last.get("fingerprint"):
+    if reading.fingerprint != last.get("fingerprint"):
         reasons.append("annotations or tasks changed")
-    if (info.get("model_version") or "") != (rt.registry.live_version(project) or ""):
-        reasons.append(f"model version is {info.get('model_version')!r}")
+    if (reading.info.get("model_version") or "") != (rt.registry.live_version(project) or ""):
+        reasons.append(f"model version is {reading.info.get('model_version')!r}")
     if not reasons:
         return {"rerank": "not needed"}
     log.info("project %s: reconciliation found %s", project, "; ".join(reasons))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from backend import jobs
-from backend.adapters.label_studio import LabelStudioNotFound
+from backend.adapters.label_studio import LabelStudioNotFound, LabelStudioRejected
 from backend.services import rerank as rerank_module
 from backend.services.rerank import rerank
 from tests.conftest import AG_NEWS_CONFIG, read_csv
@@ -48,11 +48,30 @@ class FakeLabelStudio:
         self.task_list_reads += 1
         return iter(list(self.tasks.values()))
 
+    def task_list_stamp(self, project_id):
+        return len(self.tasks), max(self.tasks, default=0)
+
+    def replace_task(self, task_id, text):
+        """Delete a task and import one (a new id above all others): the count stays the same."""
+        del self.tasks[task_id]
+        new_id = max(self.tasks) + 1
+        self.tasks[new_id] = {"id": new_id, "data": {"text": text}, "annotations": []}
+        self.project["task_number"] = len(self.tasks)
+        return new_id
+
+    def _check_tasks_exist(self, predictions):
+        # as Label Studio 1.23 does, refusing the whole request
+        missing = [p["task"] for p in predictions if p["task"] not in self.tasks]
+        if missing:
+            raise LabelStudioRejected(f"HTTP 400 {{'task': ['Invalid pk {missing[0]} - object does not exist.']}}")
+
     def import_predictions(self, project_id, predictions):
+        self._check_tasks_exist(predictions)
         self.writes.append("bulk")
         self.predictions.extend(predictions)
 
     def create_predictions(self, predictions):
+        self._check_tasks_exist(predictions)
         self.writes.append("single")
         self.predictions.extend(predictions)
 
@@ -136,6 +155,32 @@ def test_the_next_round_uses_the_new_annotation_and_never_ranks_it(runtime, labe
     assert label_studio.task_list_reads == 1  # the task list came from the snapshot the second time
 
 
+def test_a_task_replaced_by_another_is_noticed_though_the_task_count_is_the_same(runtime, label_studio):
+    first = rerank("1", runtime, generation=1)
+    new_task = label_studio.replace_task(first["top_task"], "Stocks rally as the central bank holds rates")
+    second = rerank("1", runtime, generation=2)  # no TASKS_* event was heard
+    assert label_studio.task_list_reads == 2 and second["published"]
+    assert second["unlabelled"] == first["unlabelled"] == len(label_studio.tasks)
+    ranked = {p["task"] for p in label_studio.predictions if p["model_version"] == second["model_version"]}
+    assert first["top_task"] not in ranked
+    task_ids = set(runtime.snapshots.load("1").task_ids.tolist())
+    assert new_task in task_ids and first["top_task"] not in task_ids
+
+
+def test_predictions_refused_for_a_deleted_task_make_the_retry_reread_the_task_list(runtime, label_studio):
+    runtime.settings = replace(runtime.settings, rank_top_k=1000)  # every task gets a prediction: the deleted one too
+    first = rerank("1", runtime, generation=1)
+    label_studio.tasks.pop(first["top_task"])  # deleted, and the count kept: one more task imported elsewhere...
+    label_studio.task_list_stamp = lambda project_id: (len(label_studio.tasks) + 1, max(label_studio.tasks))
+    with pytest.raises(rerank_module.TaskListOutdated, match="refused the predictions; the retry re-reads"):
+        rerank("1", runtime, generation=2)  # ...so the stamp cannot tell, and the write is refused
+    assert label_studio.project["model_version"] == first["model_version"]  # the previous ranking stays live
+    retry = rerank("1", runtime, generation=3)
+    assert retry["published"] and label_studio.task_list_reads == 2
+    ranked = {p["task"] for p in label_studio.predictions if p["model_version"] == retry["model_version"]}
+    assert first["top_task"] not in ranked
+
+
 def test_an_older_generation_never_publishes_over_a_newer_one(runtime, label_studio):
     rerank("1", runtime, generation=5)
     live = label_studio.project["model_version"]
@@ -162,6 +207,14 @@ def test_reconciliation_requests_a_round_only_when_label_studio_changed(runtime,
     assert outcome["rerank"] == "enqueued" and outcome["reasons"] == ["annotations or tasks changed"]
     label_studio.project["model_version"] = ""  # reset from the UI
     assert "model version is ''" in jobs.reconcile_project("1")["reasons"]
+
+
+def test_reconciliation_notices_tasks_replaced_with_the_count_unchanged(runtime, label_studio, monkeypatch):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    first = rerank("1", runtime, generation=runtime.queue.start_rerank("1"))
+    assert jobs.reconcile_project("1") == {"rerank": "not needed"}
+    label_studio.replace_task(first["top_task"], "A new task, imported while the webhooks were lost")
+    assert jobs.reconcile_project("1")["reasons"] == ["annotations or tasks changed"]
 
 
 def test_removing_the_backend_or_deleting_the_project_stops_the_work_on_it(runtime, label_studio, monkeypatch):

@@ -1,9 +1,9 @@
 """A project's task list (ids and text keys) in Redis, so a round need not re-read every task from Label Studio.
 
 Reading 10,000 tasks through the API takes ~10-18 s on Label Studio 1.23 (SQLite), while the project's
-header and its annotated tasks take ~0.1 s each. A round therefore re-reads the full task list only when
-the project's task count changed or a TASKS_* event (or reconciliation) marked the snapshot stale; the
-embeddings themselves are in the embedding cache, keyed by the text keys kept here.
+header and its annotated tasks take ~0.1 s each. A round therefore re-reads the full task list only when the
+project's task list stamp (number of tasks, newest task id) changed or a TASKS_* event marked the snapshot
+stale; the embeddings themselves are in the embedding cache, keyed by the text keys kept here.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ class TaskSnapshot:
     """(n,) int64 task ids."""
     text_keys: list[bytes]
     """n 16-byte text keys (see backend.adapters.embedding_cache.text_key)."""
-    task_number: int
-    """Label Studio's `task_number` of the project when the snapshot was taken."""
+    stamp: tuple[int, int]
+    """(number of tasks, newest task id) when the snapshot was taken (see LabelStudio.task_list_stamp)."""
 
 
 class TaskSnapshots:
@@ -37,13 +37,13 @@ class TaskSnapshots:
     def load(self, project: str) -> TaskSnapshot | None:
         """The stored snapshot, or None when there is none or it was marked stale."""
         fields = self.client.hgetall(self.key(project))
-        if not fields or fields.get(b"stale") == b"1":
-            return None
+        if not fields or fields.get(b"stale") == b"1" or b"newest_task_id" not in fields:
+            return None  # (a snapshot saved before stamps had the newest id is stale too)
         keys = fields[b"text_keys"]
         return TaskSnapshot(
             np.frombuffer(fields[b"task_ids"], dtype=np.int64),
             [keys[i : i + KEY_BYTES] for i in range(0, len(keys), KEY_BYTES)],
-            int(fields[b"task_number"]),
+            (int(fields[b"task_number"]), int(fields[b"newest_task_id"])),
         )
 
     def save(self, project: str, snapshot: TaskSnapshot) -> None:
@@ -52,7 +52,8 @@ class TaskSnapshots:
             mapping={
                 "task_ids": np.asarray(snapshot.task_ids, dtype=np.int64).tobytes(),
                 "text_keys": b"".join(snapshot.text_keys),
-                "task_number": snapshot.task_number,
+                "task_number": snapshot.stamp[0],
+                "newest_task_id": snapshot.stamp[1],
                 "stale": "0",
             },
         )

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from backend.adapters.embedding_cache import text_key
-from backend.adapters.label_studio import LabelStudioNotFound
+from backend.adapters.label_studio import LabelStudioNotFound, LabelStudioRejected
 from backend.adapters.task_snapshot import TaskSnapshot
 from backend.label_config import ClassificationConfig, parse_label_config
 from backend.ml.artifacts import HeadArtifact
@@ -68,9 +68,10 @@ class Stopwatch:
         self._last = now
 
 
-def annotation_fingerprint(annotated_tasks: list[dict], task_number: int) -> str:
-    """A digest of the task count and every annotation's id and update time: changes whenever labels do."""
-    digest = hashlib.sha1(str(task_number).encode())
+def annotation_fingerprint(annotated_tasks: list[dict], task_stamp: tuple[int, int]) -> str:
+    """A digest of the task list stamp and every annotation's id and update time: changes whenever labels or
+    the task list do."""
+    digest = hashlib.sha1(repr(tuple(task_stamp)).encode())
     for task in sorted(annotated_tasks, key=lambda t: t["id"]):
         stamps = sorted(
             (a.get("id") or 0, str(a.get("updated_at") or ""), bool(a.get("was_cancelled")))
@@ -88,31 +89,56 @@ class EncodingQueued(Exception):
     """The round found too many uncached texts: chunk jobs and a follow-up round were queued instead."""
 
 
+class TaskListOutdated(Exception):
+    """Label Studio refused the round's predictions, most likely for a task deleted since the task list was read.
+
+    The snapshot is marked stale before this is raised, so the job's retry re-reads the task list.
+    """
+
+
 class ProjectDisconnected(Exception):
     """Label Studio no longer has the project, or the project no longer has an ML backend: stop working on it."""
 
 
-def read_connected_project(label_studio, project: str) -> tuple[dict, list[dict]]:
-    """The project and its annotated tasks from Label Studio, after checking that the project still exists and
-    still has an ML backend. The three calls run side by side (~0.1 s less per round than one after another).
+@dataclass(frozen=True)
+class ProjectReading:
+    """What one round (or reconciliation) reads from Label Studio about a connected project."""
+
+    info: dict
+    """The project (label_config, model_version, ...)."""
+    annotated: list[dict]
+    """Tasks with annotations, with their annotations."""
+    task_stamp: tuple[int, int]
+    """(number of tasks, newest task id): when it changes, the task list snapshot is re-read."""
+
+    @property
+    def fingerprint(self) -> str:
+        return annotation_fingerprint(self.annotated, self.task_stamp)
+
+
+def read_connected_project(label_studio, project: str) -> ProjectReading:
+    """The project, its annotated tasks and its task list stamp from Label Studio, after checking that the project
+    still exists and still has an ML backend. The four calls run side by side (~0.1 s less per round than one
+    after another).
 
     Removing the backend in the project's Model settings leaves its webhook behind, so events keep coming; without
     this check the backend would go on rewriting the order of a project it was disconnected from.
     """
-    with concurrent.futures.ThreadPoolExecutor(3) as calls:
+    with concurrent.futures.ThreadPoolExecutor(4) as calls:
         info = calls.submit(label_studio.get_project, int(project))
         backends = calls.submit(label_studio.ml_backends, int(project))
         annotated = calls.submit(label_studio.annotated_tasks, int(project))
+        stamp = calls.submit(label_studio.task_list_stamp, int(project))
         try:
             project_info = info.result()
         except LabelStudioNotFound:
             raise ProjectDisconnected(f"project {project} no longer exists in Label Studio") from None
         if not backends.result():
             raise ProjectDisconnected(f"project {project} has no ML backend connected any more")
-        return project_info, annotated.result()
+        return ProjectReading(project_info, annotated.result(), stamp.result())
 
 
-def refresh_snapshot(runtime, project: str, config: ClassificationConfig, task_number: int) -> TaskSnapshot:
+def refresh_snapshot(runtime, project: str, config: ClassificationConfig, stamp: tuple[int, int]) -> TaskSnapshot:
     """Read every task (paged) and make sure each text is in the embedding cache.
 
     A few missing texts are encoded here; many (a new project, a large import) are split into chunk jobs
@@ -126,7 +152,7 @@ def refresh_snapshot(runtime, project: str, config: ClassificationConfig, task_n
         except KeyError as exc:
             log.warning("project %s: task left out of the ranking: %s", project, exc)
     keys = [text_key(text) for text in texts]
-    snapshot = TaskSnapshot(np.array(task_ids, dtype=np.int64), keys, task_number)
+    snapshot = TaskSnapshot(np.array(task_ids, dtype=np.int64), keys, stamp)
     runtime.snapshots.save(project, snapshot)
     found = runtime.embedding_cache.get_many(list(dict.fromkeys(keys)))
     cached = {key for key, vector in zip(dict.fromkeys(keys), found, strict=True) if vector is not None}
@@ -141,15 +167,15 @@ def refresh_snapshot(runtime, project: str, config: ClassificationConfig, task_n
 
 def read_project_state(runtime, project: str, watch: Stopwatch) -> ProjectState:
     """Project header and annotated tasks from Label Studio (~0.2 s); the task list from the snapshot."""
-    info, annotated = read_connected_project(runtime.label_studio, project)
+    reading = read_connected_project(runtime.label_studio, project)
     runtime.registry.confirm_connected(project)
-    config = parse_label_config(info["label_config"])
+    config = parse_label_config(reading.info["label_config"])
     watch.lap("read_label_studio")
-    task_number = int(info.get("task_number") or 0)
     snapshot = runtime.snapshots.load(project)
-    if snapshot is None or snapshot.task_number != task_number:
-        snapshot = refresh_snapshot(runtime, project, config, task_number)
+    if snapshot is None or snapshot.stamp != reading.task_stamp:
+        snapshot = refresh_snapshot(runtime, project, config, reading.task_stamp)
         watch.lap("refresh_task_list")
+    annotated = reading.annotated
     annotated_ids = {task["id"] for task in annotated if task.get("annotations")}
     rows = [row for row, task_id in enumerate(snapshot.task_ids.tolist()) if task_id not in annotated_ids]
     return ProjectState(
@@ -157,7 +183,7 @@ def read_project_state(runtime, project: str, watch: Stopwatch) -> ProjectState:
         [int(snapshot.task_ids[row]) for row in rows],
         [snapshot.text_keys[row] for row in rows],
         labelled_tasks(annotated, config),
-        annotation_fingerprint(annotated, task_number),
+        reading.fingerprint,
     )
 
 
@@ -253,7 +279,12 @@ def publish(runtime, project: str, generation: int, version: str, state, pool, p
     predictions = priority_predictions(state, pool, picks, version)
     project_tasks = len(state.task_ids) + len(state.labelled)
     how = runtime.settings.prediction_writes
-    summary["writes"] = write_predictions(runtime.label_studio, int(project), predictions, project_tasks, how)
+    try:
+        summary["writes"] = write_predictions(runtime.label_studio, int(project), predictions, project_tasks, how)
+    except LabelStudioRejected as rejected:  # e.g. "Invalid pk": a task deleted with no TASKS_DELETED heard
+        runtime.snapshots.mark_stale(project)
+        message = f"project {project}: Label Studio refused the predictions; the retry re-reads the task list"
+        raise TaskListOutdated(message) from rejected
     if not runtime.queue.still_publisher(project, generation):
         log.warning("project %s: a newer round published while %s was being written; not switching", project, version)
         return False

@@ -90,6 +90,25 @@ def test_reconciliation_repairs_what_lost_webhooks_did_not_say(backend, project)
     assert ls.next_task(project_id)["id"] == last["top_task"]
 
 
+@pytest.mark.parametrize("backend", [{"RECONCILE_INTERVAL": "3"}], indirect=True)
+def test_reconciliation_notices_a_task_replaced_by_another_without_webhooks(backend, project):
+    ls, project_id, _ = project
+    ls.connect_ml_backend(project_id, backend.url, "al-backend")
+    cold = backend.wait_for_round(project_id, annotations=0)
+    for webhook in ls.webhooks(project_id):
+        ls.delete_webhook(webhook["id"])
+    ls.delete_task(cold["top_task"])  # the task count stays the same: only the newest task id tells
+    ls.import_tasks(project_id, [{"text": "Oil prices climb as supply worries grow"}])
+
+    deadline = time.time() + 60
+    while (last := backend.last_round(project_id)).get("generation", 0) <= cold["generation"] or not last["published"]:
+        assert time.time() < deadline, f"no round after the replacement; last: {last}"
+        time.sleep(0.2)
+    assert last["unlabelled"] == cold["unlabelled"] and last["top_task"] != cold["top_task"]
+    assert ls.next_task(project_id)["id"] == last["top_task"]
+    assert "reconcile" in backend.all_logs()
+
+
 def test_removing_the_backend_stops_the_rounds_and_connecting_it_again_resumes_them(backend, project):
     ls, project_id, truth = project
     connection = ls.connect_ml_backend(project_id, backend.url, "al-backend")

@@ -105,6 +105,19 @@ def test_tasks_come_with_their_annotations_and_paging_reaches_the_end(ls, projec
     assert [task["id"] for task in plain] == task_ids and "annotations" not in plain[0]
 
 
+def test_the_task_list_stamp_changes_when_a_task_is_replaced_and_predictions_for_it_are_refused(ls, project):
+    project_id, task_ids = project
+    assert ls.task_list_stamp(project_id) == (N_TASKS, task_ids[-1])
+    ls.delete_task(task_ids[0])
+    (new_task,) = ls.import_tasks(project_id, [{"text": "One more task, imported after a deletion"}])["task_ids"]
+    assert new_task > task_ids[-1]
+    assert ls.task_list_stamp(project_id) == (N_TASKS, new_task)  # the same count, a newer newest task
+    stale = [{"task": t, "result": topic("World"), "score": 0.1, "model_version": "v1"} for t in task_ids[:2]]
+    with pytest.raises(LabelStudioRejected, match="HTTP 400"):  # the whole import: no partial ranking
+        ls.import_predictions(project_id, stale)
+    assert ls.model_versions(project_id) == {}
+
+
 def test_webhook_headers_can_be_updated(ls, project):
     project_id, _ = project
     hook = ls.sdk.webhooks.create(project=project_id, url="http://127.0.0.1:9/webhook", send_for_all_actions=True)
