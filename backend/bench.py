@@ -1,7 +1,11 @@
 """Benchmarks that print figures (never timed tests).
 
-python -m backend.bench encode [--model NAME] [--texts N] [--batch-tokens T] [--device D]
+python -m backend.bench encode [--model NAME | --model random:bert-base] [--texts N] [--batch-tokens T] [--device D]
 python -m backend.bench rerank --tasks N [--dim D] [--classes K] [--strategy NAME]
+
+`encode` also states the arithmetic of how close it runs to the hardware: the matrix-product FLOPs of the
+encoder's forward passes over the texts (with and without padding), divided by the seconds, against the rate
+of one large matrix product measured on the same device and dtype (or `--peak-tflops`, a data-sheet figure).
 """
 
 from __future__ import annotations
@@ -19,6 +23,89 @@ import numpy as np
 DEFAULT_TEXTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ag_news" / "test.csv"
 
 
+RANDOM_SHAPES = {
+    "minilm-l6": {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536},
+    "bert-base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+}
+"""Shapes for `--model random:<shape>`: randomly initialised BERT encoders, for throughput where no hub is reachable
+(the speed of a forward pass does not depend on the weights' values)."""
+
+
+def encoder_matmul_flops(lengths: list[int], layers: int, hidden: int, intermediate: int) -> float:
+    """Matrix-product FLOPs (a multiply-add = 2) of one BERT-style encoder forward pass per sequence.
+
+    Per layer and sequence of L tokens: Q, K, V and output projections 4 x 2·L·d², attention scores and
+    weighted values 2 x 2·L²·d, feed-forward 2 x 2·L·d·f. Embeddings, layer norms, softmax and pooling are
+    left out (a few percent, and not matrix products).
+    """
+    total = 0.0
+    for length in lengths:
+        total += 8 * length * hidden**2 + 4 * length**2 * hidden + 4 * length * hidden * intermediate
+    return layers * total
+
+
+def measured_matmul_tflops(device, dtype, size: int, repeats: int = 10) -> float:
+    """TFLOP/s of a size x size x size matrix product on `device` in `dtype`: what the hardware gives."""
+    import torch
+
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
+
+
+def random_model_folder(shape: str, tokenizer_path: str | None) -> str:
+    """A randomly initialised BERT of `shape` with a real tokenizer (the bundled MiniLM's, or `tokenizer_path`),
+    saved once under the system's temporary folder; returns the folder."""
+    import tempfile
+
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from backend.config import DEFAULT_MODEL_NAME
+    from backend.ml.encoder import resolve_model_path
+
+    if shape not in RANDOM_SHAPES:
+        raise SystemExit(f"--model random:<shape>: shape must be one of {', '.join(RANDOM_SHAPES)}, got {shape!r}")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or resolve_model_path(DEFAULT_MODEL_NAME))
+    dims = "-".join(str(value) for value in RANDOM_SHAPES[shape].values())
+    folder = Path(tempfile.gettempdir()) / f"al-backend-random-{shape}-{dims}-{tokenizer.vocab_size}"
+    if not (folder / "config.json").is_file():
+        config = BertConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=512, **RANDOM_SHAPES[shape])
+        BertModel(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def print_flop_rates(encoder, token_ids: list[list[int]], seconds: float, peak_tflops: float) -> None:
+    """Useful and executed (padded) matrix-product TFLOP/s of the encode, and their share of `peak_tflops`."""
+    import torch
+
+    config = encoder.model.config
+    shape = (config.num_hidden_layers, config.hidden_size, config.intermediate_size)
+    useful = encoder_matmul_flops([len(ids) for ids in token_ids], *shape)
+    order = np.argsort([-len(ids) for ids in token_ids], kind="stable")
+    padded_lengths = []
+    for batch in encoder._batches_by_token_budget(order, token_ids):
+        padded_lengths += [len(token_ids[batch[0]])] * len(batch)  # longest first: row 0 sets the padded length
+    executed = encoder_matmul_flops(padded_lengths, *shape)
+    dtype = encoder.autocast_dtype or torch.float32
+    size = 8192 if encoder.device.type == "cuda" else 2048
+    peak = peak_tflops or measured_matmul_tflops(encoder.device, dtype, size)
+    useful_rate, executed_rate = useful / seconds / 1e12, executed / seconds / 1e12
+    print(f"layers={shape[0]} hidden={shape[1]} intermediate={shape[2]} gflop/text={useful / len(token_ids) / 1e9:.3f}")
+    print(f"peak_tflops={peak:.2f} ({'given' if peak_tflops else f'measured: {size}^3 {dtype} matrix product'})")
+    print(f"useful_tflops={useful_rate:.3f} executed_tflops={executed_rate:.3f} (executed counts the padding)")
+    print(f"share_of_peak={useful_rate / peak:.1%} useful, {executed_rate / peak:.1%} executed")
+
+
 def bench_encode(args: argparse.Namespace) -> None:
     import torch
 
@@ -26,7 +113,10 @@ def bench_encode(args: argparse.Namespace) -> None:
 
     with open(args.csv, newline="", encoding="utf-8") as handle:
         texts = [row["text"] for row in csv.DictReader(handle)][: args.texts]
-    encoder = Encoder(args.model, device=args.device, max_length=args.max_length, batch_tokens=args.batch_tokens)
+    model = args.model
+    if model.startswith("random:"):
+        model = random_model_folder(model.removeprefix("random:"), args.tokenizer)
+    encoder = Encoder(model, device=args.device, max_length=args.max_length, batch_tokens=args.batch_tokens)
     encoder.encode(texts[: min(64, len(texts))])  # warm-up: kernels, allocator
     best = None
     for _ in range(args.repeat):
@@ -35,7 +125,7 @@ def bench_encode(args: argparse.Namespace) -> None:
         encoder.encode(texts)
         stats = encoder.last_stats
         best = stats if best is None or stats.seconds < best.seconds else best
-    lengths = [len(ids) for ids in encoder.tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]]
+    lengths = [len(ids) for ids in encoder.token_ids(texts)]
     print(f"model={args.model} device={encoder.device} autocast={encoder.autocast_dtype}")
     print(f"torch_threads={torch.get_num_threads()}")
     print(f"cpu={platform.processor() or platform.machine()} cores={os.cpu_count()}")
@@ -48,6 +138,7 @@ def bench_encode(args: argparse.Namespace) -> None:
         f"{best.padded_tokens / best.tokens - 1:.1%}"
     )
     print(f"seconds={best.seconds:.3f} tokens/s={best.tokens / best.seconds:,.0f}")
+    print_flop_rates(encoder, encoder.token_ids(texts), best.seconds, args.peak_tflops)
     print(f"texts_per_second={best.texts / best.seconds:.1f}")
 
 
@@ -55,13 +146,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="backend benchmarks")
     commands = parser.add_subparsers(dest="command", required=True)
     encode = commands.add_parser("encode", help="encoder throughput (texts/s)")
-    encode.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
+    encode.add_argument(
+        "--model",
+        default="sentence-transformers/all-MiniLM-L6-v2",
+        help=f"a model name or folder, or random:<shape> ({', '.join(RANDOM_SHAPES)})",
+    )
     encode.add_argument("--csv", default=str(DEFAULT_TEXTS), help="CSV with a 'text' column")
     encode.add_argument("--texts", type=int, default=2000)
     encode.add_argument("--max-length", type=int, default=256)
     encode.add_argument("--batch-tokens", type=int, default=0, help="0 = auto")
     encode.add_argument("--device", default="auto")
     encode.add_argument("--repeat", type=int, default=2)
+    encode.add_argument(
+        "--tokenizer", help="tokenizer folder for --model random:<shape> (default: the bundled MiniLM's)"
+    )
+    encode.add_argument(
+        "--peak-tflops", type=float, default=0.0, help="the device's peak rate; 0 = measure a large matrix product"
+    )
     encode.set_defaults(run=bench_encode)
     rerank = commands.add_parser("rerank", help="a full re-rank of N unlabelled tasks from cached embeddings")
     rerank.add_argument("--tasks", type=int, default=1_000_000)

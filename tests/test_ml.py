@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from backend.ml.artifacts import ArtifactStore, HeadArtifact
 from backend.ml.encoder import Encoder
@@ -28,6 +29,14 @@ def test_encoder_batches_respect_the_token_budget(encoder):
     assert stats.texts == 39 and stats.batches > 1
     assert stats.padded_tokens <= stats.batches * encoder.batch_tokens
     assert stats.tokens <= stats.padded_tokens
+
+
+def test_padding_puts_each_row_left_aligned_with_its_mask(encoder):
+    padded = encoder.pad([[5, 6, 7], [8], [9, 10]])
+    pad = encoder.tokenizer.pad_token_id or 0
+    assert padded["input_ids"].tolist() == [[5, 6, 7], [8, pad, pad], [9, 10, pad]]
+    assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    assert padded["input_ids"].dtype == padded["attention_mask"].dtype == torch.long
 
 
 def test_softmax_head_learns_separable_classes():

@@ -9,6 +9,7 @@ batch waits for the one before it.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -182,14 +183,17 @@ class Encoder:
         return torch.nn.functional.normalize(pooled.float(), dim=1)
 
     def pad(self, batch_ids: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Right-pad token id lists to the batch's longest row (dynamic padding)."""
-        longest = max(len(ids) for ids in batch_ids)
-        input_ids = torch.full((len(batch_ids), longest), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch_ids), longest), dtype=torch.long)
-        for row, ids in enumerate(batch_ids):
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, : len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        """Right-pad token id lists to the batch's longest row (dynamic padding).
+
+        One numpy scatter for the whole batch, not one tensor per row: on a GPU the forward pass of a 65,536-token
+        MiniLM batch takes a few milliseconds, and padding row by row in Python took 15 ms.
+        """
+        lengths = np.fromiter(map(len, batch_ids), dtype=np.int64, count=len(batch_ids))
+        mask = np.arange(lengths.max()) < lengths[:, None]
+        input_ids = np.full(mask.shape, self.tokenizer.pad_token_id or 0, dtype=np.int64)
+        tokens = itertools.chain.from_iterable(batch_ids)
+        input_ids[mask] = np.fromiter(tokens, dtype=np.int64, count=int(lengths.sum()))  # row by row, in order
+        return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
 
 
 _ENCODERS: dict[tuple, Encoder] = {}
