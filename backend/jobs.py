@@ -21,7 +21,7 @@ from rq import get_current_job
 from rq.utils import now
 
 from backend.adapters.label_studio import LabelStudioNotFound
-from backend.adapters.queue import encoding_key
+from backend.adapters.queue import encoding_key, encoding_runs_key
 from backend.config import Settings
 from backend.runtime import Runtime
 from backend.services.embeddings import embed_texts
@@ -97,11 +97,25 @@ def kept_alive(lock: Lock) -> Iterator[None]:
 def stop_working_on(rt: Runtime, project: str, gone: ProjectDisconnected) -> dict:
     """Mark `project` disconnected: its webhooks are acknowledged and ignored, and reconciliation stops.
 
-    A new `/setup` (connecting the backend to the project again) undoes this.
+    A new `/setup` (connecting the backend to the project again) undoes this. For a project deleted in Label
+    Studio, what the backend kept about it goes too (its task list, head versions, last round, event counts), so
+    nothing grows with projects that are gone, and a new project given the same id (SQLite reuses ids) starts
+    clean. The generation counters stay: they fence off any job of the old project still queued.
     """
+    if gone.project_deleted:
+        forget_project(rt, project)
     rt.registry.disconnect(project, str(gone))
     log.warning("project %s: stopped working on it: %s; connecting the backend again resumes", project, gone)
     return {"disconnected": str(gone)}
+
+
+def forget_project(rt: Runtime, project: str) -> None:
+    """Delete the project's task list snapshot, head versions, registry entry and encoding progress."""
+    rt.snapshots.delete(project)
+    rt.artifacts.delete_project(project)
+    rt.registry.forget(project)
+    rt.queue.forget_encoding(project)
+    log.info("project %s: deleted in Label Studio; its task list, head versions and records are deleted too", project)
 
 
 def secure_webhooks(rt: Runtime, project: str) -> int:
@@ -172,7 +186,7 @@ def encode_chunk(project: str, job_id: str, texts: list[str]) -> int:
     rt = runtime()
     embed_texts(texts, rt.encoder, rt.embedding_cache)
     rt.redis.hincrby(encoding_key(project), "done", 1)
-    rt.redis.hincrby(f"al:encoding:{project}:runs", job_id, 1)  # lets tests and operators see: once per chunk
+    rt.redis.hincrby(encoding_runs_key(project), job_id, 1)  # lets tests and operators see: once per chunk
     return len(texts)
 
 

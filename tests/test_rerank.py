@@ -230,12 +230,21 @@ def test_removing_the_backend_or_deleting_the_project_stops_the_work_on_it(runti
     scheduled = runtime.queue.queue.scheduled_job_registry
     assert jobs.reconcile_project("1") == {"rerank": "not needed", "disconnected": True}
     assert scheduled.get_job_ids() == []  # the chain of reconciliations ends
+    # removed from the project, not deleted: what the backend knows of it stays, for connecting it again
+    assert runtime.snapshots.load("1") is not None and runtime.artifacts.versions("1")
+    assert runtime.registry.last_round("1") is not None
 
     runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})  # connected again, then the project is deleted
     label_studio.backends = [{"id": 2, "url": "http://backend:9090", "project": 1}]
+    runtime.registry.count_event("1", "ANNOTATION_CREATED")
     label_studio.deleted = True
     outcome = jobs.reconcile_project("1")
     assert "no longer exists" in outcome["disconnected"] and runtime.registry.is_disconnected("1")
+    # deleted: its task list, head versions and records go, and a new project with its id would start clean
+    assert runtime.snapshots.load("1") is None and runtime.artifacts.versions("1") == []
+    assert runtime.registry.last_round("1") is None and runtime.registry.label_config("1") is None
+    assert runtime.registry.event_counts("1") == {}
+    assert "no longer exists" in runtime.projects.metrics()["disconnected"]["1"]["reason"]
     assert jobs.rerank_project("1")["disconnected"] and jobs.cleanup_versions("1", live) == []
 
 

@@ -46,6 +46,11 @@ class ProjectRegistry:
         self.client.srem(PROJECTS_KEY, project)
         self.client.hset(DISCONNECTED_KEY, project, json.dumps({"reason": reason, "at": time.time()}))
 
+    def forget(self, project: str) -> None:
+        """Drop everything kept about `project` (for a project deleted in Label Studio); the `disconnected` entry
+        saying why stays."""
+        self.client.delete(self.key(project), self.key(project) + ":events")
+
     def confirm_connected(self, project: str) -> None:
         """Label Studio shows `project` connected: undo a `disconnect` that a slower round recorded after the user
         had connected the backend again."""

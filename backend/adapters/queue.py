@@ -53,6 +53,11 @@ def encoding_key(project: str) -> str:
     return f"al:encoding:{project}"
 
 
+def encoding_runs_key(project: str) -> str:
+    """How many times each chunk job of a project ran (tests and operators check: once per chunk)."""
+    return f"al:encoding:{project}:runs"
+
+
 def published_key(project: str) -> str:
     return f"al:rerank:published:{project}"
 
@@ -182,6 +187,9 @@ class JobQueue:
                     **self._job_options(),
                 )
         return job_ids
+
+    def forget_encoding(self, project: str) -> None:
+        self.client.delete(encoding_key(project), encoding_runs_key(project))
 
     def encoding_progress(self, project: str) -> dict:
         return {k.decode(): int(v) for k, v in self.client.hgetall(encoding_key(project)).items()}

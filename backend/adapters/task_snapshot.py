@@ -58,5 +58,8 @@ class TaskSnapshots:
             },
         )
 
+    def delete(self, project: str) -> None:
+        self.client.delete(self.key(project))
+
     def mark_stale(self, project: str) -> None:
         self.client.hset(self.key(project), "stale", "1")

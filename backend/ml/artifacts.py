@@ -105,6 +105,10 @@ class ArtifactStore:
             raise ValueError(f"head has {head.weights.shape[1]} columns for {len(meta['labels'])} labels")
         return HeadArtifact(head, committee, tuple(meta["labels"]), meta["encoder_id"], version, meta.get("round", {}))
 
+    def delete_project(self, project: str) -> None:
+        """Delete every version of `project`."""
+        shutil.rmtree(self.project_dir(project), ignore_errors=True)
+
     def prune(self, project: str, keep: int = 5) -> None:
         """Delete all but the `keep` newest versions."""
         for version in self.versions(project)[:-keep]:

@@ -99,6 +99,10 @@ class TaskListOutdated(Exception):
 class ProjectDisconnected(Exception):
     """Label Studio no longer has the project, or the project no longer has an ML backend: stop working on it."""
 
+    def __init__(self, message: str, project_deleted: bool = False):
+        super().__init__(message)
+        self.project_deleted = project_deleted
+
 
 @dataclass(frozen=True)
 class ProjectReading:
@@ -132,7 +136,7 @@ def read_connected_project(label_studio, project: str) -> ProjectReading:
         try:
             project_info = info.result()
         except LabelStudioNotFound:
-            raise ProjectDisconnected(f"project {project} no longer exists in Label Studio") from None
+            raise ProjectDisconnected(f"project {project} no longer exists in Label Studio", True) from None
         if not backends.result():
             raise ProjectDisconnected(f"project {project} has no ML backend connected any more")
         return ProjectReading(project_info, annotated.result(), stamp.result())
