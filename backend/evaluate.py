@@ -140,6 +140,7 @@ def run_one(
     strategy = strategy_from_spec(strategy_name)
     k = len(pool.classes)
     labeled = np.zeros(len(pool.labels), dtype=bool)
+    shown = np.full(len(pool.labels), -1)  # the class predicted for each row when it was picked, as Label Studio shows
     heads = [zero_shot_head(label_embeddings, False)]
     accuracy, f1, stability, stop_budget = [], [], [], None
     finetuned: dict[int, float] = {}
@@ -155,9 +156,10 @@ def run_one(
             False,
             targets,
             heads[0].weights,
-            _mistakes(all_probs[0], pool.labels, labeled),
+            labeled & (shown != pool.labels),  # annotations that corrected the pre-annotation
         )
         picks = strategy.select(state, budget - int(labeled.sum()), rng)
+        shown[picks] = all_probs[0][picks].argmax(axis=1)
         labeled = labeled.copy()
         labeled[picks] = True
         x, y = pool.embeddings[labeled], one_hot_indices(pool.labels[labeled], k)
@@ -199,11 +201,6 @@ def finetuned_accuracy_on(pool: Dataset, test: Dataset, model_name: str, max_len
         return float(np.mean(predicted == test.labels))
 
     return finetune
-
-
-def _mistakes(probs: np.ndarray, truth: np.ndarray, labeled: np.ndarray) -> np.ndarray:
-    """Labelled tasks whose annotation disagrees with what the model would have predicted."""
-    return labeled & (probs.argmax(axis=1) != truth)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -181,6 +181,34 @@ def test_predictions_refused_for_a_deleted_task_make_the_retry_reread_the_task_l
     assert first["top_task"] not in ranked
 
 
+def test_an_annotation_that_corrected_its_pre_annotation_stays_a_mistake_after_cleanup(runtime, label_studio):
+    first = rerank("1", runtime, generation=1)
+    shown = {p["task"]: p["result"][0]["value"]["choices"][0] for p in label_studio.predictions}
+    corrected_task, confirmed_task = list(shown)[:2]
+    label_studio.annotate(corrected_task, next(c for c in ("World", "Sports") if c != shown[corrected_task]))
+    label_studio.annotate(confirmed_task, shown[confirmed_task])
+    never_shown = next(task_id for task_id in label_studio.tasks if task_id not in shown)
+    label_studio.annotate(never_shown, "Business")
+
+    def corrected() -> dict[int, bool]:
+        state = rerank_module.read_project_state(runtime, "1", rerank_module.Stopwatch())
+        artifact = runtime.artifacts.load("1", runtime.artifacts.versions("1")[-1])
+        dim = artifact.head.weights.shape[0]
+        unlabelled, labelled = np.zeros((len(state.task_ids), dim)), np.zeros((len(state.labelled), dim))
+        pool = rerank_module.build_pool(state, artifact, unlabelled, labelled)
+        unlabelled_rows, labelled_rows = np.split(pool.mistakes, [len(state.task_ids)])
+        flagged = [example.task_id for example, mistake in zip(state.labelled, labelled_rows, strict=True) if mistake]
+        assert not unlabelled_rows.any()
+        assert flagged == [example.task_id for example in state.labelled if example.corrected]
+        return {example.task_id: example.corrected for example in state.labelled}
+
+    expected = {corrected_task: True, confirmed_task: False, never_shown: False}
+    assert corrected() == expected
+    second = rerank("1", runtime, generation=2)  # ranks other tasks: what the annotated ones were shown stays
+    label_studio.delete_model_version(1, first["model_version"])
+    assert second["published"] and corrected() == expected
+
+
 def test_an_older_generation_never_publishes_over_a_newer_one(runtime, label_studio):
     rerank("1", runtime, generation=5)
     live = label_studio.project["model_version"]
@@ -232,7 +260,7 @@ def test_removing_the_backend_or_deleting_the_project_stops_the_work_on_it(runti
     assert scheduled.get_job_ids() == []  # the chain of reconciliations ends
     # removed from the project, not deleted: what the backend knows of it stays, for connecting it again
     assert runtime.snapshots.load("1") is not None and runtime.artifacts.versions("1")
-    assert runtime.registry.last_round("1") is not None
+    assert runtime.registry.last_round("1") is not None and runtime.registry.shown("1", list(label_studio.tasks))
 
     runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})  # connected again, then the project is deleted
     label_studio.backends = [{"id": 2, "url": "http://backend:9090", "project": 1}]
@@ -243,7 +271,7 @@ def test_removing_the_backend_or_deleting_the_project_stops_the_work_on_it(runti
     # deleted: its task list, head versions and records go, and a new project with its id would start clean
     assert runtime.snapshots.load("1") is None and runtime.artifacts.versions("1") == []
     assert runtime.registry.last_round("1") is None and runtime.registry.label_config("1") is None
-    assert runtime.registry.event_counts("1") == {}
+    assert runtime.registry.event_counts("1") == {} and runtime.registry.shown("1", list(label_studio.tasks)) == {}
     assert "no longer exists" in runtime.projects.metrics()["disconnected"]["1"]["reason"]
     assert jobs.rerank_project("1")["disconnected"] and jobs.cleanup_versions("1", live) == []
 

@@ -49,7 +49,7 @@ class ProjectRegistry:
     def forget(self, project: str) -> None:
         """Drop everything kept about `project` (for a project deleted in Label Studio); the `disconnected` entry
         saying why stays."""
-        self.client.delete(self.key(project), self.key(project) + ":events")
+        self.client.delete(self.key(project), self.key(project) + ":events", self.key(project) + ":shown")
 
     def confirm_connected(self, project: str) -> None:
         """Label Studio shows `project` connected: undo a `disconnect` that a slower round recorded after the user
@@ -90,6 +90,22 @@ class ProjectRegistry:
     def live_version(self, project: str) -> str | None:
         raw = self.client.hget(self.key(project), "live_version")
         return raw.decode() if raw else None
+
+    def record_shown(self, project: str, shown: dict[int, tuple[str, ...]]) -> None:
+        """The choices of the predictions a round wrote, per task: what an annotator served the task is shown.
+
+        (Label Studio's export lists a task's predictions by id only, and deletes them with their version.)
+        """
+        if shown:
+            mapping = {str(task_id): json.dumps(list(choices)) for task_id, choices in shown.items()}
+            self.client.hset(self.key(project) + ":shown", mapping=mapping)
+
+    def shown(self, project: str, task_ids: list[int]) -> dict[int, tuple[str, ...]]:
+        """The last recorded pre-annotation of each of `task_ids` that has one."""
+        if not task_ids:
+            return {}
+        raw = self.client.hmget(self.key(project) + ":shown", [str(task_id) for task_id in task_ids])
+        return {task_id: tuple(json.loads(value)) for task_id, value in zip(task_ids, raw, strict=True) if value}
 
     def count_event(self, project: str, action: str) -> None:
         self.client.hincrby(self.key(project) + ":events", action, 1)

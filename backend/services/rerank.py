@@ -14,7 +14,7 @@ import concurrent.futures
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -186,9 +186,16 @@ def read_project_state(runtime, project: str, watch: Stopwatch) -> ProjectState:
         config,
         [int(snapshot.task_ids[row]) for row in rows],
         [snapshot.text_keys[row] for row in rows],
-        labelled_tasks(annotated, config),
+        with_shown_predictions(runtime.registry, project, labelled_tasks(annotated, config)),
         reading.fingerprint,
     )
+
+
+def with_shown_predictions(registry, project: str, labelled: list[LabelledTask]) -> list[LabelledTask]:
+    """`labelled` with `shown`: the pre-annotation recorded when a round last ranked the task (annotated tasks
+    are never ranked again, so it is the one the annotator saw; the error-prediction strategy needs it)."""
+    shown = registry.shown(project, [example.task_id for example in labelled])
+    return [replace(example, shown=shown.get(example.task_id)) for example in labelled]
 
 
 def build_pool(
@@ -211,6 +218,7 @@ def build_pool(
         multi_label=state.config.multi_label,
         targets=targets,
         head_weights=artifact.head.weights,
+        mistakes=np.concatenate([np.zeros(n_unlabelled, bool), np.array([e.corrected for e in state.labelled], bool)]),
     )
 
 
@@ -296,6 +304,8 @@ def publish(runtime, project: str, generation: int, version: str, state, pool, p
     # version as ours, not as a change from the UI (which would queue another round, for ever). If the PATCH
     # fails, reconciliation sees Label Studio's version differ from this one and re-ranks.
     runtime.registry.set_live_version(project, version)
+    shown = {p["task"]: tuple(p["result"][0]["value"]["choices"]) for p in predictions}
+    runtime.registry.record_shown(project, shown)  # the pre-annotations annotators are about to see
     runtime.label_studio.set_model_version(int(project), version)
     runtime.queue.enqueue_cleanup(project, version)
     return True

@@ -21,11 +21,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LabelledTask:
-    """A task's text and the choices of its newest submitted annotation."""
+    """A task's text, the choices of its newest submitted annotation, and those of the prediction it carried."""
 
     task_id: int
     text: str
     choices: tuple[str, ...]
+    shown: tuple[str, ...] | None = None
+    """The pre-annotation the annotator was shown (the last prediction a round wrote for the task), when known."""
+
+    @property
+    def corrected(self) -> bool:
+        """The annotation disagrees with the prediction shown: the model got this task wrong."""
+        return self.shown is not None and set(self.shown) != set(self.choices)
 
 
 def latest_choices(task: dict, config: ClassificationConfig) -> tuple[str, ...] | None:
