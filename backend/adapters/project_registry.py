@@ -92,7 +92,7 @@ class ProjectRegistry:
         return raw.decode() if raw else None
 
     def record_shown(self, project: str, shown: dict[int, tuple[str, ...]]) -> None:
-        """The choices of the predictions a round wrote, per task: what an annotator served the task is shown.
+        """Per task, the choices of the prediction a round wrote: the pre-annotation an annotator then sees.
 
         (Label Studio's export lists a task's predictions by id only, and deletes them with their version.)
         """

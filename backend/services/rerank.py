@@ -136,7 +136,8 @@ def read_connected_project(label_studio, project: str) -> ProjectReading:
         try:
             project_info = info.result()
         except LabelStudioNotFound:
-            raise ProjectDisconnected(f"project {project} no longer exists in Label Studio", True) from None
+            gone = f"project {project} no longer exists in Label Studio"
+            raise ProjectDisconnected(gone, project_deleted=True) from None
         if not backends.result():
             raise ProjectDisconnected(f"project {project} has no ML backend connected any more")
         return ProjectReading(project_info, annotated.result(), stamp.result())
