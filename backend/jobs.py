@@ -165,7 +165,7 @@ def reconcile_project(project: str) -> dict:
     if interval > 0:
         rt.queue.schedule_reconcile(project, interval)
     try:
-        reading = read_connected_project(rt.label_studio, project)
+        reading = read_connected_project(rt.label_studio, project, rt.settings.model_version_prefix)
     except ProjectDisconnected as gone:
         return {"rerank": "not needed", **stop_working_on(rt, project, gone)}
     secure_webhooks(rt, project)

@@ -245,6 +245,24 @@ def test_reconciliation_notices_tasks_replaced_with_the_count_unchanged(runtime,
     assert jobs.reconcile_project("1")["reasons"] == ["annotations or tasks changed"]
 
 
+def test_a_project_switched_to_another_ml_backend_is_left_alone(runtime, label_studio, monkeypatch):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    ours = {"id": 1, "url": "http://backend:9090", "model_version": "al-v000001-20261124T100000-predict"}
+    other = {"id": 2, "url": "http://other-backend:9090", "model_version": "sentiment-v3"}
+    not_yet_answered = {"id": 3, "url": "http://new-backend:9090", "model_version": ""}
+    for backends in ([ours, other], [other, not_yet_answered]):  # this backend may be among them: go on
+        label_studio.backends = backends
+        assert jobs.rerank_project("1")["published"]
+    live = label_studio.project["model_version"]
+    label_studio.backends = [other]  # ours removed, another one connected instead
+    outcome = jobs.rerank_project("1")
+    assert outcome["published"] is False and "only other ML backends connected" in outcome["disconnected"]
+    assert "http://other-backend:9090 (sentiment-v3)" in outcome["disconnected"]
+    assert runtime.registry.is_disconnected("1")
+    assert jobs.reconcile_project("1") == {"rerank": "not needed", "disconnected": True}
+    assert label_studio.project["model_version"] == live  # the other backend's project is no longer switched
+
+
 def test_removing_the_backend_or_deleting_the_project_stops_the_work_on_it(runtime, label_studio, monkeypatch):
     monkeypatch.setattr(jobs, "_runtime", runtime)
     live = jobs.rerank_project("1")["model_version"]

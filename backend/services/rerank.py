@@ -120,13 +120,24 @@ class ProjectReading:
         return annotation_fingerprint(self.annotated, self.task_stamp)
 
 
-def read_connected_project(label_studio, project: str) -> ProjectReading:
+def may_be_this_backend(ml_backend: dict, version_prefix: str) -> bool:
+    """Whether a project's ML backend (as Label Studio lists it) may be this one.
+
+    Label Studio stores on the ML backend the `model_version` its `/setup` answered, and ours all start with
+    `<MODEL_VERSION_PREFIX>-`; one that has not answered yet (empty) is given the benefit of the doubt.
+    """
+    version = ml_backend.get("model_version") or ""
+    return not version or version.startswith(f"{version_prefix}-")
+
+
+def read_connected_project(label_studio, project: str, version_prefix: str) -> ProjectReading:
     """The project, its annotated tasks and its task list stamp from Label Studio, after checking that the project
-    still exists and still has an ML backend. The four calls run side by side (~0.1 s less per round than one
+    still exists and still has this ML backend. The four calls run side by side (~0.1 s less per round than one
     after another).
 
     Removing the backend in the project's Model settings leaves its webhook behind, so events keep coming; without
-    this check the backend would go on rewriting the order of a project it was disconnected from.
+    this check the backend would go on rewriting the order of a project it was disconnected from, and, were
+    another ML backend connected instead, fight it over the project's model version.
     """
     with concurrent.futures.ThreadPoolExecutor(4) as calls:
         info = calls.submit(label_studio.get_project, int(project))
@@ -138,8 +149,12 @@ def read_connected_project(label_studio, project: str) -> ProjectReading:
         except LabelStudioNotFound:
             gone = f"project {project} no longer exists in Label Studio"
             raise ProjectDisconnected(gone, project_deleted=True) from None
-        if not backends.result():
+        ml_backends = backends.result()
+        if not ml_backends:
             raise ProjectDisconnected(f"project {project} has no ML backend connected any more")
+        if not any(may_be_this_backend(ml_backend, version_prefix) for ml_backend in ml_backends):
+            others = ", ".join(f"{b.get('url')} ({b.get('model_version')})" for b in ml_backends)
+            raise ProjectDisconnected(f"project {project} has only other ML backends connected: {others}")
         return ProjectReading(project_info, annotated.result(), stamp.result())
 
 
@@ -172,7 +187,7 @@ def refresh_snapshot(runtime, project: str, config: ClassificationConfig, stamp:
 
 def read_project_state(runtime, project: str, watch: Stopwatch) -> ProjectState:
     """Project header and annotated tasks from Label Studio (~0.2 s); the task list from the snapshot."""
-    reading = read_connected_project(runtime.label_studio, project)
+    reading = read_connected_project(runtime.label_studio, project, runtime.settings.model_version_prefix)
     runtime.registry.confirm_connected(project)
     config = parse_label_config(reading.info["label_config"])
     watch.lap("read_label_studio")

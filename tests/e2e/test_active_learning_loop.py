@@ -25,6 +25,9 @@ def test_next_task_is_our_top_task_after_every_round(backend, project, secrets_n
     settings = ls.get_project(project_id)
     assert settings["sampling"] == "Uncertainty sampling"
     assert settings["model_version"] == cold["model_version"]
+    # what tells this backend apart from others connected to the project: the version its /setup answered
+    (connected,) = ls.ml_backends(project_id)
+    assert connected["model_version"].startswith("al-") and connected["model_version"].endswith("-predict")
     top = cold["top_task"]
     for round_number in range(1, 5):
         served = ls.next_task(project_id)
