@@ -91,10 +91,9 @@ def print_flop_rates(encoder, token_ids: list[list[int]], seconds: float, peak_t
     config = encoder.model.config
     shape = (config.num_hidden_layers, config.hidden_size, config.intermediate_size)
     useful = encoder_matmul_flops([len(ids) for ids in token_ids], *shape)
-    order = np.argsort([-len(ids) for ids in token_ids], kind="stable")
     padded_lengths = []
-    for batch in encoder._batches_by_token_budget(order, token_ids):
-        padded_lengths += [len(token_ids[batch[0]])] * len(batch)  # longest first: row 0 sets the padded length
+    for batch in encoder.batches(token_ids):
+        padded_lengths += [len(token_ids[batch[0]])] * len(batch)
     executed = encoder_matmul_flops(padded_lengths, *shape)
     dtype = encoder.autocast_dtype or torch.float32
     size = 8192 if encoder.device.type == "cuda" else 2048

@@ -49,7 +49,7 @@ class ProjectRegistry:
     def forget(self, project: str) -> None:
         """Drop everything kept about `project` (for a project deleted in Label Studio); the `disconnected` entry
         saying why stays."""
-        self.client.delete(self.key(project), self.key(project) + ":events", self.key(project) + ":shown")
+        self.client.delete(self.key(project), self._events_key(project), self._shown_key(project))
 
     def confirm_connected(self, project: str) -> None:
         """Label Studio shows `project` connected: undo a `disconnect` that a slower round recorded after the user
@@ -98,17 +98,23 @@ class ProjectRegistry:
         """
         if shown:
             mapping = {str(task_id): json.dumps(list(choices)) for task_id, choices in shown.items()}
-            self.client.hset(self.key(project) + ":shown", mapping=mapping)
+            self.client.hset(self._shown_key(project), mapping=mapping)
 
     def shown(self, project: str, task_ids: list[int]) -> dict[int, tuple[str, ...]]:
         """The last recorded pre-annotation of each of `task_ids` that has one."""
         if not task_ids:
             return {}
-        raw = self.client.hmget(self.key(project) + ":shown", [str(task_id) for task_id in task_ids])
+        raw = self.client.hmget(self._shown_key(project), [str(task_id) for task_id in task_ids])
         return {task_id: tuple(json.loads(value)) for task_id, value in zip(task_ids, raw, strict=True) if value}
 
     def count_event(self, project: str, action: str) -> None:
-        self.client.hincrby(self.key(project) + ":events", action, 1)
+        self.client.hincrby(self._events_key(project), action, 1)
 
     def event_counts(self, project: str) -> dict[str, int]:
-        return {k.decode(): int(v) for k, v in self.client.hgetall(self.key(project) + ":events").items()}
+        return {k.decode(): int(v) for k, v in self.client.hgetall(self._events_key(project)).items()}
+
+    def _events_key(self, project: str) -> str:
+        return self.key(project) + ":events"
+
+    def _shown_key(self, project: str) -> str:
+        return self.key(project) + ":shown"

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,15 +121,15 @@ class Encoder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         token_ids = self.token_ids(texts)
-        order = np.argsort([-len(ids) for ids in token_ids], kind="stable")
+        batches = list(self.batches(token_ids))
         outputs = []
         stats = EncodeStats(texts=len(texts))
         with torch.inference_mode():
-            for batch in self._batches_by_token_budget(order, token_ids):
+            for batch in batches:
                 outputs.append(self._encode_batch([token_ids[i] for i in batch], stats))
         embeddings = torch.cat(outputs).float().cpu().numpy()  # the only device->host synchronisation
         result = np.empty_like(embeddings)
-        result[order] = embeddings
+        result[np.concatenate(batches)] = embeddings
         stats.seconds = time.perf_counter() - started
         self.last_stats = stats
         return result
@@ -139,10 +140,12 @@ class Encoder:
             "input_ids"
         ]
 
-    def _batches_by_token_budget(self, order: np.ndarray, token_ids: list[list[int]]):
-        """Yield index lists whose padded size (rows x longest row) stays within `batch_tokens`."""
+    def batches(self, token_ids: list[list[int]]) -> Iterator[list[int]]:
+        """Yield index lists, longest texts first, whose padded size (rows x longest row) stays within
+        `batch_tokens`; the first row of each sets its padded length."""
+        order = np.argsort([-len(ids) for ids in token_ids], kind="stable")
         batch: list[int] = []
-        for index in order:  # longest first, so the first row of a batch sets its padded length
+        for index in order:
             longest = len(token_ids[batch[0]]) if batch else len(token_ids[index])
             if batch and (len(batch) + 1) * longest > self.batch_tokens:
                 yield batch
