@@ -108,8 +108,18 @@ def test_knn_density_hand_computed():
 
 def test_knn_density_uses_only_a_sample_of_a_large_pool():
     points = np.random.default_rng(0).normal(size=(5000, 4)).astype(np.float32)
-    density = knn_density(points, np.arange(10), np.random.default_rng(1), n_neighbors=3, n_reference=50)
-    assert density.shape == (10,) and np.all((density >= 0) & (density <= 1))
+    queries = np.arange(0, 5000, 500)
+    density = knn_density(points, queries, np.random.default_rng(1), n_neighbors=3, n_reference=50)
+    # the neighbours come from 50 rows the generator draws, and from nowhere else
+    reference = np.sort(np.random.default_rng(1).choice(5000, size=50, replace=False))
+    rows = normalize_rows(points)
+    expected = []
+    for query in queries:
+        similarity = np.clip(rows[reference[reference != query]] @ rows[query], 0.0, 1.0)
+        expected.append(np.sort(similarity)[-3:].mean())
+    np.testing.assert_allclose(density, expected, atol=1e-6)
+    whole_pool = knn_density(points, queries, np.random.default_rng(1), n_neighbors=3, n_reference=5000)
+    assert np.all(whole_pool > density)  # nearer neighbours exist outside the sample
 
 
 def test_normalize_rows_and_max_similarity():
