@@ -5,14 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend.scoring.diversity import (
-    cluster_picks,
-    greedy_coreset,
-    knn_density,
-    max_similarity,
-    normalize_rows,
-    skip_near_duplicates,
-)
+from backend.scoring.diversity import cluster_picks, greedy_coreset, knn_density, max_similarity, normalize_rows
 
 
 def unit(*degrees: float) -> np.ndarray:
@@ -140,15 +133,3 @@ def test_cluster_picks_with_many_clusters():
     points = np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)
     picks = cluster_picks(points, np.arange(300), 70, np.random.default_rng(0))
     assert len(set(picks.tolist())) == 70
-
-
-def test_skip_near_duplicates_hand_computed():
-    # row 1 is row 0 turned by 8 degrees (cosine 0.990); row 3 is 45 degrees from rows 0 and 2 (cosine 0.707)
-    embeddings = np.array([[1.0, 0.0], [0.99, 0.139], [0.0, 5.0], [0.7, 0.7], [3.0, 0.0]], dtype=np.float32)
-    ordered = np.array([0, 1, 2, 3])
-    assert skip_near_duplicates(embeddings, ordered, 2, max_similarity=0.9).tolist() == [0, 2]
-    assert skip_near_duplicates(embeddings, ordered, 3, max_similarity=0.9).tolist() == [0, 2, 3]
-    # too few distinct rows: the skipped ones fill the rest in their order
-    assert skip_near_duplicates(embeddings, np.array([4, 1, 0, 2]), 4, max_similarity=0.9).tolist() == [0, 3, 1, 2]
-    # a threshold above every similarity keeps the order as it is
-    assert skip_near_duplicates(embeddings, ordered, 4, max_similarity=1.01).tolist() == [0, 1, 2, 3]

@@ -55,24 +55,6 @@ def test_with_many_labels_and_factor_one_it_is_plain_margin():
     assert hybrid.select(pool, 10, np.random.default_rng(0)).tolist() == expected.tolist()
 
 
-def test_near_duplicate_mode_is_plain_margin_without_near_duplicates():
-    pool = warm_pool()
-    hybrid = get_strategy("hybrid", deduplicate="near_duplicates")
-    expected = get_strategy("margin").select(pool, 10, np.random.default_rng(0))
-    assert hybrid.select(pool, 10, np.random.default_rng(0)).tolist() == expected.tolist()
-
-
-def test_near_duplicate_mode_skips_copies_of_a_pick():
-    pool = warm_pool()
-    top = get_strategy("margin").select(pool, 10, np.random.default_rng(0))
-    pool.embeddings[top[1]] = 2.0 * pool.embeddings[top[0]]  # the second most uncertain row repeats the first
-    picks = get_strategy("hybrid", deduplicate="near_duplicates").select(pool, 10, np.random.default_rng(0))
-    assert top[1] not in picks and top[0] in picks
-    assert set(picks.tolist()) - set(top.tolist()) == set(
-        get_strategy("margin").select(pool, 11, np.random.default_rng(0))[10:].tolist()
-    )
-
-
 def test_with_many_labels_picks_stay_among_the_top_margin_candidates():
     pool = warm_pool(seed=1)
     top_15 = set(get_strategy("margin").select(pool, 15, np.random.default_rng(0)).tolist())
@@ -139,6 +121,5 @@ def test_class_counts():
 def test_repr_and_defaults_are_exposed():
     assert repr(Hybrid()) == (
         "Hybrid(cold_start_labels_per_class=1.0, warm_labels_per_class=3.0, candidate_factor=3.0, "
-        "rare_share=0.2, rare_min_labels=3, max_candidates=5000, uncertainty='margin', deduplicate='clusters', "
-        "duplicate_similarity=0.9)"
+        "rare_share=0.2, rare_min_labels=3, max_candidates=5000, uncertainty='margin')"
     )

@@ -88,30 +88,6 @@ def greedy_coreset(
     return indices_unlabeled[picks]
 
 
-def skip_near_duplicates(embeddings: np.ndarray, ordered: np.ndarray, n: int, max_similarity: float) -> np.ndarray:
-    """Positions of the first n rows of `ordered` that are not near-duplicates of an earlier pick. (c,) -> (min(n, c),)
-
-    A row is a near-duplicate when its cosine similarity to a row already picked is at least `max_similarity`.
-    When fewer than n rows survive, the skipped ones fill the rest in their original order, so the result
-    always has min(n, c) distinct positions, in pick order. Cost O(n·c·d).
-    """
-    ordered = np.asarray(ordered, dtype=np.intp)
-    n = min(int(n), len(ordered))
-    rows = normalize_rows(embeddings[ordered])
-    blocked = np.zeros(len(ordered), dtype=bool)
-    picks: list[int] = []
-    for position in range(len(ordered)):
-        if len(picks) == n:
-            break
-        if not blocked[position]:
-            picks.append(position)
-            blocked |= rows @ rows[position] >= max_similarity
-    if len(picks) < n:
-        skipped = np.setdiff1d(np.arange(len(ordered)), picks, assume_unique=True)
-        picks.extend(skipped[: n - len(picks)].tolist())
-    return np.asarray(picks, dtype=np.intp)
-
-
 def kmeans(points: np.ndarray, n_clusters: int, rng: np.random.Generator, sample_weight: np.ndarray | None = None):
     """k-means (greedy k-means++ seeding, one run) seeded from `rng`. (m, d) -> labels (m,), centers (n_clusters, d)
 

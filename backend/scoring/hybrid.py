@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from backend.scoring.diversity import cluster_picks, skip_near_duplicates
+from backend.scoring.diversity import cluster_picks
 from backend.scoring.gradient import gradient_kmeanspp, hypothetical_residuals
 from backend.scoring.strategies import QueryStrategy, check_choice, check_range, top_indices, uncertainty_scores
 from backend.scoring.uncertainty import margin
@@ -108,8 +108,6 @@ class Hybrid(QueryStrategy):
         rare_min_labels: int = 3,
         max_candidates: int = 5_000,
         uncertainty: str = "margin",
-        deduplicate: str = "clusters",
-        duplicate_similarity: float = 0.9,
     ):
         check_range("cold_start_labels_per_class", cold_start_labels_per_class, 0.0, 1e6)
         check_range("warm_labels_per_class", warm_labels_per_class, cold_start_labels_per_class, 1e6)
@@ -125,10 +123,6 @@ class Hybrid(QueryStrategy):
         self.max_candidates = max_candidates
         check_choice("uncertainty", uncertainty, ("margin", "badge"))
         self.uncertainty = uncertainty
-        check_choice("deduplicate", deduplicate, ("clusters", "near_duplicates"))
-        check_range("duplicate_similarity", duplicate_similarity, -1.0, 1.0)
-        self.deduplicate = deduplicate
-        self.duplicate_similarity = duplicate_similarity
 
     def _select(self, pool, unlabeled, n, rng):
         labeled = pool.indices_labeled
@@ -177,11 +171,6 @@ class Hybrid(QueryStrategy):
             candidates = positions[top_indices(uncertainty[positions], max(self.max_candidates, n), rng)]
             residuals = hypothetical_residuals(pool.probs[unlabeled[candidates]], pool.multi_label)
             return candidates[gradient_kmeanspp(pool.embeddings[unlabeled[candidates]], residuals, n, rng)]
-        if self.deduplicate == "near_duplicates":
-            candidates = positions[top_indices(uncertainty[positions], max(self.max_candidates, n), rng)]
-            return candidates[
-                skip_near_duplicates(pool.embeddings, unlabeled[candidates], n, self.duplicate_similarity)
-            ]
         n_candidates = min(max(n, math.ceil(self.candidate_factor * n)), max(n, self.max_candidates))
         candidates = positions[top_indices(uncertainty[positions], n_candidates, rng)]
         if len(candidates) <= n:
