@@ -130,14 +130,17 @@ def run_one(
     progress: tqdm,
     finetune: Callable[[np.ndarray, LinearHead, int], float] | None = None,
     finetune_at: frozenset[int] = frozenset(),
+    random_start: int = 0,
 ) -> dict:
     """One replay: accuracy and macro-F1 on the test set after each budget.
 
     `finetune(labeled, probe, seed)`, when given, is called at the budgets in `finetune_at` and returns the test
     accuracy of an encoder fine-tuned on the labelled rows; the replay goes on with the frozen encoder.
+    The rounds up to the budget `random_start` pick at random (seeded) whatever the strategy.
     """
     rng = np.random.default_rng(seed)
     strategy = strategy_from_spec(strategy_name)
+    start_strategy = get_strategy("random")
     k = len(pool.classes)
     labeled = np.zeros(len(pool.labels), dtype=bool)
     shown = np.full(len(pool.labels), -1)  # the class predicted for each row when it was picked, as Label Studio shows
@@ -158,7 +161,8 @@ def run_one(
             heads[0].weights,
             labeled & (shown != pool.labels),  # annotations that corrected the pre-annotation
         )
-        picks = strategy.select(state, budget - int(labeled.sum()), rng)
+        picker = start_strategy if budget <= random_start else strategy
+        picks = picker.select(state, budget - int(labeled.sum()), rng)
         shown[picks] = all_probs[0][picks].argmax(axis=1)
         labeled = labeled.copy()
         labeled[picks] = True
@@ -228,6 +232,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--finetune-epochs", type=int, default=4)
     parser.add_argument(
+        "--random-start",
+        type=int,
+        default=0,
+        help="the first N labels of every replay are drawn at random (a seed set), so that strategies that are "
+        "deterministic from the zero-shot start vary with the seed too; default 0: the strategy picks from round 0, "
+        "as the backend does",
+    )
+    parser.add_argument(
         "--label-names",
         default="",
         help="comma-separated LABEL=NAME: the choice a CSV label stands for (zero-shot uses it), e.g. 0=negative",
@@ -267,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     budgets = list(range(args.batch_size, args.budget + 1, args.batch_size))
     full = fit_head(pool.embeddings, one_hot_indices(pool.labels, len(classes)), False)
     full_accuracy = float(np.mean(full.predict_proba(test.embeddings).argmax(axis=1) == test.labels))
+    if args.random_start < 0:
+        parser.error(f"--random-start must be 0 or more, got {args.random_start}")
     finetune_at = frozenset(int(b) for b in args.finetune_at.split(",") if b)
     if finetune_at - set(budgets):
         parser.error(f"--finetune-at {sorted(finetune_at - set(budgets))} is not among the budgets {budgets}")
@@ -278,7 +292,18 @@ def main(argv: list[str] | None = None) -> None:
     with tqdm(total=len(names) * args.seeds * len(budgets), desc="rounds") as progress:
         for name in names:
             runs[name] = [
-                run_one(name, pool, test, label_embeddings, budgets, seed, progress, finetune, finetune_at)
+                run_one(
+                    name,
+                    pool,
+                    test,
+                    label_embeddings,
+                    budgets,
+                    seed,
+                    progress,
+                    finetune,
+                    finetune_at,
+                    random_start=args.random_start,
+                )
                 for seed in range(args.seeds)
             ]
     summary = summarise(runs, budgets, full_accuracy)

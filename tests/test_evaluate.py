@@ -71,6 +71,21 @@ def test_finetune_budgets_must_be_among_the_replay_budgets(tiny_bert, tmp_path):
         main(harness_arguments(tmp_path, tiny_bert, "--seeds", "1", "--finetune-at", "50"))
 
 
+def test_random_start_draws_the_first_labels_at_random_for_every_strategy(tiny_bert, tmp_path):
+    main(harness_arguments(tmp_path, tiny_bert, "--seeds", "2", "--random-start", "20"))
+    strategies = json.loads((tmp_path / "out" / "results.json").read_text())["strategies"]
+    random, margin = strategies["random"]["accuracy_per_seed"], strategies["margin"]["accuracy_per_seed"]
+    # budget 20 is the seed set: the same random rows, hence the same head, as the baseline of the same seed
+    assert [seed[0] for seed in margin] == [seed[0] for seed in random]
+    assert random[0][0] != random[1][0]  # and it differs between seeds (the tiny head is not that stable)
+
+
+def test_random_start_must_not_be_negative(tiny_bert, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(harness_arguments(tmp_path, tiny_bert, "--seeds", "1", "--random-start", "-20"))
+    assert "--random-start must be 0 or more, got -20" in capsys.readouterr().err
+
+
 def test_unknown_strategy_fails_before_encoding(tmp_path):
     with pytest.raises(ValueError, match="known strategies"):
         main(["--pool", "x.csv", "--test", "y.csv", "--strategy", "nope", "--out", str(tmp_path)])
