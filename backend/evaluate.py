@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated LABEL=NAME: the choice a CSV label stands for (zero-shot uses it), e.g. 0=negative",
     )
     args = parser.parse_args(argv)
+    if args.random_start < 0:
+        parser.error(f"--random-start must be 0 or more, got {args.random_start}")
     names = ["random"] + [name for name in args.strategy.split(",") if name and name != "random"]
     for name in names:
         strategy_from_spec(name)  # fail before encoding anything
@@ -279,8 +281,6 @@ def main(argv: list[str] | None = None) -> None:
     budgets = list(range(args.batch_size, args.budget + 1, args.batch_size))
     full = fit_head(pool.embeddings, one_hot_indices(pool.labels, len(classes)), False)
     full_accuracy = float(np.mean(full.predict_proba(test.embeddings).argmax(axis=1) == test.labels))
-    if args.random_start < 0:
-        parser.error(f"--random-start must be 0 or more, got {args.random_start}")
     finetune_at = frozenset(int(b) for b in args.finetune_at.split(",") if b)
     if finetune_at - set(budgets):
         parser.error(f"--finetune-at {sorted(finetune_at - set(budgets))} is not among the budgets {budgets}")
