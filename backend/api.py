@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import time
 
@@ -35,13 +36,13 @@ def create_app(runtime: Runtime) -> Flask:
 
 
 def _json_body() -> object:
-    body = request.get_json(silent=True)
-    if body is None:
-        raw = request.get_data(cache=True)
-        if not raw:
-            raise MalformedRequest(f"{request.path} needs a JSON body, got an empty one")
-        raise MalformedRequest(f"{request.path} body is not valid UTF-8 JSON ({len(raw)} bytes)")
-    return body
+    raw = request.get_data(cache=True)
+    if not raw:
+        raise MalformedRequest(f"{request.path} needs a JSON body, got an empty one")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
+        raise MalformedRequest(f"{request.path} body is not valid UTF-8 JSON ({len(raw)} bytes)") from None
 
 
 def _register_routes(app: Flask, runtime: Runtime) -> None:
@@ -97,10 +98,16 @@ def _register_auth(app: Flask, runtime: Runtime) -> None:
     @app.before_request
     def require_basic_auth():
         auth = request.authorization
-        user_ok = auth is not None and hmac.compare_digest(auth.username or "", settings.basic_auth_user)
-        pass_ok = auth is not None and hmac.compare_digest(auth.password or "", settings.basic_auth_pass)
+        user_ok = auth is not None and _same_secret(auth.username, settings.basic_auth_user)
+        pass_ok = auth is not None and _same_secret(auth.password, settings.basic_auth_pass)
         if not (user_ok and pass_ok):
             raise Unauthorized("this backend requires HTTP basic auth (BASIC_AUTH_USER/BASIC_AUTH_PASS)")
+
+
+def _same_secret(given: str | None, expected: str) -> bool:
+    """Constant-time comparison of UTF-8 bytes (compare_digest on str refuses anything but ASCII)."""
+    given_bytes = (given or "").encode("utf-8", "surrogatepass")
+    return hmac.compare_digest(given_bytes, expected.encode("utf-8", "surrogatepass"))
 
 
 def _register_errors(app: Flask) -> None:

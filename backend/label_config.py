@@ -46,12 +46,17 @@ class ClassificationConfig:
         ]
 
     def text_of(self, task: dict) -> str:
-        """The text a task carries for this config; raise KeyError naming the missing data key."""
+        """The text a task carries for this config; raise KeyError naming the missing data key.
+
+        Lone surrogates (valid in JSON's \\uXXXX escapes, not in UTF-8) become "?", so the tokenizer never
+        refuses a text and one odd task never fails a whole batch.
+        """
         data = task.get("data")
         if not isinstance(data, dict) or self.data_key not in data:
             raise KeyError(f"task {task.get('id')!r} has no data[{self.data_key!r}]")
         value = data[self.data_key]
-        return value if isinstance(value, str) else str(value)
+        text = value if isinstance(value, str) else str(value)
+        return text.encode("utf-8", errors="replace").decode("utf-8")
 
 
 @functools.lru_cache(maxsize=256)

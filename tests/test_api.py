@@ -1,6 +1,7 @@
 """Protocol round trips through Flask's test client, with Label Studio 1.23 payload shapes."""
 
 import base64
+import json
 
 import pytest
 import redis
@@ -131,6 +132,15 @@ def test_a_task_without_the_text_field_gets_an_empty_prediction_not_an_error(cli
     assert results[0]["result"] and results[1]["result"] == []
 
 
+def test_a_lone_surrogate_in_a_text_is_predicted_not_a_500(client):
+    # JSON may escape a lone surrogate ("\\ud800"); the tokenizer refuses such a str, UTF-8 cannot hold it.
+    body = '{"tasks": [{"id": 1, "data": {"text": "Stocks \\ud800 fall"}}, {"id": 2, "data": {"text": "Goal!"}}], '
+    body += '"label_config": ' + json.dumps(AG_NEWS_CONFIG) + "}"
+    response = client.post("/predict", data=body, content_type="application/json")
+    assert response.status_code == 200
+    assert all(result["result"] for result in response.json["results"])
+
+
 @pytest.mark.parametrize("route", ["/setup", "/predict"])
 def test_unsupported_config_is_a_422_naming_supported_tags(client, route):
     image = (
@@ -149,6 +159,7 @@ def test_unsupported_config_is_a_422_naming_supported_tags(client, route):
         ("/predict", b"{not json", "not valid UTF-8 JSON"),
         ("/predict", b"", "empty"),
         ("/predict", b"\xff\xfe\x00garbage", "not valid UTF-8 JSON"),
+        ("/webhook", b"[" * 100_000 + b"]" * 100_000, "not valid UTF-8 JSON"),  # deeper than the parser's stack
         ("/predict", b"[1, 2]", "JSON object"),
         ("/predict", b'{"tasks": "abc"}', "'tasks'"),
         ("/predict", b'{"tasks": [{"id": 1}], "label_config": "<View/>"}', "tasks[0]"),
@@ -230,6 +241,24 @@ def test_basic_auth_guards_every_route(settings, tmp_path):
             assert response.status_code == 401, route
             assert "s3cret" not in response.get_data(as_text=True)
         assert getattr(client, method)(route, headers=good, json={}).status_code != 401
+
+
+def test_basic_auth_with_non_ascii_credentials_is_a_401_or_accepted_never_a_500(settings):
+    from dataclasses import replace
+
+    from backend.api import create_app
+    from backend.runtime import Runtime
+
+    app = create_app(Runtime(replace(settings, basic_auth_user="ls", basic_auth_pass="pässwörd")))
+    client = app.test_client()
+
+    def health(credentials: str) -> int:
+        token = base64.b64encode(credentials.encode("utf-8")).decode()
+        return client.get("/health", headers={"Authorization": "Basic " + token}).status_code
+
+    assert health("ls:pässwörd") == 200
+    assert health("ls:passwörd") == 401
+    assert health("lß:pässwörd") == 401
 
 
 @pytest.mark.parametrize(("started_seconds_ago", "expected"), [(1, "coalesced"), (120, "enqueued")])
