@@ -58,7 +58,7 @@ def _register_routes(app: Flask, runtime: Runtime) -> None:
 
     @app.post("/setup")
     def setup():
-        setup_request = parse_setup(_json_body())
+        setup_request = parse_setup(_json_body(), runtime.settings.strategy)
         config = parse_label_config(setup_request.label_config)  # reject unsupported configs, with the reason
         runtime.projects.setup(setup_request)
         artifact = runtime.predictor.artifact_for(setup_request.project, config)

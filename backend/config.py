@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit
 
+from backend.scoring.registry import STRATEGIES
+
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -129,7 +131,7 @@ class Settings:
             max_length=_int(env, "MAX_LENGTH", defaults.max_length, minimum=8),
             batch_tokens=_int(env, "BATCH_TOKENS", defaults.batch_tokens, minimum=0),
             committee_size=_int(env, "COMMITTEE_SIZE", defaults.committee_size, minimum=0),
-            strategy=env.get("STRATEGY", "") or defaults.strategy,
+            strategy=_choice(env, "STRATEGY", defaults.strategy, tuple(STRATEGIES)),
             rank_top_k=_int(env, "RANK_TOP_K", defaults.rank_top_k, minimum=1),
             prediction_writes=_choice(env, "PREDICTION_WRITES", defaults.prediction_writes, PREDICTION_WRITES),
             reconcile_interval=_int(env, "RECONCILE_INTERVAL", defaults.reconcile_interval),

@@ -62,6 +62,9 @@ def rerank_project(project: str, reason: str = "") -> dict:
     )
     with lock, kept_alive(lock):
         timing = {"queued": queued_seconds, "lock_wait": round(time.perf_counter() - waited, 4)}
+        if rt.queue.overtaken(project, generation):  # with several workers, a newer round got the lock first
+            log.info("project %s: generation %d skipped, a newer round already published", project, generation)
+            return {"generation": generation, "published": False, "overtaken": True, "timing": timing}
         try:
             return rerank(project, rt, generation, timing)
         except ProjectDisconnected as gone:

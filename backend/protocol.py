@@ -79,7 +79,8 @@ def project_id(value: object, field_name: str = "project") -> str:
     return str(int(text))  # "007" and "7" are one project
 
 
-def parse_setup(body: object) -> SetupRequest:
+def parse_setup(body: object, default_strategy: str = "hybrid") -> SetupRequest:
+    """`default_strategy`: the backend's STRATEGY, which `strategy_params` apply to when extra_params names none."""
     body = require_object(body, "/setup")
     schema = body.get("schema", body.get("label_config"))
     if not isinstance(schema, str) or not schema.strip():
@@ -89,7 +90,7 @@ def parse_setup(body: object) -> SetupRequest:
         extra = _json_object(extra, "extra_params")
     if not isinstance(extra, dict):
         raise MalformedRequest(f"'extra_params' must be a JSON object, got {type(extra).__name__}")
-    _check_strategy_params(extra)
+    _check_strategy_params(extra, default_strategy)
     version = body.get("model_version")
     return SetupRequest(project_id(body.get("project")), schema, version if isinstance(version, str) else None, extra)
 
@@ -122,14 +123,14 @@ def parse_webhook(body: object) -> WebhookEvent:
     return WebhookEvent(action, project_id(project), body)
 
 
-def _check_strategy_params(extra: dict) -> None:
+def _check_strategy_params(extra: dict, default_strategy: str) -> None:
     """`extra_params` may choose the project's strategy: {"strategy", "strategy_params", "rank_top_k"}."""
     if "strategy" in extra or "strategy_params" in extra:
         params = extra.get("strategy_params") or {}
         if not isinstance(params, dict):
             raise MalformedRequest(f"'strategy_params' must be an object, got {type(params).__name__}")
         try:
-            get_strategy(str(extra.get("strategy", "hybrid")), **params)
+            get_strategy(str(extra.get("strategy", default_strategy)), **params)
         except (ValueError, TypeError) as exc:
             raise MalformedRequest(f"extra_params: {exc}") from None
     top_k = extra.get("rank_top_k", 1)

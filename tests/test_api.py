@@ -182,6 +182,18 @@ def test_malformed_bodies_get_a_4xx_naming_the_problem(client, route, body, expe
     assert expected in response.json["message"]
 
 
+def test_strategy_params_are_checked_against_the_backends_default_strategy(settings):
+    from dataclasses import replace
+
+    from backend.api import create_app
+    from backend.runtime import Runtime
+
+    client = create_app(Runtime(replace(settings, strategy="margin"))).test_client()
+    body = setup_payload() | {"extra_params": {"strategy_params": {"candidate_factor": 2}}}  # a hybrid parameter
+    response = client.post("/setup", json=body)
+    assert response.status_code == 400 and "candidate_factor" in response.json["message"]
+
+
 def test_project_ids_are_normalised(client):
     event = {"action": "ANNOTATION_CREATED", "annotation": {"id": 1}}
     assert client.post("/webhook", json=event | {"project": {"id": 7}}).json["rerank"] == "enqueued"

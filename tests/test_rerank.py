@@ -144,6 +144,20 @@ def test_an_unknown_way_of_writing_is_refused_with_the_choices():
         Settings.from_env({"PREDICTION_WRITES": "sometimes"})
 
 
+def test_an_unknown_default_strategy_is_refused_at_start_with_the_choices():
+    from backend.config import Settings
+
+    with pytest.raises(ValueError, match="STRATEGY must be one of .*margin.*hybrid; got 'smart'"):
+        Settings.from_env({"STRATEGY": "smart"})
+
+
+def test_a_strategy_that_cannot_be_built_fails_the_round_before_it_saves_a_version(runtime, label_studio):
+    runtime.registry.client.hset(runtime.registry.key("1"), "params", '{"strategy_params": {"nope": 1}}')
+    with pytest.raises(ValueError, match="nope"):
+        rerank("1", runtime, generation=1)
+    assert runtime.artifacts.versions("1") == []
+
+
 def test_the_next_round_uses_the_new_annotation_and_never_ranks_it(runtime, label_studio):
     first = rerank("1", runtime, generation=1)
     label_studio.annotate(first["top_task"], label_studio.truth[first["top_task"]])
@@ -214,6 +228,25 @@ def test_an_older_generation_never_publishes_over_a_newer_one(runtime, label_stu
     live = label_studio.project["model_version"]
     stale = rerank("1", runtime, generation=4)
     assert stale["published"] is False and label_studio.project["model_version"] == live
+
+
+def test_an_overtaken_round_keeps_the_record_that_reconciliation_compares_with(runtime, label_studio, monkeypatch):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    rerank("1", runtime, generation=5)
+    label_studio.annotate(3, label_studio.truth[3])  # its webhook is lost
+    stale = rerank("1", runtime, generation=4)  # sees the annotation, but a newer round's ranking is live
+    assert stale["published"] is False and stale["overtaken"] is True
+    assert runtime.registry.last_round("1")["generation"] == 5
+    assert jobs.reconcile_project("1")["reasons"] == ["annotations or tasks changed"]
+
+
+def test_a_job_that_gets_the_lock_after_a_newer_round_published_skips_its_round(runtime, label_studio, monkeypatch):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    rerank("1", runtime, generation=5)  # e.g. a follower on another worker took the lock first
+    versions = runtime.artifacts.versions("1")
+    outcome = jobs.rerank_project("1")  # takes generation 1
+    assert outcome["overtaken"] is True and outcome["published"] is False
+    assert runtime.artifacts.versions("1") == versions  # no training, no reading Label Studio
 
 
 def test_many_uncached_texts_become_chunk_jobs_and_a_follow_up_round(runtime, label_studio, monkeypatch):

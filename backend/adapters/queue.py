@@ -109,6 +109,10 @@ class JobQueue:
         """Atomically claim the right to publish; False if a newer generation already published."""
         return bool(self._publish_if_newer(keys=[published_key(project)], args=[generation]))
 
+    def overtaken(self, project: str, generation: int) -> bool:
+        """True once a newer generation has published: a round of `generation` could no longer publish."""
+        return int(self.client.get(published_key(project)) or 0) > generation
+
     def still_publisher(self, project: str, generation: int) -> bool:
         """True while no newer generation has claimed the right to publish since `may_publish` gave it to us."""
         return int(self.client.get(published_key(project)) or 0) == generation

@@ -349,14 +349,14 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
         return {"generation": generation, "published": False, "encoding": str(queued)}
     labelled_embeddings = embed_texts([example.text for example in state.labelled], encoder, cache)
     watch.lap("load_embeddings")
+    params = runtime.registry.params(project)  # before training: a bad strategy fails without saving a version
+    strategy = get_strategy(params.get("strategy", settings.strategy), **params.get("strategy_params", {}))
     artifact = train_artifact(
         state.labelled, state.config, encoder, cache, settings.committee_size, settings.min_annotations_to_train
     )
     artifact = save_version(project, artifact, runtime.artifacts)
     version = model_version(settings.model_version_prefix, artifact)
     watch.lap("train")
-    params = runtime.registry.params(project)
-    strategy = get_strategy(params.get("strategy", settings.strategy), **params.get("strategy_params", {}))
     pool = build_pool(state, artifact, unlabelled_embeddings, labelled_embeddings)
     top_k = int(params.get("rank_top_k", settings.rank_top_k))
     picks = strategy.select(pool, min(top_k, len(state.task_ids)), np.random.default_rng(generation))
@@ -376,13 +376,20 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
         "published": False,
         "finished_at": time.time(),
     }
-    if len(picks) and runtime.queue.may_publish(project, generation):
-        summary["published"] = publish(runtime, project, generation, version, state, pool, picks, summary)
-        watch.lap("publish")
+    overtaken = False
+    if len(picks):
+        overtaken = not runtime.queue.may_publish(project, generation)
+        if not overtaken:
+            summary["published"] = publish(runtime, project, generation, version, state, pool, picks, summary)
+            overtaken = not summary["published"]
+            watch.lap("publish")
     summary["seconds"] = watch.stages
     summary["job"] = timing or {}
     summary["seconds_total"] = round(sum(watch.stages.values()), 4)
-    runtime.registry.record_round(project, summary)
+    if overtaken:  # the live ranking is a newer round's: keep its record, whose fingerprint reconciliation compares
+        summary["overtaken"] = True
+    else:
+        runtime.registry.record_round(project, summary)
     log.info(
         "project %s: round %s %s",
         project,
