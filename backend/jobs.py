@@ -148,10 +148,17 @@ def connect_project(project: str) -> dict:
     """First connection: switch the project to Uncertainty sampling with visible predictions, then rank it."""
     rt = runtime()
     secure_webhooks(rt, project)
+    previous = configure_project(rt, project)
+    return {"previous": previous, "rerank": rt.queue.request_rerank(project, "connected")}
+
+
+def configure_project(rt: Runtime, project: str) -> dict:
+    """Switch the project to Uncertainty sampling with visible predictions; keep the values from before the first
+    time (a reconnection finds the backend's own values, which must not replace the ones a user undoes to)."""
     previous = rt.label_studio.configure_for_active_learning(int(project))
     rt.registry.record_settings_before_connect(project, previous)
     log.info("project %s: configured for active learning (was %s)", project, previous)
-    return {"previous": previous, "rerank": rt.queue.request_rerank(project, "connected")}
+    return previous
 
 
 def reconcile_project(project: str) -> dict:
@@ -172,6 +179,8 @@ def reconcile_project(project: str) -> dict:
     except ProjectDisconnected as gone:
         return {"rerank": "not needed", **stop_working_on(rt, project, gone)}
     secure_webhooks(rt, project)
+    if rt.registry.settings_before_connect(project) is None:  # the connect job failed for good (no API key then?)
+        configure_project(rt, project)
     last = rt.registry.last_round(project) or {}
     reasons = []
     if reading.fingerprint != last.get("fingerprint"):

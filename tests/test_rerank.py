@@ -26,6 +26,8 @@ class FakeLabelStudio:
             "label_config": AG_NEWS_CONFIG,
             "model_version": "al-backend",
             "task_number": len(texts),
+            "sampling": "Sequential sampling",
+            "show_collab_predictions": False,
         }
         self.predictions: list[dict] = []
         self.task_list_reads = 0
@@ -37,6 +39,11 @@ class FakeLabelStudio:
         if self.deleted:
             raise LabelStudioNotFound(f"Label Studio GET /api/projects/{project_id}: HTTP 404")
         return dict(self.project)
+
+    def configure_for_active_learning(self, project_id):
+        previous = {key: self.project[key] for key in ("sampling", "show_collab_predictions")}
+        self.project.update(sampling="Uncertainty sampling", show_collab_predictions=True)
+        return previous
 
     def ml_backends(self, project_id):
         return list(self.backends)
@@ -268,6 +275,22 @@ def test_reconciliation_requests_a_round_only_when_label_studio_changed(runtime,
     assert outcome["rerank"] == "enqueued" and outcome["reasons"] == ["annotations or tasks changed"]
     label_studio.project["model_version"] = ""  # reset from the UI
     assert "model version is ''" in jobs.reconcile_project("1")["reasons"]
+
+
+def test_reconciliation_completes_a_set_up_that_never_succeeded_and_keeps_the_first_settings(
+    runtime, label_studio, monkeypatch
+):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    rerank("1", runtime, generation=runtime.queue.start_rerank("1"))  # the connect job had failed for good
+    assert label_studio.project["sampling"] == "Sequential sampling"
+    assert jobs.reconcile_project("1") == {"rerank": "not needed"}  # the ranking is current; only the set-up was not
+    assert (
+        label_studio.project["sampling"] == "Uncertainty sampling" and label_studio.project["show_collab_predictions"]
+    )
+    before = {"sampling": "Sequential sampling", "show_collab_predictions": False}
+    assert runtime.registry.settings_before_connect("1") == before
+    jobs.connect_project("1")  # connected again later: finds the backend's own values, keeps the first ones
+    assert runtime.registry.settings_before_connect("1") == before
 
 
 def test_reconciliation_notices_tasks_replaced_with_the_count_unchanged(runtime, label_studio, monkeypatch):

@@ -80,8 +80,13 @@ class ProjectRegistry:
         return json.loads(raw) if raw else None
 
     def record_settings_before_connect(self, project: str, previous: dict) -> None:
-        """The project's settings before the backend changed them, for undoing (see README)."""
-        self.client.hset(self.key(project), "settings_before_connect", json.dumps(previous))
+        """The project's settings before the backend first changed them, for undoing (see README); never replaced."""
+        self.client.hsetnx(self.key(project), "settings_before_connect", json.dumps(previous))
+
+    def settings_before_connect(self, project: str) -> dict | None:
+        """What `record_settings_before_connect` kept; None until the project's set-up first succeeded."""
+        raw = self.client.hget(self.key(project), "settings_before_connect")
+        return json.loads(raw) if raw else None
 
     def set_live_version(self, project: str, version: str) -> None:
         """The model version the backend last switched the project to."""
