@@ -1,0 +1,31 @@
+import threading
+from dataclasses import replace
+
+import pytest
+from werkzeug.serving import make_server
+
+from backend.api import create_app
+from backend.healthcheck import healthy
+from backend.runtime import Runtime
+
+
+@pytest.fixture()
+def secured_server(settings):
+    """The backend with basic auth on, served over real HTTP on a free port."""
+    secured = replace(settings, basic_auth_user="ls", basic_auth_pass="s3cret")
+    server = make_server("127.0.0.1", 0, create_app(Runtime(secured)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield replace(secured, port=server.server_port)
+    server.shutdown()
+    thread.join()
+
+
+def test_the_container_health_check_passes_with_basic_auth_on(secured_server):
+    assert healthy(secured_server)
+
+
+def test_the_container_health_check_fails_on_a_401_or_no_server(secured_server, capsys):
+    assert not healthy(replace(secured_server, basic_auth_pass="wrong"))
+    assert "401" in capsys.readouterr().out
+    assert not healthy(replace(secured_server, port=1), timeout=1)
