@@ -100,6 +100,10 @@ def test_project_finetuning_writes_a_model_folder_that_loads_as_the_encoder(enco
     assert loaded.pooling == encoder.pooling and loaded.dim == encoder.dim
     assert loaded.encoder_id != encoder.encoder_id
     assert not np.allclose(loaded.encode(texts[:4]), encoder.encode(texts[:4]))
+    finetune_on_tasks(tasks[:20], parse_label_config(AG_NEWS_CONFIG), encoder, out, FineTuneConfig(epochs=1))
+    again = Encoder(out, max_length=32)  # tuned again into the same folder: new weights, so a new cache space
+    assert again.encoder_id not in (loaded.encoder_id, encoder.encoder_id)
+    assert Encoder(out, max_length=32).encoder_id == again.encoder_id  # and every process agrees on it
 
 
 def test_project_finetuning_needs_annotations(encoder, tmp_path):

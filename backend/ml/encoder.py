@@ -65,6 +65,16 @@ def _pooling_mode(model_path: str) -> str:
     return "mean"
 
 
+REVISION_FILE = "al_revision.txt"
+"""Written by `backend.ml.finetune.save_encoder` next to the weights: which fine-tuning run they are."""
+
+
+def _saved_revision(model_path: str) -> str:
+    """The fine-tuning revision a model folder carries, or "" (hub models and plain folders)."""
+    path = Path(model_path) / REVISION_FILE
+    return path.read_text().strip() if path.is_file() else ""
+
+
 @dataclass
 class EncodeStats:
     """Figures from the last `encode` call, for benchmarks and logs."""
@@ -93,6 +103,7 @@ class Encoder:
         except (OSError, ValueError) as exc:
             raise ModelUnavailable(f"cannot load encoder MODEL_NAME={model_name!r} from {path!r}: {exc}") from exc
         self.pooling = _pooling_mode(path)
+        self.revision = _saved_revision(path)
         self.dim = int(self.model.config.hidden_size)
         self.autocast_dtype = self._autocast_dtype()
         self.last_stats = EncodeStats()
@@ -107,8 +118,12 @@ class Encoder:
 
     @property
     def encoder_id(self) -> str:
-        """Identifies the embedding space: cached vectors are only reused under the same id."""
-        return f"{self.model_name}|{self.pooling}|{self.max_length}"
+        """Identifies the embedding space: cached vectors are only reused under the same id.
+
+        A fine-tuned folder carries its weights' revision, so tuning again into the same folder is a new space.
+        """
+        name = f"{self.model_name}@{self.revision}" if self.revision else self.model_name
+        return f"{name}|{self.pooling}|{self.max_length}"
 
     def _autocast_dtype(self) -> torch.dtype | None:
         if self.device.type != "cuda":

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backend.ml.encoder import Encoder
+from backend.ml.encoder import REVISION_FILE, Encoder
 from backend.ml.head import LinearHead
 
 
@@ -100,7 +100,7 @@ def finetune_encoder(
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
     tuned.model.eval()
-    tuned.model_name = f"{encoder.model_name}+finetuned-{_fingerprint(texts, targets, config)}"
+    tuned.revision = f"finetuned-{_fingerprint(encoder.encoder_id, texts, targets, config)}"
     head = LinearHead(weights.detach().cpu().numpy(), bias.detach().cpu().numpy(), probe.multi_label)
     return tuned, head
 
@@ -111,9 +111,10 @@ def _loss(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> tor
     return torch.nn.functional.cross_entropy(logits, targets.argmax(dim=1))
 
 
-def _fingerprint(texts: list[str], targets: np.ndarray, config: FineTuneConfig) -> str:
-    """Identifies a fine-tuning run: same texts, labels and settings, same id."""
+def _fingerprint(base_id: str, texts: list[str], targets: np.ndarray, config: FineTuneConfig) -> str:
+    """Identifies a fine-tuning run: same starting encoder, texts, labels and settings, same id."""
     digest = hashlib.blake2b(digest_size=8)
+    digest.update(base_id.encode("utf-8", errors="replace") + b"\0")
     digest.update("\0".join(texts).encode("utf-8", errors="replace"))
     digest.update(np.ascontiguousarray(targets).tobytes())
     digest.update(repr(config).encode())
@@ -124,6 +125,7 @@ def save_encoder(encoder: Encoder, folder: str) -> None:
     """Write `encoder` as a model folder that `Encoder(folder)` (MODEL_NAME=folder) loads with the same pooling."""
     encoder.model.save_pretrained(folder)
     encoder.tokenizer.save_pretrained(folder)
+    (Path(folder) / REVISION_FILE).write_text(encoder.revision + "\n")
     pooling = Path(folder) / "1_Pooling"
     pooling.mkdir(exist_ok=True)
     (pooling / "config.json").write_text(
