@@ -35,7 +35,12 @@ class ClassificationConfig:
     """True for `choice="multiple"` (sigmoid head), False for single choice (softmax head)."""
 
     def result(self, chosen: list[str]) -> list[dict]:
-        """Label Studio `result` regions for the chosen labels (one region, as the editor itself writes it)."""
+        """Label Studio `result` regions for the chosen labels (one region, as the editor itself writes it).
+
+        None chosen (multi-label, every p < 0.5) is no region at all, as an annotator who chose nothing leaves it.
+        """
+        if not chosen:
+            return []
         return [
             {
                 "from_name": self.from_name,

@@ -29,6 +29,7 @@ def test_result_has_label_studio_shape():
     assert config.result(["Sports"]) == [
         {"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": ["Sports"]}}
     ]
+    assert config.result([]) == []  # multi-label with nothing above 0.5: no region, never an empty choice list
 
 
 @pytest.mark.parametrize(
