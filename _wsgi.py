@@ -21,6 +21,9 @@ runtime = Runtime(settings)
 app = create_app(runtime)
 log = logging.getLogger("al-backend")
 
+if __name__ != "__main__":  # imported by gunicorn: load the encoder before this worker takes requests, so that
+    runtime.encoder  # noqa: B018 - Label Studio's first /setup (3 s timeout) never waits for it
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Active-learning ML backend for Label Studio")
