@@ -18,7 +18,11 @@ class RedactSecrets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.secrets:
-            record.msg, record.args = self.redact(record.getMessage()), None
+            try:
+                message = record.getMessage()
+            except Exception:  # a malformed log call: keep its parts; logging must never raise in the caller
+                message = f"{record.msg} (arguments that do not fit it: {record.args!r})"
+            record.msg, record.args = self.redact(message), None
             if record.exc_info and not record.exc_text:  # the traceback, formatted once here, redacted
                 record.exc_text = logging.Formatter().formatException(record.exc_info)
             if record.exc_text:

@@ -17,6 +17,7 @@ def log_output(settings: Settings, emit) -> str:
     handler.addFilter(RedactSecrets(settings.secrets()))
     logger = logging.getLogger("test-secrets")
     logger.handlers[:], logger.propagate = [handler], False
+    logger.setLevel(logging.DEBUG)  # whatever level the root logger has in this test run
     emit(logger)
     return "\n".join(records)
 
@@ -38,7 +39,7 @@ def test_messages_tracebacks_and_derived_forms_of_secrets_are_redacted():
             logger.exception("failed")
 
     output = log_output(settings, emit)
-    assert "Traceback" in output and "ConnectionError" in output and "***" in output
+    assert "calling with ***" in output and "Traceback" in output and "ConnectionError" in output
     for secret in ("key-123456", "pa55word", header, "redispw"):
         assert secret not in output
 
@@ -46,3 +47,9 @@ def test_messages_tracebacks_and_derived_forms_of_secrets_are_redacted():
 def test_secrets_lists_only_what_is_set():
     assert Settings().secrets() == []
     assert Settings(redis_url="redis://localhost:6379/0", basic_auth_user="ls").secrets() == []
+
+
+def test_a_malformed_log_call_is_logged_redacted_and_never_raises_in_the_caller():
+    settings = Settings(label_studio_api_key="key-123456")
+    output = log_output(settings, lambda logger: logger.info("%d tasks for %s", "many", "key-123456"))
+    assert "many" in output and "key-123456" not in output
