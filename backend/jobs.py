@@ -196,7 +196,7 @@ def reconcile_project(project: str) -> dict:
 def encode_chunk(project: str, job_id: str, texts: list[str]) -> int:
     """Encode one chunk of a project's texts into the shared embedding cache (see JobQueue.enqueue_encoding)."""
     rt = runtime()
-    embed_texts(texts, rt.encoder, rt.embedding_cache)
+    embed_texts(texts, rt.encoder, rt.embedding_cache, must_store=True)  # a failed store fails the job: retried
     rt.redis.hincrby(encoding_key(project), "done", 1)
     rt.redis.hincrby(encoding_runs_key(project), job_id, 1)  # lets tests and operators see: once per chunk
     return len(texts)

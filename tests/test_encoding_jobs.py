@@ -53,3 +53,19 @@ def test_two_workers_encode_each_chunk_once(runtime, settings, tmp_path):
     assert runtime.queue.encoding_progress("5") == {"chunks": 8, "done": 8, "texts": 800}
     cached = runtime.embedding_cache.get_many([text_key(text) for text in texts])
     assert all(vector is not None for vector in cached)
+
+
+def test_a_chunk_whose_vectors_could_not_be_stored_fails_so_rq_retries_it(runtime, monkeypatch):
+    import pytest
+
+    from backend import jobs
+
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+
+    def redis_out_of_memory(keys, vectors):
+        raise redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'")
+
+    monkeypatch.setattr(runtime.embedding_cache, "put_many", redis_out_of_memory)
+    with pytest.raises(redis.ResponseError, match="OOM"):
+        jobs.encode_chunk("1", "encode-1-0", ["a text no one encoded yet"])
+    assert runtime.queue.encoding_progress("1").get("done", 0) == 0

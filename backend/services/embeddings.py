@@ -13,10 +13,13 @@ from backend.ml.encoder import Encoder
 log = logging.getLogger(__name__)
 
 
-def embed_texts(texts: list[str], encoder: Encoder, cache: RedisEmbeddingCache | None) -> np.ndarray:
+def embed_texts(
+    texts: list[str], encoder: Encoder, cache: RedisEmbeddingCache | None, must_store: bool = False
+) -> np.ndarray:
     """(n texts) -> (n, d) float32 embeddings, rounded through fp16 whether cached or not.
 
-    With the cache unreachable the texts are encoded directly, so predictions keep flowing while Redis is away.
+    With the cache unreachable the texts are encoded directly, so predictions keep flowing while Redis is away;
+    with `must_store` (an encoding job, whose whole point is the cache) the Redis error is raised instead.
     """
     keys = [text_key(text) for text in texts]
     unique = dict.fromkeys(keys)  # insertion-ordered set: duplicate texts are encoded once
@@ -26,6 +29,8 @@ def embed_texts(texts: list[str], encoder: Encoder, cache: RedisEmbeddingCache |
             found = cache.get_many(list(unique))
             vectors = {key: vec for key, vec in zip(unique, found, strict=True) if vec is not None}
         except redis.RedisError as exc:
+            if must_store:
+                raise
             log.warning("embedding cache unavailable (%s); encoding without it", type(exc).__name__)
             cache = None
     missing = [key for key in unique if key not in vectors]
@@ -39,6 +44,8 @@ def embed_texts(texts: list[str], encoder: Encoder, cache: RedisEmbeddingCache |
             try:
                 cache.put_many(missing, encoded)
             except redis.RedisError as exc:
+                if must_store:
+                    raise
                 log.warning("could not store %d embeddings in the cache (%s)", len(missing), type(exc).__name__)
     if not texts:
         return np.zeros((0, encoder.dim), dtype=np.float32)
