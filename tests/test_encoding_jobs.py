@@ -2,6 +2,7 @@
 
 import time
 
+import pytest
 import redis
 from rq import Worker
 
@@ -56,8 +57,6 @@ def test_two_workers_encode_each_chunk_once(runtime, settings, tmp_path):
 
 
 def test_a_chunk_whose_vectors_could_not_be_stored_fails_so_rq_retries_it(runtime, monkeypatch):
-    import pytest
-
     from backend import jobs
 
     monkeypatch.setattr(jobs, "_runtime", runtime)
