@@ -54,14 +54,11 @@ def rerank_project(project: str, reason: str = "") -> dict:
         queued_seconds or 0.0,
     )
     waited = time.perf_counter()
-    lock = rt.redis.lock(
-        f"al:rerank:lock:{project}",
-        timeout=rt.settings.rerank_lock_timeout,
-        blocking_timeout=rt.settings.job_timeout,
-        thread_local=False,  # `kept_alive` renews it from another thread
-    )
-    with lock, kept_alive(lock):
+    with round_lock(rt, project, generation) as held:
         timing = {"queued": queued_seconds, "lock_wait": round(time.perf_counter() - waited, 4)}
+        if not held:  # a newer re-rank started while this one waited: it does the work, with fresher data
+            log.info("project %s: generation %d yields to a newer re-rank", project, generation)
+            return {"generation": generation, "published": False, "superseded": True, "timing": timing}
         if rt.queue.overtaken(project, generation):  # with several workers, a newer round got the lock first
             log.info("project %s: generation %d skipped, a newer round already published", project, generation)
             return {"generation": generation, "published": False, "overtaken": True, "timing": timing}
@@ -69,6 +66,38 @@ def rerank_project(project: str, reason: str = "") -> dict:
             return rerank(project, rt, generation, timing)
         except ProjectDisconnected as gone:
             return {"generation": generation, "published": False, **stop_working_on(rt, project, gone)}
+
+
+LOCK_POLL_SECONDS = 1.0
+"""How often a re-rank waiting for its project's lock checks whether a newer re-rank has started."""
+
+
+@contextlib.contextmanager
+def round_lock(rt: Runtime, project: str, generation: int) -> Iterator[bool]:
+    """Hold the project's round lock (renewed while held) and yield True; or yield False, without the lock, as soon
+    as a newer generation has started while this one waited. So a busy project ties up two workers at most (the
+    round running and the newest follower), not every worker, each waiting on the lock.
+
+    Raises LockError when the lock is not free within JOB_TIMEOUT (rq then retries the job).
+    """
+    lock = rt.redis.lock(
+        f"al:rerank:lock:{project}",
+        timeout=rt.settings.rerank_lock_timeout,
+        blocking_timeout=LOCK_POLL_SECONDS,
+        thread_local=False,  # `kept_alive` renews it from another thread
+    )
+    deadline = time.monotonic() + rt.settings.job_timeout
+    while not lock.acquire():
+        if rt.queue.latest_generation(project) > generation:
+            yield False
+            return
+        if time.monotonic() >= deadline:
+            raise LockError(f"{lock.name} not free within JOB_TIMEOUT={rt.settings.job_timeout} s")
+    try:
+        with kept_alive(lock):
+            yield True
+    finally:
+        lock.release()
 
 
 @contextlib.contextmanager

@@ -377,6 +377,27 @@ def test_a_round_longer_than_the_lock_timeout_keeps_its_lock(runtime, label_stud
     assert not runtime.redis.exists(lock_key)  # released at the end
 
 
+def test_a_re_rank_waiting_for_the_lock_yields_to_a_newer_one_instead_of_holding_a_worker(
+    runtime, label_studio, monkeypatch
+):
+    import threading
+
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    running = runtime.redis.lock("al:rerank:lock:1", timeout=60)
+    assert running.acquire(blocking=False)  # a round is running on another worker
+    outcome = {}
+    waiting = threading.Thread(target=lambda: outcome.update(jobs.rerank_project("1")))
+    waiting.start()
+    while runtime.queue.latest_generation("1") < 1:  # the follower started and waits for the lock
+        time.sleep(0.05)
+    runtime.queue.start_rerank("1")  # a newer follower starts on a third worker
+    waiting.join(timeout=10)
+    assert not waiting.is_alive(), "the older follower kept waiting for the lock"
+    assert outcome["superseded"] is True and outcome["generation"] == 1
+    assert runtime.artifacts.versions("1") == []  # it did no work
+    running.release()
+
+
 def test_committee_probabilities_reach_the_strategy(runtime, label_studio):
     summary = rerank("1", runtime, generation=1)
     artifact = runtime.artifacts.load("1", runtime.artifacts.versions("1")[-1])

@@ -109,6 +109,10 @@ class JobQueue:
         """Atomically claim the right to publish; False if a newer generation already published."""
         return bool(self._publish_if_newer(keys=[published_key(project)], args=[generation]))
 
+    def latest_generation(self, project: str) -> int:
+        """The generation the newest started re-rank of `project` took."""
+        return int(self.client.get(generation_key(project)) or 0)
+
     def overtaken(self, project: str, generation: int) -> bool:
         """True once a newer generation has published: a round of `generation` could no longer publish."""
         return int(self.client.get(published_key(project)) or 0) > generation
