@@ -14,6 +14,14 @@ def unit(*degrees: float) -> np.ndarray:
     return np.stack([np.cos(radians), np.sin(radians)], axis=1).astype(np.float32)
 
 
+def test_coreset_breaks_ties_with_the_rng_not_by_row_order():
+    points = unit(0, 90, 90, 90, 90)  # four equally far duplicates of one point
+    rngs = [np.random.default_rng(seed) for seed in range(40)]
+    firsts = {int(greedy_coreset(points, np.arange(1, 5), np.array([0]), 1, rng)[0]) for rng in rngs}
+    assert firsts == {1, 2, 3, 4}
+    assert greedy_coreset(points, np.arange(1, 5), np.array([0]), 1).tolist() == [1]  # without an rng: the first
+
+
 def test_coreset_goes_farthest_from_labelled_and_from_its_own_picks():
     points = unit(0, 12, 90, 100, 180, 185)
     # From the labelled 0 deg: 180 is farthest (distance 2). Then 90 (distance 1 to both 0 and 180). Then the

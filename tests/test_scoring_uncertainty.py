@@ -101,8 +101,13 @@ def test_expected_gradient_length_hand_computed():
     norms = np.array([1.0, 1.0, 1.0, 2.0])
     # [0.9, 0.1]: 0.9 * ||(-0.1, 0.1)|| + 0.1 * ||(0.9, -0.9)|| = 0.9 * 0.141421 + 0.1 * 1.272792 = 0.254558
     np.testing.assert_allclose(expected_gradient_length(probs, norms), [0.707107, 0.0, 0.254558, 0.509117], atol=1e-6)
-    # multi-label: mean over labels of 2 p (1 - p) times ||x||
-    np.testing.assert_allclose(expected_gradient_length(np.array([[0.5, 0.9]]), np.array([2.0]), True), [0.68])
+    # multi-label: root-mean-square length, ||x|| sqrt(sum_j p_j (1 - p_j)) = 2 sqrt(0.25 + 0.09)
+    multi = expected_gradient_length(np.array([[0.5, 0.9]]), np.array([2.0]), multi_label=True)
+    np.testing.assert_allclose(multi, [1.166190], atol=1e-6)
+    # a length, not a per-label mean: four labels at 0.1 give sqrt(4 x 0.09) = 0.6, one at 0.5 and three certain
+    # give sqrt(0.25) = 0.5 (the mean of 2 p (1 - p) over labels gave 0.18 and 0.125, shrinking as labels are added)
+    lengths = expected_gradient_length(np.array([[0.1, 0.1, 0.1, 0.1], [0.5, 0.0, 0.0, 0.0]]), np.ones(2), True)
+    np.testing.assert_allclose(lengths, [0.6, 0.5])
 
 
 def test_measures_reject_a_single_column():

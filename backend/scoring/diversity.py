@@ -48,8 +48,20 @@ def max_similarity(queries: np.ndarray, references: np.ndarray) -> np.ndarray:
     return best
 
 
+def argmax_tie_random(values: np.ndarray, rng: np.random.Generator | None = None) -> int:
+    """Position of the largest value; ties broken by `rng` (None: the first), so duplicates never favour low ids."""
+    if rng is None:
+        return int(np.argmax(values))
+    best = np.flatnonzero(values == values.max())
+    return int(best[0]) if len(best) == 1 else int(rng.choice(best))
+
+
 def greedy_coreset(
-    embeddings: np.ndarray, indices_unlabeled: np.ndarray, indices_labeled: np.ndarray, n: int
+    embeddings: np.ndarray,
+    indices_unlabeled: np.ndarray,
+    indices_labeled: np.ndarray,
+    n: int,
+    rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     """Greedy k-center core-set (Sener & Savarese, 2018): pick the candidate farthest from all that is covered.
 
@@ -61,6 +73,7 @@ def greedy_coreset(
         indices_labeled: (l,) rows already annotated; may be empty, then the first pick is the candidate
             most similar to the candidates' mean direction (the most central one).
         n: how many rows to pick.
+        rng: breaks ties between equally far candidates (None: the first one).
 
     Returns:
         (min(n, c),) distinct entries of `indices_unlabeled`, in pick order.
@@ -76,15 +89,15 @@ def greedy_coreset(
     candidates = normalize_rows(embeddings[indices_unlabeled])
     if len(indices_labeled):
         min_distance = 1.0 - max_similarity(candidates, normalize_rows(embeddings[indices_labeled]))
-        first = int(np.argmax(min_distance))
+        first = argmax_tie_random(min_distance, rng)
     else:
         min_distance = np.full(len(candidates), np.inf, dtype=np.float32)
-        first = int(np.argmax(candidates @ candidates.mean(axis=0)))
+        first = argmax_tie_random(candidates @ candidates.mean(axis=0), rng)
     picks = [first]
     while len(picks) < n:
         min_distance = np.minimum(min_distance, 1.0 - candidates @ candidates[picks[-1]])
         min_distance[picks[-1]] = -np.inf  # picked rows never come back, even among exact duplicates
-        picks.append(int(np.argmax(min_distance)))
+        picks.append(argmax_tie_random(min_distance, rng))
     return indices_unlabeled[picks]
 
 
@@ -177,7 +190,7 @@ def cluster_picks(
     if len(picks) < n:
         rest = np.setdiff1d(fitted, picks, assume_unique=True)
         covered_rows = np.concatenate([labeled, indices_unlabeled[picks]])
-        more = greedy_coreset(embeddings, indices_unlabeled[rest], covered_rows, n - len(picks))
+        more = greedy_coreset(embeddings, indices_unlabeled[rest], covered_rows, n - len(picks), rng)
         return np.concatenate([indices_unlabeled[picks], more])
     return indices_unlabeled[picks]
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from backend.scoring.diversity import argmax_tie_random
+
 
 def hypothetical_residuals(probs: np.ndarray, multi_label: bool = False) -> np.ndarray:
     """p - ŷ with ŷ the head's own prediction (argmax one-hot, or p > 0.5 per label). (n, k) -> (n, k) float32"""
@@ -51,7 +53,7 @@ def gradient_kmeanspp(embeddings: np.ndarray, residuals: np.ndarray, n: int, rng
     if n <= 0:
         return np.empty(0, dtype=np.intp)
     norms = gradient_norms_squared(x, r)
-    picks = [int(np.argmax(norms))]
+    picks = [argmax_tie_random(norms, rng)]
     nearest = _squared_distances_to(picks[0], x, r, norms)
     nearest[picks[0]] = 0.0
     while len(picks) < n:

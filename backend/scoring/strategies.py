@@ -49,13 +49,15 @@ def expected_gradient_length(probs: np.ndarray, embedding_norms: np.ndarray, mul
     """Expected norm of the loss gradient w.r.t. a linear head's weights, were the row labelled. (n, k), (n,) -> (n,)
 
     Softmax: the gradient for label y is (p - e_y) ⊗ x, so E_{y~p} ||.|| = ||x|| · sum_y p_y ||p - e_y||, with
-    ||p - e_y||² = ||p||² - 2 p_y + 1. Sigmoid (multi-label): per label E|p_j - y_j| = 2 p_j (1 - p_j), averaged
-    over labels, times ||x||. The head's weights do not enter: the gradient only depends on p and x.
+    ||p - e_y||² = ||p||² - 2 p_y + 1. Sigmoid (multi-label, labels independent): the gradient is (p - y) ⊗ x,
+    and E||p - y|| has no closed form over the 2^k label sets, so this is its root-mean-square,
+    sqrt(E||p - y||²) = sqrt(sum_j p_j (1 - p_j)), times ||x||. The head's weights do not enter: the gradient
+    only depends on p and x.
     """
     probs = np.asarray(probs, dtype=np.float64)
     x_norm = np.asarray(embedding_norms, dtype=np.float64)
     if multi_label:
-        return x_norm * (2.0 * probs * (1.0 - probs)).mean(axis=1)
+        return x_norm * np.sqrt((probs * (1.0 - probs)).sum(axis=1))
     squared = (probs**2).sum(axis=1, keepdims=True) - 2.0 * probs + 1.0
     return x_norm * (probs * np.sqrt(np.maximum(squared, 0.0))).sum(axis=1)
 
@@ -202,7 +204,7 @@ class Coreset(QueryStrategy):
         limit = max(self.max_candidates, n)  # the cap on candidates never caps the batch
         if len(unlabeled) > limit:
             unlabeled = np.sort(rng.choice(unlabeled, size=limit, replace=False))
-        return greedy_coreset(pool.embeddings, unlabeled, pool.indices_labeled, n)
+        return greedy_coreset(pool.embeddings, unlabeled, pool.indices_labeled, n, rng)
 
 
 class Cluster(QueryStrategy):
@@ -236,7 +238,9 @@ class DensityWeighted(QueryStrategy):
     """Information density (Settles & Craven, 2008): uncertainty x representativeness ** beta.
 
     Representativeness is `knn_density` against a random reference sample; it is computed only for the
-    `max_candidates` most uncertain rows, since the product can never exceed the uncertainty.
+    `max_candidates` most uncertain rows, which bounds the cost on a large pool. That is an approximation: a row
+    just outside them can have a higher product than a candidate of low density. Set `max_candidates` to the
+    pool size for the exact ranking.
     """
 
     name = "density_weighted"
@@ -271,7 +275,8 @@ class ErrorPrediction(QueryStrategy):
     """Rows that look like past mistakes: (1 - mix) x margin + mix x cosine similarity to the nearest mistake.
 
     A mistake is a labelled row flagged in `pool.mistakes`. Only the `max_candidates` highest-margin rows are
-    compared with (at most `max_mistakes` of) the mistakes; plain margin when there are none.
+    compared with (at most `max_mistakes` of) the mistakes, which bounds the cost on a large pool (an
+    approximation: a row outside them, close to a mistake, may score higher); plain margin when there are none.
     """
 
     name = "error_prediction"
