@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None) -> None:
         saved = result["labels_saved"] or result["labels_saved_at_least"]
         kind = "" if result["labels_saved"] else ">=" if saved else ""
         print(f"{name:>24}: labels saved {kind}{saved or 'n/a'}, AUC {result['area_under_curve']:.4f}, {at}")
+        if result["distinct_seed_curves"] == 1 < args.seeds:
+            print(f"{'':>24}  the same curve under every seed (deterministic picks): --random-start N gives it a band")
         if result["finetuned_accuracy_mean"]:
             tuned = {b: round(a, 4) for b, a in result["finetuned_accuracy_mean"].items()}
             print(f"{'':>24}  fine-tuned encoder: {tuned}")

@@ -48,6 +48,7 @@ def summarise(runs: dict[str, list[dict]], budgets: list[int], full_accuracy: fl
             "budgets": budgets,
             "accuracy_per_seed": accuracy.tolist(),
             "accuracy_mean": accuracy.mean(axis=0).tolist(),
+            "distinct_seed_curves": len({tuple(curve) for curve in accuracy.tolist()}),
             "macro_f1_per_seed": [run["macro_f1"] for run in seed_runs],
             "macro_f1_mean": np.mean([run["macro_f1"] for run in seed_runs], axis=0).tolist(),
             "labels_to_target_per_seed": needs,
