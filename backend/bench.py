@@ -84,8 +84,9 @@ def random_model_folder(shape: str, tokenizer_path: str | None) -> str:
     return str(folder)
 
 
-def print_flop_rates(encoder, token_ids: list[list[int]], seconds: float, peak_tflops: float) -> None:
-    """Useful and executed (padded) matrix-product TFLOP/s of the encode, and their share of `peak_tflops`."""
+def print_flop_rates(encoder, token_ids: list[list[int]], timings: dict[str, float], peak_tflops: float) -> None:
+    """Useful and executed (padded) matrix-product TFLOP/s of the encode, per timing (e.g. end to end, forward
+    passes only), and their share of `peak_tflops` (0: measured here)."""
     import torch
 
     config = encoder.model.config
@@ -98,11 +99,12 @@ def print_flop_rates(encoder, token_ids: list[list[int]], seconds: float, peak_t
     dtype = encoder.autocast_dtype or torch.float32
     size = 8192 if encoder.device.type == "cuda" else 2048
     peak = peak_tflops or measured_matmul_tflops(encoder.device, dtype, size)
-    useful_rate, executed_rate = useful / seconds / 1e12, executed / seconds / 1e12
     print(f"layers={shape[0]} hidden={shape[1]} intermediate={shape[2]} gflop/text={useful / len(token_ids) / 1e9:.3f}")
     print(f"peak_tflops={peak:.2f} ({'given' if peak_tflops else f'measured: {size}^3 {dtype} matrix product'})")
-    print(f"useful_tflops={useful_rate:.3f} executed_tflops={executed_rate:.3f} (executed counts the padding)")
-    print(f"share_of_peak={useful_rate / peak:.1%} useful, {executed_rate / peak:.1%} executed")
+    for label, seconds in timings.items():
+        useful_rate, executed_rate = useful / seconds / 1e12, executed / seconds / 1e12
+        print(f"{label}: useful_tflops={useful_rate:.3f} executed_tflops={executed_rate:.3f} (executed counts padding)")
+        print(f"{label}: share_of_peak={useful_rate / peak:.1%} useful, {executed_rate / peak:.1%} executed")
 
 
 def bench_encode(args: argparse.Namespace) -> None:
@@ -137,7 +139,10 @@ def bench_encode(args: argparse.Namespace) -> None:
         f"{best.padded_tokens / best.tokens - 1:.1%}"
     )
     print(f"seconds={best.seconds:.3f} tokens/s={best.tokens / best.seconds:,.0f}")
-    print_flop_rates(encoder, encoder.token_ids(texts), best.seconds, args.peak_tflops)
+    model_seconds = best.seconds - best.tokenize_seconds
+    print(f"tokenize_seconds={best.tokenize_seconds:.3f} model_seconds={model_seconds:.3f} (both inside seconds)")
+    timings = {"end_to_end": best.seconds, "model_only": model_seconds}
+    print_flop_rates(encoder, encoder.token_ids(texts), timings, args.peak_tflops)
     print(f"texts_per_second={best.texts / best.seconds:.1f}")
 
 

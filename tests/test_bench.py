@@ -1,5 +1,7 @@
 """The benchmarks' arithmetic, and `bench encode` on a random model built offline (figures are not asserted)."""
 
+import re
+
 import pytest
 
 from backend import bench
@@ -22,10 +24,18 @@ def test_encode_on_a_random_shape_states_its_share_of_the_peak(tiny_bert, monkey
     bench.main(
         ["encode", "--model", "random:test-tiny", "--tokenizer", tiny_bert, "--csv", str(csv_path), "--repeat", "1"]
     )
-    lines = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines() if "=" in line.split()[0])
+    out = capsys.readouterr().out
+    lines = dict(line.split("=", 1) for line in out.splitlines() if "=" in line.split()[0])
     assert lines["layers"].startswith("2 hidden=32 intermediate=64")
-    assert "measured" in lines["peak_tflops"] and lines["share_of_peak"].endswith("executed")
-    assert float(lines["texts_per_second"]) > 0
+    assert "measured" in lines["peak_tflops"] and float(lines["texts_per_second"]) > 0
+    shares = {}  # "<timing>: share_of_peak=12.3% useful, ..." for the whole call and for the forward passes
+    for line in out.splitlines():
+        timing, _, rest = line.partition(": share_of_peak=")
+        if rest:
+            shares[timing] = float(rest.split("%")[0])
+    tokenize, model = map(float, re.search(r"tokenize_seconds=([\d.]+) model_seconds=([\d.]+)", out).groups())
+    assert tokenize > 0 and model > 0 and float(lines["seconds"].split()[0]) >= model
+    assert set(shares) == {"end_to_end", "model_only"} and shares["model_only"] >= shares["end_to_end"]
 
 
 def test_an_unknown_random_shape_names_the_known_ones():

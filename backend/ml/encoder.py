@@ -84,6 +84,9 @@ class EncodeStats:
     tokens: int = 0
     padded_tokens: int = 0
     seconds: float = 0.0
+    """The whole call: tokenising, forward passes, the copy back."""
+    tokenize_seconds: float = 0.0
+    """The part of `seconds` spent in the tokenizer."""
 
 
 class Encoder:
@@ -136,9 +139,9 @@ class Encoder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         token_ids = self.token_ids(texts)
+        stats = EncodeStats(texts=len(texts), tokenize_seconds=time.perf_counter() - started)
         batches = list(self.batches(token_ids))
         outputs = []
-        stats = EncodeStats(texts=len(texts))
         with torch.inference_mode():
             for batch in batches:
                 outputs.append(self._encode_batch([token_ids[i] for i in batch], stats))
