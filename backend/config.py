@@ -145,12 +145,18 @@ class Settings:
     def basic_auth_enabled(self) -> bool:
         return bool(self.basic_auth_user and self.basic_auth_pass)
 
+    @property
+    def basic_auth_token(self) -> str:
+        """base64 of "user:password", what follows "Basic " in an Authorization header; "" without a password."""
+        credentials = f"{self.basic_auth_user}:{self.basic_auth_pass}".encode()
+        return base64.b64encode(credentials).decode() if self.basic_auth_pass else ""
+
     def secrets(self) -> list[str]:
         """Values that must never reach logs or error messages."""
-        credentials = f"{self.basic_auth_user}:{self.basic_auth_pass}".encode()
-        basic_header = base64.b64encode(credentials).decode() if self.basic_auth_pass else ""
         redis_password = urlsplit(self.redis_url).password or ""
-        return [v for v in (self.label_studio_api_key, self.basic_auth_pass, basic_header, redis_password) if v]
+        return [
+            v for v in (self.label_studio_api_key, self.basic_auth_pass, self.basic_auth_token, redis_password) if v
+        ]
 
 
 SETTING_NAMES = [f.name for f in fields(Settings)]

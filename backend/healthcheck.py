@@ -6,7 +6,6 @@ so the check sends them too.
 
 from __future__ import annotations
 
-import base64
 import sys
 import urllib.error
 import urllib.request
@@ -18,8 +17,7 @@ def healthy(settings: Settings, host: str = "127.0.0.1", timeout: float = 4.0) -
     """True when `GET /health` on `host:settings.port` answers 200."""
     request = urllib.request.Request(f"http://{host}:{settings.port}/health")
     if settings.basic_auth_enabled:
-        credentials = f"{settings.basic_auth_user}:{settings.basic_auth_pass}".encode()
-        request.add_header("Authorization", "Basic " + base64.b64encode(credentials).decode())
+        request.add_header("Authorization", "Basic " + settings.basic_auth_token)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status == 200

@@ -6,7 +6,6 @@ A job that raises lands in RQ's failed registry after its retries; the previous 
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
 import re
@@ -159,7 +158,7 @@ def secure_webhooks(rt: Runtime, project: str) -> int:
     settings = rt.settings
     if not settings.basic_auth_enabled:
         return 0
-    header = "Basic " + base64.b64encode(f"{settings.basic_auth_user}:{settings.basic_auth_pass}".encode()).decode()
+    header = "Basic " + settings.basic_auth_token
     backend_urls = {b["url"].rstrip("/") + "/webhook" for b in rt.label_studio.ml_backends(int(project))}
     updated = 0
     for webhook in rt.label_studio.webhooks(int(project)):

@@ -113,13 +113,17 @@ class JobQueue:
         """The generation the newest started re-rank of `project` took."""
         return int(self.client.get(generation_key(project)) or 0)
 
+    def published_generation(self, project: str) -> int:
+        """The newest generation that claimed the right to publish (0: none yet)."""
+        return int(self.client.get(published_key(project)) or 0)
+
     def overtaken(self, project: str, generation: int) -> bool:
         """True once a newer generation has published: a round of `generation` could no longer publish."""
-        return int(self.client.get(published_key(project)) or 0) > generation
+        return self.published_generation(project) > generation
 
     def still_publisher(self, project: str, generation: int) -> bool:
         """True while no newer generation has claimed the right to publish since `may_publish` gave it to us."""
-        return int(self.client.get(published_key(project)) or 0) == generation
+        return self.published_generation(project) == generation
 
     def schedule_reconcile(self, project: str, interval: int, slot: int | None = None) -> None:
         """Schedule the project's next reconciliation in `interval` s; one job per (project, slot).
