@@ -376,17 +376,14 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
         "published": False,
         "finished_at": time.time(),
     }
-    overtaken = False
-    if len(picks):
-        overtaken = not runtime.queue.may_publish(project, generation)
-        if not overtaken:
-            summary["published"] = publish(runtime, project, generation, version, state, pool, picks, summary)
-            overtaken = not summary["published"]
-            watch.lap("publish")
+    if len(picks) and runtime.queue.may_publish(project, generation):
+        summary["published"] = publish(runtime, project, generation, version, state, pool, picks, summary)
+        watch.lap("publish")
     summary["seconds"] = watch.stages
     summary["job"] = timing or {}
     summary["seconds_total"] = round(sum(watch.stages.values()), 4)
-    if overtaken:  # the live ranking is a newer round's: keep its record, whose fingerprint reconciliation compares
+    if len(picks) and not summary["published"]:  # overtaken: a newer round claimed the right to publish, so the
+        # live ranking is its: keep its record, whose fingerprint reconciliation compares with Label Studio
         summary["overtaken"] = True
     else:
         runtime.registry.record_round(project, summary)
