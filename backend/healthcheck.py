@@ -7,7 +7,6 @@ so the check sends them too.
 from __future__ import annotations
 
 import sys
-import urllib.error
 import urllib.request
 
 from backend.config import Settings
@@ -21,7 +20,7 @@ def healthy(settings: Settings, host: str = "127.0.0.1", timeout: float = 4.0) -
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status == 200
-    except (urllib.error.URLError, OSError) as exc:
+    except OSError as exc:  # HTTPError (a 401, say) and URLError (nothing listening) are OSErrors
         print(f"unhealthy: {type(exc).__name__}: {getattr(exc, 'code', '') or getattr(exc, 'reason', '')}")
         return False
 
