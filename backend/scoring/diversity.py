@@ -11,6 +11,8 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
 
 BLOCK_ELEMENTS = 1 << 23
 """Largest block of pairwise similarities held at once: 8M float32 values, 32 MiB."""
@@ -105,11 +107,6 @@ def kmeans(points: np.ndarray, n_clusters: int, rng: np.random.Generator, sample
     Runs in float64: scikit-learn's k-means++ seeding is several times slower on float32 input.
     Fewer distinct points than clusters is allowed: some clusters then stay empty.
     """
-    # imported here: scikit-learn takes ~1.3 s to import, and `backend.config` (every process, the container
-    # health check included) imports the strategy registry to check STRATEGY
-    from sklearn.cluster import KMeans
-    from sklearn.exceptions import ConvergenceWarning
-
     points = np.asarray(points, dtype=np.float64)
     model = KMeans(n_clusters=n_clusters, n_init=1, max_iter=100, random_state=int(rng.integers(2**31 - 1)))
     with warnings.catch_warnings():
