@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit
 
-from backend.scoring.registry import STRATEGIES
+from backend.scoring.names import DEFAULT_STRATEGY, STRATEGY_NAMES
 
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -87,7 +87,7 @@ class Settings:
     """BATCH_TOKENS: padded tokens per encoder batch, after sorting by length; 0 = auto (4096 CPU, 65536 GPU)."""
     committee_size: int = 5
     """COMMITTEE_SIZE: bootstrap heads trained beside the main head, for disagreement scores."""
-    strategy: str = "hybrid"
+    strategy: str = DEFAULT_STRATEGY
     """STRATEGY: default query strategy name (see backend.scoring.registry)."""
     rank_top_k: int = 20
     """RANK_TOP_K: tasks that get a priority prediction per round (see README: Label Studio's write costs)."""
@@ -131,7 +131,7 @@ class Settings:
             max_length=_int(env, "MAX_LENGTH", defaults.max_length, minimum=8),
             batch_tokens=_int(env, "BATCH_TOKENS", defaults.batch_tokens, minimum=0),
             committee_size=_int(env, "COMMITTEE_SIZE", defaults.committee_size, minimum=0),
-            strategy=_choice(env, "STRATEGY", defaults.strategy, tuple(STRATEGIES)),
+            strategy=_choice(env, "STRATEGY", defaults.strategy, STRATEGY_NAMES),
             rank_top_k=_int(env, "RANK_TOP_K", defaults.rank_top_k, minimum=1),
             prediction_writes=_choice(env, "PREDICTION_WRITES", defaults.prediction_writes, PREDICTION_WRITES),
             reconcile_interval=_int(env, "RECONCILE_INTERVAL", defaults.reconcile_interval),

@@ -6,6 +6,7 @@ import inspect
 
 from backend.scoring.base import Strategy
 from backend.scoring.hybrid import Hybrid
+from backend.scoring.names import DEFAULT_STRATEGY, STRATEGY_NAMES
 from backend.scoring.strategies import (
     Badge,
     Bald,
@@ -39,10 +40,9 @@ STRATEGIES: dict[str, type] = {
         Hybrid,
     )
 }
-"""Strategy classes keyed by their `name`."""
+"""Strategy classes keyed by their `name`, the names of `backend.scoring.names.STRATEGY_NAMES`."""
 
-DEFAULT_STRATEGY = "hybrid"
-"""The strategy used when a project configures none."""
+__all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "STRATEGY_NAMES", "get_strategy"]
 
 
 def get_strategy(name: str, **params) -> Strategy:
