@@ -14,12 +14,12 @@ import time
 from collections.abc import Iterator
 
 import redis
-from redis.exceptions import LockError
+from redis.exceptions import LockError, LockNotOwnedError
 from redis.lock import Lock
 from rq import get_current_job
 from rq.utils import now
 
-from backend.adapters.label_studio import LabelStudioNotFound
+from backend.adapters.label_studio import LabelStudioNotFound, LabelStudioRejected
 from backend.adapters.queue import encoding_key, encoding_runs_key
 from backend.config import Settings
 from backend.runtime import Runtime
@@ -96,7 +96,10 @@ def round_lock(rt: Runtime, project: str, generation: int) -> Iterator[bool]:
         with kept_alive(lock):
             yield True
     finally:
-        lock.release()
+        try:
+            lock.release()
+        except LockNotOwnedError:  # it expired (Redis away longer than its timeout): the round's work stands
+            log.warning("project %s: round lock had expired before the round released it", project)
 
 
 @contextlib.contextmanager
@@ -206,14 +209,18 @@ def reconcile_project(project: str) -> dict:
         reading = read_connected_project(rt.label_studio, project, rt.settings.model_version_prefix)
     except ProjectDisconnected as gone:
         return {"rerank": "not needed", **stop_working_on(rt, project, gone)}
-    secure_webhooks(rt, project)
-    if rt.registry.settings_before_connect(project) is None:  # the connect job failed for good (no API key then?)
-        configure_project(rt, project)
+    try:  # repairs that must not keep the comparison below from running when Label Studio refuses them
+        secure_webhooks(rt, project)
+        if rt.registry.settings_before_connect(project) is None:  # the connect job failed for good (no API key?)
+            configure_project(rt, project)
+    except LabelStudioRejected as refused:
+        log.warning("project %s: Label Studio refused to update the project's set-up: %s", project, refused)
     last = rt.registry.last_round(project) or {}
     reasons = []
     if reading.fingerprint != last.get("fingerprint"):
         reasons.append("annotations or tasks changed")
-    if (reading.info.get("model_version") or "") != (rt.registry.live_version(project) or ""):
+    ranks_something = last.get("ranked", 1) > 0  # a round with nothing to rank (all labelled) switches nothing
+    if ranks_something and (reading.info.get("model_version") or "") != (rt.registry.live_version(project) or ""):
         reasons.append(f"model version is {reading.info.get('model_version')!r}")
     if not reasons:
         return {"rerank": "not needed"}

@@ -91,11 +91,13 @@ def test_artifacts_are_versioned_and_newest_wins(tmp_path):
     assert store.load_latest("7", ("a", "c"), "enc") is None  # labels changed: zero-shot again
 
 
-def test_a_corrupt_artifact_falls_back_to_the_previous_version(tmp_path, caplog):
+@pytest.mark.parametrize("damage", ["replaced", "truncated"])
+def test_a_corrupt_artifact_falls_back_to_the_previous_version(tmp_path, caplog, damage):
     store = ArtifactStore(tmp_path)
     store.save("7", _artifact(1))
     store.save("7", _artifact(2))
-    (store.project_dir("7") / "v000002" / "head.npz").write_bytes(b"not an npz")
+    head = store.project_dir("7") / "v000002" / "head.npz"
+    head.write_bytes(b"not an npz" if damage == "replaced" else head.read_bytes()[: head.stat().st_size // 2])
     assert store.load_latest("7", ("a", "b"), "enc").version == "v000001"
     assert "v000002 is unreadable" in caplog.text
 

@@ -8,8 +8,10 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from rq import SimpleWorker
 
 from backend import jobs
+from backend.adapters.embedding_cache import text_key
 from backend.adapters.label_studio import LabelStudioNotFound, LabelStudioRejected
 from backend.services import rerank as rerank_module
 from backend.services.rerank import rerank
@@ -124,6 +126,17 @@ def test_a_round_publishes_a_whole_ranking_and_switches_the_version(runtime, lab
     assert label_studio.predictions[0]["task"] == summary["top_task"]
     assert len({p["task"] for p in label_studio.predictions}) == 20
     assert all(p["result"][0]["value"]["choices"][0] in label_studio.truth.values() for p in label_studio.predictions)
+
+
+def test_a_multi_label_round_publishes_predictions_that_choose_no_label(runtime, label_studio):
+    label_studio.project["label_config"] = AG_NEWS_CONFIG.replace('choice="single"', 'choice="multiple"')
+    for task_id in range(1, 9):  # each label on ~1/4 of the tasks: most sigmoids end below 0.5
+        label_studio.annotate(task_id, ["World", "Sports", "Business", "Sci/Tech"][task_id % 4])
+    summary = rerank("1", runtime, generation=1)
+    assert summary["published"] and label_studio.project["model_version"] == summary["model_version"]
+    empty = [p["task"] for p in label_studio.predictions if not p["result"]]
+    assert empty, "no prediction without a label: the case this test is about did not occur"
+    assert runtime.registry.shown("1", empty) == {task: () for task in empty}
 
 
 def test_large_projects_get_single_writes_instead_of_a_bulk_import(runtime, label_studio, monkeypatch):
@@ -265,6 +278,33 @@ def test_many_uncached_texts_become_chunk_jobs_and_a_follow_up_round(runtime, la
     assert runtime.queue.encoding_progress("1") == {"chunks": 3, "done": 0, "texts": 60}
 
 
+def test_pool_encoded_once_already_is_encoded_again_when_its_vectors_are_gone(runtime, label_studio, monkeypatch):
+    # e.g. MODEL_NAME switched to a fine-tuned folder, or Redis evicted the cache, within an hour of the first
+    # encoding: the chunk jobs (ids = hash of the texts) are still there, finished
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    monkeypatch.setattr(rerank_module, "ENCODE_CHUNK", 25)
+    queue = runtime.queue.queue
+    runtime.queue.request_rerank("1", "connected")
+    SimpleWorker([queue], connection=runtime.redis).work(burst=True)
+    assert runtime.registry.last_round("1")["published"]
+    runtime.redis.delete(runtime.embedding_cache.key)
+    label_studio.annotate(5, label_studio.truth[5])
+    runtime.queue.request_rerank("1", "ANNOTATION_CREATED")
+    SimpleWorker([queue], connection=runtime.redis).work(burst=True, max_jobs=20)
+    assert len(queue) == 0, "the follow-up round kept re-queueing itself"
+    assert runtime.registry.last_round("1")["annotations"] == 1 and runtime.registry.last_round("1")["published"]
+
+
+def test_a_label_config_that_reads_another_field_ranks_the_new_texts(runtime, label_studio):
+    for task in label_studio.tasks.values():
+        task["data"]["headline"] = f"headline {task['id']}: " + task["data"]["text"][:30]
+    rerank("1", runtime, generation=1)
+    label_studio.project["label_config"] = AG_NEWS_CONFIG.replace('value="$text"', 'value="$headline"')
+    rerank("1", runtime, generation=2)  # the task list itself did not change
+    expected = {text_key(task["data"]["headline"]) for task in label_studio.tasks.values()}
+    assert set(runtime.snapshots.load("1").text_keys) == expected
+
+
 def test_reconciliation_requests_a_round_only_when_label_studio_changed(runtime, label_studio, monkeypatch):
     monkeypatch.setattr(jobs, "_runtime", runtime)
     first = rerank("1", runtime, generation=runtime.queue.start_rerank("1"))
@@ -275,6 +315,42 @@ def test_reconciliation_requests_a_round_only_when_label_studio_changed(runtime,
     assert outcome["rerank"] == "enqueued" and outcome["reasons"] == ["annotations or tasks changed"]
     label_studio.project["model_version"] = ""  # reset from the UI
     assert "model version is ''" in jobs.reconcile_project("1")["reasons"]
+
+
+def test_a_fully_labelled_project_whose_version_was_reset_is_not_reranked_every_interval(
+    runtime, label_studio, monkeypatch
+):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    jobs.rerank_project("1")
+    for task_id in label_studio.tasks:
+        label_studio.annotate(task_id, label_studio.truth[task_id])
+    assert jobs.rerank_project("1")["ranked"] == 0  # nothing left to rank, so no version to switch to
+    label_studio.project["model_version"] = None  # e.g. the old predictions deleted in the project's settings
+    assert jobs.reconcile_project("1") == {"rerank": "not needed"}  # a round would have nothing to rank either
+    label_studio.replace_task(1, "A task imported while the webhooks were lost")
+    assert jobs.reconcile_project("1")["reasons"] == ["annotations or tasks changed"]
+
+
+def test_reconciliation_still_compares_when_label_studio_refuses_to_secure_the_webhook(
+    runtime, label_studio, monkeypatch
+):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    runtime.settings = replace(runtime.settings, basic_auth_user="ls", basic_auth_pass="secret")
+
+    def refuse(project_id):
+        raise LabelStudioRejected("Label Studio GET /api/webhooks/: HTTP 403")
+
+    label_studio.webhooks = refuse
+    rerank("1", runtime, generation=runtime.queue.start_rerank("1"))
+    label_studio.annotate(3, label_studio.truth[3])  # a webhook that never arrived
+    assert jobs.reconcile_project("1")["reasons"] == ["annotations or tasks changed"]
+
+
+def test_a_round_lock_that_expired_meanwhile_does_not_fail_the_round(runtime):
+    with jobs.round_lock(runtime, "1", generation=1) as held:
+        assert held
+        runtime.redis.delete("al:rerank:lock:1")  # expired while Redis was away longer than its timeout
+    # no LockNotOwnedError: the round's work stands
 
 
 def test_reconciliation_completes_a_set_up_that_never_succeeded_and_keeps_the_first_settings(

@@ -173,15 +173,22 @@ class JobQueue:
         rounds ask; then (optionally) one re-rank that depends on all of them. Returns the chunk job ids.
 
         A chunk whose job failed for good is requeued from rq's failed registry (else its id would block it
-        for as long as failures are kept); progress restarts only when no encoding is under way.
+        for as long as failures are kept), and one whose job finished is run again: it is asked for because its
+        vectors are missing (a new encoder, or the cache lost them). Progress restarts only when no encoding is
+        under way.
         """
         job_ids = []
         for chunk in chunks:
             digest = hashlib.sha1("\0".join(chunk).encode("utf-8", errors="replace")).hexdigest()[:16]
             job_id = f"encode-{project}-{digest}"
             if not self._enqueue_unique("backend.jobs.encode_chunk", job_id, project, job_id, chunk):
-                if self._status(job_id) == JobStatus.FAILED:
+                status = self._status(job_id)
+                if status == JobStatus.FAILED:
                     self.queue.failed_job_registry.requeue(job_id)
+                elif status == JobStatus.FINISHED:  # yet its texts are missing: another encoder since, or evicted
+                    with contextlib.suppress(NoSuchJobError):
+                        Job.fetch(job_id, connection=self.client).delete()
+                    self._enqueue_unique("backend.jobs.encode_chunk", job_id, project, job_id, chunk)
             job_ids.append(job_id)
         progress = self.encoding_progress(project)
         if progress.get("done", 0) >= progress.get("chunks", 0):

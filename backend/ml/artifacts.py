@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,15 +93,19 @@ class ArtifactStore:
         return None
 
     def load(self, project: str, version: str) -> HeadArtifact:
+        """One version; raises OSError when its files are missing, ValueError or KeyError when they are damaged."""
         folder = self.project_dir(project) / version
         meta = json.loads((folder / "meta.json").read_text())
-        with np.load(folder / "head.npz", allow_pickle=False) as arrays:
-            multi_label = bool(meta["multi_label"])
-            head = LinearHead(arrays["weights"], arrays["bias"], multi_label)
-            committee = [
-                LinearHead(arrays[f"committee_{i}_weights"], arrays[f"committee_{i}_bias"], multi_label)
-                for i in range(int(meta["committee_size"]))
-            ]
+        try:
+            with np.load(folder / "head.npz", allow_pickle=False) as arrays:
+                multi_label = bool(meta["multi_label"])
+                head = LinearHead(arrays["weights"], arrays["bias"], multi_label)
+                committee = [
+                    LinearHead(arrays[f"committee_{i}_weights"], arrays[f"committee_{i}_bias"], multi_label)
+                    for i in range(int(meta["committee_size"]))
+                ]
+        except (zipfile.BadZipFile, EOFError) as exc:  # a truncated file (a full disk, a copy cut short)
+            raise ValueError(f"{folder / 'head.npz'} is damaged: {exc}") from exc
         if head.weights.shape[1] != len(meta["labels"]):
             raise ValueError(f"head has {head.weights.shape[1]} columns for {len(meta['labels'])} labels")
         return HeadArtifact(head, committee, tuple(meta["labels"]), meta["encoder_id"], version, meta.get("round", {}))

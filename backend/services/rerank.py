@@ -172,7 +172,7 @@ def refresh_snapshot(runtime, project: str, config: ClassificationConfig, stamp:
         except KeyError as exc:
             log.warning("project %s: task left out of the ranking: %s", project, exc)
     keys = [text_key(text) for text in texts]
-    snapshot = TaskSnapshot(np.array(task_ids, dtype=np.int64), keys, stamp)
+    snapshot = TaskSnapshot(np.array(task_ids, dtype=np.int64), keys, stamp, config.data_key)
     runtime.snapshots.save(project, snapshot)
     found = runtime.embedding_cache.get_many(list(dict.fromkeys(keys)))
     cached = {key for key, vector in zip(dict.fromkeys(keys), found, strict=True) if vector is not None}
@@ -192,7 +192,7 @@ def read_project_state(runtime, project: str, watch: Stopwatch) -> ProjectState:
     config = parse_label_config(reading.info["label_config"])
     watch.lap("read_label_studio")
     snapshot = runtime.snapshots.load(project)
-    if snapshot is None or snapshot.stamp != reading.task_stamp:
+    if snapshot is None or snapshot.stamp != reading.task_stamp or snapshot.data_key != config.data_key:
         snapshot = refresh_snapshot(runtime, project, config, reading.task_stamp)
         watch.lap("refresh_task_list")
     annotated = reading.annotated
@@ -320,7 +320,8 @@ def publish(runtime, project: str, generation: int, version: str, state, pool, p
     # version as ours, not as a change from the UI (which would queue another round, for ever). If the PATCH
     # fails, reconciliation sees Label Studio's version differ from this one and re-ranks.
     runtime.registry.set_live_version(project, version)
-    shown = {p["task"]: tuple(p["result"][0]["value"]["choices"]) for p in predictions}
+    # a multi-label prediction with no label above 0.5 has no region at all: it shows no choice
+    shown = {p["task"]: tuple(c for region in p["result"] for c in region["value"]["choices"]) for p in predictions}
     runtime.registry.record_shown(project, shown)  # the pre-annotations annotators are about to see
     runtime.label_studio.set_model_version(int(project), version)
     runtime.queue.enqueue_cleanup(project, version)
