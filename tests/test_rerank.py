@@ -493,10 +493,20 @@ def test_rounds_report_a_stopping_signal(runtime, label_studio):
         label_studio.annotate(task_id, label_studio.truth[task_id])
     second = rerank("1", runtime, generation=2)
     third = rerank("1", runtime, generation=3)  # same labels: the same head, so predictions agree fully
-    assert second["stopping"]["stability_kappa"] is not None
+    assert second["stopping"]["stability_kappa"] is None  # the head before was zero-shot: nothing to compare
     assert third["stopping"]["stability_kappa"] == 1.0
-    assert third["stopping"]["history"][-1] == 1.0
+    assert third["stopping"]["history"] == [1.0]
     assert 0.0 <= third["stopping"]["mean_uncertainty"] <= 1.0
+
+
+def test_zero_shot_rounds_do_not_count_towards_the_stopping_signal(runtime, label_studio):
+    # before MIN_ANNOTATIONS_TO_TRAIN every round is the same zero-shot head, which agrees with itself fully
+    rerank("1", runtime, generation=1)
+    label_studio.annotate(1, label_studio.truth[1])
+    for generation in (2, 3, 4):
+        summary = rerank("1", runtime, generation=generation)
+    assert summary["annotations"] == 1
+    assert summary["stopping"]["history"] == [] and summary["stopping"]["suggest_stop"] is False
 
 
 def test_cleanup_deletes_older_versions_only_never_one_a_newer_round_is_writing(runtime, label_studio, monkeypatch):

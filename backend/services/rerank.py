@@ -261,7 +261,8 @@ def priority_predictions(state: ProjectState, pool: Pool, picks: np.ndarray, ver
 
 
 def stopping_signal(runtime, project: str, artifact: HeadArtifact, pool: Pool) -> dict:
-    """Kappa between this version's and the previous version's predictions on the unlabelled rows, their mean
+    """Kappa between this version's and the previous version's predictions on the unlabelled rows (both trained:
+    zero-shot heads before `MIN_ANNOTATIONS_TO_TRAIN` say nothing about labels paying off), their mean
     uncertainty, and whether the last rounds were stable enough to suggest that more labels pay off little."""
     versions = runtime.artifacts.versions(project)
     history = ((runtime.registry.last_round(project) or {}).get("stopping") or {}).get("history", [])
@@ -271,7 +272,8 @@ def stopping_signal(runtime, project: str, artifact: HeadArtifact, pool: Pool) -
     if len(versions) >= 2 and versions[-1] == artifact.version and len(stop_set):
         try:
             previous = runtime.artifacts.load(project, versions[-2])
-            if previous.labels == artifact.labels:
+            both_trained = previous.meta.get("kind") == artifact.meta.get("kind") == "trained"
+            if previous.labels == artifact.labels and both_trained:  # zero-shot twice agrees with itself
                 previous_probs = previous.head.predict_proba(pool.embeddings[stop_set])
                 current_probs = pool.probs[stop_set]
                 stability = round(prediction_stability(previous_probs, current_probs, pool.multi_label), 5)
