@@ -19,6 +19,7 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from backend.config import DEFAULT_MODEL_NAME
+from backend.config import DEFAULT_MODEL_NAME, Settings
 from backend.evaluation_summary import plot, summarise
 from backend.ml.head import LinearHead, fit_committee, fit_head, proba_of_heads, zero_shot_head
 from backend.scoring.base import Pool
@@ -35,6 +36,10 @@ from backend.scoring.registry import STRATEGIES, get_strategy
 from backend.scoring.stopping import prediction_stability, should_stop, stop_set_rows
 
 COMMITTEE_SIZE = 5
+MIN_ANNOTATIONS_TO_TRAIN = Settings().min_annotations_to_train
+"""Below this many labels the backend keeps the zero-shot head, and so does the replay."""
+ENCODE_CHUNK = 2048
+"""Texts per encoder call while filling the cache (the progress bar moves once per chunk)."""
 
 
 @dataclass
@@ -46,13 +51,24 @@ class Dataset:
 
 
 def read_labelled_csv(path: str, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
-    with open(path, newline="", encoding="utf-8") as handle:
+    """Texts and labels of a CSV (a spreadsheet's byte-order mark allowed). A row without a text or with an empty
+    label is left out, and the run says how many and where the first was."""
+    texts, labels, skipped = [], [], []
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         missing = {text_column, label_column} - set(reader.fieldnames or [])
         if missing:
             raise SystemExit(f"{path}: no column(s) {sorted(missing)}; columns are {reader.fieldnames}")
-        rows = [(row[text_column], row[label_column]) for row in reader]
-    return [text for text, _ in rows], [label for _, label in rows]
+        for row in reader:
+            text, label = row[text_column], (row[label_column] or "").strip()
+            if text is None or not label:
+                skipped.append(reader.line_num)
+                continue
+            texts.append(text)
+            labels.append(label)
+    if skipped:
+        print(f"{path}: left out {len(skipped)} row(s) without a text or a label (the first ends on line {skipped[0]})")
+    return texts, labels
 
 
 def cached_embeddings(texts: list[str], model_name: str, cache_dir: Path, max_length: int) -> np.ndarray:
@@ -63,9 +79,15 @@ def cached_embeddings(texts: list[str], model_name: str, cache_dir: Path, max_le
         return np.load(path).astype(np.float32)
     from backend.ml.encoder import Encoder
 
-    embeddings = Encoder(model_name, max_length=max_length).encode(texts).astype(np.float16)
+    encoder = Encoder(model_name, max_length=max_length)
+    chunks = range(0, len(texts), ENCODE_CHUNK)
+    parts = [encoder.encode(texts[i : i + ENCODE_CHUNK]) for i in tqdm(chunks, desc=f"encoding {len(texts)} texts")]
+    embeddings = np.concatenate(parts or [np.zeros((0, encoder.dim), np.float32)]).astype(np.float16)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    np.save(path, embeddings)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    with open(partial, "wb") as handle:  # written aside, then renamed: an interrupted run leaves no half file
+        np.save(handle, embeddings)
+    os.replace(partial, path)
     return embeddings.astype(np.float32)
 
 
@@ -109,15 +131,24 @@ def one_hot_indices(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return np.eye(n_classes, dtype=np.float32)[labels]
 
 
-def macro_f1(truth: np.ndarray, predicted: np.ndarray, n_classes: int) -> float:
+def macro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean F1 over the classes of the test set (`truth`): a fixed set, so the curve does not jump when the head
+    starts or stops predicting a class the test set lacks (its wrong predictions still cost the true class)."""
     scores = []
-    for c in range(n_classes):
+    for c in np.unique(truth):
         tp = np.sum((predicted == c) & (truth == c))
         fp = np.sum((predicted == c) & (truth != c))
         fn = np.sum((predicted != c) & (truth == c))
-        if tp + fp + fn:
-            scores.append(2 * tp / (2 * tp + fp + fn))
+        scores.append(2 * tp / (2 * tp + fp + fn))
     return float(np.mean(scores))
+
+
+def replay_budgets(budget: int, batch_size: int, pool_size: int) -> list[int]:
+    """Labels after each round: multiples of `batch_size` up to `budget`, capped at the pool, the last one partial
+    when the cap is not a multiple (e.g. budget 50, batches of 20 -> 20, 40, 50)."""
+    cap = min(budget, pool_size)
+    budgets = list(range(batch_size, cap + 1, batch_size))
+    return budgets + [cap] if cap % batch_size else budgets
 
 
 def run_one(
@@ -144,10 +175,10 @@ def run_one(
     k = len(pool.classes)
     labeled = np.zeros(len(pool.labels), dtype=bool)
     shown = np.full(len(pool.labels), -1)  # the class predicted for each row when it was picked, as Label Studio shows
-    heads = [zero_shot_head(label_embeddings, False)]
+    heads, trained = [zero_shot_head(label_embeddings, False)], False
     accuracy, f1, stability, stop_budget = [], [], [], None
     finetuned: dict[int, float] = {}
-    for round_index, budget in enumerate(budgets):
+    for budget in budgets:
         all_probs = proba_of_heads(heads, pool.embeddings)
         targets = np.zeros((len(labeled), k), dtype=np.float32)
         targets[labeled] = one_hot_indices(pool.labels[labeled], k)
@@ -166,9 +197,12 @@ def run_one(
         shown[picks] = all_probs[0][picks].argmax(axis=1)
         labeled = labeled.copy()
         labeled[picks] = True
-        x, y = pool.embeddings[labeled], one_hot_indices(pool.labels[labeled], k)
-        heads = [fit_head(x, y, False), *fit_committee(x, y, False, COMMITTEE_SIZE, rng)]
-        if round_index >= 1:  # stability of the new model against the previous one (not zero-shot), as in rounds
+        was_trained = trained
+        trained = labeled.sum() >= MIN_ANNOTATIONS_TO_TRAIN
+        if trained:
+            x, y = pool.embeddings[labeled], one_hot_indices(pool.labels[labeled], k)
+            heads = [fit_head(x, y, False), *fit_committee(x, y, False, COMMITTEE_SIZE, rng)]
+        if was_trained:  # stability of the new model against the previous one, both trained, as in rounds
             stop_set = stop_set_rows(~labeled)
             previous, current = all_probs[0][stop_set], heads[0].predict_proba(pool.embeddings[stop_set])
             stability.append(prediction_stability(previous, current, False))
@@ -176,7 +210,7 @@ def run_one(
                 stop_budget = budget  # the labels the stable model was trained on
         predicted = heads[0].predict_proba(test.embeddings).argmax(axis=1)
         accuracy.append(float(np.mean(predicted == test.labels)))
-        f1.append(macro_f1(test.labels, predicted, k))
+        f1.append(macro_f1(test.labels, predicted))
         if finetune is not None and budget in finetune_at:
             finetuned[budget] = finetune(labeled, heads[0], seed)
         progress.update(1)
@@ -245,8 +279,11 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated LABEL=NAME: the choice a CSV label stands for (zero-shot uses it), e.g. 0=negative",
     )
     args = parser.parse_args(argv)
-    if args.random_start < 0:
-        parser.error(f"--random-start must be 0 or more, got {args.random_start}")
+    for option in ("budget", "batch_size", "seeds"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be 1 or more, got {getattr(args, option)}")
+    if args.random_start < 0 or args.random_start % args.batch_size:
+        parser.error(f"--random-start must be 0 or a multiple of --batch-size, got {args.random_start}")
     names = ["random"] + [name for name in args.strategy.split(",") if name and name != "random"]
     for name in names:
         strategy_from_spec(name)  # fail before encoding anything
@@ -257,9 +294,29 @@ def main(argv: list[str] | None = None) -> None:
     pool_texts, pool_labels = read_labelled_csv(args.pool, args.text_column, args.label_column)
     test_texts, test_labels = read_labelled_csv(args.test, args.text_column, args.label_column)
     classes = tuple(sorted(set(pool_labels)))
+    if len(classes) < 2:
+        parser.error(f"--pool: classification needs at least two labels; {args.pool} has {list(classes) or 'none'}")
+    if not test_texts:
+        parser.error(f"--test: {args.test} has no labelled rows")
+    try:
+        names_of_choices = choice_names(classes, args.label_names)
+    except ValueError as error:
+        parser.error(f"--label-names: {error}")
+    budgets = replay_budgets(args.budget, args.batch_size, len(pool_texts))
+    if budgets[-1] < args.budget:
+        print(f"the pool has {len(pool_texts)} rows: budgets stop there")
+    finetune_at = frozenset(int(b) for b in args.finetune_at.split(",") if b)
+    if finetune_at - set(budgets):
+        parser.error(f"--finetune-at {sorted(finetune_at - set(budgets))} is not among the budgets {budgets}")
+    # test rows whose label the pool lacks stay in, as errors: the head cannot predict them (indices past the pool's)
     index = {label: i for i, label in enumerate(classes)}
+    unseen = sorted(set(test_labels) - set(index))
+    index.update({label: len(classes) + i for i, label in enumerate(unseen)})
+    if unseen:
+        count = sum(label in unseen for label in test_labels)
+        print(f"{args.test}: {count} of {len(test_labels)} rows have labels the pool lacks {unseen[:5]}: errors")
+
     cache = Path(args.cache_dir)
-    keep = [i for i, label in enumerate(test_labels) if label in index]
     pool = Dataset(
         cached_embeddings(pool_texts, args.model, cache, args.max_length),
         np.array([index[label] for label in pool_labels]),
@@ -267,23 +324,14 @@ def main(argv: list[str] | None = None) -> None:
         pool_texts,
     )
     test = Dataset(
-        cached_embeddings([test_texts[i] for i in keep], args.model, cache, args.max_length),
-        np.array([index[test_labels[i]] for i in keep]),
+        cached_embeddings(test_texts, args.model, cache, args.max_length),
+        np.array([index[label] for label in test_labels]),
         classes,
-        [test_texts[i] for i in keep],
+        test_texts,
     )
-    try:
-        names_of_choices = choice_names(classes, args.label_names)
-    except ValueError as error:
-        parser.error(f"--label-names: {error}")
     label_embeddings = cached_embeddings(names_of_choices, args.model, cache, args.max_length)
-
-    budgets = list(range(args.batch_size, args.budget + 1, args.batch_size))
     full = fit_head(pool.embeddings, one_hot_indices(pool.labels, len(classes)), False)
     full_accuracy = float(np.mean(full.predict_proba(test.embeddings).argmax(axis=1) == test.labels))
-    finetune_at = frozenset(int(b) for b in args.finetune_at.split(",") if b)
-    if finetune_at - set(budgets):
-        parser.error(f"--finetune-at {sorted(finetune_at - set(budgets))} is not among the budgets {budgets}")
     finetune = None
     if finetune_at:
         overrides = {"epochs": args.finetune_epochs}
@@ -315,8 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, result in summary["strategies"].items():
         at = {b: round(a, 4) for b, a in zip(budgets, result["accuracy_mean"], strict=True) if b in (100, 200, 500)}
         saved = result["labels_saved"] or result["labels_saved_at_least"]
-        kind = "" if result["labels_saved"] else ">=" if saved else ""
-        print(f"{name:>24}: labels saved {kind}{saved or 'n/a'}, AUC {result['area_under_curve']:.4f}, {at}")
+        saved_text = f"{'' if result['labels_saved'] else '>='}{saved:.2f}x" if saved else "n/a"
+        print(f"{name:>24}: labels saved {saved_text}, AUC {result['area_under_curve']:.4f}, {at}")
         if result["distinct_seed_curves"] == 1 < args.seeds:
             print(f"{'':>24}  the same curve under every seed (deterministic picks): --random-start N gives it a band")
         if result["finetuned_accuracy_mean"]:

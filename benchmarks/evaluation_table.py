@@ -1,7 +1,8 @@
 """Markdown table of `python -m backend.evaluate` results: `python -m benchmarks.evaluation_table eval_out/*`.
 
-Runs on the same data set (the same --pool file) are merged, first come first: a later run adds only the
-strategies not shown yet (e.g. a run of strategy variants, whose random baseline repeats the first run's).
+Runs on the same data set (the same --pool and --test files) are merged, first come first: a later run adds only
+the strategies not shown yet (e.g. a run of strategy variants, whose random baseline repeats the first run's).
+A data set is named after the folder of its pool file, with the file names added when two differ only there.
 With `--plot DIR`, writes DIR/learning_curve_<data set>.png of the merged curves.
 """
 
@@ -14,27 +15,44 @@ from pathlib import Path
 import numpy as np
 
 
-def data_set_name(results: dict, folder: Path) -> str:
-    """The folder holding the pool file (../shared/data/<name>/...), else the results folder's name."""
-    pool = (results.get("arguments") or {}).get("pool")
-    return Path(pool).parent.name if pool else folder.name
+def data_set_key(results: dict, folder: Path) -> tuple[str, str]:
+    """(pool file, test file) of a run; a results.json without its arguments is a data set of its own."""
+    arguments = results.get("arguments") or {}
+    return (arguments.get("pool") or str(folder), arguments.get("test") or "")
+
+
+def data_set_names(keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """The pool's folder name (../shared/data/<name>/...), made longer where two data sets would share it."""
+    short = {key: Path(key[0]).parent.name or key[0] for key in keys}
+    names = {}
+    for key in keys:
+        namesakes = [other for other in keys if short[other] == short[key]]
+        same_pool_file = [other for other in namesakes if Path(other[0]).name == Path(key[0]).name]
+        if len(namesakes) == 1:
+            names[key] = short[key]
+        elif len(same_pool_file) == 1:
+            names[key] = f"{short[key]}/{Path(key[0]).stem}"
+        else:
+            names[key] = f"{short[key]}/{Path(key[0]).stem} on {Path(key[1]).stem}"
+    return names
 
 
 def merged_results(folders: list[Path]) -> dict[str, dict]:
     """Data set name -> one results dict whose strategies are those of every run on it, first run first."""
-    merged: dict[str, dict] = {}
+    merged: dict[tuple[str, str], dict] = {}
     for folder in folders:
         results = json.loads((folder / "results.json").read_text())
-        name = data_set_name(results, folder)
-        if name not in merged:
-            merged[name] = results
+        key = data_set_key(results, folder)
+        if key not in merged:
+            merged[key] = results
         else:
-            first_budgets = merged[name]["strategies"]["random"]["budgets"]
+            first_budgets = merged[key]["strategies"]["random"]["budgets"]
             if results["strategies"]["random"]["budgets"] != first_budgets:
-                raise SystemExit(f"{folder}: budgets differ from the first {name} run's; not comparable")
+                raise SystemExit(f"{folder}: budgets differ from the first run's on {key[0]}; not comparable")
             for strategy, result in results["strategies"].items():
-                merged[name]["strategies"].setdefault(strategy, result)
-    return merged
+                merged[key]["strategies"].setdefault(strategy, result)
+    names = data_set_names(list(merged))
+    return {names[key]: results for key, results in merged.items()}
 
 
 def rows(name: str, results: dict) -> list[str]:
@@ -50,11 +68,12 @@ def rows(name: str, results: dict) -> list[str]:
             if saved
             else (f"≥ {result['labels_saved_at_least']:.2f}×" if result.get("labels_saved_at_least") else "–")
         )
-        worst = float(np.min((curve - random_curve)[budgets >= 100]))
+        gaps = (curve - random_curve)[budgets >= 100]
+        worst = f"{float(np.min(gaps)):+.3f}" if len(gaps) else "–"  # (no budget of 100 or more)
         at = {b: curve[list(budgets).index(b)] for b in (100, 200, 500, 1000) if b in budgets}
         accuracy = ", ".join(f"{a:.3f}@{b}" for b, a in at.items())
         lines.append(
-            f"| {name} | {strategy} | {result['area_under_curve']:.4f} | {accuracy} | {saved_text} | {worst:+.3f} |"
+            f"| {name} | {strategy} | {result['area_under_curve']:.4f} | {accuracy} | {saved_text} | {worst} |"
         )
     return lines
 
@@ -77,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
 
         args.plot.mkdir(parents=True, exist_ok=True)
         for name, results in merged.items():
-            plot(results, args.plot / f"learning_curve_{name}.png", name)
+            file_name = name.replace("/", "_").replace(" ", "_")
+            plot(results, args.plot / f"learning_curve_{file_name}.png", name)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from backend.evaluate import macro_f1, main
+from backend.evaluate import macro_f1, main, replay_budgets
 from backend.evaluation_summary import labels_to_reach
 from tests.conftest import read_csv
 
@@ -19,7 +19,16 @@ def test_macro_f1_by_hand():
 
     truth, predicted = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1])
     # class 0: tp 1, fn 1 -> 2/3 ; class 1: tp 2, fp 1 -> 4/5
-    assert macro_f1(truth, predicted, 2) == pytest.approx((2 / 3 + 4 / 5) / 2)
+    assert macro_f1(truth, predicted) == pytest.approx((2 / 3 + 4 / 5) / 2)
+    # a class the test set lacks (2) is not averaged in, whether predicted or not; its wrong pick costs class 0
+    assert macro_f1(truth, np.array([2, 0, 1, 1])) == pytest.approx((2 / 3 + 1.0) / 2)
+
+
+def test_budgets_stop_at_the_pool_and_end_with_a_partial_batch():
+    assert replay_budgets(60, 20, 1000) == [20, 40, 60]
+    assert replay_budgets(50, 20, 1000) == [20, 40, 50]
+    assert replay_budgets(100, 20, 30) == [20, 30]
+    assert replay_budgets(10, 20, 1000) == [10]
 
 
 def write_csv(path, rows):
@@ -81,12 +90,6 @@ def test_random_start_draws_the_first_labels_at_random_for_every_strategy(tiny_b
     # one accuracy on 100 test rows can coincide)
     assert random[0] != random[1] and margin[0] != margin[1]
     assert strategies["margin"]["distinct_seed_curves"] == 2
-
-
-def test_random_start_must_not_be_negative(tiny_bert, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(harness_arguments(tmp_path, tiny_bert, "--seeds", "1", "--random-start", "-20"))
-    assert "--random-start must be 0 or more, got -20" in capsys.readouterr().err
 
 
 def test_unknown_strategy_fails_before_encoding(tmp_path):
@@ -185,3 +188,61 @@ def test_resummarise_keeps_stops_and_finetuned_figures(tmp_path):
     after = resummarise(tmp_path)["strategies"]["hybrid"]
     assert after["stop_budget_per_seed"] == [40] and after["accuracy_at_stop_per_seed"] == [0.8]
     assert after["finetuned_accuracy_mean"] == {"40": 0.9}
+
+
+def test_a_pool_smaller_than_the_budget_stops_the_budgets_at_its_size(tiny_bert, tmp_path, capsys):
+    arguments = harness_arguments(tmp_path, tiny_bert, "--seeds", "1")
+    write_csv(tmp_path / "pool.csv", read_csv("trec6/train.csv", 50))
+    main(arguments)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["strategies"]["margin"]["budgets"] == [20, 40, 50]
+    assert "the pool has 50 rows: budgets stop there" in capsys.readouterr().out
+
+
+def test_test_rows_with_labels_the_pool_lacks_count_as_errors(tiny_bert, tmp_path, capsys):
+    arguments = harness_arguments(tmp_path, tiny_bert, "--seeds", "1")
+    pool, test = read_csv("trec6/train.csv", 300), read_csv("trec6/test.csv", 100)
+    missing = test[0]["label"]
+    write_csv(tmp_path / "pool.csv", [row for row in pool if row["label"] != missing])
+    main(arguments)
+    count = sum(row["label"] == missing for row in test)
+    assert f"{count} of 100 rows have labels the pool lacks ['{missing}']: errors" in capsys.readouterr().out
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["full_pool_accuracy"] <= (100 - count) / 100
+
+
+def test_spreadsheet_csvs_and_rows_without_a_label_are_read(tiny_bert, tmp_path, capsys):
+    arguments = harness_arguments(tmp_path, tiny_bert, "--seeds", "1")
+    rows = read_csv("trec6/train.csv", 300)
+    rows[5] = {"text": rows[5]["text"], "label": " "}
+    write_csv(tmp_path / "pool.csv", rows)
+    data = (tmp_path / "pool.csv").read_bytes()
+    (tmp_path / "pool.csv").write_bytes(b"\xef\xbb\xbf" + data + b"a short row without a label\r\n")
+    main(arguments)
+    assert "left out 2 row(s) without a text or a label (the first ends on line 7)" in capsys.readouterr().out
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["strategies"]["margin"]["budgets"] == [20, 40, 60]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--budget", "0"), "--budget must be 1 or more, got 0"),
+        (("--batch-size", "0"), "--batch-size must be 1 or more, got 0"),
+        (("--seeds", "0"), "--seeds must be 1 or more, got 0"),
+        (("--random-start", "-20"), "--random-start must be 0 or a multiple of --batch-size, got -20"),
+        (("--random-start", "30"), "--random-start must be 0 or a multiple of --batch-size, got 30"),
+    ],
+)
+def test_budgets_batches_and_seeds_are_checked_first(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit):
+        main(["--pool", "x.csv", "--test", "y.csv", "--out", str(tmp_path), *extra])
+    assert message in capsys.readouterr().err
+
+
+def test_a_pool_with_one_label_is_a_usage_error(tiny_bert, tmp_path, capsys):
+    arguments = harness_arguments(tmp_path, tiny_bert, "--seeds", "1")
+    write_csv(tmp_path / "pool.csv", [{"text": f"text {i}", "label": "only"} for i in range(30)])
+    with pytest.raises(SystemExit):
+        main(arguments)
+    assert "classification needs at least two labels" in capsys.readouterr().err

@@ -5,11 +5,13 @@ import json
 from benchmarks.evaluation_table import main
 
 
-def write_results(folder, pool: str, strategies: dict[str, list[float]], budgets=(100, 200)) -> None:
+def write_results(
+    folder, pool: str, strategies: dict[str, list[float]], budgets=(100, 200), test: str = "data/trec6/test.csv"
+) -> None:
     folder.mkdir()
     budgets = list(budgets)
     results = {
-        "arguments": {"pool": pool},
+        "arguments": {"pool": pool, "test": test},
         "full_pool_accuracy": 0.9,
         "target_accuracy": 0.855,
         "strategies": {
@@ -49,3 +51,20 @@ def test_runs_with_other_budgets_do_not_merge(tmp_path):
     write_results(tmp_path / "b", "data/trec6/train.csv", {"random": [0.5, 0.6]}, budgets=(50, 100))
     with pytest.raises(SystemExit, match="budgets differ"):
         main([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_runs_on_other_pools_or_test_sets_are_other_rows(tmp_path, capsys):
+    write_results(tmp_path / "a", "data/trec6/train.csv", {"random": [0.5, 0.6]})
+    write_results(tmp_path / "b", "data/trec6/small.csv", {"random": [0.4, 0.5]})
+    write_results(tmp_path / "c", "data/trec6/small.csv", {"random": [0.3, 0.4]}, test="data/trec6/other.csv")
+    write_results(tmp_path / "d", "data/ag_news/pool.csv", {"random": [0.7]}, budgets=(20,))
+    main([*(str(tmp_path / name) for name in "abcd"), "--plot", str(tmp_path / "plots")])
+    lines = capsys.readouterr().out.splitlines()[2:]
+    assert [line.split(" | ")[0] for line in lines] == [
+        "| trec6/train",
+        "| trec6/small on test",
+        "| trec6/small on other",
+        "| ag_news",
+    ]
+    assert lines[3].endswith("| – |")  # no budget of 100 or more to compare at
+    assert (tmp_path / "plots" / "learning_curve_trec6_small_on_other.png").exists()
