@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import json
 import logging
@@ -95,24 +97,44 @@ def _register_auth(app: Flask, runtime: Runtime) -> None:
     if not settings.basic_auth_enabled:
         return
 
+    accepted = _credential_encodings(settings.basic_auth_user, settings.basic_auth_pass)
+
     @app.before_request
     def require_basic_auth():
-        auth = request.authorization
-        user_ok = auth is not None and _same_secret(auth.username, settings.basic_auth_user)
-        pass_ok = auth is not None and _same_secret(auth.password, settings.basic_auth_pass)
-        if not (user_ok and pass_ok):
+        given = _basic_credentials(request.headers.get("Authorization", ""))
+        if not any(hmac.compare_digest(given, credentials) for credentials in accepted):
             raise Unauthorized("this backend requires HTTP basic auth (BASIC_AUTH_USER/BASIC_AUTH_PASS)")
 
 
-def _same_secret(given: str | None, expected: str) -> bool:
-    """Constant-time comparison of UTF-8 bytes (compare_digest on str refuses anything but ASCII)."""
-    given_bytes = (given or "").encode("utf-8", "surrogatepass")
-    return hmac.compare_digest(given_bytes, expected.encode("utf-8", "surrogatepass"))
+def _credential_encodings(user: str, password: str) -> list[bytes]:
+    """ "user:password" as UTF-8 (browsers, curl, this backend's own webhook header) and as Latin-1 where it
+    encodes (Label Studio calls backends through requests' HTTPBasicAuth, which encodes Latin-1)."""
+    credentials = f"{user}:{password}"
+    encodings = [credentials.encode("utf-8", "surrogatepass")]
+    try:
+        encodings.append(credentials.encode("latin-1"))
+    except UnicodeEncodeError:
+        pass
+    return encodings
+
+
+def _basic_credentials(header: str) -> bytes:
+    """The decoded "user:password" bytes of a basic-auth header; b"" for anything else."""
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return b""
+    try:
+        return base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return b""
 
 
 def _register_errors(app: Flask) -> None:
     @app.errorhandler(BackendError)
     def backend_error(exc: BackendError):
+        # Label Studio shows the user only "422 Client Error ... check the ML backend server console logs"
+        level = logging.INFO if isinstance(exc, Unauthorized) else logging.WARNING
+        log.log(level, "%s %s: %d %s: %s", request.method, request.path, exc.status_code, type(exc).__name__, exc)
         response = jsonify(error=type(exc).__name__, message=str(exc))
         if isinstance(exc, Unauthorized):
             response.headers["WWW-Authenticate"] = 'Basic realm="al-backend"'

@@ -29,6 +29,7 @@ class UnsupportedLabelConfig(BackendError):
     status_code = 422
 
     def __init__(self, reason: str):
+        self.reason = reason
         super().__init__(
             f"Unsupported labeling config: {reason}. This backend supports text classification: one <Choices> "
             f'(choice="single", "single-radio" or "multiple") whose toName points at a <Text> or <HyperText> '

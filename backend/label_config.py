@@ -30,7 +30,7 @@ class ClassificationConfig:
     labels: tuple[str, ...]
     """Choice values, in config order; this order is the column order of every probability matrix."""
     label_descriptions: tuple[str, ...]
-    """Per label, the text used for zero-shot: its `hint` or `alias` when given, else its value."""
+    """Per label, the text used for zero-shot: its `hint` when given, else its `value` (not the alias)."""
     multi_label: bool
     """True for `choice="multiple"` (sigmoid head), False for single choice (softmax head)."""
 
@@ -82,26 +82,38 @@ def parse_label_config(label_config: str) -> ClassificationConfig:
     if not choices:
         tags = sorted({control.tag for control in controls}) or ["none"]
         raise UnsupportedLabelConfig(f"found control tags {', '.join(tags)} but no <Choices>")
-    for control in choices:
-        config = _config_from_choices(control)
-        if config is not None:
-            return config
-    targets = sorted({obj.tag for control in choices for obj in control.objects})
-    raise UnsupportedLabelConfig(f"<Choices> points at {', '.join(targets) or 'nothing'}, not at <Text> or <HyperText>")
+    # the document's class: a <Choices> shown for the whole text before one shown only on a condition
+    reasons = []
+    for control in sorted(choices, key=lambda control: "visibleWhen" in control.attr):
+        try:
+            return _config_from_choices(control)
+        except UnsupportedLabelConfig as unsupported:
+            reasons.append(unsupported.reason)
+    raise UnsupportedLabelConfig("; ".join(reasons))
 
 
-def _config_from_choices(control) -> ClassificationConfig | None:
-    """The config for one `<Choices>` control, or None when it does not point at a text object."""
+def _config_from_choices(control) -> ClassificationConfig:
+    """The config for one `<Choices>` control; raise `UnsupportedLabelConfig` saying why it does not classify a
+    whole text."""
+    name = f"<Choices name={control.name!r}>"
+    if str(control.attr.get("perRegion", "")).lower() == "true":
+        raise UnsupportedLabelConfig(f'{name} is per region (perRegion="true"), not for the whole text')
     text_objects = [obj for obj in control.objects if obj.tag in TEXT_OBJECT_TAGS]
     if not text_objects:
-        return None
+        targets = ", ".join(sorted({obj.tag for obj in control.objects})) or "nothing"
+        raise UnsupportedLabelConfig(f"{name} points at {targets}, not at <Text> or <HyperText>")
     labels = tuple(control.labels)
     if len(labels) < 2:
-        raise UnsupportedLabelConfig(f"<Choices name={control.name!r}> has {len(labels)} <Choice>; at least 2 needed")
+        raise UnsupportedLabelConfig(f"{name} has {len(labels)} <Choice>; at least 2 needed")
     text_object = text_objects[0]
     value = text_object.value or ""
     if not value.startswith("$") or len(value) < 2:
         raise UnsupportedLabelConfig(f"<{text_object.tag} name={text_object.name!r}> has value={value!r}, not $field")
+    if str(text_object.attr.get("valueType", "")).lower() == "url":
+        raise UnsupportedLabelConfig(
+            f'<{text_object.tag} name={text_object.name!r}> loads its text from a URL (valueType="url"), which the '
+            "backend does not fetch; import the texts themselves"
+        )
     descriptions = tuple(_describe(control.labels_attrs[label].attr, label) for label in labels)
     return ClassificationConfig(
         from_name=control.name,
@@ -114,4 +126,6 @@ def _config_from_choices(control) -> ClassificationConfig | None:
 
 
 def _describe(attrs: dict, label: str) -> str:
-    return attrs.get("hint") or attrs.get("alias") or label
+    """What zero-shot embeds for a choice: its hint, else its value (the words annotators read; an alias, which
+    Label Studio stores in results and so is the label, is often a short code)."""
+    return attrs.get("hint") or attrs.get("value") or label

@@ -271,6 +271,24 @@ def test_basic_auth_with_non_ascii_credentials_is_a_401_or_accepted_never_a_500(
     assert health("ls:pässwörd") == 200
     assert health("ls:passwörd") == 401
     assert health("lß:pässwörd") == 401
+    # Label Studio itself calls backends through requests' HTTPBasicAuth, which encodes Latin-1
+    latin1 = base64.b64encode("ls:pässwörd".encode("latin-1")).decode()
+    assert client.get("/health", headers={"Authorization": "Basic " + latin1}).status_code == 200
+    for header in ("Basic !!!", "Basic " + base64.b64encode(b"ls").decode(), "Bearer x", "Basic ü"):
+        assert client.get("/health", headers={"Authorization": header}).status_code == 401
+
+
+def test_a_refused_request_says_why_in_the_log_too(client, caplog):
+    # Label Studio shows the user only "422 Client Error ..." and sends them to the backend's logs
+    image = (
+        '<View><Image name="i" value="$img"/>'
+        '<Choices name="c" toName="i"><Choice value="x"/><Choice value="y"/></Choices></View>'
+    )
+    assert client.post("/setup", json=setup_payload(image)).status_code == 422
+    assert (
+        "POST /setup: 422 UnsupportedLabelConfig: Unsupported labeling config: <Choices name='c'> points at Image"
+        in caplog.text
+    )
 
 
 @pytest.mark.parametrize(("started_seconds_ago", "expected"), [(1, "coalesced"), (120, "enqueued")])

@@ -24,6 +24,33 @@ def test_multiple_choice_over_hypertext_uses_hints_for_zero_shot():
     assert config.label_descriptions == ("about apples", "b")
 
 
+def test_the_document_class_is_found_among_other_choices():
+    text = '<Text name="text" value="$text"/>'
+    sentiment = '<Choices name="sentiment" toName="text"><Choice value="Positive"/><Choice value="Negative"/></Choices>'
+    others = [
+        # an entity-tagging config's attribute per region
+        '<Labels name="ner" toName="text"><Label value="PER"/></Labels>'
+        '<Choices name="attr" toName="text" perRegion="true"><Choice value="a"/><Choice value="b"/></Choices>',
+        # a checkbox with one option
+        '<Choices name="flag" toName="text"><Choice value="Offensive"/></Choices>',
+        # a follow-up question shown only for one answer
+        '<Choices name="reason" toName="text" visibleWhen="choice-selected" whenTagName="sentiment" '
+        'whenChoiceValue="Negative"><Choice value="Price"/><Choice value="Quality"/></Choices>',
+    ]
+    for other in others:
+        assert parse_label_config(f"<View>{text}{other}{sentiment}</View>").from_name == "sentiment", other
+
+
+def test_zero_shot_reads_a_choice_by_its_value_not_its_alias():
+    xml = (
+        '<View><Text name="t" value="$t"/><Choices name="c" toName="t"><Choice value="Positive" alias="pos"/>'
+        '<Choice value="Negative" alias="neg" hint="an unhappy review"/></Choices></View>'
+    )
+    config = parse_label_config(xml)
+    assert config.labels == ("pos", "neg")  # what Label Studio stores in results
+    assert config.label_descriptions == ("Positive", "an unhappy review")
+
+
 def test_result_has_label_studio_shape():
     config = parse_label_config(AG_NEWS_CONFIG)
     assert config.result(["Sports"]) == [
@@ -50,6 +77,16 @@ def test_result_has_label_studio_shape():
         (
             '<View><Text name="t" value="$t"/><Choices name="c" toName="t"><Choice value="only"/></Choices></View>',
             "at least 2",
+        ),
+        (
+            '<View><Labels name="ner" toName="t"><Label value="PER"/></Labels><Text name="t" value="$t"/>'
+            '<Choices name="c" toName="t" perRegion="true"><Choice value="a"/><Choice value="b"/></Choices></View>',
+            'per region (perRegion="true")',
+        ),
+        (
+            '<View><Text name="t" value="$url" valueType="url"/><Choices name="c" toName="t"><Choice value="a"/>'
+            '<Choice value="b"/></Choices></View>',
+            'loads its text from a URL (valueType="url")',
         ),
     ],
 )
