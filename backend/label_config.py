@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from html.parser import HTMLParser
 
 from label_studio_sdk.label_interface import LabelInterface
 
@@ -33,6 +34,13 @@ class ClassificationConfig:
     """Per label, the text used for zero-shot: its `hint` when given, else its `value` (not the alias)."""
     multi_label: bool
     """True for `choice="multiple"` (sigmoid head), False for single choice (softmax head)."""
+    object_tag: str = "Text"
+    """`Text` or `HyperText`: a HyperText task's markup is stripped, the model reads what the annotator sees."""
+
+    @property
+    def text_source(self) -> str:
+        """Where and how texts are read from a task: a config that reads them otherwise makes another pool."""
+        return f"{self.object_tag}:{self.data_key}"
 
     def result(self, chosen: list[str]) -> list[dict]:
         """Label Studio `result` regions for the chosen labels (one region, as the editor itself writes it).
@@ -61,7 +69,41 @@ class ClassificationConfig:
             raise KeyError(f"task {task.get('id')!r} has no data[{self.data_key!r}]")
         value = data[self.data_key]
         text = value if isinstance(value, str) else str(value)
+        if self.object_tag == "HyperText":
+            text = visible_text(text)
         return text.encode("utf-8", errors="replace").decode("utf-8")
+
+
+class _VisibleText(HTMLParser):
+    """Collects what a browser shows of an HTML document: its text outside <script> and <style>."""
+
+    HIDDEN = ("script", "style")
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.hidden_depth = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.HIDDEN:
+            self.hidden_depth += 1
+
+    def handle_endtag(self, tag):
+        if tag in self.HIDDEN and self.hidden_depth:
+            self.hidden_depth -= 1
+
+    def handle_data(self, data):
+        if not self.hidden_depth:
+            self.parts.append(data)
+
+
+def visible_text(html: str) -> str:
+    """The text of an HTML fragment, entities decoded, whitespace collapsed: `<p>Fish &amp; chips</p>` ->
+    `Fish & chips`."""
+    parser = _VisibleText()
+    parser.feed(html)
+    parser.close()
+    return " ".join(" ".join(parser.parts).split())
 
 
 @functools.lru_cache(maxsize=256)
@@ -122,6 +164,7 @@ def _config_from_choices(control) -> ClassificationConfig:
         labels=labels,
         label_descriptions=descriptions,
         multi_label=control.attr.get("choice") == MULTIPLE_CHOICE,
+        object_tag=text_object.tag,
     )
 
 

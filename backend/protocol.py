@@ -73,6 +73,8 @@ def project_id(value: object, field_name: str = "project") -> str:
         value = value.get("id")
     if isinstance(value, bool) or value is None or value == "":
         raise MalformedRequest(f"'{field_name}' must be a project id, got {value!r}")
+    if isinstance(value, float):  # 1.5 would pass for project 1 below
+        raise MalformedRequest(f"'{field_name}' must be a numeric project id, got {value!r}")
     text = str(value).split(".", 1)[0]
     if not PROJECT_ID.fullmatch(text):  # ASCII digits only: str.isdigit() also takes "²" and "١٢"
         raise MalformedRequest(f"'{field_name}' must be a numeric project id, got {value!r:.80}")

@@ -167,6 +167,7 @@ def test_unsupported_config_is_a_422_naming_supported_tags(client, route):
         ("/setup", '{"project": "\u00b2", "schema": "<View/>"}'.encode(), "numeric project id"),
         ("/webhook", '{"action": "ANNOTATION_CREATED", "project": {"id": "\u0661"}}'.encode(), "numeric project id"),
         ("/webhook", b'{"action": "ANNOTATION_CREATED", "project": {"id": "-3"}}', "numeric project id"),
+        ("/webhook", b'{"action": "ANNOTATION_CREATED", "project": {"id": 1.5}}', "numeric project id"),
         ("/setup", b'{"project": 1}', "'schema'"),
         ("/setup", b'{"project": 1, "schema": "<View/>", "extra_params": "{bad"}', "extra_params"),
         ("/setup", b'{"project": 1, "schema": "<View/>", "extra_params": {"strategy": "nope"}}', "known strategies"),

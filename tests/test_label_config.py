@@ -51,6 +51,16 @@ def test_zero_shot_reads_a_choice_by_its_value_not_its_alias():
     assert config.label_descriptions == ("Positive", "an unhappy review")
 
 
+def test_a_hypertext_task_is_read_as_the_annotator_sees_it():
+    config = parse_label_config(MULTI)
+    html = '<div class="x"><p>Fish &amp; <b>chips</b></p><script>track()</script><style>p {}</style>\n<p>daily</p>'
+    assert config.text_of({"id": 1, "data": {"html": html}}) == "Fish & chips daily"
+    assert config.text_of({"id": 2, "data": {"html": "<p>unclosed <i>tags"}}) == "unclosed tags"
+    plain = parse_label_config(AG_NEWS_CONFIG)
+    assert plain.text_of({"id": 3, "data": {"text": "<b>kept</b> as written"}}) == "<b>kept</b> as written"
+    assert config.text_source != parse_label_config(MULTI.replace("HyperText", "Text")).text_source
+
+
 def test_result_has_label_studio_shape():
     config = parse_label_config(AG_NEWS_CONFIG)
     assert config.result(["Sports"]) == [

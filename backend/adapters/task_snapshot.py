@@ -2,7 +2,7 @@
 
 Reading 10,000 tasks through the API takes ~10-18 s on Label Studio 1.23 (SQLite), while the project's
 header and its annotated tasks take ~0.1 s each. A round therefore re-reads the full task list only when the
-project's task list stamp (number of tasks, newest task id) changed, the label config reads another data key,
+project's task list stamp (number of tasks, newest task id) changed, the label config reads the texts otherwise,
 or a TASKS_* event marked the snapshot stale; the embeddings themselves are in the embedding cache, keyed by the
 text keys kept here.
 """
@@ -25,8 +25,9 @@ class TaskSnapshot:
     """n 16-byte text keys (see backend.adapters.embedding_cache.text_key)."""
     stamp: tuple[int, int]
     """(number of tasks, newest task id) when the snapshot was taken (see LabelStudio.task_list_stamp)."""
-    data_key: str = ""
-    """The key of each task's `data` the texts were read from: a label config that reads another is a new pool."""
+    text_source: str = ""
+    """Where and how the texts were read (`ClassificationConfig.text_source`): a config that reads them otherwise
+    makes another pool."""
 
 
 class TaskSnapshots:
@@ -47,7 +48,7 @@ class TaskSnapshots:
             np.frombuffer(fields[b"task_ids"], dtype=np.int64),
             [keys[i : i + KEY_BYTES] for i in range(0, len(keys), KEY_BYTES)],
             (int(fields[b"task_number"]), int(fields[b"newest_task_id"])),
-            fields.get(b"data_key", b"").decode("utf-8"),
+            fields.get(b"text_source", b"").decode("utf-8"),
         )
 
     def save(self, project: str, snapshot: TaskSnapshot) -> None:
@@ -58,7 +59,7 @@ class TaskSnapshots:
                 "text_keys": b"".join(snapshot.text_keys),
                 "task_number": snapshot.stamp[0],
                 "newest_task_id": snapshot.stamp[1],
-                "data_key": snapshot.data_key,
+                "text_source": snapshot.text_source,
                 "stale": "0",
             },
         )

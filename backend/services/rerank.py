@@ -172,7 +172,7 @@ def refresh_snapshot(runtime, project: str, config: ClassificationConfig, stamp:
         except KeyError as exc:
             log.warning("project %s: task left out of the ranking: %s", project, exc)
     keys = [text_key(text) for text in texts]
-    snapshot = TaskSnapshot(np.array(task_ids, dtype=np.int64), keys, stamp, config.data_key)
+    snapshot = TaskSnapshot(np.array(task_ids, dtype=np.int64), keys, stamp, config.text_source)
     runtime.snapshots.save(project, snapshot)
     found = runtime.embedding_cache.get_many(list(dict.fromkeys(keys)))
     cached = {key for key, vector in zip(dict.fromkeys(keys), found, strict=True) if vector is not None}
@@ -192,7 +192,7 @@ def read_project_state(runtime, project: str, watch: Stopwatch) -> ProjectState:
     config = parse_label_config(reading.info["label_config"])
     watch.lap("read_label_studio")
     snapshot = runtime.snapshots.load(project)
-    if snapshot is None or snapshot.stamp != reading.task_stamp or snapshot.data_key != config.data_key:
+    if snapshot is None or snapshot.stamp != reading.task_stamp or snapshot.text_source != config.text_source:
         snapshot = refresh_snapshot(runtime, project, config, reading.task_stamp)
         watch.lap("refresh_task_list")
     annotated = reading.annotated
