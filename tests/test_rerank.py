@@ -278,6 +278,16 @@ def test_many_uncached_texts_become_chunk_jobs_and_a_follow_up_round(runtime, la
     assert runtime.queue.encoding_progress("1") == {"chunks": 3, "done": 0, "texts": 60}
 
 
+def test_rounds_during_the_first_encoding_do_not_read_every_task_again(runtime, label_studio, monkeypatch):
+    # reading a big project's task list takes minutes: once per encoding, not once per annotation meanwhile
+    monkeypatch.setattr(rerank_module, "ENCODE_CHUNK", 25)
+    rerank("1", runtime, generation=1)  # reads the task list, queues 3 chunk jobs and the round after them
+    assert label_studio.task_list_reads == 1
+    label_studio.annotate(3, label_studio.truth[3])
+    assert rerank("1", runtime, generation=2) == {"generation": 2, "published": False, "encoding": "under way"}
+    assert label_studio.task_list_reads == 1  # (with a chunk failed for good it re-reads: the test below)
+
+
 def test_pool_encoded_once_already_is_encoded_again_when_its_vectors_are_gone(runtime, label_studio, monkeypatch):
     # e.g. MODEL_NAME switched to a fine-tuned folder, or Redis evicted the cache, within an hour of the first
     # encoding: the chunk jobs (ids = hash of the texts) are still there, finished

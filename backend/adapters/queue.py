@@ -53,6 +53,11 @@ def encoding_key(project: str) -> str:
     return f"al:encoding:{project}"
 
 
+def encoding_follow_up_key(project: str) -> str:
+    """The id of the round queued to run once a project's chunk jobs are done."""
+    return f"al:encoding:{project}:follow_up"
+
+
 def encoding_runs_key(project: str) -> str:
     """How many times each chunk job of a project ran (tests and operators check: once per chunk)."""
     return f"al:encoding:{project}:runs"
@@ -197,6 +202,7 @@ class JobQueue:
         if then_rerank:
             after = hashlib.sha1("\0".join(sorted(job_ids)).encode()).hexdigest()[:16]
             follow_up = f"rerank-{project}-after-{after}"
+            self.client.set(encoding_follow_up_key(project), follow_up)
             if self._status(follow_up) not in WAITING_STATUSES:  # (rq's unique=True refuses dependencies)
                 self.queue.enqueue_call(
                     "backend.jobs.rerank_project",
@@ -207,8 +213,22 @@ class JobQueue:
                 )
         return job_ids
 
+    def encoding_pending(self, project: str) -> bool:
+        """True while a round waits for this project's chunk jobs, none of which failed for good: that round will
+        rank the whole pool, so a round that finds vectors missing meanwhile need not re-read every task."""
+        follow_up = self.client.get(encoding_follow_up_key(project))
+        if follow_up is None:
+            return False
+        try:
+            job = Job.fetch(follow_up.decode(), connection=self.client)
+        except NoSuchJobError:
+            return False
+        if job.get_status() not in WAITING_STATUSES:
+            return False
+        return not set(job.dependency_ids) & set(self.queue.failed_job_registry.get_job_ids())
+
     def forget_encoding(self, project: str) -> None:
-        self.client.delete(encoding_key(project), encoding_runs_key(project))
+        self.client.delete(encoding_key(project), encoding_runs_key(project), encoding_follow_up_key(project))
 
     def encoding_progress(self, project: str) -> dict:
         return {k.decode(): int(v) for k, v in self.client.hgetall(encoding_key(project)).items()}

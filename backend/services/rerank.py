@@ -343,6 +343,9 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
         try:
             unlabelled_embeddings = cached_matrix(cache, state.text_keys, encoder.dim)
         except LookupError as exc:  # vectors missing (still being encoded, or Redis lost them): re-read, re-encode
+            if runtime.queue.encoding_pending(project):  # unless the round queued after the chunk jobs will
+                log.info("project %s: %s; encoding under way, the round after it ranks", project, exc)
+                return {"generation": generation, "published": False, "encoding": "under way"}
             log.warning("project %s: %s", project, exc)
             runtime.snapshots.mark_stale(project)
             state = read_project_state(runtime, project, watch)
