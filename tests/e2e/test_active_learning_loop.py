@@ -72,7 +72,10 @@ def test_a_burst_of_webhooks_is_reflected_with_few_reranks(backend, project, red
     assert last["annotations"] == len(annotated)
     assert last["top_task"] not in annotated
     runs = int(redis.Redis.from_url(redis_url).get(f"al:rerank:generation:{project_id}")) - generation_before
-    assert 1 <= runs <= 6, f"{runs} re-rank runs for 330 events"
+    # Without coalescing each event would queue a round (330). With it, the 30 annotations, posted one after
+    # another over a few seconds, may each start a round once the one before has finished (a round takes about
+    # as long as a few annotations; up to 7 runs seen in CI), and the 300 concurrent events add one or two more.
+    assert 1 <= runs <= 10, f"{runs} re-rank runs for 330 events"
 
 
 @pytest.mark.parametrize("backend", [{"RECONCILE_INTERVAL": "3"}], indirect=True)
