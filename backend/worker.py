@@ -11,12 +11,14 @@ import logging
 import time
 
 import redis
-from rq import Worker
+import torch
+from rq import SimpleWorker, Worker
 
 from backend import jobs
 from backend.config import Settings
 from backend.errors import LabelStudioUnavailable
 from backend.logs import configure_logging
+from backend.ml.encoder import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +33,14 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_env()
     configure_logging(settings)
     runtime = jobs.runtime()
+    worker_class = worker_class_for(pick_device(settings.device))
     if not args.no_preload:
         preload(runtime)
     log.info("worker listening on %s (queue %r)", settings.redis_url.split("@")[-1], settings.queue_name)
     while True:
         # Maintenance every minute, not rq's ten, and a wait for jobs short enough to get to it: a dead worker's
         # scheduler lock and abandoned jobs are taken over that much sooner.
-        worker = Worker(
+        worker = worker_class(
             [runtime.queue.queue],
             connection=runtime.redis,
             maintenance_interval=MAINTENANCE_SECONDS,
@@ -50,6 +53,14 @@ def main(argv: list[str] | None = None) -> None:
             # rq retries a lost connection while it waits for jobs, not while it watches one run: start over
             log.warning("lost Redis (%s); restarting the worker once it answers", type(exc).__name__)
             wait_for_redis(runtime.redis)
+
+
+def worker_class_for(device: torch.device) -> type[Worker]:
+    """rq's Worker forks a work-horse per job, which inherits the encoder loaded here; but CUDA cannot be used
+    again in a forked child once the parent has used it, so on a GPU jobs run in the worker process itself
+    (SimpleWorker: the model stays on the GPU between jobs; a job that crashes the process takes the worker
+    down, and the supervisor, e.g. docker's restart policy, brings it back while rq retries the job)."""
+    return SimpleWorker if device.type == "cuda" else Worker
 
 
 def preload(runtime) -> None:

@@ -68,3 +68,13 @@ def test_a_chunk_whose_vectors_could_not_be_stored_fails_so_rq_retries_it(runtim
     with pytest.raises(redis.ResponseError, match="OOM"):
         jobs.encode_chunk("1", "encode-1-0", ["a text no one encoded yet"])
     assert runtime.queue.encoding_progress("1").get("done", 0) == 0
+
+
+def test_gpu_workers_run_jobs_in_process_because_cuda_does_not_survive_a_fork():
+    import torch
+    from rq import SimpleWorker, Worker
+
+    from backend.worker import worker_class_for
+
+    assert worker_class_for(torch.device("cpu")) is Worker  # a work-horse per job, the encoder inherited
+    assert worker_class_for(torch.device("cuda", 0)) is SimpleWorker

@@ -228,8 +228,8 @@ def test_an_annotation_that_corrected_its_pre_annotation_stays_a_mistake_after_c
         state = rerank_module.read_project_state(runtime, "1", rerank_module.Stopwatch())
         artifact = runtime.artifacts.load("1", runtime.artifacts.versions("1")[-1])
         dim = artifact.head.weights.shape[0]
-        unlabelled, labelled = np.zeros((len(state.task_ids), dim)), np.zeros((len(state.labelled), dim))
-        pool = rerank_module.build_pool(state, artifact, unlabelled, labelled)
+        matrix = np.zeros((len(state.task_ids) + len(state.labelled), dim), np.float16)
+        pool = rerank_module.build_pool(state, artifact, matrix, np.zeros((len(state.labelled), dim)))
         unlabelled_rows, labelled_rows = np.split(pool.mistakes, [len(state.task_ids)])
         flagged = [example.task_id for example, mistake in zip(state.labelled, labelled_rows, strict=True) if mistake]
         assert not unlabelled_rows.any()
@@ -583,3 +583,31 @@ def test_a_round_while_chunks_are_encoding_waits_for_them_and_requeues_a_failed_
     follow_ups = [j for j in queue.deferred_job_registry.get_job_ids() if j.startswith("rerank-1-after-")]
     assert len(follow_ups) == 1  # one round waits for the chunks, however many rounds asked
     assert runtime.queue.encoding_progress("1") == {"chunks": 3, "done": 1, "texts": 60}  # progress kept
+
+
+def test_the_matrix_is_read_from_the_cache_into_one_array_with_room_for_the_labelled_rows(runtime, monkeypatch):
+    from backend.adapters import embedding_cache
+
+    monkeypatch.setattr(embedding_cache, "CHUNK", 3)  # several round trips
+    cache = runtime.embedding_cache
+    keys = [text_key(f"text {i}") for i in range(8)]
+    vectors = np.random.default_rng(0).normal(size=(8, cache.dim)).astype(np.float16)
+    cache.put_many(keys[:7], vectors[:7])
+    assert cache.missing(keys) == [keys[7]]
+    matrix = rerank_module.cached_matrix(cache, keys[6::-1], spare_rows=2)  # in the order asked, two spare rows
+    assert matrix.dtype == np.float16 and matrix.shape == (9, cache.dim)
+    assert np.array_equal(matrix[:7], vectors[6::-1]) and not matrix[7:].any()
+    with pytest.raises(LookupError, match="1 task embeddings missing"):
+        rerank_module.cached_matrix(cache, keys)
+
+
+def test_the_pool_is_the_matrix_read_from_the_cache_not_a_copy(runtime, label_studio):
+    for task_id in range(1, 9):
+        label_studio.annotate(task_id, label_studio.truth[task_id])
+    rerank("1", runtime, generation=1)  # caches every text
+    state = rerank_module.read_project_state(runtime, "1", rerank_module.Stopwatch())
+    artifact = runtime.artifacts.load("1", runtime.artifacts.versions("1")[-1])
+    matrix = rerank_module.cached_matrix(runtime.embedding_cache, state.text_keys, spare_rows=len(state.labelled))
+    pool = rerank_module.build_pool(state, artifact, matrix, np.ones((len(state.labelled), matrix.shape[1])))
+    assert pool.embeddings is matrix and len(matrix) == 60  # 52 unlabelled rows, then the 8 labelled ones
+    assert (matrix[52:] == 1).all() and pool.labeled[52:].all() and not pool.labeled[:52].any()

@@ -36,6 +36,31 @@ class RedisEmbeddingCache:
                 found.append(None if raw is None else np.frombuffer(raw, dtype=np.float16))
         return found
 
+    def fill_matrix(self, keys: list[bytes], spare_rows: int = 0) -> tuple[np.ndarray, int]:
+        """One (len(keys) + spare_rows, d) float16 matrix with the vectors of `keys` in order, filled in place
+        chunk by chunk (never a list of a million small arrays, never a second copy), and how many keys were
+        missing (their rows are zero). The spare rows at the end are the caller's (zeros)."""
+        matrix = np.zeros((len(keys) + spare_rows, self.dim), dtype=np.float16)
+        missing = 0
+        for start in range(0, len(keys), CHUNK):
+            for row, raw in enumerate(self.client.hmget(self.key, keys[start : start + CHUNK]), start):
+                if raw is None:
+                    missing += 1
+                else:
+                    matrix[row] = np.frombuffer(raw, dtype=np.float16)
+        return matrix, missing
+
+    def missing(self, keys: list[bytes]) -> list[bytes]:
+        """The keys with no vector cached, checked without downloading the vectors."""
+        absent = []
+        for start in range(0, len(keys), CHUNK):
+            chunk = keys[start : start + CHUNK]
+            pipeline = self.client.pipeline(transaction=False)
+            for key in chunk:
+                pipeline.hexists(self.key, key)
+            absent += [key for key, present in zip(chunk, pipeline.execute(), strict=True) if not present]
+        return absent
+
     def put_many(self, keys: list[bytes], vectors: np.ndarray) -> None:
         """Store (n, d) vectors under `keys` (as fp16)."""
         vectors = np.asarray(vectors, dtype=np.float16)

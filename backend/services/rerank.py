@@ -174,9 +174,8 @@ def refresh_snapshot(runtime, project: str, config: ClassificationConfig, stamp:
     keys = [text_key(text) for text in texts]
     snapshot = TaskSnapshot(np.array(task_ids, dtype=np.int64), keys, stamp, config.text_source)
     runtime.snapshots.save(project, snapshot)
-    found = runtime.embedding_cache.get_many(list(dict.fromkeys(keys)))
-    cached = {key for key, vector in zip(dict.fromkeys(keys), found, strict=True) if vector is not None}
-    missing = list(dict.fromkeys(text for key, text in zip(keys, texts, strict=True) if key not in cached))
+    absent = set(runtime.embedding_cache.missing(list(dict.fromkeys(keys))))
+    missing = list(dict.fromkeys(text for key, text in zip(keys, texts, strict=True) if key in absent))
     if len(missing) > ENCODE_CHUNK:
         chunks = [missing[i : i + ENCODE_CHUNK] for i in range(0, len(missing), ENCODE_CHUNK)]
         runtime.queue.enqueue_encoding(project, chunks)
@@ -215,11 +214,12 @@ def with_shown_predictions(registry, project: str, labelled: list[LabelledTask])
 
 
 def build_pool(
-    state: ProjectState, artifact: HeadArtifact, unlabelled_embeddings: np.ndarray, labelled_embeddings: np.ndarray
+    state: ProjectState, artifact: HeadArtifact, embeddings: np.ndarray, labelled_embeddings: np.ndarray
 ) -> Pool:
-    """Stack unlabelled rows (first) and labelled rows into the arrays strategies work on."""
-    embeddings = np.concatenate([unlabelled_embeddings, labelled_embeddings.astype(np.float16)])
-    n_unlabelled = len(unlabelled_embeddings)
+    """The arrays strategies work on: `embeddings` holds the unlabelled rows first and spare rows for the
+    labelled ones (see `cached_matrix`), which are written in place: one copy of the matrix."""
+    n_unlabelled = len(state.text_keys)
+    embeddings[n_unlabelled:] = labelled_embeddings
     labeled = np.zeros(len(embeddings), dtype=bool)
     labeled[n_unlabelled:] = True
     targets = np.zeros((len(embeddings), len(state.config.labels)), dtype=np.float32)
@@ -238,12 +238,13 @@ def build_pool(
     )
 
 
-def cached_matrix(cache, keys: list[bytes], dim: int) -> np.ndarray:
-    """(n, d) float16 embeddings of `keys` from the cache; a missing one means the snapshot is stale."""
-    found = cache.get_many(keys)
-    if any(vector is None for vector in found):
-        raise LookupError(f"{sum(v is None for v in found)} task embeddings missing from the cache; refresh needed")
-    return np.stack(found) if found else np.zeros((0, dim), dtype=np.float16)  # fp16, as cached: one copy
+def cached_matrix(cache, keys: list[bytes], spare_rows: int = 0) -> np.ndarray:
+    """(n + spare_rows, d) float16 matrix: the cached embeddings of `keys`, then `spare_rows` zero rows (for the
+    labelled tasks); a missing embedding means the snapshot is stale."""
+    matrix, missing = cache.fill_matrix(keys, spare_rows)
+    if missing:
+        raise LookupError(f"{missing} task embeddings missing from the cache; refresh needed")
+    return matrix
 
 
 def priority_predictions(state: ProjectState, pool: Pool, picks: np.ndarray, version: str) -> list[dict]:
@@ -341,7 +342,7 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
     try:
         state = read_project_state(runtime, project, watch)
         try:
-            unlabelled_embeddings = cached_matrix(cache, state.text_keys, encoder.dim)
+            matrix = cached_matrix(cache, state.text_keys, spare_rows=len(state.labelled))
         except LookupError as exc:  # vectors missing (still being encoded, or Redis lost them): re-read, re-encode
             if runtime.queue.encoding_pending(project):  # unless the round queued after the chunk jobs will
                 log.info("project %s: %s; encoding under way, the round after it ranks", project, exc)
@@ -349,7 +350,7 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
             log.warning("project %s: %s", project, exc)
             runtime.snapshots.mark_stale(project)
             state = read_project_state(runtime, project, watch)
-            unlabelled_embeddings = cached_matrix(cache, state.text_keys, encoder.dim)
+            matrix = cached_matrix(cache, state.text_keys, spare_rows=len(state.labelled))
     except EncodingQueued as queued:
         log.info("project %s: %s; a new round follows them", project, queued)
         return {"generation": generation, "published": False, "encoding": str(queued)}
@@ -363,7 +364,7 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
     artifact = save_version(project, artifact, runtime.artifacts)
     version = model_version(settings.model_version_prefix, artifact)
     watch.lap("train")
-    pool = build_pool(state, artifact, unlabelled_embeddings, labelled_embeddings)
+    pool = build_pool(state, artifact, matrix, labelled_embeddings)
     top_k = int(params.get("rank_top_k", settings.rank_top_k))
     picks = strategy.select(pool, min(top_k, len(state.task_ids)), np.random.default_rng(generation))
     watch.lap("score")
