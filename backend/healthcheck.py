@@ -1,13 +1,17 @@
-"""`python -m backend.healthcheck`: exit 0 when the server on this machine answers `/health`, 1 otherwise.
+"""`python -m backend.healthcheck`: exit 0 when the server on this machine answers `/health`, 1 otherwise;
+with `--worker`, exit 0 when an RQ worker started on this machine (container) is registered in Redis.
 
-The container health check. With `BASIC_AUTH_USER`/`BASIC_AUTH_PASS` set, `/health` needs them like every route,
-so the check sends them too.
+The containers' health checks. With `BASIC_AUTH_USER`/`BASIC_AUTH_PASS` set, `/health` needs them like every
+route, so the check sends them too.
 """
 
 from __future__ import annotations
 
+import socket
 import sys
 import urllib.request
+
+import redis
 
 from backend.config import Settings
 
@@ -25,5 +29,21 @@ def healthy(settings: Settings, host: str = "127.0.0.1", timeout: float = 4.0) -
         return False
 
 
+def worker_registered(redis_url: str, hostname: str | None = None) -> bool:
+    """True when a worker started on `hostname` (default: this one) is registered in Redis; a dead worker's
+    registration expires within its worker_ttl (a minute, see backend.worker)."""
+    from rq import Worker
+
+    try:
+        workers = Worker.all(connection=redis.Redis.from_url(redis_url, socket_timeout=4))
+    except redis.RedisError as exc:
+        print(f"unhealthy: Redis: {type(exc).__name__}")
+        return False
+    return any(worker.hostname == (hostname or socket.gethostname()) for worker in workers)
+
+
 if __name__ == "__main__":
-    sys.exit(0 if healthy(Settings.from_env()) else 1)
+    settings = Settings.from_env()
+    if sys.argv[1:] == ["--worker"]:
+        sys.exit(0 if worker_registered(settings.redis_url) else 1)
+    sys.exit(0 if healthy(settings) else 1)

@@ -38,3 +38,17 @@ def test_the_health_check_does_not_import_the_strategies():
     code = "import sys, backend.healthcheck; print(sorted({'sklearn', 'torch', 'numpy'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_worker_health_check_sees_a_worker_of_this_host_only_while_it_is_registered(runtime, redis_url):
+    from rq import Worker
+
+    from backend.healthcheck import worker_registered
+
+    assert not worker_registered(redis_url)
+    worker = Worker([runtime.queue.queue], connection=runtime.redis)
+    worker.register_birth()
+    assert worker_registered(redis_url) and not worker_registered(redis_url, hostname="another-container")
+    worker.register_death()
+    assert not worker_registered(redis_url)
+    assert not worker_registered("redis://127.0.0.1:1/0")  # Redis unreachable: unhealthy, not a crash

@@ -1,0 +1,20 @@
+"""No Docker engine runs here: check the compose files as far as a parser can."""
+
+from pathlib import Path
+
+import yaml
+
+from backend.config import SETTING_NAMES
+
+DOCKER = Path(__file__).resolve().parent.parent / "docker"
+
+
+def test_compose_files_pass_only_settings_the_backend_reads_and_run_on_the_cpu_by_default():
+    compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+    gpu = yaml.safe_load((DOCKER / "docker-compose.gpu.yml").read_text())
+    assert set(compose["x-backend-env"]) <= {name.upper() for name in SETTING_NAMES}
+    assert "deploy" not in compose["services"]["worker"]  # a GPU reservation fails on hosts without one
+    assert set(gpu["services"]) <= set(compose["services"])
+    assert gpu["services"]["backend"]["build"]["args"]["TORCH_INDEX_URL"].endswith("/cu128")
+    assert gpu["services"]["worker"]["image"] == gpu["services"]["backend"]["image"]  # the image built above
+    assert compose["services"]["worker"]["healthcheck"]["test"][-2:] == ["backend.healthcheck", "--worker"]
