@@ -105,3 +105,23 @@ def test_a_corrupt_artifact_falls_back_to_the_previous_version(tmp_path, caplog,
 def test_project_ids_cannot_escape_model_dir(tmp_path):
     with pytest.raises(ValueError, match="project id"):
         ArtifactStore(tmp_path).project_dir("../etc")
+
+
+def test_max_length_above_the_models_positions_is_cut_to_them(tiny_bert):
+    encoder = Encoder(tiny_bert, device="cpu", max_length=600)  # the tiny BERT has 128 positions
+    assert encoder.max_length == 128 and encoder.encoder_id.endswith("|128")
+    assert encoder.encode(["word " * 400]).shape == (1, encoder.dim)  # no "size of tensor a must match"
+
+
+def test_another_model_saved_into_the_same_folder_is_another_embedding_space(tiny_bert, tmp_path):
+    import shutil
+
+    from transformers import BertModel
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_bert, folder)
+    before = Encoder(str(folder), device="cpu").encoder_id
+    assert Encoder(str(folder), device="cpu").encoder_id == before  # stable while the files are the same
+    torch.manual_seed(1)
+    BertModel(BertModel.from_pretrained(folder).config).save_pretrained(folder)  # new weights, same shapes
+    assert Encoder(str(folder), device="cpu").encoder_id != before

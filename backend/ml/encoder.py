@@ -8,6 +8,7 @@ batch waits for the one before it.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -75,6 +76,25 @@ def _saved_revision(model_path: str) -> str:
     return path.read_text().strip() if path.is_file() else ""
 
 
+def _folder_fingerprint(model_path: str, sample_bytes: int = 1 << 16) -> str:
+    """For a local model folder: a short hash of its config and weight files (name, size, first and last 64 KiB),
+    so that another model put in the same folder is another embedding space; the same on every machine that has
+    the same files. "" for a hub name."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return ""
+    digest = hashlib.blake2b(digest_size=8)
+    for file in sorted(folder.glob("*")):
+        if file.name == "config.json" or file.suffix in (".safetensors", ".bin"):
+            size = file.stat().st_size
+            digest.update(f"{file.name}:{size}".encode())
+            with open(file, "rb") as handle:
+                digest.update(handle.read(sample_bytes))
+                handle.seek(max(0, size - sample_bytes))
+                digest.update(handle.read(sample_bytes))
+    return digest.hexdigest()
+
+
 @dataclass
 class EncodeStats:
     """Figures from the last `encode` call, for benchmarks and logs."""
@@ -106,7 +126,8 @@ class Encoder:
         except (OSError, ValueError) as exc:
             raise ModelUnavailable(f"cannot load encoder MODEL_NAME={model_name!r} from {path!r}: {exc}") from exc
         self.pooling = _pooling_mode(path)
-        self.revision = _saved_revision(path)
+        self.revision = _saved_revision(path) or _folder_fingerprint(path)
+        self.max_length = self._usable_max_length(max_length)
         self.dim = int(self.model.config.hidden_size)
         self.autocast_dtype = self._autocast_dtype()
         self.last_stats = EncodeStats()
@@ -118,6 +139,14 @@ class Encoder:
             self.dim,
             self.autocast_dtype,
         )
+
+    def _usable_max_length(self, requested: int) -> int:
+        """`requested`, or less when the model has fewer positions (longer inputs would fail in the forward pass)."""
+        limits = (getattr(self.model.config, "max_position_embeddings", None), self.tokenizer.model_max_length)
+        usable = min([requested, *(limit for limit in limits if isinstance(limit, int) and 0 < limit < 10**6)])
+        if usable < requested:
+            log.warning("MAX_LENGTH=%d is more than %s takes; using %d", requested, self.model_name, usable)
+        return usable
 
     @property
     def encoder_id(self) -> str:
