@@ -6,6 +6,7 @@ In production (docker/) each of these runs as its own service; this is for tryin
 from __future__ import annotations
 
 import atexit
+import ctypes
 import logging
 import os
 import shutil
@@ -22,10 +23,13 @@ from backend.config import Settings
 
 log = logging.getLogger(__name__)
 
+PR_SET_PDEATHSIG = 1
+"""prctl(2) option: the signal a process gets when its parent dies."""
+
 
 def _redis_answers(url: str) -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
     except redis.RedisError:
         return False
 
@@ -57,11 +61,16 @@ def start_redis(settings: Settings) -> subprocess.Popen | None:
             "60 1",
         ],
         stdout=subprocess.DEVNULL,
+        preexec_fn=stop_with_parent,
     )
     for _ in range(50):
         if _redis_answers(settings.redis_url):
             log.info("started redis-server on port %d (data in %s)", url.port or 6379, data_dir)
             return process
+        if process.poll() is not None:  # e.g. the port is taken by something that is not Redis
+            raise RuntimeError(
+                f"redis-server exited with code {process.returncode} (is port {url.port or 6379} taken?)"
+            )
         time.sleep(0.1)
     process.kill()
     raise RuntimeError("redis-server did not start within 5 s")
@@ -69,7 +78,17 @@ def start_redis(settings: Settings) -> subprocess.Popen | None:
 
 def start_worker() -> subprocess.Popen:
     """One `python -m backend.worker` child with the same environment."""
-    return subprocess.Popen([sys.executable, "-m", "backend.worker"], env=os.environ.copy())
+    return subprocess.Popen(
+        [sys.executable, "-m", "backend.worker"], env=os.environ.copy(), preexec_fn=stop_with_parent
+    )
+
+
+def stop_with_parent() -> None:
+    """Run in a child before it starts: on Linux, the child gets SIGTERM when the server that started it dies,
+    even by SIGKILL or the OOM killer, where no atexit handler runs (a later `run.sh` would find the old worker
+    and Redis still there). Elsewhere it does nothing."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def start_local_stack(settings: Settings) -> list[subprocess.Popen]:

@@ -1,0 +1,57 @@
+"""`python _wsgi.py --with-worker` (run.sh): Redis and a worker beside the server, gone when the server is."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+
+from backend.local_stack import start_redis
+
+
+def test_children_die_with_the_server_even_when_it_is_killed():
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, time; from backend.local_stack import stop_with_parent; "
+            "child = subprocess.Popen(['sleep', '60'], preexec_fn=stop_with_parent); print(child.pid, flush=True); "
+            "time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)  # no atexit handler runs
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _alive(child):
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def test_a_port_taken_by_something_else_is_reported_at_once(settings, tmp_path):
+    with socket.socket() as taken:  # listens, never answers
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match=f"redis-server exited with code 1 \\(is port {port} taken\\?\\)"):
+            start_redis(replace(settings, redis_url=f"redis://127.0.0.1:{port}/0", model_dir=str(tmp_path)))
+        assert time.monotonic() - started < 4  # not the full 5 s wait, nor a ping that never returns
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by init) counts as gone
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
