@@ -58,6 +58,18 @@ class ClassificationConfig:
             }
         ]
 
+    def choices_in(self, result: object) -> tuple[str, ...]:
+        """The labels a Label Studio `result` holds for this config's `<Choices>` (the inverse of `result`): those
+        of its first region that has any; other controls' regions and unknown values are left out."""
+        for region in result or []:
+            if isinstance(region, dict) and region.get("from_name") == self.from_name:
+                known = tuple(
+                    choice for choice in (region.get("value") or {}).get("choices") or [] if choice in self.labels
+                )
+                if known:
+                    return known
+        return ()
+
     def text_of(self, task: dict) -> str:
         """The text a task carries for this config; raise KeyError naming the missing data key.
 

@@ -41,12 +41,9 @@ def latest_choices(task: dict, config: ClassificationConfig) -> tuple[str, ...] 
     for annotation in sorted(
         annotations, key=lambda a: (str(a.get("updated_at") or ""), a.get("id") or 0), reverse=True
     ):
-        for region in annotation.get("result") or []:
-            if isinstance(region, dict) and region.get("from_name") == config.from_name:
-                choices = (region.get("value") or {}).get("choices") or []
-                known = tuple(choice for choice in choices if choice in config.labels)
-                if known:
-                    return known
+        known = config.choices_in(annotation.get("result"))
+        if known:
+            return known
     return None
 
 
