@@ -9,7 +9,7 @@ from backend.ml.finetune import FineTuneConfig, finetune_encoder
 from backend.ml.head import fit_head
 from tests.conftest import read_csv
 
-FAST = FineTuneConfig(epochs=8, batch_size=8, learning_rate=1e-3, head_learning_rate=1e-2)
+FAST = FineTuneConfig(epochs=12, batch_size=8, learning_rate=1e-3, head_learning_rate=1e-2)
 """A tiny random BERT needs a larger step than a pretrained one to move in a few epochs."""
 
 
