@@ -144,8 +144,10 @@ def stop_working_on(rt: Runtime, project: str, gone: ProjectDisconnected) -> dic
 
 
 def forget_project(rt: Runtime, project: str) -> None:
-    """Delete the project's task list snapshot, head versions, registry entry and encoding progress."""
+    """Delete the project's task list snapshot, matrix file, head versions, registry entry and encoding
+    progress."""
     rt.snapshots.delete(project)
+    rt.matrix_files.delete_project(project)
     rt.artifacts.delete_project(project)
     rt.registry.forget(project)
     rt.queue.forget_encoding(project)

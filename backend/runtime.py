@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 
 import redis
 
 from backend.adapters.embedding_cache import RedisEmbeddingCache
+from backend.adapters.matrix_file import MatrixFiles
 from backend.adapters.project_registry import ProjectRegistry
 from backend.adapters.queue import JobQueue
 from backend.adapters.task_snapshot import TaskSnapshots
@@ -46,6 +48,10 @@ class Runtime:
     @functools.cached_property
     def embedding_cache(self) -> RedisEmbeddingCache:
         return RedisEmbeddingCache(self.redis, self.encoder.encoder_id, self.encoder.dim)
+
+    @functools.cached_property
+    def matrix_files(self) -> MatrixFiles:
+        return MatrixFiles(Path(self.settings.model_dir) / "matrices")
 
     @functools.cached_property
     def artifacts(self) -> ArtifactStore:

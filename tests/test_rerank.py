@@ -420,6 +420,7 @@ def test_removing_the_backend_or_deleting_the_project_stops_the_work_on_it(runti
     assert scheduled.get_job_ids() == []  # the chain of reconciliations ends
     # removed from the project, not deleted: what the backend knows of it stays, for connecting it again
     assert runtime.snapshots.load("1") is not None and runtime.artifacts.versions("1")
+    assert list(runtime.matrix_files.folder.glob("1-*.f16"))
     assert runtime.registry.last_round("1") is not None and runtime.registry.shown("1", list(label_studio.tasks))
 
     runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})  # connected again, then the project is deleted
@@ -430,6 +431,7 @@ def test_removing_the_backend_or_deleting_the_project_stops_the_work_on_it(runti
     assert "no longer exists" in outcome["disconnected"] and runtime.registry.is_disconnected("1")
     # deleted: its task list, head versions and records go, and a new project with its id would start clean
     assert runtime.snapshots.load("1") is None and runtime.artifacts.versions("1") == []
+    assert not list(runtime.matrix_files.folder.glob("1-*.f16"))
     assert runtime.registry.last_round("1") is None and runtime.registry.label_config("1") is None
     assert runtime.registry.event_counts("1") == {} and runtime.registry.shown("1", list(label_studio.tasks)) == {}
     assert "no longer exists" in runtime.projects.metrics()["disconnected"]["1"]["reason"]
@@ -611,3 +613,29 @@ def test_the_pool_is_the_matrix_read_from_the_cache_not_a_copy(runtime, label_st
     pool = rerank_module.build_pool(state, artifact, matrix, np.ones((len(state.labelled), matrix.shape[1])))
     assert pool.embeddings is matrix and len(matrix) == 60  # 52 unlabelled rows, then the 8 labelled ones
     assert (matrix[52:] == 1).all() and pool.labeled[52:].all() and not pool.labeled[:52].any()
+
+
+def test_rounds_read_the_matrix_from_the_project_file_written_when_the_task_list_changes(runtime, label_studio):
+    # reading a million vectors from Redis takes ~10 s; the file in the page cache well under one
+    assert rerank("1", runtime, generation=1)["matrix"] == "cache, then file"
+    label_studio.annotate(4, label_studio.truth[4])
+    label_studio.annotate(9, label_studio.truth[9])
+    assert rerank("1", runtime, generation=2)["matrix"] == "file"  # annotations do not change the file
+    state = rerank_module.read_project_state(runtime, "1", rerank_module.Stopwatch())
+    from_file, source = rerank_module.pool_matrix(runtime, "1", state)
+    from_redis = rerank_module.cached_matrix(runtime.embedding_cache, state.text_keys, spare_rows=2)
+    assert source == "file" and np.array_equal(from_file, from_redis) and len(from_file) == 60
+    label_studio.replace_task(7, "a task imported since")
+    assert rerank("1", runtime, generation=3)["matrix"] == "cache, then file"
+
+
+def test_a_matrix_file_that_cannot_be_written_leaves_the_round_reading_redis(runtime, label_studio, caplog):
+    from backend.adapters.matrix_file import MatrixFiles
+
+    blocker = runtime.matrix_files.folder.parent / "not-a-folder"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("a file where the folder should be")
+    runtime.__dict__["matrix_files"] = MatrixFiles(blocker)
+    summary = rerank("1", runtime, generation=1)
+    assert summary["published"] and summary["matrix"] == "cache"
+    assert "matrix file unusable, reading the embeddings from Redis" in caplog.text

@@ -7,6 +7,7 @@ fp16 halves the memory (a million 384-d vectors take about 770 MB) at no cost to
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 
 import numpy as np
 import redis
@@ -36,18 +37,31 @@ class RedisEmbeddingCache:
                 found.append(None if raw is None else np.frombuffer(raw, dtype=np.float16))
         return found
 
-    def fill_matrix(self, keys: list[bytes], spare_rows: int = 0) -> tuple[np.ndarray, int]:
-        """One (len(keys) + spare_rows, d) float16 matrix with the vectors of `keys` in order, filled in place
-        chunk by chunk (never a list of a million small arrays, never a second copy), and how many keys were
-        missing (their rows are zero). The spare rows at the end are the caller's (zeros)."""
-        matrix = np.zeros((len(keys) + spare_rows, self.dim), dtype=np.float16)
-        missing = 0
+    def iter_chunks(self, keys: list[bytes]) -> Iterator[tuple[np.ndarray, int]]:
+        """The vectors of `keys` in order, as (chunk, missing) pairs: a (<= CHUNK, d) float16 array per round
+        trip, zero rows where a key is missing, and how many were."""
         for start in range(0, len(keys), CHUNK):
-            for row, raw in enumerate(self.client.hmget(self.key, keys[start : start + CHUNK]), start):
+            values = self.client.hmget(self.key, keys[start : start + CHUNK])
+            chunk = np.zeros((len(values), self.dim), dtype=np.float16)
+            missing = 0
+            for row, raw in enumerate(values):
                 if raw is None:
                     missing += 1
                 else:
-                    matrix[row] = np.frombuffer(raw, dtype=np.float16)
+                    chunk[row] = np.frombuffer(raw, dtype=np.float16)
+            yield chunk, missing
+
+    def fill_matrix(self, keys: list[bytes], spare_rows: int = 0) -> tuple[np.ndarray, int]:
+        """One (len(keys) + spare_rows, d) float16 matrix with the vectors of `keys` in order, filled chunk by
+        chunk (never a list of a million small arrays, never a second copy), and how many keys were missing
+        (their rows are zero). The spare rows at the end are the caller's (zeros)."""
+        matrix = np.zeros((len(keys) + spare_rows, self.dim), dtype=np.float16)
+        missing = 0
+        start = 0
+        for chunk, chunk_missing in self.iter_chunks(keys):
+            matrix[start : start + len(chunk)] = chunk
+            start += len(chunk)
+            missing += chunk_missing
         return matrix, missing
 
     def missing(self, keys: list[bytes]) -> list[bytes]:

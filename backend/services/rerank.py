@@ -53,6 +53,11 @@ class ProjectState:
     text_keys: list[bytes]
     labelled: list[LabelledTask]
     fingerprint: str
+    snapshot_keys: list[bytes]
+    """The text keys of every task of the task list, annotated or not (the project's matrix file is in this
+    order)."""
+    unlabelled_rows: np.ndarray
+    """Where the unlabelled tasks are in the task list, ascending (`text_keys` = those of `snapshot_keys`)."""
 
 
 @dataclass
@@ -203,6 +208,8 @@ def read_project_state(runtime, project: str, watch: Stopwatch) -> ProjectState:
         [snapshot.text_keys[row] for row in rows],
         with_shown_predictions(runtime.registry, project, labelled_tasks(annotated, config)),
         reading.fingerprint,
+        snapshot.text_keys,
+        np.array(rows, dtype=np.int64),
     )
 
 
@@ -245,6 +252,24 @@ def cached_matrix(cache, keys: list[bytes], spare_rows: int = 0) -> np.ndarray:
     if missing:
         raise LookupError(f"{missing} task embeddings missing from the cache; refresh needed")
     return matrix
+
+
+def pool_matrix(runtime, project: str, state: ProjectState) -> tuple[np.ndarray, str]:
+    """`cached_matrix` of the unlabelled tasks, read from the project's matrix file (`MatrixFiles`), which is
+    written from the embedding cache first when the task list changed since it was last written; and where the
+    vectors came from: "file", "cache, then file" or, when the file cannot be written or read, "cache"."""
+    files, cache, spare_rows = runtime.matrix_files, runtime.embedding_cache, len(state.labelled)
+    try:
+        matrix = files.read(project, cache, state.snapshot_keys, state.unlabelled_rows, spare_rows)
+        if matrix is not None:
+            return matrix, "file"
+        files.write(project, cache, state.snapshot_keys)  # LookupError when vectors are missing
+        matrix = files.read(project, cache, state.snapshot_keys, state.unlabelled_rows, spare_rows)
+        if matrix is not None:
+            return matrix, "cache, then file"
+    except OSError as exc:
+        log.warning("project %s: matrix file unusable, reading the embeddings from Redis: %s", project, exc)
+    return cached_matrix(cache, state.text_keys, spare_rows), "cache"
 
 
 def priority_predictions(state: ProjectState, pool: Pool, picks: np.ndarray, version: str) -> list[dict]:
@@ -342,7 +367,7 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
     try:
         state = read_project_state(runtime, project, watch)
         try:
-            matrix = cached_matrix(cache, state.text_keys, spare_rows=len(state.labelled))
+            matrix, matrix_source = pool_matrix(runtime, project, state)
         except LookupError as exc:  # vectors missing (still being encoded, or Redis lost them): re-read, re-encode
             if runtime.queue.encoding_pending(project):  # unless the round queued after the chunk jobs will
                 log.info("project %s: %s; encoding under way, the round after it ranks", project, exc)
@@ -350,7 +375,7 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
             log.warning("project %s: %s", project, exc)
             runtime.snapshots.mark_stale(project)
             state = read_project_state(runtime, project, watch)
-            matrix = cached_matrix(cache, state.text_keys, spare_rows=len(state.labelled))
+            matrix, matrix_source = pool_matrix(runtime, project, state)
     except EncodingQueued as queued:
         log.info("project %s: %s; a new round follows them", project, queued)
         return {"generation": generation, "published": False, "encoding": str(queued)}
@@ -378,6 +403,7 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
         "unlabelled": len(state.task_ids),
         "ranked": int(len(picks)),
         "strategy": repr(strategy),
+        "matrix": matrix_source,
         "top_task": state.task_ids[picks[0]] if len(picks) else None,
         "fingerprint": state.fingerprint,
         "published": False,

@@ -1,0 +1,120 @@
+"""A project's embedding matrix as one file, in task-list order, so that a round reads it in one go.
+
+Reading a million vectors out of Redis takes ~10 s on a 2-core machine (HMGET in chunks, one small array per
+vector); reading the same 733 MB from a file that the OS keeps in its page cache takes well under a second
+(`python -m benchmarks.matrix_load`). The file is a copy of what the Redis embedding cache holds for one ordered
+list of text keys, whose digest is in its header: a round whose task list changed finds the digest different
+and writes the file again from Redis. It can be deleted at any time.
+
+Layout: <folder>/<project>-<encoder>.f16 = a 64-byte header (magic, BLAKE2b-256 of the keys, rows, dimension),
+then rows x dimension float16, row after row. A file is written under a temporary name and renamed into place,
+so a reader sees the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"ALMATRX1"
+HEADER = struct.Struct("<8s32sqq")
+HEADER_BYTES = 64
+COMPACT_ROWS = 16_384
+"""Rows moved per step when the labelled rows are squeezed out (a 12 MB temporary at 384 dimensions)."""
+
+
+def keys_digest(keys: list[bytes]) -> bytes:
+    return hashlib.blake2b(b"".join(keys), digest_size=32).digest()
+
+
+class MatrixFiles:
+    """Per-project matrix files under one folder (MODEL_DIR/matrices), one file per project and encoder."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+
+    def path(self, project: str, cache) -> Path:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(project)):
+            raise ValueError(f"project id must be letters, digits, '_', '.' or '-', got {project!r}")
+        encoder = cache.key.rsplit(":", 1)[-1]  # the Redis cache's key names the encoder
+        return self.folder / f"{project}-{encoder}.f16"
+
+    def write(self, project: str, cache, keys: list[bytes]) -> None:
+        """Write the file for `keys` from `cache`, chunk by chunk (never the whole matrix in memory).
+
+        Raises LookupError, and leaves the previous file alone, when a vector is missing from the cache.
+        """
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.path(project, cache)
+        handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as file:
+                file.write(HEADER.pack(MAGIC, keys_digest(keys), len(keys), cache.dim).ljust(HEADER_BYTES, b"\0"))
+                for chunk, missing in cache.iter_chunks(keys):
+                    if missing:
+                        raise LookupError(f"{missing} task embeddings missing from the cache; refresh needed")
+                    file.write(chunk.data)
+                file.flush()
+                os.fsync(file.fileno())  # before the rename: after a crash, the file is whole or absent
+            os.replace(temporary, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+
+    def read(self, project: str, cache, keys: list[bytes], rows: np.ndarray, spare_rows: int = 0) -> np.ndarray | None:
+        """The (len(rows) + spare_rows, d) float16 matrix of rows `rows` (ascending positions in `keys`), then
+        `spare_rows` zero rows; None when there is no file for exactly these keys (or it is cut short).
+
+        The whole file is read into one array and the rows not asked for are squeezed out in place: one copy
+        of the matrix in this process, whatever the size.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows[0] < 0 or rows[-1] >= len(keys) or np.any(np.diff(rows) <= 0)):
+            raise ValueError("rows must be ascending positions in keys")
+        try:
+            file = open(self.path(project, cache), "rb")  # noqa: SIM115 (closed below; absent is not an error)
+        except FileNotFoundError:
+            return None
+        with file:
+            header = file.read(HEADER_BYTES)
+            if len(header) < HEADER_BYTES:
+                return None
+            magic, digest, n, dim = HEADER.unpack(header[: HEADER.size])
+            expected_bytes = HEADER_BYTES + n * dim * 2
+            if (magic, digest, n, dim) != (MAGIC, keys_digest(keys), len(keys), cache.dim):
+                return None
+            if os.fstat(file.fileno()).st_size != expected_bytes:
+                return None
+            matrix = np.empty((max(n, len(rows) + spare_rows), dim), dtype=np.float16)
+            if not _read_into(file, memoryview(matrix[:n]).cast("B")):
+                return None
+        if len(rows) < n:
+            for start in range(0, len(rows), COMPACT_ROWS):  # rows[i] >= i: each step reads rows not yet written
+                step = rows[start : start + COMPACT_ROWS]
+                matrix[start : start + len(step)] = matrix[step]
+        matrix[len(rows) : len(rows) + spare_rows] = 0
+        return matrix[: len(rows) + spare_rows]
+
+    def delete_project(self, project: str) -> None:
+        for path in self.folder.glob(f"{project}-*.f16"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def _read_into(file, view: memoryview) -> bool:
+    """Fill `view` from `file` (a read may return less than asked); False when the file ends first."""
+    done = 0
+    while done < len(view):
+        count = file.readinto(view[done:])
+        if not count:
+            return False
+        done += count
+    return True
