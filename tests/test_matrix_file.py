@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 import redis
@@ -89,3 +92,18 @@ def test_deleting_a_project_deletes_only_its_files(tmp_path, cache, stored):
     files.write("77", cache, keys)
     files.delete_project("7")
     assert [path.name for path in tmp_path.iterdir()] == [files.path("77", cache).name]
+
+
+def test_temporary_files_of_killed_writers_are_removed_by_the_next_write_after_an_hour(tmp_path, cache, stored):
+    keys, _ = stored
+    files = MatrixFiles(tmp_path)
+    target = files.path("7", cache)
+    abandoned, recent = tmp_path / f".{target.name}.abc.tmp", tmp_path / f".{target.name}.def.tmp"
+    abandoned.write_bytes(b"half a matrix")
+    recent.write_bytes(b"another worker writing now")
+    two_hours_ago = time.time() - 7200
+    os.utime(abandoned, (two_hours_ago, two_hours_ago))
+    files.write("7", cache, keys)
+    assert not abandoned.exists() and recent.exists()
+    files.delete_project("7")
+    assert list(tmp_path.iterdir()) == []

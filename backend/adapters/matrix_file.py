@@ -19,6 +19,7 @@ import os
 import re
 import struct
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ HEADER = struct.Struct("<8s32sqq")
 HEADER_BYTES = 64
 COMPACT_ROWS = 16_384
 """Rows moved per step when the labelled rows are squeezed out (a 12 MB temporary at 384 dimensions)."""
+ABANDONED_AFTER_SECONDS = 3600
 
 
 def keys_digest(keys: list[bytes]) -> bytes:
@@ -53,6 +55,7 @@ class MatrixFiles:
         """
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.path(project, cache)
+        self._remove_abandoned_writes(target)
         handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=f".{target.name}.", suffix=".tmp")
         try:
             with os.fdopen(handle, "wb") as file:
@@ -103,8 +106,16 @@ class MatrixFiles:
         matrix[len(rows) : len(rows) + spare_rows] = 0
         return matrix[: len(rows) + spare_rows]
 
+    def _remove_abandoned_writes(self, target: Path) -> None:
+        """Delete temporary files of `target` left by a worker killed while writing (older than an hour: a
+        million rows take ~10 s to write)."""
+        for leftover in self.folder.glob(f".{target.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                if time.time() - leftover.stat().st_mtime > ABANDONED_AFTER_SECONDS:
+                    leftover.unlink()
+
     def delete_project(self, project: str) -> None:
-        for path in self.folder.glob(f"{project}-*.f16"):
+        for path in [*self.folder.glob(f"{project}-*.f16"), *self.folder.glob(f".{project}-*.f16.*.tmp")]:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
