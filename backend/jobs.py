@@ -24,7 +24,8 @@ from backend.adapters.queue import encoding_key, encoding_runs_key
 from backend.config import Settings
 from backend.runtime import Runtime
 from backend.services.embeddings import embed_texts
-from backend.services.rerank import ProjectDisconnected, read_connected_project, rerank
+from backend.services.project_state import ProjectDisconnected, read_connected_project
+from backend.services.rerank import rerank
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import redis
 
 from backend.adapters.embedding_cache import RedisEmbeddingCache, text_key
 from backend.adapters.matrix_file import MatrixFiles
-from backend.services.rerank import cached_matrix
+from backend.services.pool import cached_matrix
 from tests.conftest import RedisServer
 
 DIM = 384

@@ -53,6 +53,9 @@ def test_a_file_for_another_task_list_encoder_or_project_is_not_used(tmp_path, c
     assert files.read("8", cache, keys, np.arange(10)) is None
     other_encoder = RedisEmbeddingCache(redis.Redis.from_url(redis_url), "encoder-b", DIM)
     assert files.read("7", other_encoder, keys, np.arange(10)) is None
+    other_encoder.put_many(keys, vectors)
+    files.write("7", other_encoder, keys)  # MODEL_NAME changed: the first encoder's file goes
+    assert sorted(path.name for path in tmp_path.iterdir()) == [files.path("7", other_encoder).name]
 
 
 def test_a_file_cut_short_is_not_used(tmp_path, cache, stored):

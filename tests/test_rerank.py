@@ -13,6 +13,8 @@ from rq import SimpleWorker
 from backend import jobs
 from backend.adapters.embedding_cache import text_key
 from backend.adapters.label_studio import LabelStudioNotFound, LabelStudioRejected
+from backend.services import pool as pool_module
+from backend.services import project_state
 from backend.services import rerank as rerank_module
 from backend.services.rerank import rerank
 from tests.conftest import AG_NEWS_CONFIG, read_csv
@@ -225,11 +227,11 @@ def test_an_annotation_that_corrected_its_pre_annotation_stays_a_mistake_after_c
     label_studio.annotate(never_shown, "Business")
 
     def corrected() -> dict[int, bool]:
-        state = rerank_module.read_project_state(runtime, "1", rerank_module.Stopwatch())
+        state = project_state.read_project_state(runtime, "1", project_state.Stopwatch())
         artifact = runtime.artifacts.load("1", runtime.artifacts.versions("1")[-1])
         dim = artifact.head.weights.shape[0]
         matrix = np.zeros((len(state.task_ids) + len(state.labelled), dim), np.float16)
-        pool = rerank_module.build_pool(state, artifact, matrix, np.zeros((len(state.labelled), dim)))
+        pool = pool_module.build_pool(state, artifact, matrix, np.zeros((len(state.labelled), dim)))
         unlabelled_rows, labelled_rows = np.split(pool.mistakes, [len(state.task_ids)])
         flagged = [example.task_id for example, mistake in zip(state.labelled, labelled_rows, strict=True) if mistake]
         assert not unlabelled_rows.any()
@@ -270,7 +272,7 @@ def test_a_job_that_gets_the_lock_after_a_newer_round_published_skips_its_round(
 
 
 def test_many_uncached_texts_become_chunk_jobs_and_a_follow_up_round(runtime, label_studio, monkeypatch):
-    monkeypatch.setattr(rerank_module, "ENCODE_CHUNK", 25)
+    monkeypatch.setattr(project_state, "ENCODE_CHUNK", 25)
     summary = rerank("1", runtime, generation=1)
     assert summary["published"] is False and "3 chunk jobs" in summary["encoding"]
     job_ids = runtime.queue.queue.get_job_ids() + runtime.queue.queue.deferred_job_registry.get_job_ids()
@@ -280,7 +282,7 @@ def test_many_uncached_texts_become_chunk_jobs_and_a_follow_up_round(runtime, la
 
 def test_rounds_during_the_first_encoding_do_not_read_every_task_again(runtime, label_studio, monkeypatch):
     # reading a big project's task list takes minutes: once per encoding, not once per annotation meanwhile
-    monkeypatch.setattr(rerank_module, "ENCODE_CHUNK", 25)
+    monkeypatch.setattr(project_state, "ENCODE_CHUNK", 25)
     rerank("1", runtime, generation=1)  # reads the task list, queues 3 chunk jobs and the round after them
     assert label_studio.task_list_reads == 1
     label_studio.annotate(3, label_studio.truth[3])
@@ -292,7 +294,7 @@ def test_pool_encoded_once_already_is_encoded_again_when_its_vectors_are_gone(ru
     # e.g. MODEL_NAME switched to a fine-tuned folder, or Redis evicted the cache, within an hour of the first
     # encoding: the chunk jobs (ids = hash of the texts) are still there, finished
     monkeypatch.setattr(jobs, "_runtime", runtime)
-    monkeypatch.setattr(rerank_module, "ENCODE_CHUNK", 25)
+    monkeypatch.setattr(project_state, "ENCODE_CHUNK", 25)
     queue = runtime.queue.queue
     runtime.queue.request_rerank("1", "connected")
     SimpleWorker([queue], connection=runtime.redis).work(burst=True)
@@ -569,7 +571,7 @@ def test_the_server_keeps_one_head_per_project_not_one_per_version(runtime, labe
 def test_a_round_while_chunks_are_encoding_waits_for_them_and_requeues_a_failed_one(runtime, label_studio, monkeypatch):
     from rq.job import Job, JobStatus
 
-    monkeypatch.setattr(rerank_module, "ENCODE_CHUNK", 25)
+    monkeypatch.setattr(project_state, "ENCODE_CHUNK", 25)
     rerank("1", runtime, generation=1)
     queue = runtime.queue.queue
     chunk = next(job_id for job_id in queue.get_job_ids() if job_id.startswith("encode-1-"))
@@ -596,21 +598,21 @@ def test_the_matrix_is_read_from_the_cache_into_one_array_with_room_for_the_labe
     vectors = np.random.default_rng(0).normal(size=(8, cache.dim)).astype(np.float16)
     cache.put_many(keys[:7], vectors[:7])
     assert cache.missing(keys) == [keys[7]]
-    matrix = rerank_module.cached_matrix(cache, keys[6::-1], spare_rows=2)  # in the order asked, two spare rows
+    matrix = pool_module.cached_matrix(cache, keys[6::-1], spare_rows=2)  # in the order asked, two spare rows
     assert matrix.dtype == np.float16 and matrix.shape == (9, cache.dim)
     assert np.array_equal(matrix[:7], vectors[6::-1]) and not matrix[7:].any()
     with pytest.raises(LookupError, match="1 task embeddings missing"):
-        rerank_module.cached_matrix(cache, keys)
+        pool_module.cached_matrix(cache, keys)
 
 
 def test_the_pool_is_the_matrix_read_from_the_cache_not_a_copy(runtime, label_studio):
     for task_id in range(1, 9):
         label_studio.annotate(task_id, label_studio.truth[task_id])
     rerank("1", runtime, generation=1)  # caches every text
-    state = rerank_module.read_project_state(runtime, "1", rerank_module.Stopwatch())
+    state = project_state.read_project_state(runtime, "1", project_state.Stopwatch())
     artifact = runtime.artifacts.load("1", runtime.artifacts.versions("1")[-1])
-    matrix = rerank_module.cached_matrix(runtime.embedding_cache, state.text_keys, spare_rows=len(state.labelled))
-    pool = rerank_module.build_pool(state, artifact, matrix, np.ones((len(state.labelled), matrix.shape[1])))
+    matrix = pool_module.cached_matrix(runtime.embedding_cache, state.text_keys, spare_rows=len(state.labelled))
+    pool = pool_module.build_pool(state, artifact, matrix, np.ones((len(state.labelled), matrix.shape[1])))
     assert pool.embeddings is matrix and len(matrix) == 60  # 52 unlabelled rows, then the 8 labelled ones
     assert (matrix[52:] == 1).all() and pool.labeled[52:].all() and not pool.labeled[:52].any()
 
@@ -621,9 +623,9 @@ def test_rounds_read_the_matrix_from_the_project_file_written_when_the_task_list
     label_studio.annotate(4, label_studio.truth[4])
     label_studio.annotate(9, label_studio.truth[9])
     assert rerank("1", runtime, generation=2)["matrix"] == "file"  # annotations do not change the file
-    state = rerank_module.read_project_state(runtime, "1", rerank_module.Stopwatch())
-    from_file, source = rerank_module.pool_matrix(runtime, "1", state)
-    from_redis = rerank_module.cached_matrix(runtime.embedding_cache, state.text_keys, spare_rows=2)
+    state = project_state.read_project_state(runtime, "1", project_state.Stopwatch())
+    from_file, source = pool_module.pool_matrix(runtime, "1", state)
+    from_redis = pool_module.cached_matrix(runtime.embedding_cache, state.text_keys, spare_rows=2)
     assert source == "file" and np.array_equal(from_file, from_redis) and len(from_file) == 60
     label_studio.replace_task(7, "a task imported since")
     assert rerank("1", runtime, generation=3)["matrix"] == "cache, then file"

@@ -71,6 +71,10 @@ class MatrixFiles:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
+        for other_encoder in self.folder.glob(f"{project}-*.f16"):  # MODEL_NAME changed: its file is of no use
+            if other_encoder != target:
+                with contextlib.suppress(OSError):
+                    other_encoder.unlink()
 
     def read(self, project: str, cache, keys: list[bytes], rows: np.ndarray, spare_rows: int = 0) -> np.ndarray | None:
         """The (len(rows) + spare_rows, d) float16 matrix of rows `rows` (ascending positions in `keys`), then
