@@ -1,0 +1,28 @@
+"""Embedding through the cache."""
+
+import numpy as np
+
+from backend.adapters.embedding_cache import text_key
+from backend.services.embeddings import embed_texts
+
+
+class OverflowingEncoder:
+    """Encodes like a model whose fp16 activations overflow on one text."""
+
+    dim = 4
+
+    def encode(self, texts):
+        vectors = np.tile(np.array([0.5, 0.5, 0.5, 0.5], dtype=np.float32), (len(texts), 1))
+        vectors[[i for i, text in enumerate(texts) if "overflow" in text]] = np.nan
+        return vectors
+
+
+def test_non_finite_vectors_are_cached_as_zeros_with_an_error(runtime, caplog):
+    from backend.adapters.embedding_cache import RedisEmbeddingCache
+
+    cache = RedisEmbeddingCache(runtime.redis, "overflowing", OverflowingEncoder.dim)
+    vectors = embed_texts(["fine", "overflow here", "fine too"], OverflowingEncoder(), cache)
+    assert np.isfinite(vectors).all() and not vectors[1].any() and (vectors[[0, 2]] == 0.5).all()
+    assert "1 of 3 texts encoded to NaN or infinite vectors" in caplog.text
+    cached = cache.get_many([text_key("overflow here")])[0]
+    assert cached is not None and not cached.any()
