@@ -23,6 +23,19 @@ def test_non_finite_vectors_are_cached_as_zeros_with_an_error(runtime, caplog):
     cache = RedisEmbeddingCache(runtime.redis, "overflowing", OverflowingEncoder.dim)
     vectors = embed_texts(["fine", "overflow here", "fine too"], OverflowingEncoder(), cache)
     assert np.isfinite(vectors).all() and not vectors[1].any() and (vectors[[0, 2]] == 0.5).all()
-    assert "1 of 3 texts encoded to NaN or infinite vectors" in caplog.text
+    assert "1 of 3 texts encoded are NaN or infinite" in caplog.text
     cached = cache.get_many([text_key("overflow here")])[0]
     assert cached is not None and not cached.any()
+
+
+def test_non_finite_vectors_cached_earlier_are_read_as_zeros(runtime, caplog):
+    from backend.adapters.embedding_cache import RedisEmbeddingCache
+
+    cache = RedisEmbeddingCache(runtime.redis, "overflowed-before", 4)
+    keys = [text_key("fine"), text_key("overflowed")]
+    cache.put_many(keys, np.array([[0.5] * 4, [np.nan, 0.5, 0.5, 0.5]], dtype=np.float16))  # as an older version did
+    fine, overflowed = cache.get_many(keys)
+    assert (fine == 0.5).all() and not overflowed.any()
+    (chunk, missing), *_ = list(cache.iter_chunks(keys))
+    assert missing == 0 and (chunk[0] == 0.5).all() and not chunk[1].any()
+    assert "1 of 1 cached vectors are NaN or infinite" in caplog.text and "1 of 2 cached vectors" in caplog.text

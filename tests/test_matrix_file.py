@@ -50,12 +50,14 @@ def test_a_file_for_another_task_list_encoder_or_project_is_not_used(tmp_path, c
     files.write("7", cache, keys)
     assert files.read("7", cache, keys[::-1], np.arange(10)) is None  # same texts, another order
     assert files.read("7", cache, keys[:9], np.arange(9)) is None  # a task deleted
-    assert files.read("8", cache, keys, np.arange(10)) is None
+    files.write("7-2", cache, keys[:9])  # another project, whose id starts like this one's
+    assert files.read("7", cache, keys, np.arange(10)) is not None
     other_encoder = RedisEmbeddingCache(redis.Redis.from_url(redis_url), "encoder-b", DIM)
     assert files.read("7", other_encoder, keys, np.arange(10)) is None
     other_encoder.put_many(keys, vectors)
-    files.write("7", other_encoder, keys)  # MODEL_NAME changed: the first encoder's file goes
-    assert sorted(path.name for path in tmp_path.iterdir()) == [files.path("7", other_encoder).name]
+    files.write("7", other_encoder, keys)  # MODEL_NAME changed: the first encoder's file goes, not 7-2's
+    remaining = sorted(path.name for path in tmp_path.iterdir())
+    assert remaining == sorted([files.path("7", other_encoder).name, files.path("7-2", cache).name])
 
 
 def test_a_file_cut_short_is_not_used(tmp_path, cache, stored):
@@ -110,3 +112,27 @@ def test_temporary_files_of_killed_writers_are_removed_by_the_next_write_after_a
     assert not abandoned.exists() and recent.exists()
     files.delete_project("7")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_project_without_tasks_has_an_empty_matrix(tmp_path, cache):
+    files = MatrixFiles(tmp_path)
+    files.write("7", cache, [])
+    assert files.read("7", cache, [], np.array([], dtype=np.int64)).shape == (0, DIM)
+    assert files.read("7", cache, [], np.array([], dtype=np.int64), spare_rows=2).shape == (2, DIM)
+
+
+def test_files_are_readable_by_workers_running_as_other_users(tmp_path, cache, stored):
+    keys, _ = stored
+    files = MatrixFiles(tmp_path)
+    files.write("7", cache, keys)
+    assert files.path("7", cache).stat().st_mode & 0o777 == 0o644
+
+
+def test_project_ids_are_checked_before_any_file_is_touched(tmp_path, cache, stored):
+    keys, _ = stored
+    files = MatrixFiles(tmp_path)
+    files.write("7", cache, keys)
+    for project in ("*", "../7", ""):
+        with pytest.raises(ValueError, match="project id"):
+            files.delete_project(project)
+    assert files.read("7", cache, keys, np.arange(10)) is not None

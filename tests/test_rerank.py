@@ -3,6 +3,7 @@
 The end-to-end tests run the same code against a real Label Studio; these catch breakage in seconds.
 """
 
+import os
 import time
 from dataclasses import replace
 
@@ -632,12 +633,27 @@ def test_rounds_read_the_matrix_from_the_project_file_written_when_the_task_list
 
 
 def test_a_matrix_file_that_cannot_be_written_leaves_the_round_reading_redis(runtime, label_studio, caplog):
-    from backend.adapters.matrix_file import MatrixFiles
+    files = runtime.matrix_files
+    files.folder.mkdir(parents=True)
+    files.folder.chmod(0o555)  # e.g. a read-only volume (root ignores the mode: the write fails below instead)
+    real_replace = os.replace
 
-    blocker = runtime.matrix_files.folder.parent / "not-a-folder"
-    blocker.parent.mkdir(parents=True, exist_ok=True)
-    blocker.write_text("a file where the folder should be")
-    runtime.__dict__["matrix_files"] = MatrixFiles(blocker)
-    summary = rerank("1", runtime, generation=1)
+    def disk_full(source, target):
+        raise OSError(28, "No space left on device")
+
+    try:
+        os.replace = disk_full
+        summary = rerank("1", runtime, generation=1)
+    finally:
+        os.replace = real_replace
+        files.folder.chmod(0o755)
     assert summary["published"] and summary["matrix"] == "cache"
     assert "matrix file unusable, reading the embeddings from Redis" in caplog.text
+    assert list(files.folder.iterdir()) == []  # no file, no temporary left behind
+
+
+def test_a_project_without_tasks_ranks_nothing_round_after_round(runtime, label_studio):
+    label_studio.tasks.clear()
+    for generation in (1, 2):
+        summary = rerank("1", runtime, generation=generation)
+        assert summary["unlabelled"] == 0 and summary["ranked"] == 0 and not summary["published"]

@@ -7,13 +7,36 @@ fp16 halves the memory (a million 384-d vectors take about 770 MB) at no cost to
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
 
 import numpy as np
 import redis
 
+log = logging.getLogger(__name__)
+
 CHUNK = 5000
 """Fields per HMGET/HSET round trip: large enough to amortise latency, small enough not to block Redis."""
+
+
+def zero_non_finite(vectors: np.ndarray, what: str) -> np.ndarray:
+    """`vectors` (n, d) with rows holding NaN or infinity set to zero, with an error in the log naming `what`.
+
+    A model that overflows (e.g. under fp16 autocast on a GPU) would otherwise put NaN into every score of every
+    round. A zero vector keeps its task in the pool, ranked on the head's bias alone.
+    """
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if not bad.any():
+        return vectors
+    log.error(
+        "%d of %d %s are NaN or infinite (the model overflowed?); zero vectors instead",
+        int(bad.sum()),
+        len(bad),
+        what,
+    )
+    vectors = vectors.copy()
+    vectors[bad] = 0
+    return vectors
 
 
 def text_key(text: str) -> bytes:
@@ -34,7 +57,10 @@ class RedisEmbeddingCache:
         found: list[np.ndarray | None] = []
         for start in range(0, len(keys), CHUNK):
             for raw in self.client.hmget(self.key, keys[start : start + CHUNK]):
-                found.append(None if raw is None else np.frombuffer(raw, dtype=np.float16))
+                vector = None if raw is None else np.frombuffer(raw, dtype=np.float16)
+                if vector is not None and not np.isfinite(vector).all():  # cached before NaN was kept out
+                    vector = zero_non_finite(vector[None], "cached vectors")[0]
+                found.append(vector)
         return found
 
     def iter_chunks(self, keys: list[bytes]) -> Iterator[tuple[np.ndarray, int]]:
@@ -49,7 +75,7 @@ class RedisEmbeddingCache:
                     missing += 1
                 else:
                     chunk[row] = np.frombuffer(raw, dtype=np.float16)
-            yield chunk, missing
+            yield zero_non_finite(chunk, "cached vectors"), missing
 
     def fill_matrix(self, keys: list[bytes], spare_rows: int = 0) -> tuple[np.ndarray, int]:
         """One (len(keys) + spare_rows, d) float16 matrix with the vectors of `keys` in order, filled chunk by

@@ -30,6 +30,7 @@ HEADER_BYTES = 64
 COMPACT_ROWS = 16_384
 """Rows moved per step when the labelled rows are squeezed out (a 12 MB temporary at 384 dimensions)."""
 ABANDONED_AFTER_SECONDS = 3600
+ENCODER_GLOB = "[0-9a-f]" * 16
 
 
 def keys_digest(keys: list[bytes]) -> bytes:
@@ -43,10 +44,12 @@ class MatrixFiles:
         self.folder = Path(folder)
 
     def path(self, project: str, cache) -> Path:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(project)):
-            raise ValueError(f"project id must be letters, digits, '_', '.' or '-', got {project!r}")
-        encoder = cache.key.rsplit(":", 1)[-1]  # the Redis cache's key names the encoder
-        return self.folder / f"{project}-{encoder}.f16"
+        encoder = cache.key.rsplit(":", 1)[-1]  # the Redis cache's key names the encoder (16 hex digits)
+        return self.folder / f"{_checked(project)}-{encoder}.f16"
+
+    def _project_files(self, project: str) -> list[Path]:
+        """The project's matrix files, whatever their encoder (not those of a project "<project>-...")."""
+        return list(self.folder.glob(f"{_checked(project)}-{ENCODER_GLOB}.f16"))
 
     def write(self, project: str, cache, keys: list[bytes]) -> None:
         """Write the file for `keys` from `cache`, chunk by chunk (never the whole matrix in memory).
@@ -66,12 +69,13 @@ class MatrixFiles:
                     file.write(chunk.data)
                 file.flush()
                 os.fsync(file.fileno())  # before the rename: after a crash, the file is whole or absent
+            os.chmod(temporary, 0o644)  # (mkstemp makes it 0600) readable by workers running as other users
             os.replace(temporary, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
-        for other_encoder in self.folder.glob(f"{project}-*.f16"):  # MODEL_NAME changed: its file is of no use
+        for other_encoder in self._project_files(project):  # MODEL_NAME changed: its file is of no use
             if other_encoder != target:
                 with contextlib.suppress(OSError):
                     other_encoder.unlink()
@@ -101,7 +105,7 @@ class MatrixFiles:
             if os.fstat(file.fileno()).st_size != expected_bytes:
                 return None
             matrix = np.empty((max(n, len(rows) + spare_rows), dim), dtype=np.float16)
-            if not _read_into(file, memoryview(matrix[:n]).cast("B")):
+            if n and not _read_into(file, memoryview(matrix[:n]).cast("B")):  # (a view of 0 rows has no bytes)
                 return None
         if len(rows) < n:
             for start in range(0, len(rows), COMPACT_ROWS):  # rows[i] >= i: each step reads rows not yet written
@@ -119,9 +123,16 @@ class MatrixFiles:
                     leftover.unlink()
 
     def delete_project(self, project: str) -> None:
-        for path in [*self.folder.glob(f"{project}-*.f16"), *self.folder.glob(f".{project}-*.f16.*.tmp")]:
+        temporaries = self.folder.glob(f".{_checked(project)}-{ENCODER_GLOB}.f16.*.tmp")
+        for path in [*self._project_files(project), *temporaries]:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+def _checked(project: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(project)):
+        raise ValueError(f"project id must be letters, digits, '_', '.' or '-', got {project!r}")
+    return str(project)
 
 
 def _read_into(file, view: memoryview) -> bool:

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import redis
 
-from backend.adapters.embedding_cache import RedisEmbeddingCache, text_key
+from backend.adapters.embedding_cache import RedisEmbeddingCache, text_key, zero_non_finite
 from backend.ml.encoder import Encoder
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ def embed_texts(
         first_text = {}
         for key, text in zip(keys, texts, strict=True):
             first_text.setdefault(key, text)
-        encoded = zero_non_finite(encoder.encode([first_text[key] for key in missing]).astype(np.float16))
+        encoded = encoder.encode([first_text[key] for key in missing]).astype(np.float16)
+        encoded = zero_non_finite(encoded, "texts encoded")
         vectors.update(zip(missing, encoded, strict=True))
         if cache is not None:
             try:
@@ -50,22 +51,3 @@ def embed_texts(
     if not texts:
         return np.zeros((0, encoder.dim), dtype=np.float32)
     return np.stack([vectors[key] for key in keys]).astype(np.float32)
-
-
-def zero_non_finite(vectors: np.ndarray) -> np.ndarray:
-    """`vectors` with rows holding NaN or infinity set to zero, with an error in the log.
-
-    A model that overflows (e.g. fp16 autocast on a GPU) would otherwise put NaN into the cache, and from there
-    into every score of every round. A zero vector keeps its task in the pool, ranked on the head's bias alone.
-    """
-    bad = ~np.isfinite(vectors).all(axis=1)
-    if bad.any():
-        log.error(
-            "%d of %d texts encoded to NaN or infinite vectors (the model overflowed? try DEVICE=cpu); "
-            "they are cached as zero vectors",
-            int(bad.sum()),
-            len(vectors),
-        )
-        vectors = vectors.copy()
-        vectors[bad] = 0
-    return vectors
