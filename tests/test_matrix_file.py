@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from backend.adapters import embedding_cache, matrix_file
-from backend.adapters.embedding_cache import RedisEmbeddingCache, text_key
+from backend.adapters.embedding_cache import EmbeddingsMissing, RedisEmbeddingCache, text_key
 from backend.adapters.matrix_file import MatrixFiles
 
 DIM = 8
@@ -75,7 +75,7 @@ def test_a_missing_vector_fails_the_write_and_keeps_the_previous_file(tmp_path, 
     keys, vectors = stored
     files = MatrixFiles(tmp_path)
     files.write("7", cache, keys)
-    with pytest.raises(LookupError, match="1 task embeddings missing"):
+    with pytest.raises(EmbeddingsMissing, match="1 task embeddings missing"):
         files.write("7", cache, [*keys, text_key("never encoded")])
     assert [path.name for path in tmp_path.iterdir()] == [files.path("7", cache).name]  # no temporary left
     assert np.array_equal(files.read("7", cache, keys, np.arange(10)), vectors)

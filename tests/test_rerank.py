@@ -12,7 +12,7 @@ import pytest
 from rq import SimpleWorker
 
 from backend import jobs
-from backend.adapters.embedding_cache import text_key
+from backend.adapters.embedding_cache import EmbeddingsMissing, text_key
 from backend.adapters.label_studio import LabelStudioNotFound, LabelStudioRejected
 from backend.services import pool as pool_module
 from backend.services import project_state
@@ -602,7 +602,7 @@ def test_the_matrix_is_read_from_the_cache_into_one_array_with_room_for_the_labe
     matrix = pool_module.cached_matrix(cache, keys[6::-1], spare_rows=2)  # in the order asked, two spare rows
     assert matrix.dtype == np.float16 and matrix.shape == (9, cache.dim)
     assert np.array_equal(matrix[:7], vectors[6::-1]) and not matrix[7:].any()
-    with pytest.raises(LookupError, match="1 task embeddings missing"):
+    with pytest.raises(EmbeddingsMissing, match="1 task embeddings missing"):
         pool_module.cached_matrix(cache, keys)
 
 

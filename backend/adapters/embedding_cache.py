@@ -19,6 +19,13 @@ CHUNK = 5000
 """Fields per HMGET/HSET round trip: large enough to amortise latency, small enough not to block Redis."""
 
 
+class EmbeddingsMissing(LookupError):
+    """Vectors a caller needed are not in the cache (still being encoded, or Redis lost them)."""
+
+    def __init__(self, missing: int):
+        super().__init__(f"{missing} task embeddings missing from the cache; refresh needed")
+
+
 def zero_non_finite(vectors: np.ndarray, what: str) -> np.ndarray:
     """`vectors` (n, d) with rows holding NaN or infinity set to zero, with an error in the log naming `what`.
 

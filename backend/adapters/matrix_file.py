@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.adapters.embedding_cache import EmbeddingsMissing
+
 MAGIC = b"ALMATRX1"
 HEADER = struct.Struct("<8s32sqq")
 HEADER_BYTES = 64
@@ -54,7 +56,7 @@ class MatrixFiles:
     def write(self, project: str, cache, keys: list[bytes]) -> None:
         """Write the file for `keys` from `cache`, chunk by chunk (never the whole matrix in memory).
 
-        Raises LookupError, and leaves the previous file alone, when a vector is missing from the cache.
+        Raises EmbeddingsMissing, and leaves the previous file alone, when a vector is missing from the cache.
         """
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.path(project, cache)
@@ -65,7 +67,7 @@ class MatrixFiles:
                 file.write(HEADER.pack(MAGIC, keys_digest(keys), len(keys), cache.dim).ljust(HEADER_BYTES, b"\0"))
                 for chunk, missing in cache.iter_chunks(keys):
                     if missing:
-                        raise LookupError(f"{missing} task embeddings missing from the cache; refresh needed")
+                        raise EmbeddingsMissing(missing)
                     file.write(chunk.data)
                 file.flush()
                 os.fsync(file.fileno())  # before the rename: after a crash, the file is whole or absent

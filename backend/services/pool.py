@@ -8,6 +8,7 @@ import logging
 
 import numpy as np
 
+from backend.adapters.embedding_cache import EmbeddingsMissing
 from backend.ml.artifacts import HeadArtifact
 from backend.ml.head import one_hot, proba_of_heads
 from backend.scoring.base import Pool
@@ -46,7 +47,7 @@ def cached_matrix(cache, keys: list[bytes], spare_rows: int = 0) -> np.ndarray:
     labelled tasks); a missing embedding means the snapshot is stale."""
     matrix, missing = cache.fill_matrix(keys, spare_rows)
     if missing:
-        raise LookupError(f"{missing} task embeddings missing from the cache; refresh needed")
+        raise EmbeddingsMissing(missing)
     return matrix
 
 
@@ -59,7 +60,7 @@ def pool_matrix(runtime, project: str, state: ProjectState) -> tuple[np.ndarray,
         matrix = files.read(project, cache, state.snapshot_keys, state.unlabelled_rows, spare_rows)
         if matrix is not None:
             return matrix, "file"
-        files.write(project, cache, state.snapshot_keys)  # LookupError when vectors are missing
+        files.write(project, cache, state.snapshot_keys)  # EmbeddingsMissing when vectors are missing
         matrix = files.read(project, cache, state.snapshot_keys, state.unlabelled_rows, spare_rows)
         if matrix is not None:
             return matrix, "cache, then file"

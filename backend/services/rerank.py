@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from backend.adapters.embedding_cache import EmbeddingsMissing
 from backend.adapters.label_studio import LabelStudioRejected
 from backend.ml.artifacts import HeadArtifact
 from backend.scoring.base import Pool
@@ -144,7 +145,7 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
         state = read_project_state(runtime, project, watch)
         try:
             matrix, matrix_source = pool_matrix(runtime, project, state)
-        except LookupError as exc:  # vectors missing (still being encoded, or Redis lost them): re-read, re-encode
+        except EmbeddingsMissing as exc:  # still being encoded, or Redis lost them: re-read, re-encode
             if runtime.queue.encoding_pending(project):  # unless the round queued after the chunk jobs will
                 log.info("project %s: %s; encoding under way, the round after it ranks", project, exc)
                 return {"generation": generation, "published": False, "encoding": "under way"}
