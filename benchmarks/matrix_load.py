@@ -58,7 +58,7 @@ def main() -> None:
             for start in range(0, args.tasks, FILL_CHUNK):
                 part = rng.standard_normal((len(keys[start : start + FILL_CHUNK]), DIM), dtype=np.float32)
                 cache.put_many(keys[start : start + FILL_CHUNK], part.astype(np.float16))
-            labelled = np.linspace(0, args.tasks - 1, LABELLED).astype(np.int64)
+            labelled = np.unique(np.linspace(0, args.tasks - 1, LABELLED).astype(np.int64))  # fewer below 500 tasks
             unlabelled_rows = np.setdiff1d(np.arange(args.tasks), labelled)
             unlabelled_keys = [keys[row] for row in unlabelled_rows]
             files = MatrixFiles(Path(folder) / "matrices")
@@ -69,8 +69,8 @@ def main() -> None:
 
             def read() -> np.ndarray:
                 if args.source == "file":
-                    return files.read("1", cache, keys, unlabelled_rows, spare_rows=LABELLED)
-                return cached_matrix(cache, unlabelled_keys, spare_rows=LABELLED)
+                    return files.read("1", cache, keys, unlabelled_rows, spare_rows=len(labelled))
+                return cached_matrix(cache, unlabelled_keys, spare_rows=len(labelled))
 
             before = peak_rss_mb()
             seconds = []
