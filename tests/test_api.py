@@ -238,6 +238,20 @@ def test_metrics_lists_projects_and_their_events(client):
     assert body["queue_length"] >= 1
 
 
+def test_an_import_keeps_the_task_list_snapshot_and_a_deletion_marks_it_stale(client, runtime):
+    # a round extends the snapshot with the imported tasks alone; after a deletion it reads the whole list
+    import numpy as np
+
+    from backend.adapters.task_snapshot import TaskSnapshot
+
+    client.post("/setup", json=setup_payload())
+    runtime.snapshots.save("3", TaskSnapshot(np.array([1, 2]), [b"k" * 16, b"l" * 16], (2, 2), "text"))
+    client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": [{"id": 3}]})
+    assert runtime.snapshots.load("3") is not None
+    client.post("/webhook", json={"action": "TASKS_DELETED", "project": {"id": 3}, "tasks": [{"id": 1}]})
+    assert runtime.snapshots.load("3") is None
+
+
 def test_basic_auth_guards_every_route(settings, tmp_path):
     from dataclasses import replace
 

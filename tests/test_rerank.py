@@ -36,6 +36,7 @@ class FakeLabelStudio:
         }
         self.predictions: list[dict] = []
         self.task_list_reads = 0
+        self.imported_task_reads = 0
         self.writes: list[str] = []
         self.backends = [{"id": 1, "url": "http://backend:9090", "project": 1}]
         self.deleted = False
@@ -59,6 +60,17 @@ class FakeLabelStudio:
     def iter_tasks(self, project_id, fields="all"):
         self.task_list_reads += 1
         return iter(list(self.tasks.values()))
+
+    def iter_tasks_after(self, project_id, task_id):
+        self.imported_task_reads += 1
+        return iter([self.tasks[i] for i in sorted(self.tasks) if i > task_id])
+
+    def import_tasks(self, texts):
+        """New tasks with ids above all others, as an import gives them."""
+        first = max(self.tasks, default=0) + 1
+        for task_id, text in enumerate(texts, first):
+            self.tasks[task_id] = {"id": task_id, "data": {"text": text}, "annotations": []}
+        return list(range(first, first + len(texts)))
 
     def task_list_stamp(self, project_id):
         return len(self.tasks), max(self.tasks, default=0)
@@ -657,3 +669,26 @@ def test_a_project_without_tasks_ranks_nothing_round_after_round(runtime, label_
     for generation in (1, 2):
         summary = rerank("1", runtime, generation=generation)
         assert summary["unlabelled"] == 0 and summary["ranked"] == 0 and not summary["published"]
+
+
+def test_a_round_after_an_import_reads_only_the_imported_tasks(runtime, label_studio):
+    rerank("1", runtime, generation=1)
+    label_studio.annotate(2, label_studio.truth[2])
+    added = label_studio.import_tasks([f"a story imported later, number {i}" for i in range(5)])
+    summary = rerank("1", runtime, generation=2)
+    assert label_studio.task_list_reads == 1 and label_studio.imported_task_reads == 1  # no whole list again
+    assert summary["published"] and summary["unlabelled"] == 64 and "read_imported_tasks" in summary["seconds"]
+    snapshot = runtime.snapshots.load("1")
+    assert snapshot.task_ids.tolist() == sorted(label_studio.tasks) and snapshot.stamp == (65, added[-1])
+    assert snapshot.text_keys[-5:] == [text_key(f"a story imported later, number {i}") for i in range(5)]
+    assert runtime.embedding_cache.missing(snapshot.text_keys) == []  # the imported texts were encoded
+    assert summary["matrix"] == "cache, then file"  # another task list: the matrix file was written again
+
+
+def test_an_import_with_deletions_reads_the_whole_task_list(runtime, label_studio):
+    rerank("1", runtime, generation=1)
+    del label_studio.tasks[10]
+    label_studio.import_tasks(["one new story", "and another"])  # one task more, but two new ids
+    summary = rerank("1", runtime, generation=2)
+    assert label_studio.imported_task_reads == 1 and label_studio.task_list_reads == 2
+    assert summary["published"] and runtime.snapshots.load("1").task_ids.tolist() == sorted(label_studio.tasks)

@@ -30,6 +30,15 @@ TASK_FIELDS = "id,data,meta,inner_id,created_at,updated_at"
 prediction results...) makes a page 3.5x cheaper (10k tasks: 3.1 s instead of 11 s for `fields=task_only`)."""
 NEWEST_FIRST = json.dumps({"ordering": ["-tasks:id"]})
 """The task list's `query` parameter (Label Studio's Data Manager query) that lists the newest task first."""
+
+
+def ids_above(task_id: int) -> str:
+    """The task list's `query` (a Data Manager filter) that keeps the tasks with an id above `task_id`, oldest
+    first."""
+    above = {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": int(task_id)}
+    return json.dumps({"filters": {"conjunction": "and", "items": [above]}, "ordering": ["tasks:id"]})
+
+
 FAST_PREDICTION_IMPORT_FLAG = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
 """Label Studio 1.23's feature flag (off by default; set it to "true" in Label Studio's environment) with which a
 bulk prediction import updates the counters of the imported tasks only, instead of every task of the project: 20
@@ -156,10 +165,17 @@ class LabelStudio:
                 task["annotations"] = annotations.get(task["id"], [])
             yield task
 
-    def _task_pages(self, project_id: int, page_size: int) -> Iterator[dict]:
+    def iter_tasks_after(self, project_id: int, task_id: int, page_size: int = TASK_PAGE_SIZE) -> Iterator[dict]:
+        """The project's tasks with an id above `task_id` (as `iter_tasks` with fields="task_only"), in id order:
+        what an import added, read without reading the tasks that were there before."""
+        yield from self._task_pages(project_id, page_size, query=ids_above(task_id))
+
+    def _task_pages(self, project_id: int, page_size: int, query: str = "") -> Iterator[dict]:
         page, seen = 1, 0
         while True:
             params = {"project": project_id, "page": page, "page_size": page_size, "include": TASK_FIELDS}
+            if query:
+                params["query"] = query
             body = self._raw("GET", "api/tasks/", timeout=max(self.timeout, BULK_TIMEOUT / 5), params=params)
             yield from body["tasks"]
             seen += len(body["tasks"])

@@ -2,9 +2,9 @@
 
 Reading 10,000 tasks through the API takes ~10-18 s on Label Studio 1.23 (SQLite), while the project's
 header and its annotated tasks take ~0.1 s each. A round therefore re-reads the full task list only when the
-project's task list stamp (number of tasks, newest task id) changed, the label config reads the texts otherwise,
-or a TASKS_* event marked the snapshot stale; the embeddings themselves are in the embedding cache, keyed by the
-text keys kept here.
+project's task list stamp (number of tasks, newest task id) changed other than by an import (whose tasks alone
+are read and appended), the label config reads the texts otherwise, or a TASKS_DELETED event marked the snapshot
+stale; the embeddings themselves are in the embedding cache, keyed by the text keys kept here.
 """
 
 from __future__ import annotations

@@ -138,21 +138,52 @@ def read_connected_project(label_studio, project: str, version_prefix: str) -> P
 
 
 def refresh_snapshot(runtime, project: str, config: ClassificationConfig, stamp: tuple[int, int]) -> TaskSnapshot:
-    """Read every task (paged) and make sure each text is in the embedding cache.
+    """Read every task (paged) and make sure each text is in the embedding cache (`encode_uncached`)."""
+    task_ids, texts = texts_of(runtime.label_studio.iter_tasks(int(project), fields="task_only"), config, project)
+    keys = [text_key(text) for text in texts]
+    snapshot = TaskSnapshot(np.array(task_ids, dtype=np.int64), keys, stamp, config.text_source)
+    runtime.snapshots.save(project, snapshot)
+    encode_uncached(runtime, project, keys, texts)
+    return snapshot
 
-    A few missing texts are encoded here; many (a new project, a large import) are split into chunk jobs
-    that all workers share, followed by a new round; the snapshot is saved either way.
-    """
+
+def extend_snapshot(
+    runtime, project: str, config: ClassificationConfig, snapshot: TaskSnapshot, stamp: tuple[int, int]
+) -> TaskSnapshot | None:
+    """`snapshot` with the tasks imported since it was taken, read alone (an import gets ids above every existing
+    task), or None when the task list changed otherwise too (fewer new tasks than the count grew by: some were
+    deleted), so that the whole list must be read. Reading 1,000 new tasks instead of a whole 1M-task list saves
+    minutes per import."""
+    (old_count, old_newest), (count, newest) = snapshot.stamp, stamp
+    if count <= old_count or newest <= old_newest:
+        return None
+    added = list(runtime.label_studio.iter_tasks_after(int(project), old_newest))
+    if len(added) != count - old_count:
+        return None
+    task_ids, texts = texts_of(added, config, project)
+    keys = [text_key(text) for text in texts]
+    ids = np.concatenate([snapshot.task_ids, np.array(task_ids, dtype=np.int64)])
+    extended = TaskSnapshot(ids, [*snapshot.text_keys, *keys], stamp, config.text_source)
+    runtime.snapshots.save(project, extended)
+    encode_uncached(runtime, project, keys, texts)
+    return extended
+
+
+def texts_of(tasks, config: ClassificationConfig, project: str) -> tuple[list[int], list[str]]:
+    """Ids and texts of `tasks` whose text the label config can read; the others are left out, with a warning."""
     task_ids, texts = [], []
-    for task in runtime.label_studio.iter_tasks(int(project), fields="task_only"):
+    for task in tasks:
         try:
             texts.append(config.text_of(task))
             task_ids.append(int(task["id"]))
         except KeyError as exc:
             log.warning("project %s: task left out of the ranking: %s", project, exc)
-    keys = [text_key(text) for text in texts]
-    snapshot = TaskSnapshot(np.array(task_ids, dtype=np.int64), keys, stamp, config.text_source)
-    runtime.snapshots.save(project, snapshot)
+    return task_ids, texts
+
+
+def encode_uncached(runtime, project: str, keys: list[bytes], texts: list[str]) -> None:
+    """Put the texts not in the embedding cache into it: a few are encoded here; many (a new project, a large
+    import) are split into chunk jobs that all workers share, followed by a new round (EncodingQueued)."""
     absent = set(runtime.embedding_cache.missing(list(dict.fromkeys(keys))))
     missing = list(dict.fromkeys(text for key, text in zip(keys, texts, strict=True) if key in absent))
     if len(missing) > ENCODE_CHUNK:
@@ -160,7 +191,6 @@ def refresh_snapshot(runtime, project: str, config: ClassificationConfig, stamp:
         runtime.queue.enqueue_encoding(project, chunks)
         raise EncodingQueued(f"{len(missing)} texts to encode in {len(chunks)} chunk jobs")
     embed_texts(missing, runtime.encoder, runtime.embedding_cache)
-    return snapshot
 
 
 def read_project_state(runtime, project: str, watch: Stopwatch) -> ProjectState:
@@ -170,6 +200,9 @@ def read_project_state(runtime, project: str, watch: Stopwatch) -> ProjectState:
     config = parse_label_config(reading.info["label_config"])
     watch.lap("read_label_studio")
     snapshot = runtime.snapshots.load(project)
+    if snapshot is not None and snapshot.text_source == config.text_source and snapshot.stamp != reading.task_stamp:
+        snapshot = extend_snapshot(runtime, project, config, snapshot, reading.task_stamp)
+        watch.lap("read_imported_tasks")
     if snapshot is None or snapshot.stamp != reading.task_stamp or snapshot.text_source != config.text_source:
         snapshot = refresh_snapshot(runtime, project, config, reading.task_stamp)
         watch.lap("refresh_task_list")

@@ -59,8 +59,8 @@ class ProjectService:
         if self.registry.is_disconnected(event.project):
             # Label Studio keeps the webhook of a removed ML backend: its events must not bring the backend back
             return {"rerank": "not needed", "disconnected": True}
-        if event.action in ("TASKS_CREATED", "TASKS_DELETED"):
-            self.snapshots.mark_stale(event.project)
+        if event.action == "TASKS_DELETED":  # (an import always changes the task list stamp, and the round reads
+            self.snapshots.mark_stale(event.project)  # only the imported tasks; see extend_snapshot)
         if event.action in IGNORED_WEBHOOK_ACTIONS or not self._changes_ranking(event):
             return {"rerank": "not needed"}
         return {"rerank": self.queue.request_rerank(event.project, event.action)}

@@ -105,6 +105,17 @@ def test_tasks_come_with_their_annotations_and_paging_reaches_the_end(ls, projec
     assert [task["id"] for task in plain] == task_ids and "annotations" not in plain[0]
 
 
+def test_the_tasks_an_import_added_are_read_alone(ls, project):
+    project_id, task_ids = project
+    added = ls.import_tasks(project_id, [{"text": f"imported later, number {i}"} for i in range(12)])["task_ids"]
+    for page_size in (5, 1000):
+        after = list(ls.iter_tasks_after(project_id, task_ids[-1], page_size=page_size))
+        assert [task["id"] for task in after] == sorted(added)
+        assert [task["data"]["text"] for task in after] == [f"imported later, number {i}" for i in range(12)]
+    assert [task["id"] for task in ls.iter_tasks_after(project_id, task_ids[40])] == [*task_ids[41:], *sorted(added)]
+    assert list(ls.iter_tasks_after(project_id, max(added))) == []
+
+
 def test_the_task_list_stamp_changes_when_a_task_is_replaced_and_predictions_for_it_are_refused(ls, project):
     project_id, task_ids = project
     assert ls.task_list_stamp(project_id) == (N_TASKS, task_ids[-1])
