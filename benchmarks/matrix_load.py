@@ -7,7 +7,9 @@ Starts a throw-away redis-server on a free port (the tests' `RedisServer`), stor
 vectors in the embedding cache, then reads them back as a round does, 500 of them being labelled tasks (their
 rows left out, 500 spare rows at the end): `--source redis` straight from the cache (`cached_matrix`), `--source
 file` from the project's matrix file (`MatrixFiles`), written from the cache first (timed apart: a round pays it
-once per change of the task list), then read as every other round reads it, from the OS's page cache. Prints
+once per change of the task list) without the last `--imported` tasks, then again with them as after an import
+(the previous file's rows copied, the imported ones read from Redis), then read as every other round reads it,
+from the OS's page cache. Prints
 the matrix size, the seconds of each of `--reads` reads one after another, each matrix freed before the next
 (as a worker's successive rounds; on this VM, memory that a process touches for the first time costs ~0.5 s
 per 150 MB whatever fills it, so the first read pays more), and the rise of this process's peak RSS during the
@@ -45,6 +47,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=200_000)
     parser.add_argument("--source", choices=("file", "redis"), default="file")
     parser.add_argument("--reads", type=int, default=3, help="reads one after another, as in successive rounds")
+    parser.add_argument("--imported", type=int, default=1000, help="(file) tasks imported after the first write")
     args = parser.parse_args()
     if args.reads < 1:
         parser.error("--reads must be at least 1")
@@ -64,8 +67,12 @@ def main() -> None:
             files = MatrixFiles(Path(folder) / "matrices")
             if args.source == "file":
                 started = time.perf_counter()
-                files.write("1", cache, keys)
+                files.write("1", cache, keys[: len(keys) - args.imported])
                 print(f"file_write_seconds={time.perf_counter() - started:.2f}")
+                started = time.perf_counter()
+                from_redis = files.write("1", cache, keys)
+                seconds = time.perf_counter() - started
+                print(f"file_write_after_import_seconds={seconds:.2f} (rows from Redis: {from_redis})")
 
             def read() -> np.ndarray:
                 if args.source == "file":

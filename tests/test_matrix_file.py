@@ -136,3 +136,14 @@ def test_project_ids_are_checked_before_any_file_is_touched(tmp_path, cache, sto
         with pytest.raises(ValueError, match="project id"):
             files.delete_project(project)
     assert files.read("7", cache, keys, np.arange(10)) is not None
+
+
+def test_after_an_import_the_previous_rows_are_copied_and_only_the_new_ones_read_from_redis(tmp_path, cache, stored):
+    keys, vectors = stored
+    files = MatrixFiles(tmp_path)
+    assert files.write("7", cache, keys[:6]) == 6
+    cache.client.hdel(cache.key, *keys[:6])  # had the first six rows been read from Redis, they would be missing
+    assert files.write("7", cache, keys) == 4  # four tasks imported: their keys come last
+    assert np.array_equal(files.read("7", cache, keys, np.arange(10)), vectors)
+    with pytest.raises(EmbeddingsMissing, match="task embeddings missing"):  # not a prefix: all from Redis
+        files.write("7", cache, keys[1:])

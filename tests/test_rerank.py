@@ -682,7 +682,7 @@ def test_a_round_after_an_import_reads_only_the_imported_tasks(runtime, label_st
     assert snapshot.task_ids.tolist() == sorted(label_studio.tasks) and snapshot.stamp == (65, added[-1])
     assert snapshot.text_keys[-5:] == [text_key(f"a story imported later, number {i}") for i in range(5)]
     assert runtime.embedding_cache.missing(snapshot.text_keys) == []  # the imported texts were encoded
-    assert summary["matrix"] == "cache, then file"  # another task list: the matrix file was written again
+    assert summary["matrix"] == "file and cache, then file"  # the previous file's rows, the imported tasks' vectors
 
 
 def test_an_import_with_deletions_reads_the_whole_task_list(runtime, label_studio):

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
 import struct
 import tempfile
 import time
@@ -32,6 +33,7 @@ HEADER_BYTES = 64
 COMPACT_ROWS = 16_384
 """Rows moved per step when the labelled rows are squeezed out (a 12 MB temporary at 384 dimensions)."""
 ABANDONED_AFTER_SECONDS = 3600
+COPY_BYTES = 16 * 2**20
 ENCODER_GLOB = "[0-9a-f]" * 16
 
 
@@ -53,8 +55,10 @@ class MatrixFiles:
         """The project's matrix files, whatever their encoder (not those of a project "<project>-...")."""
         return list(self.folder.glob(f"{_checked(project)}-{ENCODER_GLOB}.f16"))
 
-    def write(self, project: str, cache, keys: list[bytes]) -> None:
-        """Write the file for `keys` from `cache`, chunk by chunk (never the whole matrix in memory).
+    def write(self, project: str, cache, keys: list[bytes]) -> int:
+        """Write the file for `keys` from `cache`, chunk by chunk (never the whole matrix in memory); the rows
+        of the previous file that hold the first of `keys` (tasks were imported since: their keys come last) are
+        copied from it instead of read from Redis. Returns how many rows came from Redis.
 
         Raises EmbeddingsMissing, and leaves the previous file alone, when a vector is missing from the cache.
         """
@@ -65,7 +69,8 @@ class MatrixFiles:
         try:
             with os.fdopen(handle, "wb") as file:
                 file.write(HEADER.pack(MAGIC, keys_digest(keys), len(keys), cache.dim).ljust(HEADER_BYTES, b"\0"))
-                for chunk, missing in cache.iter_chunks(keys):
+                kept = _copy_rows_held(target, keys, cache.dim, file)
+                for chunk, missing in cache.iter_chunks(keys[kept:]):
                     if missing:
                         raise EmbeddingsMissing(missing)
                     file.write(chunk.data)
@@ -81,6 +86,7 @@ class MatrixFiles:
             if other_encoder != target:
                 with contextlib.suppress(OSError):
                     other_encoder.unlink()
+        return len(keys) - kept
 
     def read(self, project: str, cache, keys: list[bytes], rows: np.ndarray, spare_rows: int = 0) -> np.ndarray | None:
         """The (len(rows) + spare_rows, d) float16 matrix of rows `rows` (ascending positions in `keys`), then
@@ -97,14 +103,8 @@ class MatrixFiles:
         except FileNotFoundError:
             return None
         with file:
-            header = file.read(HEADER_BYTES)
-            if len(header) < HEADER_BYTES:
-                return None
-            magic, digest, n, dim = HEADER.unpack(header[: HEADER.size])
-            expected_bytes = HEADER_BYTES + n * dim * 2
-            if (magic, digest, n, dim) != (MAGIC, keys_digest(keys), len(keys), cache.dim):
-                return None
-            if os.fstat(file.fileno()).st_size != expected_bytes:
+            n, dim = len(keys), cache.dim
+            if _rows_held(file, keys, dim) != n:
                 return None
             matrix = np.empty((max(n, len(rows) + spare_rows), dim), dtype=np.float16)
             if n and not _read_into(file, memoryview(matrix[:n]).cast("B")):  # (a view of 0 rows has no bytes)
@@ -135,6 +135,32 @@ def _checked(project: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(project)):
         raise ValueError(f"project id must be letters, digits, '_', '.' or '-', got {project!r}")
     return str(project)
+
+
+def _rows_held(file, keys: list[bytes], dim: int) -> int | None:
+    """How many of the first `keys` the open matrix `file` holds (its header names them by digest, and it has all
+    their bytes), positioned after the header; None when it is not a matrix file for a prefix of `keys`."""
+    header = file.read(HEADER_BYTES)
+    if len(header) < HEADER_BYTES:
+        return None
+    magic, digest, n, file_dim = HEADER.unpack(header[: HEADER.size])
+    if magic != MAGIC or file_dim != dim or not 0 <= n <= len(keys) or digest != keys_digest(keys[:n]):
+        return None
+    if os.fstat(file.fileno()).st_size != HEADER_BYTES + n * dim * 2:
+        return None
+    return n
+
+
+def _copy_rows_held(path: Path, keys: list[bytes], dim: int, out) -> int:
+    """Copy to `out` the rows of the matrix file at `path` that hold the first of `keys`; returns how many."""
+    try:
+        with open(path, "rb") as previous:
+            held = _rows_held(previous, keys, dim) or 0
+            if held:
+                shutil.copyfileobj(previous, out, COPY_BYTES)
+            return held
+    except FileNotFoundError:
+        return 0
 
 
 def _read_into(file, view: memoryview) -> bool:

@@ -53,17 +53,19 @@ def cached_matrix(cache, keys: list[bytes], spare_rows: int = 0) -> np.ndarray:
 
 def pool_matrix(runtime, project: str, state: ProjectState) -> tuple[np.ndarray, str]:
     """`cached_matrix` of the unlabelled tasks, read from the project's matrix file (`MatrixFiles`), which is
-    written from the embedding cache first when the task list changed since it was last written; and where the
-    vectors came from: "file", "cache, then file" or, when the file cannot be written or read, "cache"."""
+    written first when the task list changed since it was last written (from the embedding cache; after an
+    import, from the previous file and, for the imported tasks, the cache); and where the vectors came from:
+    "file", "file and cache, then file" (after an import), "cache, then file" or, when the file cannot be
+    written or read, "cache"."""
     files, cache, spare_rows = runtime.matrix_files, runtime.embedding_cache, len(state.labelled)
     try:
         matrix = files.read(project, cache, state.snapshot_keys, state.unlabelled_rows, spare_rows)
         if matrix is not None:
             return matrix, "file"
-        files.write(project, cache, state.snapshot_keys)  # EmbeddingsMissing when vectors are missing
+        from_cache = files.write(project, cache, state.snapshot_keys)  # EmbeddingsMissing when vectors are missing
         matrix = files.read(project, cache, state.snapshot_keys, state.unlabelled_rows, spare_rows)
         if matrix is not None:
-            return matrix, "cache, then file"
+            return matrix, "cache, then file" if from_cache == len(state.snapshot_keys) else "file and cache, then file"
     except OSError as exc:
         log.warning("project %s: matrix file unusable, reading the embeddings from Redis: %s", project, exc)
     return cached_matrix(cache, state.text_keys, spare_rows), "cache"
