@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 
 from backend.adapters.label_studio import FAST_PREDICTION_IMPORT_FLAG, LabelStudio
 from tests.conftest import AG_NEWS_CONFIG, read_csv
@@ -46,3 +47,9 @@ def ag_news_project(ls: LabelStudio, title: str, n_tasks: int) -> tuple[int, lis
         batch = [{"text": rows[i % len(rows)]["text"]} for i in range(start, min(n_tasks, start + IMPORT_CHUNK))]
         task_ids += ls.import_tasks(project, batch)["task_ids"]
     return project, task_ids
+
+
+def median_and_spread(values: list[float], digits: int = 2) -> str:
+    """'median M s (v1, v2, ...)': a few timings of one operation, every value shown."""
+    spread = ", ".join(f"{value:.{digits}f}" for value in values)
+    return f"median {statistics.median(values):.{digits}f} s ({spread})"

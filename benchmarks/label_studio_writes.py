@@ -12,14 +12,18 @@ deletion of a model version holding K predictions. Prints one line per operation
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from backend.adapters.label_studio import LabelStudio
-from benchmarks.common import ag_news_project, parse_with_fast_prediction_import, require_label_studio
+from benchmarks.common import (
+    ag_news_project,
+    median_and_spread,
+    parse_with_fast_prediction_import,
+    require_label_studio,
+)
 from tests.conftest import free_port
 from tests.label_studio_server import start_label_studio
 
@@ -81,8 +85,7 @@ def main() -> None:
                 seconds = time.perf_counter() - started
                 print(f"\n{n_tasks} tasks ({seconds:.0f} s with the import), K={args.predictions}:")
                 for operation, values in times.items():
-                    spread = ", ".join(f"{value:.2f}" for value in values)
-                    print(f"  {operation:>20}: median {statistics.median(values):.2f} s ({spread})")
+                    print(f"  {operation:>20}: {median_and_spread(values)}")
         finally:
             label_studio.stop()
 

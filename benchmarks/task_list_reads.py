@@ -10,13 +10,12 @@ Starts Label Studio 1.23.2 (LABEL_STUDIO_BIN or .ls-venv) on SQLite, imports `--
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from backend.adapters.label_studio import LabelStudio
-from benchmarks.common import ag_news_project, require_label_studio
+from benchmarks.common import ag_news_project, median_and_spread, require_label_studio
 from tests.conftest import free_port
 from tests.label_studio_server import start_label_studio
 
@@ -51,8 +50,7 @@ def main() -> None:
                 alone.append(seconds)
             print(f"{args.tasks} tasks, then {args.imported} imported:")
             for name, values in (("whole task list", whole), ("imported tasks alone", alone)):
-                spread = ", ".join(f"{value:.3f}" for value in values)
-                print(f"  {name:>21}: median {statistics.median(values):.3f} s ({spread})")
+                print(f"  {name:>21}: {median_and_spread(values, digits=3)}")
         finally:
             label_studio.stop()
 
