@@ -1,8 +1,9 @@
 """What a round reads about a project: Label Studio's side (the project, its annotated tasks, whether this
 backend is still connected) and the backend's task list snapshot, as one `ProjectState`.
 
-The full task list is read from Label Studio only when its stamp changed (see `TaskSnapshots`); reading it is
-also when uncached texts are encoded, here for a few and by chunk jobs on every worker for many.
+The full task list is read from Label Studio only when its stamp changed other than by an import (whose tasks
+alone are then read; see `TaskSnapshots`); reading tasks is also when uncached texts are encoded, here for a few
+and by chunk jobs on every worker for many.
 """
 
 from __future__ import annotations
