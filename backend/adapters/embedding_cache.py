@@ -62,27 +62,28 @@ class RedisEmbeddingCache:
     def get_many(self, keys: list[bytes]) -> list[np.ndarray | None]:
         """Cached (d,) float16 vectors for `keys`, None where a key is missing."""
         found: list[np.ndarray | None] = []
-        for start in range(0, len(keys), CHUNK):
-            for raw in self.client.hmget(self.key, keys[start : start + CHUNK]):
-                vector = None if raw is None else np.frombuffer(raw, dtype=np.float16)
-                if vector is not None and not np.isfinite(vector).all():  # cached before NaN was kept out
-                    vector = zero_non_finite(vector[None], "cached vectors")[0]
-                found.append(vector)
+        for chunk, present in self._chunks(keys):
+            found += [vector if here else None for vector, here in zip(chunk, present, strict=True)]
         return found
 
     def iter_chunks(self, keys: list[bytes]) -> Iterator[tuple[np.ndarray, int]]:
         """The vectors of `keys` in order, as (chunk, missing) pairs: a (<= CHUNK, d) float16 array per round
         trip, zero rows where a key is missing, and how many were."""
+        for chunk, present in self._chunks(keys):
+            yield chunk, int((~present).sum())
+
+    def _chunks(self, keys: list[bytes]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """One HMGET per CHUNK keys: the (<= CHUNK, d) float16 vectors (zero rows for keys not cached, and for
+        NaN or infinite vectors cached before such vectors were kept out) and which keys were cached."""
         for start in range(0, len(keys), CHUNK):
             values = self.client.hmget(self.key, keys[start : start + CHUNK])
             chunk = np.zeros((len(values), self.dim), dtype=np.float16)
-            missing = 0
+            present = np.zeros(len(values), dtype=bool)
             for row, raw in enumerate(values):
-                if raw is None:
-                    missing += 1
-                else:
+                if raw is not None:
                     chunk[row] = np.frombuffer(raw, dtype=np.float16)
-            yield zero_non_finite(chunk, "cached vectors"), missing
+                    present[row] = True
+            yield zero_non_finite(chunk, "cached vectors"), present
 
     def fill_matrix(self, keys: list[bytes], spare_rows: int = 0) -> tuple[np.ndarray, int]:
         """One (len(keys) + spare_rows, d) float16 matrix with the vectors of `keys` in order, filled chunk by
