@@ -140,12 +140,8 @@ def read_connected_project(label_studio, project: str, version_prefix: str) -> P
 
 def refresh_snapshot(runtime, project: str, config: ClassificationConfig, stamp: tuple[int, int]) -> TaskSnapshot:
     """Read every task (paged) and make sure each text is in the embedding cache (`encode_uncached`)."""
-    task_ids, texts = texts_of(runtime.label_studio.iter_tasks(int(project), fields="task_only"), config, project)
-    keys = [text_key(text) for text in texts]
-    snapshot = TaskSnapshot(np.array(task_ids, dtype=np.int64), keys, stamp, config.text_source)
-    runtime.snapshots.save(project, snapshot)
-    encode_uncached(runtime, project, keys, texts)
-    return snapshot
+    tasks = runtime.label_studio.iter_tasks(int(project), fields="task_only")
+    return save_snapshot(runtime, project, config, stamp, tasks)
 
 
 def extend_snapshot(
@@ -161,13 +157,26 @@ def extend_snapshot(
     added = list(runtime.label_studio.iter_tasks_after(int(project), old_newest))
     if len(added) != count - old_count:
         return None
-    task_ids, texts = texts_of(added, config, project)
-    keys = [text_key(text) for text in texts]
-    ids = np.concatenate([snapshot.task_ids, np.array(task_ids, dtype=np.int64)])
-    extended = TaskSnapshot(ids, [*snapshot.text_keys, *keys], stamp, config.text_source)
-    runtime.snapshots.save(project, extended)
-    encode_uncached(runtime, project, keys, texts)
-    return extended
+    return save_snapshot(runtime, project, config, stamp, added, after=snapshot)
+
+
+def save_snapshot(
+    runtime,
+    project: str,
+    config: ClassificationConfig,
+    stamp: tuple[int, int],
+    tasks,
+    after: TaskSnapshot | None = None,
+) -> TaskSnapshot:
+    """Save the snapshot of `after`'s tasks (if any) then `tasks`, and put the texts of `tasks` into the cache."""
+    new_ids, texts = texts_of(tasks, config, project)
+    new_keys = [text_key(text) for text in texts]
+    old_ids, old_keys = (after.task_ids.tolist(), after.text_keys) if after is not None else ([], [])
+    ids = np.array([*old_ids, *new_ids], dtype=np.int64)
+    snapshot = TaskSnapshot(ids, [*old_keys, *new_keys], stamp, config.text_source)
+    runtime.snapshots.save(project, snapshot)
+    encode_uncached(runtime, project, new_keys, texts)
+    return snapshot
 
 
 def texts_of(tasks, config: ClassificationConfig, project: str) -> tuple[list[int], list[str]]:
