@@ -8,6 +8,10 @@ cold start, and the strategy picks the first batch. Every later round retrains t
 (and committee) on the labels so far, scores the test set, and lets the strategy pick the next batch.
 Writes DIR/results.json and DIR/learning_curve.png. Embeddings are cached under --cache-dir.
 
+Labels saved compares the labels random order needs to reach 95% of the full-pool accuracy with the labels a
+strategy needs. When random does not get there within --budget, the figure is only a lower bound;
+--baseline-budget N replays random alone further, to N labels, so that it is measured.
+
 With --finetune-at 500 the encoder is also fine-tuned (backend.ml.finetune) on the labels each replay has at
 500, and the fine-tuned encoder and head are scored on the test set; the replay itself goes on with the frozen
 encoder, as the backend's rounds do.
@@ -251,6 +255,13 @@ def main(argv: list[str] | None = None) -> None:
         help=f"comma-separated NAME or NAME:KEY=VALUE:...; known: {', '.join(STRATEGIES)}",
     )
     parser.add_argument("--budget", type=int, default=500)
+    parser.add_argument(
+        "--baseline-budget",
+        type=int,
+        default=0,
+        help="replay random order up to N labels (more than --budget) so that the labels it needs to reach the "
+        "target are measured, not bounded by --budget; default: --budget",
+    )
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", required=True)
@@ -282,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     for option in ("budget", "batch_size", "seeds"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be 1 or more, got {getattr(args, option)}")
+    if args.baseline_budget < 0:
+        parser.error(f"--baseline-budget must be 0 (the same as --budget) or more, got {args.baseline_budget}")
     if args.random_start < 0 or args.random_start % args.batch_size:
         parser.error(f"--random-start must be 0 or a multiple of --batch-size, got {args.random_start}")
     names = ["random"] + [name for name in args.strategy.split(",") if name and name != "random"]
@@ -305,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     budgets = replay_budgets(args.budget, args.batch_size, len(pool_texts))
     if budgets[-1] < args.budget:
         print(f"the pool has {len(pool_texts)} rows: budgets stop there")
+    baseline_budgets = replay_budgets(max(args.budget, args.baseline_budget), args.batch_size, len(pool_texts))
     finetune_at = frozenset(int(b) for b in args.finetune_at.split(",") if b)
     if finetune_at - set(budgets):
         parser.error(f"--finetune-at {sorted(finetune_at - set(budgets))} is not among the budgets {budgets}")
@@ -337,7 +351,8 @@ def main(argv: list[str] | None = None) -> None:
         overrides = {"epochs": args.finetune_epochs}
         finetune = finetuned_accuracy_on(pool, test, args.model, args.max_length, overrides)
     runs: dict[str, list[dict]] = {}
-    with tqdm(total=len(names) * args.seeds * len(budgets), desc="rounds") as progress:
+    rounds = args.seeds * ((len(names) - 1) * len(budgets) + len(baseline_budgets))
+    with tqdm(total=rounds, desc="rounds") as progress:
         for name in names:
             runs[name] = [
                 run_one(
@@ -345,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
                     pool,
                     test,
                     label_embeddings,
-                    budgets,
+                    baseline_budgets if name == "random" else budgets,
                     seed,
                     progress,
                     finetune,
@@ -354,12 +369,17 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 for seed in range(args.seeds)
             ]
-    summary = summarise(runs, budgets, full_accuracy)
+    summary = summarise(runs, budgets, full_accuracy, baseline_budgets)
     summary["arguments"] = vars(args)
     summary["seconds"] = round(time.time() - started, 1)
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     plot(summary, out / "learning_curve.png", Path(args.pool).parent.name or args.pool)
     print(f"full-pool accuracy {full_accuracy:.4f}; target {summary['target_accuracy']:.4f}")
+    needs = summary["strategies"]["random"]["labels_to_target_per_seed"]
+    print(
+        f"random reaches the target after {[round(n) if n else None for n in needs]} labels (None: not by "
+        f"{baseline_budgets[-1]})"
+    )
     for name, result in summary["strategies"].items():
         at = {b: round(a, 4) for b, a in zip(budgets, result["accuracy_mean"], strict=True) if b in (100, 200, 500)}
         saved = result["labels_saved"] or result["labels_saved_at_least"]

@@ -33,24 +33,36 @@ def area_under_curve(budgets: list[int], curve: np.ndarray) -> float:
     return float(np.trapezoid(curve, budgets) / (budgets[-1] - budgets[0]))
 
 
-def summarise(runs: dict[str, list[dict]], budgets: list[int], full_accuracy: float) -> dict:
+def summarise(
+    runs: dict[str, list[dict]], budgets: list[int], full_accuracy: float, baseline_budgets: list[int] | None = None
+) -> dict:
+    """Per strategy: curves, area under them, labels saved against random; `runs[name]` is one run per seed.
+
+    `baseline_budgets`, when longer than `budgets`, are the budgets of random's runs, replayed past the others so
+    that the labels random needs are measured rather than bounded; curves and areas stay on the shared `budgets`,
+    and random's rounds beyond them are kept under `beyond_budget`.
+    """
+    baseline_budgets = baseline_budgets or budgets
     target = TARGET_FRACTION * full_accuracy
-    random_needs = [labels_to_reach(budgets, run["accuracy"], target) for run in runs["random"]]
+    random_needs = [labels_to_reach(baseline_budgets, run["accuracy"], target) for run in runs["random"]]
+    shared = len(budgets)
     results = {}
     for name, seed_runs in runs.items():
-        accuracy = np.array([run["accuracy"] for run in seed_runs])
-        needs = [labels_to_reach(budgets, run["accuracy"], target) for run in seed_runs]
+        own_budgets = baseline_budgets if name == "random" else budgets
+        accuracy = np.array([run["accuracy"][:shared] for run in seed_runs])
+        macro_f1 = [run["macro_f1"][:shared] for run in seed_runs]
+        needs = [labels_to_reach(own_budgets, run["accuracy"], target) for run in seed_runs]
         saved = [r / s if r and s else None for r, s in zip(random_needs, needs, strict=True)]
         known = [value for value in saved if value is not None]
-        # where random never reached the target within the budget, budget / labels needed is a lower bound
-        at_least = [r / s if r else budgets[-1] / s for r, s in zip(random_needs, needs, strict=True) if s]
+        # where random never reached the target within its budget, its budget / labels needed is a lower bound
+        at_least = [r / s if r else baseline_budgets[-1] / s for r, s in zip(random_needs, needs, strict=True) if s]
         results[name] = {
             "budgets": budgets,
             "accuracy_per_seed": accuracy.tolist(),
             "accuracy_mean": accuracy.mean(axis=0).tolist(),
             "distinct_seed_curves": len({tuple(curve) for curve in accuracy.tolist()}),
-            "macro_f1_per_seed": [run["macro_f1"] for run in seed_runs],
-            "macro_f1_mean": np.mean([run["macro_f1"] for run in seed_runs], axis=0).tolist(),
+            "macro_f1_per_seed": macro_f1,
+            "macro_f1_mean": np.mean(macro_f1, axis=0).tolist(),
             "labels_to_target_per_seed": needs,
             "labels_saved_per_seed": saved,
             "labels_saved": float(np.mean(known)) if len(known) == len(saved) else None,
@@ -60,9 +72,17 @@ def summarise(runs: dict[str, list[dict]], budgets: list[int], full_accuracy: fl
             "finetuned_accuracy_per_seed": [run.get("finetuned_accuracy") or {} for run in seed_runs],
             "finetuned_accuracy_mean": _mean_per_budget([run.get("finetuned_accuracy") or {} for run in seed_runs]),
             "accuracy_at_stop_per_seed": [
-                run["accuracy"][budgets.index(run["stop_budget"])] if run.get("stop_budget") else None
+                run["accuracy"][own_budgets.index(run["stop_budget"])] if run.get("stop_budget") else None
                 for run in seed_runs
             ],
+        }
+    if len(baseline_budgets) > shared:
+        beyond = [run["accuracy"][shared:] for run in runs["random"]]
+        results["random"]["beyond_budget"] = {
+            "budgets": baseline_budgets[shared:],
+            "accuracy_per_seed": beyond,
+            "accuracy_mean": np.mean(beyond, axis=0).tolist(),
+            "macro_f1_per_seed": [run["macro_f1"][shared:] for run in runs["random"]],
         }
     return {"full_pool_accuracy": full_accuracy, "target_accuracy": target, "strategies": results}
 
@@ -98,20 +118,29 @@ def resummarise(out: Path) -> dict:
     old = json.loads((out / "results.json").read_text())
     some = next(iter(old["strategies"].values()))
     runs = {name: _seed_runs(r) for name, r in old["strategies"].items()}
-    summary = summarise(runs, some["budgets"], old["full_pool_accuracy"])
+    beyond = old["strategies"]["random"].get("beyond_budget", {}).get("budgets", [])
+    summary = summarise(runs, some["budgets"], old["full_pool_accuracy"], some["budgets"] + beyond)
     summary.update({k: old[k] for k in ("arguments", "seconds") if k in old})
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
 def _seed_runs(result: dict) -> list[dict]:
-    """One strategy's summary in results.json -> its per-seed runs, everything `summarise` reads kept."""
+    """One strategy's summary in results.json -> its per-seed runs, everything `summarise` reads kept (random's
+    rounds beyond the shared budgets appended to its curves)."""
     seeds = len(result["accuracy_per_seed"])
     stops = result.get("stop_budget_per_seed") or [None] * seeds
     tuned = result.get("finetuned_accuracy_per_seed") or [{}] * seeds
+    beyond = result.get("beyond_budget") or {"accuracy_per_seed": [[]] * seeds, "macro_f1_per_seed": [[]] * seeds}
     return [
-        {"accuracy": acc, "macro_f1": f1, "stop_budget": stop, "finetuned_accuracy": finetuned}
-        for acc, f1, stop, finetuned in zip(
-            result["accuracy_per_seed"], result["macro_f1_per_seed"], stops, tuned, strict=True
+        {"accuracy": acc + acc_beyond, "macro_f1": f1 + f1_beyond, "stop_budget": stop, "finetuned_accuracy": tuned_}
+        for acc, f1, stop, tuned_, acc_beyond, f1_beyond in zip(
+            result["accuracy_per_seed"],
+            result["macro_f1_per_seed"],
+            stops,
+            tuned,
+            beyond["accuracy_per_seed"],
+            beyond["macro_f1_per_seed"],
+            strict=True,
         )
     ]

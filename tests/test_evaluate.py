@@ -124,6 +124,53 @@ def test_labels_saved_is_exact_or_a_lower_bound():
     assert bound["strategies"]["slow"]["labels_saved_at_least"] == pytest.approx(400 / (300 + 100 * 0.105 / 0.11))
 
 
+def test_a_longer_baseline_turns_the_lower_bound_into_a_measure():
+    from backend.evaluation_summary import summarise
+
+    budgets, baseline_budgets = [100, 200], [100, 200, 300, 400]
+    runs = {
+        "random": [{"accuracy": [0.5, 0.6, 0.7, 0.9], "macro_f1": [0.4, 0.5, 0.6, 0.8], "stop_budget": 400}],
+        "fast": [{"accuracy": [0.7, 0.9], "macro_f1": [0, 0]}],
+    }
+    # target 0.8: random gets there at 300 + 100 * 0.1 / 0.2 = 350, fast at 100 + 100 * 0.1 / 0.2 = 150
+    summary = summarise(runs, budgets, full_accuracy=0.8 / 0.95, baseline_budgets=baseline_budgets)
+    random, fast = summary["strategies"]["random"], summary["strategies"]["fast"]
+    assert fast["labels_saved"] == pytest.approx(350 / 150)
+    assert random["labels_to_target_per_seed"] == [pytest.approx(350)] and random["labels_saved"] == 1.0
+    # curves and areas stay on the budgets every strategy has; random's longer run is kept aside
+    assert random["budgets"] == budgets and random["accuracy_mean"] == [0.5, 0.6]
+    assert random["area_under_curve"] == pytest.approx(0.55)
+    assert random["beyond_budget"]["budgets"] == [300, 400]
+    assert random["beyond_budget"]["accuracy_mean"] == [0.7, 0.9]
+    assert random["accuracy_at_stop_per_seed"] == [0.9]
+    # without the longer run, random never reaches 0.8 within 200 labels: only a bound, 200 / 150
+    first_two = {"random": [{"accuracy": [0.5, 0.6], "macro_f1": [0, 0]}], "fast": runs["fast"]}
+    bounded = summarise(first_two, budgets, full_accuracy=0.8 / 0.95)
+    assert bounded["strategies"]["fast"]["labels_saved"] is None
+    assert bounded["strategies"]["fast"]["labels_saved_at_least"] == pytest.approx(200 / 150)
+
+
+def test_resummarise_keeps_random_beyond_the_budget(tmp_path):
+    from backend.evaluation_summary import resummarise, summarise
+
+    runs = {
+        "random": [{"accuracy": [0.5, 0.6, 0.7, 0.9], "macro_f1": [0.4, 0.5, 0.6, 0.8]}],
+        "fast": [{"accuracy": [0.7, 0.9], "macro_f1": [0, 0]}],
+    }
+    before = summarise(runs, [100, 200], full_accuracy=0.8 / 0.95, baseline_budgets=[100, 200, 300, 400])
+    (tmp_path / "results.json").write_text(json.dumps(before))
+    assert resummarise(tmp_path) == json.loads(json.dumps(before))
+
+
+def test_harness_replays_random_past_the_budget_when_asked(tiny_bert, tmp_path, capsys):
+    main(harness_arguments(tmp_path, tiny_bert, "--seeds", "1", "--baseline-budget", "100"))
+    strategies = json.loads((tmp_path / "out" / "results.json").read_text())["strategies"]
+    assert strategies["margin"]["budgets"] == strategies["random"]["budgets"] == [20, 40, 60]
+    assert strategies["random"]["beyond_budget"]["budgets"] == [80, 100]
+    assert "margin" not in {k for k, v in strategies.items() if "beyond_budget" in v}
+    assert "random reaches the target after" in capsys.readouterr().out
+
+
 def test_strategy_specs_carry_parameters():
     from backend.evaluate import strategy_from_spec
 
