@@ -184,7 +184,7 @@ def time_rerank_from_cache(
     n_tasks: int, dim: int, n_classes: int, n_labelled: int, top_k: int, strategy_name: str
 ) -> dict[str, float]:
     """Seconds per stage of a re-rank over synthetic cached embeddings (fp16, as the cache stores them)."""
-    from backend.ml.head import fit_committee, fit_head, proba_of_heads
+    from backend.ml.head import choose_l2, fit_committee, fit_head, proba_of_heads
     from backend.scoring.base import Pool
     from backend.scoring.registry import get_strategy
 
@@ -212,8 +212,10 @@ def time_rerank_from_cache(
 
     lap("synthesise")
     x_labelled = embeddings[labeled].astype(np.float32)
-    head = fit_head(x_labelled, targets[labeled], False)
-    committee = fit_committee(x_labelled, targets[labeled], False, 5, rng)
+    l2 = choose_l2(x_labelled, targets[labeled], False)  # rounds do this only when the labels grew by 25%
+    lap("choose_l2")
+    head = fit_head(x_labelled, targets[labeled], False, l2=l2)
+    committee = fit_committee(x_labelled, targets[labeled], False, 5, rng, l2=l2)
     lap("train_head_and_committee")
     all_probs = proba_of_heads([head, *committee], embeddings)
     probs, committee_probs = all_probs[0], all_probs[1:]

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from backend.config import DEFAULT_MODEL_NAME, Settings
 from backend.evaluation_summary import plot, summarise
-from backend.ml.head import LinearHead, fit_committee, fit_head, proba_of_heads, zero_shot_head
+from backend.ml.head import LinearHead, choose_l2, fit_committee, fit_head, l2_for, proba_of_heads, zero_shot_head
 from backend.scoring.base import Pool
 from backend.scoring.registry import STRATEGIES, get_strategy
 from backend.scoring.stopping import prediction_stability, should_stop, stop_set_rows
@@ -180,6 +180,7 @@ def run_one(
     labeled = np.zeros(len(pool.labels), dtype=bool)
     shown = np.full(len(pool.labels), -1)  # the class predicted for each row when it was picked, as Label Studio shows
     heads, trained = [zero_shot_head(label_embeddings, False)], False
+    l2: tuple[float, int] | None = None  # the penalty and the labels it was chosen on, kept as rounds keep it
     accuracy, f1, stability, stop_budget = [], [], [], None
     finetuned: dict[int, float] = {}
     for budget in budgets:
@@ -205,7 +206,8 @@ def run_one(
         trained = labeled.sum() >= MIN_ANNOTATIONS_TO_TRAIN
         if trained:
             x, y = pool.embeddings[labeled], one_hot_indices(pool.labels[labeled], k)
-            heads = [fit_head(x, y, False), *fit_committee(x, y, False, COMMITTEE_SIZE, rng)]
+            l2 = l2_for(x, y, False, l2)
+            heads = [fit_head(x, y, False, l2=l2[0]), *fit_committee(x, y, False, COMMITTEE_SIZE, rng, l2=l2[0])]
         if was_trained:  # stability of the new model against the previous one, both trained, as in rounds
             stop_set = stop_set_rows(~labeled)
             previous, current = all_probs[0][stop_set], heads[0].predict_proba(pool.embeddings[stop_set])
@@ -344,7 +346,8 @@ def main(argv: list[str] | None = None) -> None:
         test_texts,
     )
     label_embeddings = cached_embeddings(names_of_choices, args.model, cache, args.max_length)
-    full = fit_head(pool.embeddings, one_hot_indices(pool.labels, len(classes)), False)
+    all_targets = one_hot_indices(pool.labels, len(classes))
+    full = fit_head(pool.embeddings, all_targets, False, l2=choose_l2(pool.embeddings, all_targets, False))
     full_accuracy = float(np.mean(full.predict_proba(test.embeddings).argmax(axis=1) == test.labels))
     finetune = None
     if finetune_at:

@@ -4,7 +4,16 @@ import torch
 
 from backend.ml.artifacts import ArtifactStore, HeadArtifact
 from backend.ml.encoder import Encoder
-from backend.ml.head import fit_committee, fit_head, one_hot, zero_shot_head
+from backend.ml.head import (
+    DEFAULT_L2,
+    L2_GRID,
+    choose_l2,
+    fit_committee,
+    fit_head,
+    l2_for,
+    one_hot,
+    zero_shot_head,
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +71,56 @@ def test_committee_members_differ_but_agree_on_easy_points():
     committee = fit_committee(x, targets, False, size=3, rng=np.random.default_rng(1))
     assert len(committee) == 3
     assert all((member.predict_proba(x[:2]).argmax(axis=1) == [0, 1]).all() for member in committee)
+
+
+def fine_grained_classes(rows: int, seed: int = 0, frequent_first: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors around 12 close centres (as embeddings of related intents are), noise drawn from `seed`, with
+    every other row in class 0 when `frequent_first`; and their one-hot targets."""
+    centres = 0.97 * np.eye(1, 16) + 0.03 * np.random.default_rng(0).normal(size=(12, 16))
+    labels = np.arange(rows) % 12
+    if frequent_first:
+        labels[::2] = 0
+    x = centres[labels] + 0.004 * np.random.default_rng(seed + 1).normal(size=(rows, 16))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), np.eye(12, dtype=np.float32)[labels]
+
+
+def test_choose_l2_picks_the_penalty_that_gets_held_out_rows_right():
+    x, targets = fine_grained_classes(120, frequent_first=True)
+    test_x, test_targets = fine_grained_classes(120, seed=1)
+
+    def accuracy(l2: float) -> float:
+        head = fit_head(x, targets, False, l2=l2)
+        return float((head.predict_proba(test_x).argmax(1) == test_targets.argmax(1)).mean())
+
+    # a strong penalty keeps the weights too small to pull apart classes whose embeddings nearly coincide, so the
+    # (unpenalised) bias of the frequent class wins; a weak one separates them
+    assert accuracy(1e-1) < 0.2 and accuracy(1e-5) > 0.5
+    assert choose_l2(x, targets, False, grid=(1e-1, 1e-5)) == 1e-5
+    assert choose_l2(x, targets, False, grid=(1e-5, 1e-1)) == 1e-5  # not the first of the grid by default
+    assert choose_l2(x, targets, False) in L2_GRID
+
+
+def test_choose_l2_breaks_ties_by_held_out_log_loss():
+    x = np.array([[1.0, 0.0], [0.0, 1.0]] * 6, dtype=np.float32)
+    targets = x.copy()
+    # both penalties get every held-out row right; the weaker one is the more confident, so its log-loss is lower
+    assert choose_l2(x, targets, False, grid=(1e-1, 1e-4)) == 1e-4
+    assert choose_l2(x, targets, True, grid=(1e-1, 1e-4)) == 1e-4
+
+
+def test_choose_l2_needs_two_rows_per_fold():
+    x, targets = fine_grained_classes(5)
+    assert choose_l2(x, targets, False) == DEFAULT_L2
+
+
+def test_l2_is_chosen_again_only_when_the_labels_changed_by_a_quarter():
+    x, targets = fine_grained_classes(125)
+    assert l2_for(x[:110], targets[:110], False, (0.5, 100)) == (0.5, 100)  # 10% more: kept
+    assert l2_for(x[:81], targets[:81], False, (0.5, 100)) == (0.5, 100)  # 19% fewer (deleted): kept
+    for rows in (125, 80):  # 25% more, or 20% fewer: chosen again, on this many labels
+        l2, chosen_at = l2_for(x[:rows], targets[:rows], False, (0.5, 100))
+        assert l2 in L2_GRID and chosen_at == rows
+    assert l2_for(x, targets, False, None)[1] == 125
 
 
 def test_zero_shot_head_prefers_the_most_similar_label():
@@ -125,3 +184,23 @@ def test_another_model_saved_into_the_same_folder_is_another_embedding_space(tin
     torch.manual_seed(1)
     BertModel(BertModel.from_pretrained(folder).config).save_pretrained(folder)  # new weights, same shapes
     assert Encoder(str(folder), device="cpu").encoder_id != before
+
+
+def test_training_records_its_penalty_and_keeps_it_until_the_annotations_grow(encoder, tmp_path):
+    from backend.label_config import parse_label_config
+    from backend.services.train import train_project
+    from tests.conftest import AG_NEWS_CONFIG, read_csv
+
+    def annotated(task_id: int, row: dict) -> dict:
+        region = {"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": [row["label"]]}}
+        return {"id": task_id, "data": {"text": row["text"]}, "annotations": [{"id": task_id, "result": [region]}]}
+
+    tasks = [annotated(i, row) for i, row in enumerate(read_csv("ag_news/pool.csv", 25))]
+    config, store = parse_label_config(AG_NEWS_CONFIG), ArtifactStore(tmp_path)
+    first = train_project("7", tasks[:20], config, encoder, None, store)
+    assert first.meta["l2"] in L2_GRID and first.meta["l2_chosen_at"] == 20
+    kept = train_project("7", tasks[:24], config, encoder, None, store)  # 20% more annotations: the same penalty
+    assert (kept.meta["l2"], kept.meta["l2_chosen_at"]) == (first.meta["l2"], 20)
+    again = train_project("7", tasks[:25], config, encoder, None, store)  # 25% more: cross-validated again
+    assert again.meta["l2_chosen_at"] == 25 and again.meta["l2"] in L2_GRID
+    assert ArtifactStore(tmp_path).load_latest("7", config.labels, encoder.encoder_id).meta["l2_chosen_at"] == 25

@@ -160,8 +160,15 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
     watch.lap("load_embeddings")
     params = runtime.registry.params(project)  # before training: a bad strategy fails without saving a version
     strategy = get_strategy(params.get("strategy", settings.strategy), **params.get("strategy_params", {}))
+    previous = runtime.artifacts.load_latest(project, state.config.labels, encoder.encoder_id)
     artifact = train_artifact(
-        state.labelled, state.config, encoder, cache, settings.committee_size, settings.min_annotations_to_train
+        state.labelled,
+        state.config,
+        encoder,
+        cache,
+        settings.committee_size,
+        settings.min_annotations_to_train,
+        previous,
     )
     artifact = save_version(project, artifact, runtime.artifacts)
     version = model_version(settings.model_version_prefix, artifact)

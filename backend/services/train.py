@@ -13,7 +13,7 @@ from backend.adapters.embedding_cache import RedisEmbeddingCache
 from backend.label_config import ClassificationConfig
 from backend.ml.artifacts import ArtifactStore, HeadArtifact
 from backend.ml.encoder import Encoder
-from backend.ml.head import fit_committee, fit_head, one_hot, zero_shot_head
+from backend.ml.head import fit_committee, fit_head, l2_for, one_hot, zero_shot_head
 from backend.services.embeddings import embed_texts
 
 log = logging.getLogger(__name__)
@@ -77,25 +77,44 @@ def train_artifact(
     cache: RedisEmbeddingCache | None,
     committee_size: int = 5,
     min_annotations: int = 2,
+    previous: HeadArtifact | None = None,
 ) -> HeadArtifact:
-    """Fit the head (and its committee) on `examples`; zero-shot when there are fewer than `min_annotations`."""
+    """Fit the head (and its committee) on `examples`; zero-shot when there are fewer than `min_annotations`.
+
+    The l2 penalty is chosen by cross-validation, or kept from `previous` (the project's last version) while the
+    annotations have grown little since it was chosen (`backend.ml.head.l2_for`).
+    """
     if len(examples) < min_annotations:
         return zero_shot_artifact(config, encoder, cache)
     started = time.perf_counter()
     embeddings = embed_texts([example.text for example in examples], encoder, cache)
     encoded = time.perf_counter()
     targets = one_hot([list(example.choices) for example in examples], config.labels)
-    head = fit_head(embeddings, targets, config.multi_label)
+    l2, chosen_at = l2_for(embeddings, targets, config.multi_label, previous_l2(previous))
+    chosen = time.perf_counter()
+    head = fit_head(embeddings, targets, config.multi_label, l2=l2)
     committee = fit_committee(
-        embeddings, targets, config.multi_label, committee_size, np.random.default_rng(len(examples))
+        embeddings, targets, config.multi_label, committee_size, np.random.default_rng(len(examples)), l2=l2
     )
     meta = {
         "kind": "trained",
         "annotations": len(examples),
+        "l2": l2,
+        "l2_chosen_at": chosen_at,
         "seconds_encode": round(encoded - started, 4),
-        "seconds_fit": round(time.perf_counter() - encoded, 4),
+        "seconds_choose_l2": round(chosen - encoded, 4),
+        "seconds_fit": round(time.perf_counter() - chosen, 4),
     }
     return HeadArtifact(head, committee, config.labels, encoder.encoder_id, meta=meta)
+
+
+def previous_l2(previous: HeadArtifact | None) -> tuple[float, int] | None:
+    """(l2, annotations it was chosen on) recorded by a trained version; None for zero-shot or older versions."""
+    meta = previous.meta if previous is not None else {}
+    try:
+        return float(meta["l2"]), int(meta["l2_chosen_at"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def train_project(
@@ -110,7 +129,8 @@ def train_project(
 ) -> HeadArtifact:
     """Training entry point: Label Studio tasks (with annotations) in, a new saved artifact version out."""
     examples = labelled_tasks(tasks, config)
-    artifact = train_artifact(examples, config, encoder, cache, committee_size, min_annotations)
+    previous = store.load_latest(project, config.labels, encoder.encoder_id)
+    artifact = train_artifact(examples, config, encoder, cache, committee_size, min_annotations, previous)
     return save_version(project, artifact, store)
 
 
