@@ -96,16 +96,16 @@ def test_choose_l2_picks_the_penalty_that_gets_held_out_rows_right():
     # (unpenalised) bias of the frequent class wins; a weak one separates them
     assert accuracy(1e-1) < 0.2 and accuracy(1e-5) > 0.5
     assert choose_l2(x, targets, False, grid=(1e-1, 1e-5)) == 1e-5
-    assert choose_l2(x, targets, False, grid=(1e-5, 1e-1)) == 1e-5  # not the first of the grid by default
-    assert choose_l2(x, targets, False) in L2_GRID
+    assert choose_l2(x, targets, False) < DEFAULT_L2 and choose_l2(x, targets, False) in L2_GRID
 
 
-def test_choose_l2_breaks_ties_by_held_out_log_loss():
+def test_choose_l2_keeps_the_strongest_penalty_unless_a_weaker_one_is_clearly_better():
     x = np.array([[1.0, 0.0], [0.0, 1.0]] * 6, dtype=np.float32)
     targets = x.copy()
-    # both penalties get every held-out row right; the weaker one is the more confident, so its log-loss is lower
-    assert choose_l2(x, targets, False, grid=(1e-1, 1e-4)) == 1e-4
-    assert choose_l2(x, targets, True, grid=(1e-1, 1e-4)) == 1e-4
+    # both penalties get every held-out row right: the strongest stays, whichever order the grid lists them in
+    assert choose_l2(x, targets, False, grid=(1e-1, 1e-4)) == 1e-1
+    assert choose_l2(x, targets, True, grid=(1e-1, 1e-4)) == 1e-1
+    assert choose_l2(x, targets, False, grid=(1e-4, 1e-1)) == 1e-4  # "strongest" = the first of the grid
 
 
 def test_choose_l2_needs_two_rows_per_fold():
