@@ -10,7 +10,9 @@ Writes DIR/results.json and DIR/learning_curve.png. Embeddings are cached under 
 
 Labels saved compares the labels random order needs to reach 95% of the full-pool accuracy with the labels a
 strategy needs. When random does not get there within --budget, the figure is only a lower bound;
---baseline-budget N replays random alone further, to N labels, so that it is measured.
+--baseline-budget N replays random alone further, to N labels, so that it is measured. Labels saved at the budget
+asks the same at the end of the budget, for strategies that do not reach the 95% either: the labels random needs
+for the accuracy the strategy has after --budget labels, divided by --budget.
 
 With --finetune-at 500 the encoder is also fine-tuned (backend.ml.finetune) on the labels each replay has at
 500, and the fine-tuned encoder and head are scored on the test set; the replay itself goes on with the frozen
@@ -387,7 +389,12 @@ def main(argv: list[str] | None = None) -> None:
         at = {b: round(a, 4) for b, a in zip(budgets, result["accuracy_mean"], strict=True) if b in (100, 200, 500)}
         saved = result["labels_saved"] or result["labels_saved_at_least"]
         saved_text = f"{'' if result['labels_saved'] else '>='}{saved:.2f}x" if saved else "n/a"
-        print(f"{name:>24}: labels saved {saved_text}, AUC {result['area_under_curve']:.4f}, {at}")
+        at_budget = result["labels_saved_at_budget"]
+        at_budget_text = f"{at_budget:.2f}x" if at_budget else f"n/a (random not there by {baseline_budgets[-1]})"
+        print(
+            f"{name:>24}: labels saved {saved_text}, at {budgets[-1]} labels {at_budget_text}, "
+            f"AUC {result['area_under_curve']:.4f}, {at}"
+        )
         if result["distinct_seed_curves"] == 1 < args.seeds:
             print(f"{'':>24}  the same curve under every seed (deterministic picks): --random-start N gives it a band")
         if result["finetuned_accuracy_mean"]:

@@ -45,6 +45,7 @@ def summarise(
     baseline_budgets = baseline_budgets or budgets
     target = TARGET_FRACTION * full_accuracy
     random_needs = [labels_to_reach(baseline_budgets, run["accuracy"], target) for run in runs["random"]]
+    random_mean = np.mean([run["accuracy"] for run in runs["random"]], axis=0).tolist()
     shared = len(budgets)
     results = {}
     for name, seed_runs in runs.items():
@@ -56,6 +57,9 @@ def summarise(
         known = [value for value in saved if value is not None]
         # where random never reached the target within its budget, its budget / labels needed is a lower bound
         at_least = [r / s if r else baseline_budgets[-1] / s for r, s in zip(random_needs, needs, strict=True) if s]
+        # the same question at the end of the budget, on mean curves (seeds of random and of a strategy are not
+        # pairs): the labels random needs for the accuracy this strategy has there, per label it used
+        matched = labels_to_reach(baseline_budgets, random_mean, float(accuracy[:, -1].mean()))
         results[name] = {
             "budgets": budgets,
             "accuracy_per_seed": accuracy.tolist(),
@@ -67,6 +71,7 @@ def summarise(
             "labels_saved_per_seed": saved,
             "labels_saved": float(np.mean(known)) if len(known) == len(saved) else None,
             "labels_saved_at_least": float(np.mean(at_least)) if len(at_least) == len(saved) else None,
+            "labels_saved_at_budget": matched / budgets[-1] if matched else None,
             "area_under_curve": area_under_curve(budgets, accuracy.mean(axis=0)),
             "stop_budget_per_seed": [run.get("stop_budget") for run in seed_runs],
             "finetuned_accuracy_per_seed": [run.get("finetuned_accuracy") or {} for run in seed_runs],

@@ -68,12 +68,15 @@ def rows(name: str, results: dict) -> list[str]:
             if saved
             else (f"≥ {result['labels_saved_at_least']:.2f}×" if result.get("labels_saved_at_least") else "–")
         )
+        at_budget = result.get("labels_saved_at_budget")
+        at_budget_text = f"{at_budget:.2f}×" if at_budget else "–"
         gaps = (curve - random_curve)[budgets >= 100]
         worst = f"{float(np.min(gaps)):+.3f}" if len(gaps) else "–"  # (no budget of 100 or more)
         at = {b: curve[list(budgets).index(b)] for b in (100, 200, 500, 1000) if b in budgets}
         accuracy = ", ".join(f"{a:.3f}@{b}" for b, a in at.items())
         lines.append(
-            f"| {name} | {strategy} | {result['area_under_curve']:.4f} | {accuracy} | {saved_text} | {worst} |"
+            f"| {name} | {strategy} | {result['area_under_curve']:.4f} | {accuracy} | {saved_text} "
+            f"| {at_budget_text} | {worst} |"
         )
     return lines
 
@@ -85,10 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     merged = merged_results(args.folders)
     print(
-        "| data set | strategy | AUC | mean accuracy at budget | labels saved vs random "
-        "| worst gap to random, budget ≥ 100 |"
+        "| data set | strategy | AUC | mean accuracy at budget | labels saved vs random (to 95% of full pool) "
+        "| labels saved at the last budget | worst gap to random, budget ≥ 100 |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for name, results in merged.items():
         print("\n".join(rows(name, results)))
     if args.plot:

@@ -143,6 +143,8 @@ def test_a_longer_baseline_turns_the_lower_bound_into_a_measure():
     assert random["beyond_budget"]["budgets"] == [300, 400]
     assert random["beyond_budget"]["accuracy_mean"] == [0.7, 0.9]
     assert random["accuracy_at_stop_per_seed"] == [0.9]
+    # at the end of the budget: fast has 0.9 after 200 labels, which random reaches after 400: 2x
+    assert fast["labels_saved_at_budget"] == pytest.approx(2.0) and random["labels_saved_at_budget"] == 1.0
     # without the longer run, random never reaches 0.8 within 200 labels: only a bound, 200 / 150
     first_two = {"random": [{"accuracy": [0.5, 0.6], "macro_f1": [0, 0]}], "fast": runs["fast"]}
     bounded = summarise(first_two, budgets, full_accuracy=0.8 / 0.95)

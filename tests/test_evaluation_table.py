@@ -21,6 +21,7 @@ def write_results(
                 "accuracy_per_seed": [curve],
                 "labels_saved": None,
                 "labels_saved_at_least": None,
+                "labels_saved_at_budget": 1.5 if name == "margin" else None,
                 "area_under_curve": sum(curve) / 2,
             }
             for name, curve in strategies.items()
@@ -41,6 +42,7 @@ def test_runs_on_one_data_set_merge_and_plot(tmp_path, capsys):
     ]
     assert lines[0].split(" | ")[3] == "0.500@100, 0.600@200"  # the first run's random, not the repeat
     assert lines[2].endswith("| -0.100 |")  # worst gap to that random at budgets >= 100
+    assert lines[1].split(" | ")[5:7] == ["1.50×", "+0.050 |"]  # labels saved at the last budget, then the gap
     assert (tmp_path / "plots" / "learning_curve_trec6.png").stat().st_size > 1000
 
 
