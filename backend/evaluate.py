@@ -22,19 +22,16 @@ encoder, as the backend's rounds do.
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from backend.config import DEFAULT_MODEL_NAME, Settings
+from backend.evaluation_data import Dataset, cached_embeddings, read_labelled_csv
 from backend.evaluation_summary import plot, summarise
 from backend.ml.head import LinearHead, choose_l2, fit_committee, fit_head, l2_for, proba_of_heads, zero_shot_head
 from backend.scoring.base import Pool
@@ -44,57 +41,6 @@ from backend.scoring.stopping import prediction_stability, should_stop, stop_set
 COMMITTEE_SIZE = 5
 MIN_ANNOTATIONS_TO_TRAIN = Settings().min_annotations_to_train
 """Below this many labels the backend keeps the zero-shot head, and so does the replay."""
-ENCODE_CHUNK = 2048
-"""Texts per encoder call while filling the cache (the progress bar moves once per chunk)."""
-
-
-@dataclass
-class Dataset:
-    embeddings: np.ndarray  # (n, d) float32
-    labels: np.ndarray  # (n,) int class index
-    classes: tuple[str, ...]
-    texts: list[str]
-
-
-def read_labelled_csv(path: str, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
-    """Texts and labels of a CSV (a spreadsheet's byte-order mark allowed). A row without a text or with an empty
-    label is left out, and the run says how many and where the first was."""
-    texts, labels, skipped = [], [], []
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        missing = {text_column, label_column} - set(reader.fieldnames or [])
-        if missing:
-            raise SystemExit(f"{path}: no column(s) {sorted(missing)}; columns are {reader.fieldnames}")
-        for row in reader:
-            text, label = row[text_column], (row[label_column] or "").strip()
-            if text is None or not label:
-                skipped.append(reader.line_num)
-                continue
-            texts.append(text)
-            labels.append(label)
-    if skipped:
-        print(f"{path}: left out {len(skipped)} row(s) without a text or a label (the first ends on line {skipped[0]})")
-    return texts, labels
-
-
-def cached_embeddings(texts: list[str], model_name: str, cache_dir: Path, max_length: int) -> np.ndarray:
-    """Embeddings of `texts`, from an .npy file keyed by encoder and texts, or encoded (and saved) now."""
-    key = hashlib.sha1(f"{model_name}|{max_length}".encode() + "\0".join(texts).encode()).hexdigest()[:20]
-    path = cache_dir / f"{key}.npy"
-    if path.exists():
-        return np.load(path).astype(np.float32)
-    from backend.ml.encoder import Encoder
-
-    encoder = Encoder(model_name, max_length=max_length)
-    chunks = range(0, len(texts), ENCODE_CHUNK)
-    parts = [encoder.encode(texts[i : i + ENCODE_CHUNK]) for i in tqdm(chunks, desc=f"encoding {len(texts)} texts")]
-    embeddings = np.concatenate(parts or [np.zeros((0, encoder.dim), np.float32)]).astype(np.float16)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    with open(partial, "wb") as handle:  # written aside, then renamed: an interrupted run leaves no half file
-        np.save(handle, embeddings)
-    os.replace(partial, path)
-    return embeddings.astype(np.float32)
 
 
 def strategy_from_spec(spec: str):
