@@ -63,25 +63,22 @@ def priority_predictions(state: ProjectState, pool: Pool, picks: np.ndarray, ver
     ]
 
 
-def stopping_signal(runtime, project: str, artifact: HeadArtifact, pool: Pool) -> dict:
-    """Kappa between this version's and the previous version's predictions on the unlabelled rows (both trained:
-    zero-shot heads before `MIN_ANNOTATIONS_TO_TRAIN` say nothing about labels paying off), their mean
-    uncertainty, and whether the last rounds were stable enough to suggest that more labels pay off little."""
-    versions = runtime.artifacts.versions(project)
+def stopping_signal(runtime, project: str, artifact: HeadArtifact, pool: Pool, previous: HeadArtifact | None) -> dict:
+    """Kappa between this version's and `previous`'s predictions on the unlabelled rows (both trained: zero-shot
+    heads before `MIN_ANNOTATIONS_TO_TRAIN` say nothing about labels paying off), their mean uncertainty, and
+    whether the last rounds were stable enough to suggest that more labels pay off little.
+
+    `previous` is the version the round trained after (the newest readable one for the same labels and encoder),
+    or None."""
     history = ((runtime.registry.last_round(project) or {}).get("stopping") or {}).get("history", [])
     stability = None
     unlabelled = ~pool.labeled
     stop_set = stop_set_rows(unlabelled)
-    if len(versions) >= 2 and versions[-1] == artifact.version and len(stop_set):
-        try:
-            previous = runtime.artifacts.load(project, versions[-2])
-            both_trained = previous.meta.get("kind") == artifact.meta.get("kind") == "trained"
-            if previous.labels == artifact.labels and both_trained:  # zero-shot twice agrees with itself
-                previous_probs = previous.head.predict_proba(pool.embeddings[stop_set])
-                current_probs = pool.probs[stop_set]
-                stability = round(prediction_stability(previous_probs, current_probs, pool.multi_label), 5)
-        except (OSError, ValueError, KeyError):
-            stability = None
+    both_trained = previous is not None and previous.meta.get("kind") == artifact.meta.get("kind") == "trained"
+    if both_trained and len(stop_set):  # zero-shot twice agrees with itself
+        previous_probs = previous.head.predict_proba(pool.embeddings[stop_set])
+        current_probs = pool.probs[stop_set]
+        stability = round(prediction_stability(previous_probs, current_probs, pool.multi_label), 5)
     history = ([*history, stability] if stability is not None else history)[-10:]
     mean_uncertainty = (
         float(uncertainty_scores(pool.probs[unlabelled], pool.multi_label).mean()) if unlabelled.any() else 0.0
@@ -177,7 +174,7 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
     top_k = int(params.get("rank_top_k", settings.rank_top_k))
     picks = strategy.select(pool, min(top_k, len(state.task_ids)), np.random.default_rng(generation))
     watch.lap("score")
-    stopping = stopping_signal(runtime, project, artifact, pool)
+    stopping = stopping_signal(runtime, project, artifact, pool, previous)
     watch.lap("stopping_signal")
     summary = {
         "stopping": stopping,
