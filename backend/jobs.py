@@ -146,7 +146,7 @@ def stop_working_on(rt: Runtime, project: str, gone: ProjectDisconnected) -> dic
 
 def forget_project(rt: Runtime, project: str) -> None:
     """Delete the project's task list snapshot, matrix file, head versions, registry entry and encoding
-    progress."""
+    progress. Only a round calls it, holding the project's round lock: no other round is writing them."""
     rt.snapshots.delete(project)
     rt.matrix_files.delete_project(project)
     rt.artifacts.delete_project(project)
@@ -211,6 +211,8 @@ def reconcile_project(project: str) -> dict:
     try:
         reading = read_connected_project(rt.label_studio, project, rt.settings.model_version_prefix)
     except ProjectDisconnected as gone:
+        if gone.project_deleted:  # its files go under the round lock, so that no round still running rewrites them
+            return {"rerank": rt.queue.request_rerank(project, f"reconcile: {gone}"), "reasons": [str(gone)]}
         return {"rerank": "not needed", **stop_working_on(rt, project, gone)}
     try:  # repairs that must not keep the comparison below from running when Label Studio refuses them
         secure_webhooks(rt, project)

@@ -442,7 +442,10 @@ def test_removing_the_backend_or_deleting_the_project_stops_the_work_on_it(runti
     label_studio.backends = [{"id": 2, "url": "http://backend:9090", "project": 1}]
     runtime.registry.count_event("1", "ANNOTATION_CREATED")
     label_studio.deleted = True
-    outcome = jobs.reconcile_project("1")
+    outcome = jobs.reconcile_project("1")  # it hands the deletion to a round, which holds the project's round lock
+    assert outcome["rerank"] == "enqueued" and "no longer exists" in outcome["reasons"][0]
+    assert runtime.snapshots.load("1") is not None  # nothing deleted outside the lock
+    outcome = jobs.rerank_project("1")
     assert "no longer exists" in outcome["disconnected"] and runtime.registry.is_disconnected("1")
     # deleted: its task list, head versions and records go, and a new project with its id would start clean
     assert runtime.snapshots.load("1") is None and runtime.artifacts.versions("1") == []
