@@ -114,8 +114,13 @@ def run_one(
     finetune: Callable[[np.ndarray, LinearHead, int], float] | None = None,
     finetune_at: frozenset[int] = frozenset(),
     random_start: int = 0,
+    rank_top_k: int = 20,
 ) -> dict:
     """One replay: accuracy and macro-F1 on the test set after each budget.
+
+    Each round ranks `rank_top_k` rows (or the batch, if larger) as a round in the backend ranks RANK_TOP_K
+    tasks, and the annotators label the first `budget - labelled` of them: with batches of 1, one annotator who
+    is served the top of a fresh ranking after every annotation.
 
     `finetune(labeled, probe, seed)`, when given, is called at the budgets in `finetune_at` and returns the test
     accuracy of an encoder fine-tuned on the labelled rows; the replay goes on with the frozen encoder.
@@ -146,7 +151,8 @@ def run_one(
             labeled & (shown != pool.labels),  # annotations that corrected the pre-annotation
         )
         picker = start_strategy if budget <= random_start else strategy
-        picks = picker.select(state, budget - int(labeled.sum()), rng)
+        batch = budget - int(labeled.sum())
+        picks = picker.select(state, max(batch, rank_top_k), rng)[:batch]
         shown[picks] = all_probs[0][picks].argmax(axis=1)
         labeled = labeled.copy()
         labeled[picks] = True
@@ -213,6 +219,13 @@ def main(argv: list[str] | None = None) -> None:
         "target are measured, not bounded by --budget; default: --budget",
     )
     parser.add_argument("--batch-size", type=int, default=20)
+    parser.add_argument(
+        "--rank-top-k",
+        type=int,
+        default=20,
+        help="rows each round ranks, as RANK_TOP_K in the backend; annotators label the first --batch-size of "
+        "them (--batch-size 1: one annotator, a new ranking after every annotation); default 20",
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", required=True)
     parser.add_argument("--text-column", default="text")
@@ -240,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated LABEL=NAME: the choice a CSV label stands for (zero-shot uses it), e.g. 0=negative",
     )
     args = parser.parse_args(argv)
-    for option in ("budget", "batch_size", "seeds"):
+    for option in ("budget", "batch_size", "seeds", "rank_top_k"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be 1 or more, got {getattr(args, option)}")
     if args.baseline_budget < 0:
@@ -317,6 +330,7 @@ def main(argv: list[str] | None = None) -> None:
                     finetune,
                     finetune_at,
                     random_start=args.random_start,
+                    rank_top_k=args.rank_top_k,
                 )
                 for seed in range(args.seeds)
             ]

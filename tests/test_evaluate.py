@@ -5,6 +5,7 @@ import pytest
 
 from backend.evaluate import macro_f1, main, replay_budgets
 from backend.evaluation_summary import labels_to_reach
+from backend.scoring.registry import get_strategy
 from tests.conftest import read_csv
 
 
@@ -90,6 +91,25 @@ def test_random_start_draws_the_first_labels_at_random_for_every_strategy(tiny_b
     # one accuracy on 100 test rows can coincide)
     assert random[0] != random[1] and margin[0] != margin[1]
     assert strategies["margin"]["distinct_seed_curves"] == 2
+
+
+def test_each_round_ranks_rank_top_k_rows_and_the_annotators_label_the_first_batch(tiny_bert, tmp_path, monkeypatch):
+    margin_class = type(get_strategy("margin"))
+    asked, original = [], margin_class.select
+
+    def recorded(self, pool, n_instances, rng):
+        picks = original(self, pool, n_instances, rng)
+        asked.append((n_instances, int(pool.labeled.sum()), picks[0]))
+        return picks
+
+    monkeypatch.setattr(margin_class, "select", recorded)
+    arguments = harness_arguments(tmp_path, tiny_bert, "--seeds", "1")
+    main([*arguments, "--strategy", "margin", "--budget", "3", "--batch-size", "1", "--rank-top-k", "5"])
+    # one annotator: every round ranks 5 rows, the top one is labelled, the next round ranks again
+    assert [(n, labelled) for n, labelled, _ in asked] == [(5, 0), (5, 1), (5, 2)]
+    assert len({top for _, _, top in asked}) == 3
+    margin = json.loads((tmp_path / "out" / "results.json").read_text())["strategies"]["margin"]
+    assert margin["budgets"] == [1, 2, 3]
 
 
 def test_unknown_strategy_fails_before_encoding(tmp_path):
@@ -279,6 +299,7 @@ def test_spreadsheet_csvs_and_rows_without_a_label_are_read(tiny_bert, tmp_path,
         (("--budget", "0"), "--budget must be 1 or more, got 0"),
         (("--batch-size", "0"), "--batch-size must be 1 or more, got 0"),
         (("--seeds", "0"), "--seeds must be 1 or more, got 0"),
+        (("--rank-top-k", "0"), "--rank-top-k must be 1 or more, got 0"),
         (("--random-start", "-20"), "--random-start must be 0 or a multiple of --batch-size, got -20"),
         (("--random-start", "30"), "--random-start must be 0 or a multiple of --batch-size, got 30"),
     ],
