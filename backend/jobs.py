@@ -116,9 +116,11 @@ def kept_alive(lock: Lock) -> Iterator[None]:
         while not stop.wait(lock.timeout / 3):
             try:
                 lock.reacquire()
-            except (LockError, redis.RedisError) as exc:  # lost it (expired while Redis was away): the fence holds
-                log.warning("%s: could not renew the lock (%s)", lock.name, type(exc).__name__)
+            except LockError as exc:  # lost it (expired while Redis was away): the publishing fence holds
+                log.warning("%s: lost the lock, no longer renewing it (%s)", lock.name, type(exc).__name__)
                 return
+            except redis.RedisError as exc:  # Redis away for a moment: the next tick tries again, in time
+                log.warning("%s: could not renew the lock, trying again (%s)", lock.name, type(exc).__name__)
 
     renewer = threading.Thread(target=renew, name=f"renew {lock.name}", daemon=True)
     renewer.start()
