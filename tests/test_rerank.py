@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import redis
 from rq import SimpleWorker
 
 from backend import jobs
@@ -483,6 +484,33 @@ def test_a_round_longer_than_the_lock_timeout_keeps_its_lock(runtime, label_stud
     assert not runtime.redis.exists(lock_key)  # released at the end
 
 
+def test_a_renewal_that_fails_once_does_not_stop_the_renewals(runtime, label_studio, monkeypatch):
+    from redis.lock import Lock
+
+    runtime.settings = replace(runtime.settings, rerank_lock_timeout=1)
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    renew, failures = Lock.reacquire, []
+
+    def blips_once(self):
+        if not failures:
+            failures.append(1)
+            raise redis.ConnectionError("Redis away for a moment")
+        return renew(self)
+
+    monkeypatch.setattr(Lock, "reacquire", blips_once)
+    held = []
+
+    def a_long_round(project, rt, generation, timing):
+        for _ in range(6):  # 3 s: the first renewal (at 0.33 s) fails, the ones after keep the lock
+            time.sleep(0.5)
+            held.append(bool(rt.redis.exists("al:rerank:lock:1")))
+        return {"published": True}
+
+    monkeypatch.setattr(jobs, "rerank", a_long_round)
+    assert jobs.rerank_project("1") == {"published": True}
+    assert failures and held == [True] * 6
+
+
 def test_a_re_rank_waiting_for_the_lock_yields_to_a_newer_one_instead_of_holding_a_worker(
     runtime, label_studio, monkeypatch
 ):
@@ -686,6 +714,22 @@ def test_a_round_after_an_import_reads_only_the_imported_tasks(runtime, label_st
     assert snapshot.text_keys[-5:] == [text_key(f"a story imported later, number {i}") for i in range(5)]
     assert runtime.embedding_cache.missing(snapshot.text_keys) == []  # the imported texts were encoded
     assert summary["matrix"] == "file and cache, then file"  # the previous file's rows, the imported tasks' vectors
+
+
+def test_tasks_imported_while_the_whole_list_is_read_are_not_added_twice(runtime, label_studio, monkeypatch):
+    whole_list = label_studio.iter_tasks
+
+    def import_midway(project_id, fields="all"):  # the stamp was read before the pages; the import lands in them
+        label_studio.import_tasks(["a story imported during the read", "and another"])
+        return whole_list(project_id, fields)
+
+    monkeypatch.setattr(label_studio, "iter_tasks", import_midway)
+    rerank("1", runtime, generation=1)
+    monkeypatch.setattr(label_studio, "iter_tasks", whole_list)
+    summary = rerank("1", runtime, generation=2)  # the stamp changed: the round reads the tasks after it
+    assert label_studio.imported_task_reads == 1 and summary["unlabelled"] == 62
+    assert runtime.snapshots.load("1").task_ids.tolist() == sorted(label_studio.tasks)  # each task once
+    assert len({p["task"] for p in label_studio.predictions if p["model_version"] == summary["model_version"]}) == 20
 
 
 def test_an_import_with_deletions_reads_the_whole_task_list(runtime, label_studio):

@@ -157,6 +157,9 @@ def extend_snapshot(
     added = list(runtime.label_studio.iter_tasks_after(int(project), old_newest))
     if len(added) != count - old_count:
         return None
+    # the stamp is read before the pages: tasks imported while a whole list was read are in it already
+    known = set(snapshot.task_ids[snapshot.task_ids > old_newest].tolist())
+    added = [task for task in added if int(task["id"]) not in known]
     return save_snapshot(runtime, project, config, stamp, added, after=snapshot)
 
 
