@@ -225,7 +225,7 @@ def reconcile_project(project: str) -> dict:
     last = rt.registry.last_round(project) or {}
     reasons = []
     if reading.fingerprint != last.get("fingerprint"):
-        reasons.append("annotations or tasks changed")
+        reasons.append("annotations, tasks or the label config changed")
     ranks_something = last.get("ranked", 1) > 0  # a round with nothing to rank (all labelled) switches nothing
     if ranks_something and (reading.info.get("model_version") or "") != (rt.registry.live_version(project) or ""):
         reasons.append(f"model version is {reading.info.get('model_version')!r}")

@@ -273,7 +273,7 @@ def test_an_overtaken_round_keeps_the_record_that_reconciliation_compares_with(r
     stale = rerank("1", runtime, generation=4)  # sees the annotation, but a newer round's ranking is live
     assert stale["published"] is False and stale["overtaken"] is True
     assert runtime.registry.last_round("1")["generation"] == 5
-    assert jobs.reconcile_project("1")["reasons"] == ["annotations or tasks changed"]
+    assert jobs.reconcile_project("1")["reasons"] == ["annotations, tasks or the label config changed"]
 
 
 def test_a_job_that_gets_the_lock_after_a_newer_round_published_skips_its_round(runtime, label_studio, monkeypatch):
@@ -338,7 +338,7 @@ def test_reconciliation_requests_a_round_only_when_label_studio_changed(runtime,
     assert jobs.reconcile_project("1") == {"rerank": "not needed"}
     label_studio.annotate(3, label_studio.truth[3])  # a webhook that never arrived
     outcome = jobs.reconcile_project("1")
-    assert outcome["rerank"] == "enqueued" and outcome["reasons"] == ["annotations or tasks changed"]
+    assert outcome["rerank"] == "enqueued" and outcome["reasons"] == ["annotations, tasks or the label config changed"]
     label_studio.project["model_version"] = ""  # reset from the UI
     assert "model version is ''" in jobs.reconcile_project("1")["reasons"]
 
@@ -354,7 +354,7 @@ def test_a_fully_labelled_project_whose_version_was_reset_is_not_reranked_every_
     label_studio.project["model_version"] = None  # e.g. the old predictions deleted in the project's settings
     assert jobs.reconcile_project("1") == {"rerank": "not needed"}  # a round would have nothing to rank either
     label_studio.replace_task(1, "A task imported while the webhooks were lost")
-    assert jobs.reconcile_project("1")["reasons"] == ["annotations or tasks changed"]
+    assert jobs.reconcile_project("1")["reasons"] == ["annotations, tasks or the label config changed"]
 
 
 def test_reconciliation_still_compares_when_label_studio_refuses_to_secure_the_webhook(
@@ -369,7 +369,7 @@ def test_reconciliation_still_compares_when_label_studio_refuses_to_secure_the_w
     label_studio.webhooks = refuse
     rerank("1", runtime, generation=runtime.queue.start_rerank("1"))
     label_studio.annotate(3, label_studio.truth[3])  # a webhook that never arrived
-    assert jobs.reconcile_project("1")["reasons"] == ["annotations or tasks changed"]
+    assert jobs.reconcile_project("1")["reasons"] == ["annotations, tasks or the label config changed"]
 
 
 def test_a_round_lock_that_expired_meanwhile_does_not_fail_the_round(runtime):
@@ -400,7 +400,19 @@ def test_reconciliation_notices_tasks_replaced_with_the_count_unchanged(runtime,
     first = rerank("1", runtime, generation=runtime.queue.start_rerank("1"))
     assert jobs.reconcile_project("1") == {"rerank": "not needed"}
     label_studio.replace_task(first["top_task"], "A new task, imported while the webhooks were lost")
-    assert jobs.reconcile_project("1")["reasons"] == ["annotations or tasks changed"]
+    assert jobs.reconcile_project("1")["reasons"] == ["annotations, tasks or the label config changed"]
+
+
+def test_reconciliation_notices_a_label_config_change_whose_webhook_was_lost(runtime, label_studio, monkeypatch):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    rerank("1", runtime, generation=runtime.queue.start_rerank("1"))
+    assert jobs.reconcile_project("1") == {"rerank": "not needed"}
+    label_studio.project["label_config"] = AG_NEWS_CONFIG.replace('value="Sports"', 'value="Sport"')
+    assert 'value="Sport"' in label_studio.project["label_config"]  # a choice renamed; PROJECT_UPDATED was lost
+    outcome = jobs.reconcile_project("1")
+    assert outcome["reasons"] == ["annotations, tasks or the label config changed"]
+    summary = rerank("1", runtime, generation=runtime.queue.start_rerank("1"))
+    assert summary["published"] and jobs.reconcile_project("1") == {"rerank": "not needed"}
 
 
 def test_a_project_switched_to_another_ml_backend_is_left_alone(runtime, label_studio, monkeypatch):

@@ -55,10 +55,10 @@ class ProjectState:
     """Where the unlabelled tasks are in the task list, ascending (`text_keys` = those of `snapshot_keys`)."""
 
 
-def annotation_fingerprint(annotated_tasks: list[dict], task_stamp: tuple[int, int]) -> str:
-    """A digest of the task list stamp and every annotation's id and update time: changes whenever labels or
-    the task list do."""
-    digest = hashlib.sha1(repr(tuple(task_stamp)).encode())
+def project_fingerprint(annotated_tasks: list[dict], task_stamp: tuple[int, int], label_config: str) -> str:
+    """A digest of the label config, the task list stamp and every annotation's id and update time: changes
+    whenever labels, the task list or the choices do."""
+    digest = hashlib.sha1(repr((tuple(task_stamp), label_config)).encode())
     for task in sorted(annotated_tasks, key=lambda t: t["id"]):
         stamps = sorted(
             (a.get("id") or 0, str(a.get("updated_at") or ""), bool(a.get("was_cancelled")))
@@ -97,7 +97,7 @@ class ProjectReading:
 
     @property
     def fingerprint(self) -> str:
-        return annotation_fingerprint(self.annotated, self.task_stamp)
+        return project_fingerprint(self.annotated, self.task_stamp, self.info.get("label_config") or "")
 
 
 def may_be_this_backend(ml_backend: dict, version_prefix: str) -> bool:
