@@ -65,12 +65,18 @@ def test_setup_records_the_project_and_queues_its_connection(client, redis_url, 
 
 
 def test_setup_restarts_a_reconciliation_chain_that_broke(client, redis_url, settings):
+    from rq.job import Job
     from rq.registry import ScheduledJobRegistry
+
+    from backend.adapters.queue import FAILURE_TTL
 
     client.post("/setup", json=setup_payload())
     scheduled = ScheduledJobRegistry(settings.queue_name, connection=redis.Redis.from_url(redis_url))
     (first,) = scheduled.get_job_ids()
     assert first.startswith("reconcile-3-")
+    job = Job.fetch(first, connection=redis.Redis.from_url(redis_url))
+    # superseded a minute later: a failed one stays an hour (ten intervals if longer), not a week as a round does
+    assert job.failure_ttl == max(3600, 10 * settings.reconcile_interval) < FAILURE_TTL
     client.post("/setup", json=setup_payload())
     assert scheduled.get_job_ids() == [first]  # alive: nothing more
     scheduled.remove(first, delete_job=True)  # the chain broke (say Redis was away when it rescheduled)

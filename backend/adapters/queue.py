@@ -33,6 +33,15 @@ DEAD_STATUSES = (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
 STALLED_AFTER_SECONDS = 30
 WAITING_STATUSES = (JobStatus.DEFERRED, JobStatus.QUEUED, JobStatus.SCHEDULED)
 
+RECONCILE_FAILURES_KEPT_SECONDS = 3600
+
+
+def reconcile_failure_ttl(interval: int) -> int:
+    """How long a failed reconciliation stays in the failed registry: the next one supersedes it, so an hour's
+    worth (at least ten intervals) shows an outage without piling up one job a minute for a week."""
+    return max(RECONCILE_FAILURES_KEPT_SECONDS, 10 * interval)
+
+
 PUBLISH_IF_NEWER = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) return 1 end
@@ -141,7 +150,7 @@ class JobQueue:
             "backend.jobs.reconcile_project",
             args=(project,),
             job_id=f"reconcile-{project}-{slot}",
-            **self._job_options(retry=None),
+            **{**self._job_options(retry=None), "failure_ttl": reconcile_failure_ttl(interval)},
         )
         try:
             self.queue.schedule_job(job, _in(interval), unique=True)
