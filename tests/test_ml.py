@@ -7,11 +7,13 @@ from backend.ml.encoder import Encoder
 from backend.ml.head import (
     DEFAULT_L2,
     L2_GRID,
+    LinearHead,
     choose_l2,
     fit_committee,
     fit_head,
     l2_for,
     one_hot,
+    one_standard_error_choice,
     zero_shot_head,
 )
 
@@ -106,6 +108,22 @@ def test_choose_l2_keeps_the_strongest_penalty_unless_a_weaker_one_is_clearly_be
     assert choose_l2(x, targets, False, grid=(1e-1, 1e-4)) == 1e-1
     assert choose_l2(x, targets, True, grid=(1e-1, 1e-4)) == 1e-1
     assert choose_l2(x, targets, False, grid=(1e-4, 1e-1)) == 1e-4  # "strongest" = the first of the grid
+
+
+def test_one_standard_error_rule_by_hand():
+    # single choice, 0/1 errors over 100 rows: the weak option 10% wrong, SE sqrt(0.1 * 0.9 / 100) = 0.03
+    strong, weak = np.zeros(100), np.zeros(100)
+    weak[:10] = 1
+    strong[:12] = 1  # 12%: within 0.03 of 10%, so the first (strongest) option is kept
+    assert one_standard_error_choice(np.stack([strong, weak])) == 0
+    strong[:14] = 1  # 14%: not within
+    assert one_standard_error_choice(np.stack([strong, weak])) == 1
+    # multi-label, 60 rows of 10 labels: weak gets 1 label wrong in half of the rows (5% of decisions, row errors
+    # 0.1 or 0: SE 0.05 / sqrt(60) = 0.0065); strong 7.5% (0.15 per row in half of them) is clearly worse. Counting
+    # the 600 decisions as 60 independent rows (sqrt(0.05 * 0.95 / 60) = 0.028) would have kept it.
+    weak = np.tile([0.1, 0.0], 30)
+    strong = np.tile([0.15, 0.0], 30)
+    assert one_standard_error_choice(np.stack([strong, weak])) == 1
 
 
 def test_choose_l2_needs_two_rows_per_fold():
@@ -204,3 +222,14 @@ def test_training_records_its_penalty_and_keeps_it_until_the_annotations_grow(en
     again = train_project("7", tasks[:25], config, encoder, None, store)  # 25% more: cross-validated again
     assert again.meta["l2_chosen_at"] == 25 and again.meta["l2"] in L2_GRID
     assert ArtifactStore(tmp_path).load_latest("7", config.labels, encoder.encoder_id).meta["l2_chosen_at"] == 25
+
+
+def test_sigmoid_of_saturated_multi_label_logits_gives_no_overflow_warning():
+    import warnings
+
+    logits = np.array([[-120.0, -3.0, 0.0, 3.0, 120.0]], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning here would fail the test
+        probs = LinearHead.probs_from_logits(logits, multi_label=True)
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs[0], [0.0, 0.0474259, 0.5, 0.9525741, 1.0], atol=1e-6)

@@ -52,7 +52,7 @@ class LinearHead:
     def probs_from_logits(logits: np.ndarray, multi_label: bool) -> np.ndarray:
         """(n, k) logits -> probabilities: sigmoid per label, or softmax per row."""
         if multi_label:
-            return 1.0 / (1.0 + np.exp(-logits))
+            return np.exp(-np.logaddexp(0.0, -logits))  # sigmoid, without overflow warnings for logits below -88
         logits = logits - logits.max(axis=1, keepdims=True)
         np.exp(logits, out=logits)
         logits /= logits.sum(axis=1, keepdims=True)
@@ -121,16 +121,26 @@ def choose_l2(
         return DEFAULT_L2
     fold_of = np.empty(n, dtype=int)
     fold_of[np.random.default_rng(n).permutation(n)] = np.arange(n) % CV_FOLDS
-    wrong = np.zeros(len(grid))
+    row_errors = np.zeros((len(grid), n))
     for fold in range(CV_FOLDS):
         train, held = fold_of != fold, fold_of == fold
         for j, l2 in enumerate(grid):
             probs = fit_head(embeddings[train], targets[train], multi_label, l2=l2).predict_proba(embeddings[held])
-            wrong[j] += _errors(probs, targets[held], multi_label)
-    rate = wrong / (n * targets.shape[1] if multi_label else n)  # per label decision when multi-label
-    lowest = rate.min()
-    standard_error = np.sqrt(lowest * (1 - lowest) / n)
-    return grid[int(np.flatnonzero(rate <= lowest + standard_error)[0])]
+            row_errors[j, held] = _row_errors(probs, targets[held], multi_label)
+    return grid[one_standard_error_choice(row_errors)]
+
+
+def one_standard_error_choice(row_errors: np.ndarray) -> int:
+    """The first option whose mean held-out error is within one standard error of the lowest mean.
+
+    `row_errors` is (options, rows). The standard error is that of the best option's mean over rows: the rows are
+    the independent units, also when multi-label rows hold several correlated label decisions each (for 0/1
+    errors it is the binomial sqrt(p (1 - p) / n)).
+    """
+    rate = row_errors.mean(axis=1)
+    best = int(np.argmin(rate))
+    standard_error = row_errors[best].std() / np.sqrt(row_errors.shape[1])
+    return int(np.flatnonzero(rate <= rate[best] + standard_error)[0])
 
 
 def l2_for(
@@ -143,11 +153,12 @@ def l2_for(
     return choose_l2(embeddings, targets, multi_label), len(embeddings)
 
 
-def _errors(probs: np.ndarray, targets: np.ndarray, multi_label: bool) -> int:
-    """Rows whose top choice is wrong (single choice), or labels on the wrong side of 0.5 (multiple)."""
+def _row_errors(probs: np.ndarray, targets: np.ndarray, multi_label: bool) -> np.ndarray:
+    """(n,) per row: 1 if its top choice is wrong (single choice), or the share of its labels on the wrong side of
+    0.5 (multiple)."""
     if multi_label:
-        return int(np.sum((probs >= 0.5) != (targets >= 0.5)))
-    return int(np.sum(probs.argmax(axis=1) != targets.argmax(axis=1)))
+        return np.mean((probs >= 0.5) != (targets >= 0.5), axis=1)
+    return (probs.argmax(axis=1) != targets.argmax(axis=1)).astype(np.float64)
 
 
 def fit_committee(
