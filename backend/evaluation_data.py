@@ -24,7 +24,7 @@ class Dataset:
 
 
 def read_labelled_csv(path: str, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
-    """Texts and labels of a CSV (a spreadsheet's byte-order mark allowed). A row without a text or with an empty
+    """Texts and labels of a CSV (a spreadsheet's byte-order mark allowed). A row with an empty (or blank) text or
     label is left out, and the run says how many and where the first was."""
     texts, labels, skipped = [], [], []
     with open(path, newline="", encoding="utf-8-sig") as handle:
@@ -34,7 +34,7 @@ def read_labelled_csv(path: str, text_column: str, label_column: str) -> tuple[l
             raise SystemExit(f"{path}: no column(s) {sorted(missing)}; columns are {reader.fieldnames}")
         for row in reader:
             text, label = row[text_column], (row[label_column] or "").strip()
-            if text is None or not label:
+            if not (text or "").strip() or not label:
                 skipped.append(reader.line_num)
                 continue
             texts.append(text)

@@ -284,11 +284,12 @@ def test_spreadsheet_csvs_and_rows_without_a_label_are_read(tiny_bert, tmp_path,
     arguments = harness_arguments(tmp_path, tiny_bert, "--seeds", "1")
     rows = read_csv("trec6/train.csv", 300)
     rows[5] = {"text": rows[5]["text"], "label": " "}
+    rows[8] = {"text": "  ", "label": rows[8]["label"]}
     write_csv(tmp_path / "pool.csv", rows)
     data = (tmp_path / "pool.csv").read_bytes()
     (tmp_path / "pool.csv").write_bytes(b"\xef\xbb\xbf" + data + b"a short row without a label\r\n")
     main(arguments)
-    assert "left out 2 row(s) without a text or a label (the first ends on line 7)" in capsys.readouterr().out
+    assert "left out 3 row(s) without a text or a label (the first ends on line 7)" in capsys.readouterr().out
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["strategies"]["margin"]["budgets"] == [20, 40, 60]
 
