@@ -204,6 +204,18 @@ def test_another_model_saved_into_the_same_folder_is_another_embedding_space(tin
     assert Encoder(str(folder), device="cpu").encoder_id != before
 
 
+def test_weights_changed_only_in_the_middle_of_the_file_change_the_fingerprint(tmp_path):
+    from backend.ml.encoder import _folder_fingerprint
+
+    weights = bytearray(np.random.default_rng(0).bytes(4 << 20))  # 4 MiB: 64 samples, one every 64 KiB
+    (tmp_path / "model.safetensors").write_bytes(weights)
+    before = _folder_fingerprint(str(tmp_path))
+    assert _folder_fingerprint(str(tmp_path)) == before
+    weights[3 << 19 : 7 << 18] = bytes(1 << 18)  # one layer's 256 KiB, far from the header and the last bytes
+    (tmp_path / "model.safetensors").write_bytes(weights)
+    assert _folder_fingerprint(str(tmp_path)) != before
+
+
 def test_training_records_its_penalty_and_keeps_it_until_the_annotations_grow(encoder, tmp_path):
     from backend.label_config import parse_label_config
     from backend.services.train import train_project
