@@ -19,6 +19,9 @@ from backend.scoring.diversity import cluster_picks, greedy_coreset, knn_density
 from backend.scoring.gradient import gradient_kmeanspp, gradient_norms_squared, hypothetical_residuals
 from backend.scoring.uncertainty import bald, entropy, least_confidence, margin, per_label, vote_entropy
 
+NORM_ROWS = 65_536
+"""Rows whose gradient norms BADGE computes at a time when it pre-filters a large pool (a 100 MB float32 chunk)."""
+
 UNCERTAINTY_MEASURES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "least_confidence": least_confidence,
     "margin": margin,
@@ -331,7 +334,14 @@ class Badge(QueryStrategy):
         candidates = np.arange(len(unlabeled))
         limit = max(self.max_candidates, n)  # the cap on candidates never caps the batch
         if len(unlabeled) > limit:
-            norms = gradient_norms_squared(pool.embeddings[unlabeled], residuals)
+            norms = np.concatenate(  # chunk by chunk: no copy of every unlabelled row's embedding at once
+                [
+                    gradient_norms_squared(
+                        pool.embeddings[unlabeled[start : start + NORM_ROWS]], residuals[start : start + NORM_ROWS]
+                    )
+                    for start in range(0, len(unlabeled), NORM_ROWS)
+                ]
+            )
             candidates = top_indices(norms, limit, rng)
         picks = gradient_kmeanspp(pool.embeddings[unlabeled[candidates]], residuals[candidates], n, rng)
         return unlabeled[candidates[picks]]
