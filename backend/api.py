@@ -95,6 +95,9 @@ def _register_routes(app: Flask, runtime: Runtime) -> None:
 def _register_auth(app: Flask, runtime: Runtime) -> None:
     settings = runtime.settings
     if not settings.basic_auth_enabled:
+        if settings.basic_auth_user or settings.basic_auth_pass:
+            only = "BASIC_AUTH_USER" if settings.basic_auth_user else "BASIC_AUTH_PASS"
+            log.warning("only %s is set: basic auth needs BASIC_AUTH_USER and BASIC_AUTH_PASS, so it is off", only)
         return
 
     accepted = _credential_encodings(settings.basic_auth_user, settings.basic_auth_pass)

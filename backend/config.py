@@ -9,7 +9,7 @@ import base64
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from backend.scoring.names import DEFAULT_STRATEGY, STRATEGY_NAMES
 
@@ -39,8 +39,9 @@ def _float(environ: Mapping[str, str], name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, got {raw!r}") from None
 
 
-def _choice(environ: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+def _choice(environ: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...], upper: bool = False) -> str:
     value = environ.get(name, "") or default
+    value = value.upper() if upper else value
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
     return value
@@ -119,7 +120,7 @@ class Settings:
             model_dir=env.get("MODEL_DIR", "") or defaults.model_dir,
             basic_auth_user=env.get("BASIC_AUTH_USER", ""),
             basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
-            log_level=_choice(env, "LOG_LEVEL", defaults.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),
+            log_level=_choice(env, "LOG_LEVEL", defaults.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
             host=env.get("HOST", "") or defaults.host,
             port=_int(env, "PORT", defaults.port, minimum=1),
             workers=_int(env, "WORKERS", defaults.workers, minimum=1),
@@ -153,9 +154,10 @@ class Settings:
 
     def secrets(self) -> list[str]:
         """Values that must never reach logs or error messages."""
-        redis_password = urlsplit(self.redis_url).password or ""
+        url = urlsplit(self.redis_url)
+        redis_passwords = [url.password or "", *parse_qs(url.query).get("password", [])]  # redis://h?password=...
         return [
-            v for v in (self.label_studio_api_key, self.basic_auth_pass, self.basic_auth_token, redis_password) if v
+            v for v in (self.label_studio_api_key, self.basic_auth_pass, self.basic_auth_token, *redis_passwords) if v
         ]
 
 

@@ -7,9 +7,11 @@ classification and reads out what the rest of the backend needs.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
-from html.parser import HTMLParser
 
+import lxml.etree
+import lxml.html
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend.errors import UnsupportedLabelConfig
@@ -71,51 +73,61 @@ class ClassificationConfig:
         return ()
 
     def text_of(self, task: dict) -> str:
-        """The text a task carries for this config; raise KeyError naming the missing data key.
+        """The text a task carries for this config; raise KeyError naming the missing (or null) data key.
 
-        Lone surrogates (valid in JSON's \\uXXXX escapes, not in UTF-8) become "?", so the tokenizer never
-        refuses a text and one odd task never fails a whole batch.
+        The key may be a path into nested data, as Label Studio reads `value="$meta.text"` or `$pages[0].text`
+        (a key holding the dots itself comes first). Lone surrogates (valid in JSON's \\uXXXX escapes, not in
+        UTF-8) become "?", so the tokenizer never refuses a text and one odd task never fails a whole batch.
         """
-        data = task.get("data")
-        if not isinstance(data, dict) or self.data_key not in data:
+        value = data_value(task.get("data"), self.data_key)
+        if value is None:
             raise KeyError(f"task {task.get('id')!r} has no data[{self.data_key!r}]")
-        value = data[self.data_key]
         text = value if isinstance(value, str) else str(value)
-        if self.object_tag == "HyperText":
-            text = visible_text(text)
-        return text.encode("utf-8", errors="replace").decode("utf-8")
+        text = text.encode("utf-8", errors="replace").decode("utf-8")
+        return visible_text(text) if self.object_tag == "HyperText" else text
 
 
-class _VisibleText(HTMLParser):
-    """Collects what a browser shows of an HTML document: its text outside <script> and <style>."""
+def data_value(data: object, key: str) -> object:
+    """`data[key]`, or the value at the path `key` names (`meta.text`, `pages[0].text`), or None."""
+    if not isinstance(data, dict):
+        return None
+    if key in data:
+        return data[key]
+    value = data
+    for step in re.findall(r"[^.\[\]]+", key):
+        if isinstance(value, dict):
+            value = value.get(step)
+        elif isinstance(value, list) and step.isdigit() and int(step) < len(value):
+            value = value[int(step)]
+        else:
+            return None
+    return value
 
-    HIDDEN = ("script", "style")
 
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self.hidden_depth = 0
-
-    def handle_starttag(self, tag, attrs):
-        if tag in self.HIDDEN:
-            self.hidden_depth += 1
-
-    def handle_endtag(self, tag):
-        if tag in self.HIDDEN and self.hidden_depth:
-            self.hidden_depth -= 1
-
-    def handle_data(self, data):
-        if not self.hidden_depth:
-            self.parts.append(data)
+HIDDEN_TAGS = frozenset({"script", "style"})
 
 
 def visible_text(html: str) -> str:
-    """The text of an HTML fragment, entities decoded, whitespace collapsed: `<p>Fish &amp; chips</p>` ->
-    `Fish & chips`."""
-    parser = _VisibleText()
-    parser.feed(html)
-    parser.close()
-    return " ".join(" ".join(parser.parts).split())
+    """What a browser shows of an HTML fragment: its text outside <script>, <style> and comments, entities
+    decoded, whitespace collapsed: `<p>Fish &amp; chips</p>` -> `Fish & chips`.
+
+    libxml2's HTML parser (through lxml) takes any markup, broken or hostile, in linear time; Python's
+    `html.parser` fails on some (`<![ ]]>`) and is quadratic on others (100 KB of `<!--`: 9 s).
+    """
+    try:
+        document = lxml.html.document_fromstring(html.encode("utf-8"), parser=_HTML_PARSER)
+    except lxml.etree.ParserError:  # nothing but markup, or nothing at all
+        return ""
+    parts = []
+    for node in document.iter():
+        if isinstance(node.tag, str) and node.tag not in HIDDEN_TAGS and node.text:  # (comments' tags are not)
+            parts.append(node.text)
+        if node.tail and node is not document:
+            parts.append(node.tail)
+    return " ".join(" ".join(parts).split())
+
+
+_HTML_PARSER = lxml.html.HTMLParser(encoding="utf-8")
 
 
 @functools.lru_cache(maxsize=256)
@@ -137,13 +149,21 @@ def parse_label_config(label_config: str) -> ClassificationConfig:
         tags = sorted({control.tag for control in controls}) or ["none"]
         raise UnsupportedLabelConfig(f"found control tags {', '.join(tags)} but no <Choices>")
     # the document's class: a <Choices> shown for the whole text before one shown only on a condition
+    conditional = _conditional_choices(label_config)
     reasons = []
-    for control in sorted(choices, key=lambda control: "visibleWhen" in control.attr):
+    for control in sorted(choices, key=lambda control: control.name in conditional):
         try:
             return _config_from_choices(control)
         except UnsupportedLabelConfig as unsupported:
             reasons.append(unsupported.reason)
     raise UnsupportedLabelConfig("; ".join(reasons))
+
+
+def _conditional_choices(label_config: str) -> set[str]:
+    """Names of the `<Choices>` shown only on a condition: with `visibleWhen`, or inside a `<View>` that has it."""
+    parser = lxml.etree.XMLParser(resolve_entities=False, no_network=True)
+    tree = lxml.etree.fromstring(label_config.encode("utf-8"), parser=parser)  # (LabelInterface parsed it already)
+    return {str(name) for name in tree.xpath("//Choices[@visibleWhen or ancestor::*[@visibleWhen]]/@name")}
 
 
 def _config_from_choices(control) -> ClassificationConfig:

@@ -92,6 +92,8 @@ def parse_setup(body: object, default_strategy: str = "hybrid") -> SetupRequest:
         extra = _json_object(extra, "extra_params")
     if not isinstance(extra, dict):
         raise MalformedRequest(f"'extra_params' must be a JSON object, got {type(extra).__name__}")
+    if "strategy_params" in extra and extra["strategy_params"] is None:  # null: no parameters, as if absent
+        extra = {key: value for key, value in extra.items() if key != "strategy_params"}
     _check_strategy_params(extra, default_strategy)
     version = body.get("model_version")
     return SetupRequest(project_id(body.get("project")), schema, version if isinstance(version, str) else None, extra)

@@ -201,6 +201,12 @@ def test_strategy_params_are_checked_against_the_backends_default_strategy(setti
     assert response.status_code == 400 and "candidate_factor" in response.json["message"]
 
 
+def test_null_strategy_params_at_setup_mean_none(client, runtime):
+    body = setup_payload() | {"extra_params": {"strategy": "margin", "strategy_params": None}}
+    assert client.post("/setup", json=body).status_code == 200
+    assert runtime.registry.params("3") == {"strategy": "margin"}  # stored as absent: a round can build it
+
+
 def test_project_ids_are_normalised(client):
     event = {"action": "ANNOTATION_CREATED", "annotation": {"id": 1}}
     assert client.post("/webhook", json=event | {"project": {"id": 7}}).json["rerank"] == "enqueued"

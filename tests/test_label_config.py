@@ -36,6 +36,9 @@ def test_the_document_class_is_found_among_other_choices():
         # a follow-up question shown only for one answer
         '<Choices name="reason" toName="text" visibleWhen="choice-selected" whenTagName="sentiment" '
         'whenChoiceValue="Negative"><Choice value="Price"/><Choice value="Quality"/></Choices>',
+        # the same, the condition on a <View> around it
+        '<View visibleWhen="choice-selected" whenTagName="sentiment" whenChoiceValue="Negative">'
+        '<Choices name="reason" toName="text"><Choice value="Price"/><Choice value="Quality"/></Choices></View>',
     ]
     for other in others:
         assert parse_label_config(f"<View>{text}{other}{sentiment}</View>").from_name == "sentiment", other
@@ -59,6 +62,41 @@ def test_a_hypertext_task_is_read_as_the_annotator_sees_it():
     plain = parse_label_config(AG_NEWS_CONFIG)
     assert plain.text_of({"id": 3, "data": {"text": "<b>kept</b> as written"}}) == "<b>kept</b> as written"
     assert config.text_source != parse_label_config(MULTI.replace("HyperText", "Text")).text_source
+
+
+@pytest.mark.parametrize(
+    ("html", "text"),
+    [
+        ("<p>fine</p><![ ]]>", "fine"),  # Python's html.parser raised AssertionError here: one task failed a batch
+        ("<![foo[ <p>after</p>", "after"),
+        ('<?xml version="1.0" encoding="utf-8"?><p>declared</p>', "declared"),
+        ('<meta charset="latin-1"><p>café</p>', "café"),  # the text is already decoded: its own charset is moot
+        ("before <!-- a comment --> after", "before after"),
+        ("<p>a</p><p>b</p>", "a b"),
+        ("<!--" * 25_000, ""),  # 100 KB of unclosed comments: html.parser took 9 s, quadratic
+        ("", ""),
+    ],
+)
+def test_any_hypertext_gives_its_visible_text(html, text):
+    assert parse_label_config(MULTI).text_of({"id": 1, "data": {"html": html}}) == text
+
+
+def test_the_text_field_may_be_a_path_into_nested_data():
+    def config(value):
+        return parse_label_config(AG_NEWS_CONFIG.replace('value="$text"', f'value="{value}"'))
+
+    task = {"id": 1, "data": {"meta": {"text": "nested"}, "pages": [{"text": "first page"}], "a.b": "literal key"}}
+    assert config("$meta.text").text_of(task) == "nested"  # as Label Studio's editor reads it (lodash get)
+    assert config("$pages[0].text").text_of(task) == "first page"
+    assert config("$a.b").text_of(task) == "literal key"  # a key holding the dots itself comes first
+    for missing in ("$meta.title", "$pages[1].text", "$text"):
+        with pytest.raises(KeyError, match="has no data"):
+            config(missing).text_of(task)
+
+
+def test_a_null_text_is_missing_not_the_word_none():
+    with pytest.raises(KeyError, match="has no data\\['text'\\]"):
+        parse_label_config(AG_NEWS_CONFIG).text_of({"id": 1, "data": {"text": None}})
 
 
 def test_result_has_label_studio_shape():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import logging
 
+import pytest
+
 from backend.config import Settings
 from backend.logs import FORMAT, RedactSecrets
 
@@ -47,6 +49,20 @@ def test_messages_tracebacks_and_derived_forms_of_secrets_are_redacted():
 def test_secrets_lists_only_what_is_set():
     assert Settings().secrets() == []
     assert Settings(redis_url="redis://localhost:6379/0", basic_auth_user="ls").secrets() == []
+    assert Settings(redis_url="redis://:pw1@localhost:6379/0").secrets() == ["pw1"]
+    assert Settings(redis_url="redis://localhost:6379/0?password=pw2&db=1").secrets() == ["pw2"]  # redis-py reads it
+
+
+def test_log_level_is_read_in_either_case_and_a_lone_basic_auth_setting_is_warned_about(caplog):
+    from backend.api import create_app
+    from backend.runtime import Runtime
+
+    assert Settings.from_env({"LOG_LEVEL": "info"}).log_level == "INFO"
+    with pytest.raises(ValueError, match="LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR; got 'VERBOSE'"):
+        Settings.from_env({"LOG_LEVEL": "verbose"})
+    with caplog.at_level("WARNING"):
+        create_app(Runtime(Settings(basic_auth_user="ls")))
+    assert "only BASIC_AUTH_USER is set" in caplog.text and "so it is off" in caplog.text
 
 
 def test_a_malformed_log_call_is_logged_redacted_and_never_raises_in_the_caller():
