@@ -39,3 +39,14 @@ def test_non_finite_vectors_cached_earlier_are_read_as_zeros(runtime, caplog):
     (chunk, missing), *_ = list(cache.iter_chunks(keys))
     assert missing == 0 and (chunk[0] == 0.5).all() and not chunk[1].any()
     assert caplog.text.count("1 of 2 cached vectors are NaN or infinite") == 2  # once per read, for its chunk
+
+
+def test_an_encoders_cache_expires_unless_stored_into_or_ranked_from(runtime):
+    from backend.adapters.embedding_cache import UNUSED_EXPIRE_SECONDS, RedisEmbeddingCache
+
+    cache = RedisEmbeddingCache(runtime.redis, "replaced-later", OverflowingEncoder.dim)
+    embed_texts(["a text"], OverflowingEncoder(), cache)
+    assert UNUSED_EXPIRE_SECONDS - 5 < runtime.redis.ttl(cache.key) <= UNUSED_EXPIRE_SECONDS == 30 * 24 * 3600
+    runtime.redis.expire(cache.key, 60)  # as if unused for 30 days less a minute
+    cache.touch()  # what every round does first
+    assert runtime.redis.ttl(cache.key) > UNUSED_EXPIRE_SECONDS - 5

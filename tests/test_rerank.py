@@ -140,6 +140,7 @@ def test_a_round_publishes_a_whole_ranking_and_switches_the_version(runtime, lab
     scores = [p["score"] for p in label_studio.predictions]
     assert scores == sorted(scores) and scores[0] == 0.0 and max(scores) < 1.0
     assert label_studio.predictions[0]["task"] == summary["top_task"]
+    assert runtime.redis.ttl(runtime.embedding_cache.key) > 29 * 24 * 3600  # ranked from: kept another 30 days
     assert len({p["task"] for p in label_studio.predictions}) == 20
     assert all(p["result"][0]["value"]["choices"][0] in label_studio.truth.values() for p in label_studio.predictions)
 

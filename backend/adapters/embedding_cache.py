@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 
 CHUNK = 5000
 """Fields per HMGET/HSET round trip: large enough to amortise latency, small enough not to block Redis."""
+UNUSED_EXPIRE_SECONDS = 30 * 24 * 3600
+"""An encoder's hash that no round ranked from and nothing was stored into for this long expires: the caches of
+encoders replaced (a new MODEL_NAME, a fine-tuned model) do not pile up in Redis."""
 
 
 class EmbeddingsMissing(LookupError):
@@ -115,6 +118,11 @@ class RedisEmbeddingCache:
         for start in range(0, len(keys), CHUNK):
             mapping = {key: vectors[start + i].tobytes() for i, key in enumerate(keys[start : start + CHUNK])}
             self.client.hset(self.key, mapping=mapping)
+        self.touch()
+
+    def touch(self) -> None:
+        """Keep this encoder's hash for another `UNUSED_EXPIRE_SECONDS` (a round calls it; so does every store)."""
+        self.client.expire(self.key, UNUSED_EXPIRE_SECONDS)
 
     def __len__(self) -> int:
         return int(self.client.hlen(self.key))

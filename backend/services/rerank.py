@@ -138,6 +138,7 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
     settings = runtime.settings
     watch = Stopwatch()
     encoder, cache = runtime.encoder, runtime.embedding_cache
+    cache.touch()  # in use: it does not expire while rounds rank from it
     try:
         state = read_project_state(runtime, project, watch)
         try:
