@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from backend.scoring.base import Pool
-from backend.scoring.hybrid import Hybrid, class_counts, diversity_share, interleaved, rare_class_picks
+from backend.scoring.hybrid import Hybrid, class_counts, diversity_share, rare_class_picks
 from backend.scoring.registry import get_strategy
 from backend.scoring.uncertainty import margin
 
@@ -97,39 +97,6 @@ def test_rare_class_gets_a_reserved_pick():
     assert 25 in picks and 26 not in picks  # one pick (20% of 5), the less confident predicted member
     assert get_strategy("margin").select(pool, 5, np.random.default_rng(0)).tolist().count(25) == 0
     assert 25 not in get_strategy("hybrid", rare_share=0.0).select(pool, 5, np.random.default_rng(0)).tolist()
-
-
-def test_the_rare_class_pick_is_interleaved_with_the_uncertainty_picks():
-    # 4 uncertainty picks and 1 rare-class pick: pattern u u r u u, started 21 (labels) mod 5 = 1 position in
-    picks = get_strategy("hybrid").select(rare_pool(), 5, np.random.default_rng(0)).tolist()
-    assert picks.index(25) == 1
-
-
-def test_interleaved_hand_computed():
-    a, b = np.array([10, 11, 12, 13]), np.array([20])
-    # position p goes to the block furthest behind (p + 1) * size / 5: a (0.8), a (0.6), b (0.6 vs 0.4), a, a
-    assert interleaved([a, b], phase=0).tolist() == [10, 11, 20, 12, 13]
-    assert interleaved([a, b], phase=2).tolist() == [20, 10, 11, 12, 13]  # the pattern b a a a a
-    assert interleaved([a, b], phase=7).tolist() == [20, 10, 11, 12, 13]  # phase is taken mod 5
-    assert interleaved([np.empty(0, int), b], phase=3).tolist() == [20]
-    assert interleaved([np.empty(0, int)], phase=0).tolist() == []
-
-
-@pytest.mark.parametrize("sizes", [(16, 4, 0), (10, 4, 6), (1, 0, 19), (7, 7, 7)])
-def test_single_pick_rounds_walk_through_the_mix_of_a_whole_batch(sizes):
-    # one annotator, a new ranking after every annotation: round L serves the first of interleaved(..., phase=L)
-    starts = np.cumsum((0, *sizes))
-    blocks = [np.arange(start, start + size) for start, size in zip(starts, sizes, strict=False)]
-    total = sum(sizes)
-    rankings = [interleaved(blocks, phase) for phase in range(total)]
-    assert all(sorted(ranking.tolist()) == list(range(total)) for ranking in rankings)
-    tops = np.array([ranking[0] for ranking in rankings])
-    assert [int(np.sum(np.isin(tops, block))) for block in blocks] == list(sizes)  # each block's share of firsts
-    assert set(tops.tolist()) == {block[0] for block in blocks if len(block)}  # and each block's best item
-    for ranking in rankings:  # every prefix holds each block within one of its proportional share
-        for length in range(1, total + 1):
-            counts = [np.sum(np.isin(ranking[:length], block)) for block in blocks]
-            assert all(abs(c - length * size / total) < 1 + 1e-9 for c, size in zip(counts, sizes, strict=True))
 
 
 def test_rare_class_picks_hand_computed():

@@ -13,12 +13,6 @@ A batch of n is split three ways:
   faithful to margin; the clustering only keeps near-duplicates out of one batch. With `uncertainty="badge"`
   they are BADGE picks instead (see `scoring.gradient`), among the highest-margin rows.
 
-The three kinds are interleaved in the ranking, each in proportion to its share at every point of it, and the
-pattern starts as many steps in as there are labels: a round ranks RANK_TOP_K tasks, but one annotator, with a
-new round after every annotation, is only ever served the first. Successive rounds' first picks then walk
-through the same mix as a whole batch (one rare-class pick in five rounds, say), rather than always the first
-kind.
-
 Cost on a pool of N unlabelled rows: margin is O(N·k) and the candidate pick O(N); embeddings are only read for
 at most `max_candidates` rows (a random sample at cold start, the top-margin rows later), where k-means runs.
 """
@@ -43,31 +37,6 @@ def diversity_share(n_labeled: int, n_classes: int, cold_start: float, warm: flo
     if labels_per_class >= warm:
         return 0.0
     return (warm - labels_per_class) / (warm - cold_start)
-
-
-def interleaved(blocks: list[np.ndarray], phase: int) -> np.ndarray:
-    """The blocks' items in one ranking, each block in its own order, so that every stretch of the ranking holds
-    each block in proportion to its size; the pattern of blocks is started `phase` positions in (mod its length).
-
-    Each position goes to the block furthest behind its proportional share (ties: the earlier block).
-    """
-    sizes = np.array([len(block) for block in blocks], dtype=np.float64)
-    total = int(sizes.sum())
-    if total == 0:
-        return np.empty(0, dtype=np.intp)
-    pattern = np.empty(total, dtype=np.intp)
-    taken = np.zeros(len(blocks))
-    for position in range(total):
-        block = int(np.argmax((position + 1) * sizes / total - taken))  # a full block is never behind
-        pattern[position] = block
-        taken[block] += 1
-    pattern = np.roll(pattern, -(phase % total))
-    cursors = np.zeros(len(blocks), dtype=np.intp)
-    ranking = np.empty(total, dtype=np.intp)
-    for position, block in enumerate(pattern):
-        ranking[position] = blocks[block][cursors[block]]
-        cursors[block] += 1
-    return ranking
 
 
 def class_counts(targets: np.ndarray, labeled: np.ndarray) -> np.ndarray:
@@ -170,7 +139,7 @@ class Hybrid(QueryStrategy):
         available[rare] = False
         uncertain = self._uncertainty_picks(pool, unlabeled, uncertainty, n - len(diverse) - len(rare), available, rng)
         blocks = [uncertain, rare, diverse] if share < 0.5 else [diverse, rare, uncertain]
-        return unlabeled[interleaved(blocks, phase=len(labeled))]
+        return unlabeled[np.concatenate(blocks).astype(np.intp)]
 
     def _diversity_picks(self, pool, unlabeled, n, rng):
         """Positions into `unlabeled`: centres of k-means clusters no labelled row covers, in a random sample."""
