@@ -115,7 +115,7 @@ def visible_text(html: str) -> str:
     `html.parser` fails on some (`<![ ]]>`) and is quadratic on others (100 KB of `<!--`: 9 s).
     """
     try:
-        document = lxml.html.document_fromstring(html.encode("utf-8"), parser=_HTML_PARSER)
+        document = lxml.html.document_fromstring(html.encode("utf-8"), parser=lxml.html.HTMLParser(encoding="utf-8"))
     except lxml.etree.ParserError:  # nothing but markup, or nothing at all
         return ""
     parts = []
@@ -125,9 +125,6 @@ def visible_text(html: str) -> str:
         if node.tail and node is not document:
             parts.append(node.tail)
     return " ".join(" ".join(parts).split())
-
-
-_HTML_PARSER = lxml.html.HTMLParser(encoding="utf-8")
 
 
 @functools.lru_cache(maxsize=256)
@@ -149,7 +146,7 @@ def parse_label_config(label_config: str) -> ClassificationConfig:
         tags = sorted({control.tag for control in controls}) or ["none"]
         raise UnsupportedLabelConfig(f"found control tags {', '.join(tags)} but no <Choices>")
     # the document's class: a <Choices> shown for the whole text before one shown only on a condition
-    conditional = _conditional_choices(label_config)
+    conditional = _conditional_choices(label_config, choices)
     reasons = []
     for control in sorted(choices, key=lambda control: control.name in conditional):
         try:
@@ -159,11 +156,20 @@ def parse_label_config(label_config: str) -> ClassificationConfig:
     raise UnsupportedLabelConfig("; ".join(reasons))
 
 
-def _conditional_choices(label_config: str) -> set[str]:
+def _conditional_choices(label_config: str, choices: list) -> set[str]:
     """Names of the `<Choices>` shown only on a condition: with `visibleWhen`, or inside a `<View>` that has it."""
-    parser = lxml.etree.XMLParser(resolve_entities=False, no_network=True)
-    tree = lxml.etree.fromstring(label_config.encode("utf-8"), parser=parser)  # (LabelInterface parsed it already)
-    return {str(name) for name in tree.xpath("//Choices[@visibleWhen or ancestor::*[@visibleWhen]]/@name")}
+    own = {control.name for control in choices if "visibleWhen" in control.attr}
+    try:  # (LabelInterface parsed it already, but keeps no parents)
+        tree = lxml.etree.fromstring(label_config.encode("utf-8"), parser=safe_xml_parser())
+    except lxml.etree.XMLSyntaxError:
+        return own
+    return own | {str(name) for name in tree.xpath("//Choices[ancestor::*[@visibleWhen]]/@name")}
+
+
+def safe_xml_parser() -> lxml.etree.XMLParser:
+    """A parser that expands no entities and fetches nothing; one per call (lxml's parsers are not for sharing
+    between threads)."""
+    return lxml.etree.XMLParser(resolve_entities=False, no_network=True)
 
 
 def _config_from_choices(control) -> ClassificationConfig:
