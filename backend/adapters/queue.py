@@ -150,7 +150,7 @@ class JobQueue:
             "backend.jobs.reconcile_project",
             args=(project,),
             job_id=f"reconcile-{project}-{slot}",
-            **{**self._job_options(retry=None), "failure_ttl": reconcile_failure_ttl(interval)},
+            **self._job_options(retry=None, failure_ttl=reconcile_failure_ttl(interval)),
         )
         try:
             self.queue.schedule_job(job, _in(interval), unique=True)
@@ -245,9 +245,9 @@ class JobQueue:
     def length(self) -> int:
         return len(self.queue)
 
-    def _job_options(self, retry: Retry | None = RETRY) -> dict:
+    def _job_options(self, retry: Retry | None = RETRY, failure_ttl: int = FAILURE_TTL) -> dict:
         """What every job of the backend gets: its timeout, how long results and failures are kept, retries."""
-        return {"timeout": self.job_timeout, "result_ttl": RESULT_TTL, "failure_ttl": FAILURE_TTL, "retry": retry}
+        return {"timeout": self.job_timeout, "result_ttl": RESULT_TTL, "failure_ttl": failure_ttl, "retry": retry}
 
     def _enqueue_unique(self, func: str, job_id: str, *args) -> bool:
         try:
