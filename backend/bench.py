@@ -62,6 +62,37 @@ def measured_matmul_tflops(device, dtype, size: int, repeats: int = 10) -> float
     return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
 
 
+def measured_linear_tflops(device, dtype, tokens: int, hidden: int, intermediate: int, repeats: int = 10) -> float:
+    """TFLOP/s of one encoder layer's weight matrix products (Q, K, V, output, feed-forward in and out) on a batch of
+    `tokens` rows: the rate the hardware gives for this model's shapes, which are smaller than a large square
+    product's."""
+    import torch
+
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    up = torch.randn(tokens, intermediate, device=device, dtype=dtype)
+    square = torch.randn(hidden, hidden, device=device, dtype=dtype)
+    w_in = torch.randn(intermediate, hidden, device=device, dtype=dtype)
+    w_out = torch.randn(hidden, intermediate, device=device, dtype=dtype)
+
+    def layer():
+        for _ in range(4):
+            torch.nn.functional.linear(x, square)
+        torch.nn.functional.linear(x, w_in)
+        torch.nn.functional.linear(up, w_out)
+
+    for _ in range(3):
+        layer()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        layer()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    flops = 2 * tokens * (4 * hidden**2 + 2 * hidden * intermediate) * repeats
+    return flops / (time.perf_counter() - started) / 1e12
+
+
 def random_model_folder(shape: str, tokenizer_path: str | None) -> str:
     """A randomly initialised BERT of `shape` with a real tokenizer (the bundled MiniLM's, or `tokenizer_path`),
     saved once under the system's temporary folder; returns the folder."""
@@ -87,7 +118,6 @@ def random_model_folder(shape: str, tokenizer_path: str | None) -> str:
 def print_flop_rates(encoder, token_ids: list[list[int]], timings: dict[str, float], peak_tflops: float) -> None:
     """Useful and executed (padded) matrix-product TFLOP/s of the encode, per timing (e.g. end to end, forward
     passes only), and their share of `peak_tflops` (0: measured here)."""
-    import torch
 
     config = encoder.model.config
     shape = (config.num_hidden_layers, config.hidden_size, config.intermediate_size)
@@ -96,15 +126,25 @@ def print_flop_rates(encoder, token_ids: list[list[int]], timings: dict[str, flo
     for batch in encoder.batches(token_ids):
         padded_lengths += [len(token_ids[batch[0]])] * len(batch)
     executed = encoder_matmul_flops(padded_lengths, *shape)
-    dtype = encoder.autocast_dtype or torch.float32
+    dtype = encoder.autocast_dtype or next(encoder.model.parameters()).dtype
     size = 8192 if encoder.device.type == "cuda" else 2048
     peak = peak_tflops or measured_matmul_tflops(encoder.device, dtype, size)
+    linear = measured_linear_tflops(encoder.device, dtype, encoder.batch_tokens, shape[1], shape[2])
     print(f"layers={shape[0]} hidden={shape[1]} intermediate={shape[2]} gflop/text={useful / len(token_ids) / 1e9:.3f}")
     print(f"peak_tflops={peak:.2f} ({'given' if peak_tflops else f'measured: {size}^3 {dtype} matrix product'})")
+    print(f"linear_tflops={linear:.2f} (measured: one layer's weight products on {encoder.batch_tokens} tokens)")
     for label, seconds in timings.items():
         useful_rate, executed_rate = useful / seconds / 1e12, executed / seconds / 1e12
         print(f"{label}: useful_tflops={useful_rate:.3f} executed_tflops={executed_rate:.3f} (executed counts padding)")
         print(f"{label}: share_of_peak={useful_rate / peak:.1%} useful, {executed_rate / peak:.1%} executed")
+        print(f"{label}: share_of_linear={useful_rate / linear:.1%} useful, {executed_rate / linear:.1%} executed")
+
+
+def cast_weights(encoder, dtype) -> None:
+    """Run `encoder` with its weights in `dtype` instead of fp32 weights under autocast (inference only: what a
+    half-precision copy of the model for encoding would give)."""
+    encoder.model.to(dtype)
+    encoder.autocast_dtype = None
 
 
 def bench_encode(args: argparse.Namespace) -> None:
@@ -118,6 +158,8 @@ def bench_encode(args: argparse.Namespace) -> None:
     if model.startswith("random:"):
         model = random_model_folder(model.removeprefix("random:"), args.tokenizer)
     encoder = Encoder(model, device=args.device, max_length=args.max_length, batch_tokens=args.batch_tokens)
+    if args.weights_dtype != "fp32":
+        cast_weights(encoder, getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[args.weights_dtype]))
     encoder.encode(texts[: min(64, len(texts))])  # warm-up: kernels, allocator
     best = None
     for _ in range(args.repeat):
@@ -127,7 +169,10 @@ def bench_encode(args: argparse.Namespace) -> None:
         stats = encoder.last_stats
         best = stats if best is None or stats.seconds < best.seconds else best
     lengths = [len(ids) for ids in encoder.token_ids(texts)]
-    print(f"model={args.model} device={encoder.device} autocast={encoder.autocast_dtype}")
+    print(
+        f"model={args.model} device={encoder.device} autocast={encoder.autocast_dtype} "
+        f"weights={next(encoder.model.parameters()).dtype}"
+    )
     print(f"torch_threads={torch.get_num_threads()}")
     print(f"cpu={platform.processor() or platform.machine()} cores={os.cpu_count()}")
     print(
@@ -160,6 +205,12 @@ def main(argv: list[str] | None = None) -> None:
     encode.add_argument("--max-length", type=int, default=256)
     encode.add_argument("--batch-tokens", type=int, default=0, help="0 = auto")
     encode.add_argument("--device", default="auto")
+    encode.add_argument(
+        "--weights-dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="fp32: the encoder as the backend runs it (autocast on a GPU); bf16/fp16: weights cast, no autocast",
+    )
     encode.add_argument("--repeat", type=int, default=2)
     encode.add_argument(
         "--tokenizer", help="tokenizer folder for --model random:<shape> (default: the bundled MiniLM's)"

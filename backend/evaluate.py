@@ -194,8 +194,14 @@ def finetuned_accuracy_on(pool: Dataset, test: Dataset, model_name: str, max_len
         rows = np.flatnonzero(labeled)
         config = FineTuneConfig(seed=seed, **config_overrides)
         targets = one_hot_indices(pool.labels[rows], len(pool.classes))
+        started = time.perf_counter()
         tuned, head = finetune_encoder(encoder, [pool.texts[i] for i in rows], targets, probe, config)
+        tuned_at = time.perf_counter()
         predicted = head.predict_proba(tuned.encode(test.texts)).argmax(axis=1)
+        tqdm.write(
+            f"seed {seed}: fine-tuned on {len(rows)} labels in {tuned_at - started:.1f} s on {encoder.device}, "
+            f"encoded the {len(test.texts)} test texts in {time.perf_counter() - tuned_at:.1f} s"
+        )
         return float(np.mean(predicted == test.labels))
 
     return finetune
