@@ -1,6 +1,7 @@
 """Benchmarks that print figures (never timed tests).
 
 python -m backend.bench encode [--model NAME | --model random:bert-base] [--texts N] [--batch-tokens T] [--device D]
+    [--dtype auto|fp32|bf16|fp16]
 python -m backend.bench rerank --tasks N [--dim D] [--classes K] [--strategy NAME]
 
 `encode` also states the arithmetic of how close it runs to the hardware: the matrix-product FLOPs of the
@@ -19,6 +20,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from backend.config import ENCODER_DTYPES
 
 DEFAULT_TEXTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ag_news" / "test.csv"
 
@@ -126,7 +129,7 @@ def print_flop_rates(encoder, token_ids: list[list[int]], timings: dict[str, flo
     for batch in encoder.batches(token_ids):
         padded_lengths += [len(token_ids[batch[0]])] * len(batch)
     executed = encoder_matmul_flops(padded_lengths, *shape)
-    dtype = encoder.autocast_dtype or next(encoder.model.parameters()).dtype
+    dtype = encoder.autocast_dtype or encoder.weights_dtype
     size = 8192 if encoder.device.type == "cuda" else 2048
     peak = peak_tflops or measured_matmul_tflops(encoder.device, dtype, size)
     linear = measured_linear_tflops(encoder.device, dtype, encoder.batch_tokens, shape[1], shape[2])
@@ -140,13 +143,6 @@ def print_flop_rates(encoder, token_ids: list[list[int]], timings: dict[str, flo
         print(f"{label}: share_of_linear={useful_rate / linear:.1%} useful, {executed_rate / linear:.1%} executed")
 
 
-def cast_weights(encoder, dtype) -> None:
-    """Run `encoder` with its weights in `dtype` instead of fp32 weights under autocast (inference only: what a
-    half-precision copy of the model for encoding would give)."""
-    encoder.model.to(dtype)
-    encoder.autocast_dtype = None
-
-
 def bench_encode(args: argparse.Namespace) -> None:
     import torch
 
@@ -157,9 +153,7 @@ def bench_encode(args: argparse.Namespace) -> None:
     model = args.model
     if model.startswith("random:"):
         model = random_model_folder(model.removeprefix("random:"), args.tokenizer)
-    encoder = Encoder(model, device=args.device, max_length=args.max_length, batch_tokens=args.batch_tokens)
-    if args.weights_dtype != "fp32":
-        cast_weights(encoder, getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[args.weights_dtype]))
+    encoder = Encoder(model, args.device, args.max_length, args.batch_tokens, args.dtype)
     encoder.encode(texts[: min(64, len(texts))])  # warm-up: kernels, allocator
     best = None
     for _ in range(args.repeat):
@@ -170,8 +164,7 @@ def bench_encode(args: argparse.Namespace) -> None:
         best = stats if best is None or stats.seconds < best.seconds else best
     lengths = [len(ids) for ids in encoder.token_ids(texts)]
     print(
-        f"model={args.model} device={encoder.device} autocast={encoder.autocast_dtype} "
-        f"weights={next(encoder.model.parameters()).dtype}"
+        f"model={args.model} device={encoder.device} autocast={encoder.autocast_dtype} weights={encoder.weights_dtype}"
     )
     print(f"torch_threads={torch.get_num_threads()}")
     print(f"cpu={platform.processor() or platform.machine()} cores={os.cpu_count()}")
@@ -205,12 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     encode.add_argument("--max-length", type=int, default=256)
     encode.add_argument("--batch-tokens", type=int, default=0, help="0 = auto")
     encode.add_argument("--device", default="auto")
-    encode.add_argument(
-        "--weights-dtype",
-        choices=("fp32", "bf16", "fp16"),
-        default="fp32",
-        help="fp32: the encoder as the backend runs it (autocast on a GPU); bf16/fp16: weights cast, no autocast",
-    )
+    encode.add_argument("--dtype", choices=ENCODER_DTYPES, default="auto", help="as ENCODER_DTYPE (see the README)")
     encode.add_argument("--repeat", type=int, default=2)
     encode.add_argument(
         "--tokenizer", help="tokenizer folder for --model random:<shape> (default: the bundled MiniLM's)"

@@ -39,15 +39,23 @@ def _float(environ: Mapping[str, str], name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, got {raw!r}") from None
 
 
-def _choice(environ: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...], upper: bool = False) -> str:
+def _choice(
+    environ: Mapping[str, str],
+    name: str,
+    default: str,
+    allowed: tuple[str, ...],
+    upper: bool = False,
+    lower: bool = False,
+) -> str:
     value = environ.get(name, "") or default
-    value = value.upper() if upper else value
+    value = value.upper() if upper else value.lower() if lower else value
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
     return value
 
 
 PREDICTION_WRITES = ("auto", "bulk", "single")
+ENCODER_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,9 @@ class Settings:
     """MAX_LENGTH: tokens kept per text; longer texts are truncated."""
     batch_tokens: int = 0
     """BATCH_TOKENS: padded tokens per encoder batch, after sorting by length; 0 = auto (4096 CPU, 65536 GPU)."""
+    encoder_dtype: str = "auto"
+    """ENCODER_DTYPE: auto (fp32 weights under bf16/fp16 autocast on CUDA; bf16 weights on a CPU with native bf16,
+    else fp32), or fp32, bf16, fp16 (weights cast, no autocast)."""
     committee_size: int = 5
     """COMMITTEE_SIZE: bootstrap heads trained beside the main head, for disagreement scores."""
     strategy: str = DEFAULT_STRATEGY
@@ -131,6 +142,7 @@ class Settings:
             device=env.get("DEVICE", "") or defaults.device,
             max_length=_int(env, "MAX_LENGTH", defaults.max_length, minimum=8),
             batch_tokens=_int(env, "BATCH_TOKENS", defaults.batch_tokens, minimum=0),
+            encoder_dtype=_choice(env, "ENCODER_DTYPE", defaults.encoder_dtype, ENCODER_DTYPES, lower=True),
             committee_size=_int(env, "COMMITTEE_SIZE", defaults.committee_size, minimum=0),
             strategy=_choice(env, "STRATEGY", defaults.strategy, STRATEGY_NAMES),
             rank_top_k=_int(env, "RANK_TOP_K", defaults.rank_top_k, minimum=1),

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY: the annotations are read from Label Studio")
     label_studio = LabelStudio(settings.label_studio_url, settings.label_studio_api_key)
     config = parse_label_config(label_studio.get_project(args.project)["label_config"])
-    encoder = Encoder(settings.model_name, device=settings.device, max_length=settings.max_length)
+    encoder = Encoder(settings.model_name, settings.device, settings.max_length, dtype=settings.encoder_dtype)
     finetune = FineTuneConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate)
     summary = finetune_on_tasks(label_studio.annotated_tasks(args.project), config, encoder, args.out, finetune)
     print(f"fine-tuned on {summary['annotations']} annotations in {summary['seconds']} s")

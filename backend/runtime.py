@@ -43,7 +43,7 @@ class Runtime:
     @functools.cached_property
     def encoder(self) -> Encoder:
         s = self.settings
-        return get_encoder(s.model_name, device=s.device, max_length=s.max_length, batch_tokens=s.batch_tokens)
+        return get_encoder(s.model_name, s.device, s.max_length, s.batch_tokens, s.encoder_dtype)
 
     @functools.cached_property
     def embedding_cache(self) -> RedisEmbeddingCache:

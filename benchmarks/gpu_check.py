@@ -1,5 +1,5 @@
-"""Is the encoder's GPU path right? Embeddings on CUDA (as the backend runs them: fp32 weights under bf16/fp16
-autocast, and with the weights cast to bf16) against the same model in fp32 on the CPU.
+"""Is the encoder's GPU path right? Embeddings on CUDA (ENCODER_DTYPE=auto, as the backend runs them: fp32 weights
+under bf16/fp16 autocast; and bf16: the weights cast) against the same model in fp32 on the CPU.
 
     python -m benchmarks.gpu_check --model DIR [--csv CSV] [--texts 512]
 
@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from backend.bench import DEFAULT_TEXTS, cast_weights
+from backend.bench import DEFAULT_TEXTS
 
 
 def compare(gpu: np.ndarray, cpu: np.ndarray) -> dict[str, float]:
@@ -46,17 +46,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("no CUDA device: nothing to check")
     with open(args.csv, newline="", encoding="utf-8") as handle:
         texts = [row["text"] for row in csv.DictReader(handle)][: args.texts]
-    reference = Encoder(args.model, device="cpu").encode(texts)
+    reference = Encoder(args.model, device="cpu", dtype="fp32").encode(texts)
     ok = True
-    for variant in ("autocast", "bf16 weights"):
-        encoder = Encoder(args.model, device=args.device, batch_tokens=4096)  # several batches, so the order is tested
-        if variant == "bf16 weights":
-            cast_weights(encoder, torch.bfloat16)
+    for variant in ("auto", "bf16"):  # several batches each, so that the order is tested
+        encoder = Encoder(args.model, device=args.device, batch_tokens=4096, dtype=variant)
         figures = compare(encoder.encode(texts), reference)
         shown = " ".join(
             f"{name}={value:.5f}" if isinstance(value, float) else f"{name}={value}" for name, value in figures.items()
         )
-        print(f"{variant:>13}: autocast={encoder.autocast_dtype} batches={encoder.last_stats.batches} {shown}")
+        dtypes = f"weights={encoder.weights_dtype} autocast={encoder.autocast_dtype}"
+        print(f"{variant}: {dtypes} batches={encoder.last_stats.batches} {shown}")
         ok &= figures["finite"] and figures["min_cosine"] >= 0.99
     print("gpu_check=" + ("ok" if ok else "FAILED"))
     return 0 if ok else 1

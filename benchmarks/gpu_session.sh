@@ -60,11 +60,11 @@ encode() {  # one log per run under /tmp, all of them appended to $OUT/encode.lo
     grep -E "^(model|texts=|batch_tokens|seconds|tokenize|peak|linear|end_to_end|model_only|texts_per|rc=)" "/tmp/encode_logs/$label.log"
 }
 encode minilm --model /tmp/minilm
-encode minilm_bf16 --model /tmp/minilm --weights-dtype bf16
+encode minilm_bf16 --model /tmp/minilm --dtype bf16
 encode minilm_16k --model /tmp/minilm --batch-tokens 16384
 encode minilm_256k --model /tmp/minilm --batch-tokens 262144
 encode bertbase --model random:bert-base --tokenizer /tmp/minilm
-encode bertbase_bf16 --model random:bert-base --tokenizer /tmp/minilm --weights-dtype bf16
+encode bertbase_bf16 --model random:bert-base --tokenizer /tmp/minilm --dtype bf16
 encode bertbase_256k --model random:bert-base --tokenizer /tmp/minilm --batch-tokens 262144
 
 echo "== evaluate: AG News, hybrid, fine-tuned at $BUDGET labels, $SEEDS seeds"

@@ -115,3 +115,17 @@ def test_project_finetuning_needs_annotations(encoder, tmp_path):
         finetune_on_tasks(
             [annotated_task(1, "one", "Sports")], parse_label_config(AG_NEWS_CONFIG), encoder, str(tmp_path), FAST
         )
+
+
+def test_an_encoder_running_in_bf16_is_tuned_from_its_exact_fp32_weights(tiny_bert, sports_or_business):
+    texts, targets = sports_or_business
+    half = Encoder(tiny_bert, device="cpu", max_length=32, batch_tokens=256, dtype="bf16")
+    probe = fit_head(half.encode(texts), targets, multi_label=False, l2=1e-1)
+    still = FineTuneConfig(epochs=1, batch_size=8, learning_rate=1e-9, head_learning_rate=1e-9)  # barely moves
+    tuned, _ = finetune_encoder(half, texts, targets, probe, still)
+    assert tuned.weights_dtype == torch.float32 and half.weights_dtype == torch.bfloat16  # the original untouched
+    name = "encoder.layer.0.attention.self.query.weight"
+    exact = Encoder(tiny_bert, device="cpu", dtype="fp32").model.state_dict()[name]
+    rounded = exact.to(torch.bfloat16).float()
+    assert torch.max(torch.abs(rounded - exact)).item() > 1e-5  # what starting from the bf16 copy would leave
+    assert torch.max(torch.abs(tuned.model.state_dict()[name] - exact)).item() < 1e-6

@@ -16,6 +16,7 @@ from backend.ml.head import (
     one_standard_error_choice,
     zero_shot_head,
 )
+from tests.conftest import read_csv
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +246,73 @@ def test_sigmoid_of_saturated_multi_label_logits_gives_no_overflow_warning():
         probs = LinearHead.probs_from_logits(logits, multi_label=True)
     assert probs.dtype == np.float32
     np.testing.assert_allclose(probs[0], [0.0, 0.0474259, 0.5, 0.9525741, 1.0], atol=1e-6)
+
+
+def test_precision_auto_is_mixed_on_cuda_and_bf16_only_on_cpus_that_have_it(monkeypatch):
+    from backend.config import ENCODER_DTYPES
+    from backend.ml import encoder as encoder_module
+    from backend.ml.encoder import DTYPES, precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(encoder_module, "cpu_has_native_bf16", lambda: True)
+    assert precision("auto", cpu) == (torch.bfloat16, None)
+    monkeypatch.setattr(encoder_module, "cpu_has_native_bf16", lambda: False)
+    assert precision("auto", cpu) == (torch.float32, None)
+    assert precision("fp16", cpu) == (torch.float16, None)  # a named dtype casts the weights, never autocasts
+    with pytest.raises(ValueError, match="ENCODER_DTYPE must be auto or one of fp32, bf16, fp16, got 'int8'"):
+        precision("int8", cpu)
+    assert {"auto", *DTYPES} == set(ENCODER_DTYPES)
+
+
+def test_encoder_dtype_setting_is_case_insensitive_and_names_the_choices():
+    from backend.config import Settings
+
+    assert Settings.from_env({"ENCODER_DTYPE": "BF16"}).encoder_dtype == "bf16"
+    assert Settings().encoder_dtype == "auto"
+    with pytest.raises(ValueError, match="ENCODER_DTYPE must be one of auto, fp32, bf16, fp16; got 'int8'"):
+        Settings.from_env({"ENCODER_DTYPE": "int8"})
+
+
+def test_bf16_weights_give_embeddings_close_to_fp32(tiny_bert):
+    texts = [row["text"] for row in read_csv("ag_news/test.csv", 40)]
+    full = Encoder(tiny_bert, device="cpu", max_length=64, dtype="fp32")
+    half = Encoder(tiny_bert, device="cpu", max_length=64, dtype="bf16")
+    assert (full.weights_dtype, half.weights_dtype) == (torch.float32, torch.bfloat16)
+    reference, rounded = full.encode(texts), half.encode(texts)
+    assert rounded.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(rounded, axis=1), 1.0, atol=1e-5)  # pooled and normalised in fp32
+    assert np.sum(reference * rounded, axis=1).min() > 0.99
+    assert full.encoder_id == half.encoder_id  # one cache for workers of either precision
+
+
+def test_a_forked_child_encodes_after_the_parent_loaded_a_bf16_encoder(tiny_bert):
+    """rq's worker loads the encoder, then forks a work-horse per job; the cast to bf16 must not leave the child's
+    torch thread pool dead (the child's first parallel op would wait forever). A fresh interpreter: pytest's
+    own process has run torch ops on its pool long before."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import os, sys, time
+        import torch
+        torch.set_num_threads(2)
+        from backend.ml.encoder import Encoder
+        encoder = Encoder({tiny_bert!r}, device="cpu", max_length=64, dtype="bf16")
+        child = os.fork()
+        if child == 0:
+            encoder.encode(["a text for the work-horse " * 8] * 64)
+            os._exit(0)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            done, status = os.waitpid(child, os.WNOHANG)
+            if done:
+                sys.exit(os.waitstatus_to_exitcode(status))
+            time.sleep(0.1)
+        os.kill(child, 9)
+        sys.exit("the forked child never finished encoding")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

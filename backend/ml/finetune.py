@@ -3,7 +3,8 @@
 Linear probe, then fine-tune (LP-FT, Kumar et al. 2022): the head already fit on frozen embeddings starts the
 joint training, so the first steps do not distort the encoder's features with gradients from a random head.
 Encoder and head are trained together on cross-entropy (softmax) or binary cross-entropy (sigmoid) with AdamW
-and a linear decay, on the encoder's device (bf16/fp16 autocast on CUDA, the same code on CPU). The original
+and a linear decay, on the encoder's device (fp32 weights, under bf16/fp16 autocast on CUDA, the same code on
+CPU, whatever precision the frozen encoder runs in). The original
 encoder is left untouched: the result is a copy with its own `encoder_id`, so its embeddings never mix with the
 frozen encoder's in a cache.
 """
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModel
 
-from backend.ml.encoder import REVISION_FILE, Encoder
+from backend.ml.encoder import REVISION_FILE, Encoder, mixed_precision_dtype
 from backend.ml.head import LinearHead
 
 
@@ -69,7 +71,8 @@ def finetune_encoder(
         raise ValueError(f"need matching, non-empty texts and targets, got {len(texts)} and {len(targets)}")
     torch.manual_seed(config.seed)
     tuned = copy.copy(encoder)  # shares the tokenizer; gets its own model below
-    tuned.model = copy.deepcopy(encoder.model).train()
+    tuned.model = _fp32_copy(encoder).train()
+    tuned.autocast_dtype = mixed_precision_dtype(encoder.device)
     device = tuned.device
     weights = torch.nn.Parameter(torch.as_tensor(probe.weights, device=device).clone())
     bias = torch.nn.Parameter(torch.as_tensor(probe.bias, device=device).clone())
@@ -103,6 +106,16 @@ def finetune_encoder(
     tuned.revision = f"finetuned-{_fingerprint(encoder.encoder_id, texts, targets, config)}"
     head = LinearHead(weights.detach().cpu().numpy(), bias.detach().cpu().numpy(), probe.multi_label)
     return tuned, head
+
+
+def _fp32_copy(encoder: Encoder) -> torch.nn.Module:
+    """The encoder's model in fp32 weights, to train and then run: bf16 weights would round small updates away.
+
+    An encoder running in bf16 or fp16 (ENCODER_DTYPE) reloads its weights from its folder or the hub's cache, so
+    training starts from the exact ones, not from their rounding."""
+    if encoder.weights_dtype == torch.float32:
+        return copy.deepcopy(encoder.model)
+    return AutoModel.from_pretrained(encoder.path).to(encoder.device, torch.float32)
 
 
 def _loss(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> torch.Tensor:
