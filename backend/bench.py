@@ -47,25 +47,35 @@ def encoder_matmul_flops(lengths: list[int], layers: int, hidden: int, intermedi
     return layers * total
 
 
-def measured_matmul_tflops(device, dtype, size: int, repeats: int = 10) -> float:
+def tflops_of(device, work, flops: float, repeats: int = 10) -> float:
+    """TFLOP/s of `work()`, which does `flops` floating-point operations on `device`: 3 warm-up calls, then
+    `repeats` timed ones (the device synchronised before each clock read)."""
+    import torch
+
+    def synchronise():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        work()
+    synchronise()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        work()
+    synchronise()
+    return flops * repeats / (time.perf_counter() - started) / 1e12
+
+
+def measured_matmul_tflops(device, dtype, size: int) -> float:
     """TFLOP/s of a size x size x size matrix product on `device` in `dtype`: what the hardware gives."""
     import torch
 
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
+    return tflops_of(device, lambda: a @ b, 2 * size**3)
 
 
-def measured_linear_tflops(device, dtype, tokens: int, hidden: int, intermediate: int, repeats: int = 10) -> float:
+def measured_linear_tflops(device, dtype, tokens: int, hidden: int, intermediate: int) -> float:
     """TFLOP/s of one encoder layer's weight matrix products (Q, K, V, output, feed-forward in and out) on a batch of
     `tokens` rows: the rate the hardware gives for this model's shapes, which are smaller than a large square
     product's."""
@@ -83,17 +93,7 @@ def measured_linear_tflops(device, dtype, tokens: int, hidden: int, intermediate
         torch.nn.functional.linear(x, w_in)
         torch.nn.functional.linear(up, w_out)
 
-    for _ in range(3):
-        layer()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        layer()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    flops = 2 * tokens * (4 * hidden**2 + 2 * hidden * intermediate) * repeats
-    return flops / (time.perf_counter() - started) / 1e12
+    return tflops_of(device, layer, 2 * tokens * (4 * hidden**2 + 2 * hidden * intermediate))
 
 
 def random_model_folder(shape: str, tokenizer_path: str | None) -> str:
