@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from urllib.parse import parse_qs, urlsplit
 
@@ -40,15 +40,10 @@ def _float(environ: Mapping[str, str], name: str, default: float) -> float:
 
 
 def _choice(
-    environ: Mapping[str, str],
-    name: str,
-    default: str,
-    allowed: tuple[str, ...],
-    upper: bool = False,
-    lower: bool = False,
+    environ: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...], fold: Callable[[str], str] = str
 ) -> str:
-    value = environ.get(name, "") or default
-    value = value.upper() if upper else value.lower() if lower else value
+    """The setting `name`, passed through `fold` (e.g. `str.upper` for a case-insensitive one), if it is `allowed`."""
+    value = fold(environ.get(name, "") or default)
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
     return value
@@ -131,7 +126,7 @@ class Settings:
             model_dir=env.get("MODEL_DIR", "") or defaults.model_dir,
             basic_auth_user=env.get("BASIC_AUTH_USER", ""),
             basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
-            log_level=_choice(env, "LOG_LEVEL", defaults.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
+            log_level=_choice(env, "LOG_LEVEL", defaults.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"), str.upper),
             host=env.get("HOST", "") or defaults.host,
             port=_int(env, "PORT", defaults.port, minimum=1),
             workers=_int(env, "WORKERS", defaults.workers, minimum=1),
@@ -142,7 +137,7 @@ class Settings:
             device=env.get("DEVICE", "") or defaults.device,
             max_length=_int(env, "MAX_LENGTH", defaults.max_length, minimum=8),
             batch_tokens=_int(env, "BATCH_TOKENS", defaults.batch_tokens, minimum=0),
-            encoder_dtype=_choice(env, "ENCODER_DTYPE", defaults.encoder_dtype, ENCODER_DTYPES, lower=True),
+            encoder_dtype=_choice(env, "ENCODER_DTYPE", defaults.encoder_dtype, ENCODER_DTYPES, str.lower),
             committee_size=_int(env, "COMMITTEE_SIZE", defaults.committee_size, minimum=0),
             strategy=_choice(env, "STRATEGY", defaults.strategy, STRATEGY_NAMES),
             rank_top_k=_int(env, "RANK_TOP_K", defaults.rank_top_k, minimum=1),
