@@ -180,11 +180,22 @@ def secure_webhooks(rt: Runtime, project: str) -> int:
     return updated
 
 
+def secure_webhooks_or_warn(rt: Runtime, project: str) -> None:
+    """`secure_webhooks`, where a refusal is only logged: reconciliation tries again, and recovers the events
+    that the unsecured webhook's 401s lost meanwhile. It never holds up the project's set-up or its ranking."""
+    try:
+        secure_webhooks(rt, project)
+    except LabelStudioRejected as refused:
+        log.warning(
+            "project %s: Label Studio refused to add the backend's credentials to its webhook: %s", project, refused
+        )
+
+
 def connect_project(project: str) -> dict:
     """First connection: switch the project to Uncertainty sampling with visible predictions, then rank it."""
     rt = runtime()
-    secure_webhooks(rt, project)
     previous = configure_project(rt, project)
+    secure_webhooks_or_warn(rt, project)
     return {"previous": previous, "rerank": rt.queue.request_rerank(project, "connected")}
 
 
@@ -216,12 +227,13 @@ def reconcile_project(project: str) -> dict:
         if gone.project_deleted:  # its files go under the round lock, so that no round still running rewrites them
             return {"rerank": rt.queue.request_rerank(project, f"reconcile: {gone}"), "reasons": [str(gone)]}
         return {"rerank": "not needed", **stop_working_on(rt, project, gone)}
-    try:  # repairs that must not keep the comparison below from running when Label Studio refuses them
-        secure_webhooks(rt, project)
-        if rt.registry.settings_before_connect(project) is None:  # the connect job failed for good (no API key?)
+    # Repairs, each on its own, that must not keep the comparison below from running when Label Studio refuses them.
+    if rt.registry.settings_before_connect(project) is None:  # the connect job failed for good (no API key?)
+        try:
             configure_project(rt, project)
-    except LabelStudioRejected as refused:
-        log.warning("project %s: Label Studio refused to update the project's set-up: %s", project, refused)
+        except LabelStudioRejected as refused:
+            log.warning("project %s: Label Studio refused to switch it to Uncertainty sampling: %s", project, refused)
+    secure_webhooks_or_warn(rt, project)
     last = rt.registry.last_round(project) or {}
     reasons = []
     if reading.fingerprint != last.get("fingerprint"):

@@ -373,6 +373,39 @@ def test_reconciliation_still_compares_when_label_studio_refuses_to_secure_the_w
     assert jobs.reconcile_project("1")["reasons"] == ["annotations, tasks or the label config changed"]
 
 
+def test_a_webhook_label_studio_refuses_to_secure_holds_up_neither_the_set_up_nor_the_first_ranking(
+    runtime, label_studio, monkeypatch
+):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    runtime.settings = replace(runtime.settings, basic_auth_user="ls", basic_auth_pass="secret")
+
+    def refuse(project_id):
+        raise LabelStudioRejected("Label Studio GET /api/webhooks/: HTTP 403")
+
+    label_studio.webhooks = refuse
+    assert jobs.connect_project("1")["rerank"] == "enqueued"
+    assert label_studio.project["sampling"] == "Uncertainty sampling"
+    assert runtime.registry.settings_before_connect("1") == {
+        "sampling": "Sequential sampling",
+        "show_collab_predictions": False,
+    }
+
+
+def test_reconciliation_configures_the_project_even_when_securing_its_webhook_is_refused(
+    runtime, label_studio, monkeypatch
+):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    runtime.settings = replace(runtime.settings, basic_auth_user="ls", basic_auth_pass="secret")
+
+    def refuse(project_id):
+        raise LabelStudioRejected("Label Studio GET /api/webhooks/: HTTP 403")
+
+    label_studio.webhooks = refuse
+    rerank("1", runtime, generation=runtime.queue.start_rerank("1"))  # the connect job had failed for good
+    jobs.reconcile_project("1")
+    assert label_studio.project["sampling"] == "Uncertainty sampling"
+
+
 def test_a_round_lock_that_expired_meanwhile_does_not_fail_the_round(runtime):
     with jobs.round_lock(runtime, "1", generation=1) as held:
         assert held
