@@ -9,7 +9,7 @@ import base64
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 from backend.scoring.names import DEFAULT_STRATEGY, STRATEGY_NAMES
 
@@ -161,11 +161,19 @@ class Settings:
 
     def secrets(self) -> list[str]:
         """Values that must never reach logs or error messages."""
+        values = [self.label_studio_api_key, self.basic_auth_pass, self.basic_auth_token, *self._redis_passwords()]
+        return list(dict.fromkeys(v for v in values if v))
+
+    def _redis_passwords(self) -> list[str]:
+        """Redis's password as `REDIS_URL` spells it (what a log line of the URL shows) and percent-decoded (what
+        redis-py sends): in the user info, `redis://:pw@host`, or in the query, `redis://host?password=pw`."""
         url = urlsplit(self.redis_url)
-        redis_passwords = [url.password or "", *parse_qs(url.query).get("password", [])]  # redis://h?password=...
-        return [
-            v for v in (self.label_studio_api_key, self.basic_auth_pass, self.basic_auth_token, *redis_passwords) if v
-        ]
+        forms = [url.password or "", unquote(url.password or "")]
+        for part in url.query.split("&"):
+            key, _, value = part.partition("=")
+            if unquote_plus(key) == "password":
+                forms += [value, unquote_plus(value)]
+        return forms
 
 
 SETTING_NAMES = [f.name for f in fields(Settings)]

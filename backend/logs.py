@@ -14,7 +14,8 @@ class RedactSecrets(logging.Filter):
 
     def __init__(self, secrets: list[str]):
         super().__init__()
-        self.secrets = [secret for secret in secrets if secret]
+        # longest first, so that a secret containing another (an API key that holds the password) goes whole
+        self.secrets = sorted((secret for secret in secrets if secret), key=len, reverse=True)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.secrets:

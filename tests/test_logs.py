@@ -51,6 +51,15 @@ def test_secrets_lists_only_what_is_set():
     assert Settings(redis_url="redis://localhost:6379/0", basic_auth_user="ls").secrets() == []
     assert Settings(redis_url="redis://:pw1@localhost:6379/0").secrets() == ["pw1"]
     assert Settings(redis_url="redis://localhost:6379/0?password=pw2&db=1").secrets() == ["pw2"]  # redis-py reads it
+    # as the URL spells it (what a log line of REDIS_URL shows) and decoded (what an error quoting it may show)
+    assert Settings(redis_url="redis://localhost/0?password=a+b/c%40d==").secrets() == ["a+b/c%40d==", "a b/c@d=="]
+    assert Settings(redis_url="redis://:p%40ss@localhost/0").secrets() == ["p%40ss", "p@ss"]
+
+
+def test_a_redis_password_in_the_url_query_never_reaches_the_log():
+    settings = Settings(redis_url="redis://localhost:6379/0?password=abc+def/gh==")
+    output = log_output(settings, lambda logger: logger.info("worker listening on %s", settings.redis_url))
+    assert output.endswith("worker listening on redis://localhost:6379/0?password=***")
 
 
 def test_log_level_is_read_in_either_case_and_a_lone_basic_auth_setting_is_warned_about(caplog):
