@@ -146,7 +146,11 @@ def _register_errors(app: Flask) -> None:
     @app.errorhandler(redis.RedisError)
     def redis_unavailable(exc: redis.RedisError):
         log.warning("Redis unavailable on %s: %s", request.path, type(exc).__name__)
-        message = "Redis is unavailable; the backend recovers this event by reconciliation once Redis is back"
+        message = "Redis is unavailable; " + (
+            "the backend recovers this event by reconciliation once Redis is back"
+            if request.path == "/webhook"
+            else "try again once Redis is back"
+        )
         return jsonify(error="RedisUnavailable", message=message), 503
 
     @app.errorhandler(HTTPException)

@@ -31,3 +31,10 @@ def test_webhook_is_a_503_that_names_redis(client_without_redis):
     response = client_without_redis.post("/webhook", json=event)
     assert response.status_code == 503
     assert "Redis is unavailable" in response.json["message"]
+    assert "reconciliation" in response.json["message"]  # the event is not lost
+
+
+def test_metrics_is_a_503_that_promises_nothing_about_events(client_without_redis):
+    response = client_without_redis.get("/metrics")
+    assert response.status_code == 503
+    assert response.json["message"] == "Redis is unavailable; try again once Redis is back"
