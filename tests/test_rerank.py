@@ -15,6 +15,7 @@ from rq import SimpleWorker
 from backend import jobs
 from backend.adapters.embedding_cache import EmbeddingsMissing, text_key
 from backend.adapters.label_studio import LabelStudioNotFound, LabelStudioRejected
+from backend.adapters.queue import generation_key
 from backend.services import pool as pool_module
 from backend.services import project_state
 from backend.services import rerank as rerank_module
@@ -267,6 +268,17 @@ def test_an_older_generation_never_publishes_over_a_newer_one(runtime, label_stu
     assert stale["published"] is False and label_studio.project["model_version"] == live
 
 
+def test_rounds_publish_again_after_the_generation_counter_is_lost(runtime, label_studio, monkeypatch):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    for _ in range(3):
+        assert jobs.rerank_project("1")["published"]
+    runtime.redis.delete(generation_key("1"))  # evicted, e.g. by an allkeys-lru maxmemory policy
+    label_studio.annotate(3, label_studio.truth[3])
+    after = jobs.rerank_project("1")
+    assert after["published"] and after["generation"] == 4  # not "overtaken" by the generation 3 that published
+    assert runtime.registry.last_round("1")["annotations"] == 1
+
+
 def test_an_overtaken_round_keeps_the_record_that_reconciliation_compares_with(runtime, label_studio, monkeypatch):
     monkeypatch.setattr(jobs, "_runtime", runtime)
     rerank("1", runtime, generation=5)
@@ -279,9 +291,11 @@ def test_an_overtaken_round_keeps_the_record_that_reconciliation_compares_with(r
 
 def test_a_job_that_gets_the_lock_after_a_newer_round_published_skips_its_round(runtime, label_studio, monkeypatch):
     monkeypatch.setattr(jobs, "_runtime", runtime)
-    rerank("1", runtime, generation=5)  # e.g. a follower on another worker took the lock first
-    versions = runtime.artifacts.versions("1")
-    outcome = jobs.rerank_project("1")  # takes generation 1
+    taken = runtime.queue.start_rerank("1")  # this job took its generation as it started...
+    rerank("1", runtime, generation=runtime.queue.start_rerank("1"))  # ...a follower on another worker took the
+    versions = runtime.artifacts.versions("1")  # next, got the lock first and published
+    monkeypatch.setattr(runtime.queue, "start_rerank", lambda project: taken)
+    outcome = jobs.rerank_project("1")
     assert outcome["overtaken"] is True and outcome["published"] is False
     assert runtime.artifacts.versions("1") == versions  # no training, no reading Label Studio
 

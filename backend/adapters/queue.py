@@ -48,6 +48,15 @@ if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) return 1
 return 0
 """
 
+# A new generation is above every generation that published, also after the counter itself was lost (evicted
+# by an allkeys-* maxmemory policy): else every round would find itself overtaken until the counter caught up.
+NEXT_GENERATION = """
+local generation = redis.call('INCR', KEYS[1])
+local published = tonumber(redis.call('GET', KEYS[2]) or '0')
+if generation <= published then generation = published + 1 redis.call('SET', KEYS[1], generation) end
+return generation
+"""
+
 
 def generation_key(project: str) -> str:
     return f"al:rerank:generation:{project}"
@@ -84,6 +93,7 @@ class JobQueue:
         self.queue = Queue(name, connection=client)
         self.job_timeout = job_timeout
         self._publish_if_newer = client.register_script(PUBLISH_IF_NEWER)
+        self._next_generation = client.register_script(NEXT_GENERATION)
 
     def request_rerank(self, project: str, reason: str) -> str:
         """Make sure a re-rank of `project` will start after now. Returns "enqueued" or "coalesced"."""
@@ -117,7 +127,7 @@ class JobQueue:
 
     def start_rerank(self, project: str) -> int:
         """Called first by a re-rank job: take a new generation, so later events queue a follower."""
-        return int(self.client.incr(generation_key(project)))
+        return int(self._next_generation(keys=[generation_key(project), published_key(project)]))
 
     def may_publish(self, project: str, generation: int) -> bool:
         """Atomically claim the right to publish; False if a newer generation already published."""
