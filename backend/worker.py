@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 MAINTENANCE_SECONDS = 60
 
+REDIS_GONE = (redis.ConnectionError, redis.TimeoutError)
+"""Redis restarted, unreachable, or too slow to answer (a failover, a save under memory pressure)."""
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
             return  # burst finished, or stopped by a signal
-        except redis.ConnectionError as exc:
+        except REDIS_GONE as exc:
             # rq retries a lost connection while it waits for jobs, not while it watches one run: start over
             log.warning("lost Redis (%s); restarting the worker once it answers", type(exc).__name__)
             wait_for_redis(runtime.redis)
@@ -82,7 +85,7 @@ def wait_for_redis(client: redis.Redis, longest_wait: float = 30.0) -> None:
         try:
             client.ping()
             return
-        except redis.ConnectionError:
+        except REDIS_GONE:
             time.sleep(delay)
             delay = min(delay * 2, longest_wait)
 
