@@ -372,9 +372,9 @@ def test_a_fully_labelled_project_whose_version_was_reset_is_not_reranked_every_
     assert jobs.reconcile_project("1")["reasons"] == ["annotations, tasks or the label config changed"]
 
 
-def test_reconciliation_still_compares_when_label_studio_refuses_to_secure_the_webhook(
-    runtime, label_studio, monkeypatch
-):
+@pytest.fixture()
+def webhooks_refused(runtime, label_studio, monkeypatch):
+    """Basic auth on, the jobs on `runtime`, and a Label Studio that refuses (403) to show its webhooks."""
     monkeypatch.setattr(jobs, "_runtime", runtime)
     runtime.settings = replace(runtime.settings, basic_auth_user="ls", basic_auth_pass="secret")
 
@@ -382,21 +382,19 @@ def test_reconciliation_still_compares_when_label_studio_refuses_to_secure_the_w
         raise LabelStudioRejected("Label Studio GET /api/webhooks/: HTTP 403")
 
     label_studio.webhooks = refuse
+
+
+def test_reconciliation_still_compares_when_label_studio_refuses_to_secure_the_webhook(
+    runtime, label_studio, webhooks_refused
+):
     rerank("1", runtime, generation=runtime.queue.start_rerank("1"))
     label_studio.annotate(3, label_studio.truth[3])  # a webhook that never arrived
     assert jobs.reconcile_project("1")["reasons"] == ["annotations, tasks or the label config changed"]
 
 
 def test_a_webhook_label_studio_refuses_to_secure_holds_up_neither_the_set_up_nor_the_first_ranking(
-    runtime, label_studio, monkeypatch
+    runtime, label_studio, webhooks_refused
 ):
-    monkeypatch.setattr(jobs, "_runtime", runtime)
-    runtime.settings = replace(runtime.settings, basic_auth_user="ls", basic_auth_pass="secret")
-
-    def refuse(project_id):
-        raise LabelStudioRejected("Label Studio GET /api/webhooks/: HTTP 403")
-
-    label_studio.webhooks = refuse
     assert jobs.connect_project("1")["rerank"] == "enqueued"
     assert label_studio.project["sampling"] == "Uncertainty sampling"
     assert runtime.registry.settings_before_connect("1") == {
@@ -406,15 +404,8 @@ def test_a_webhook_label_studio_refuses_to_secure_holds_up_neither_the_set_up_no
 
 
 def test_reconciliation_configures_the_project_even_when_securing_its_webhook_is_refused(
-    runtime, label_studio, monkeypatch
+    runtime, label_studio, webhooks_refused
 ):
-    monkeypatch.setattr(jobs, "_runtime", runtime)
-    runtime.settings = replace(runtime.settings, basic_auth_user="ls", basic_auth_pass="secret")
-
-    def refuse(project_id):
-        raise LabelStudioRejected("Label Studio GET /api/webhooks/: HTTP 403")
-
-    label_studio.webhooks = refuse
     rerank("1", runtime, generation=runtime.queue.start_rerank("1"))  # the connect job had failed for good
     jobs.reconcile_project("1")
     assert label_studio.project["sampling"] == "Uncertainty sampling"
