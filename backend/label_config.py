@@ -72,6 +72,16 @@ class ClassificationConfig:
                     return known
         return ()
 
+    def chose_nothing(self, result: object) -> bool:
+        """True when a `result` holds no choice at all for this config's `<Choices>` (known or not): with
+        `choice="multiple"` that is an annotation saying that none of the labels applies."""
+        return not any(
+            isinstance(region, dict)
+            and region.get("from_name") == self.from_name
+            and (region.get("value") or {}).get("choices")
+            for region in result or []
+        )
+
     def text_of(self, task: dict) -> str:
         """The text a task carries for this config; raise KeyError naming the missing (or null) data key.
 

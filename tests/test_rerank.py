@@ -157,6 +157,17 @@ def test_a_multi_label_round_publishes_predictions_that_choose_no_label(runtime,
     assert runtime.registry.shown("1", empty) == {task: () for task in empty}
 
 
+def test_a_multi_label_annotation_that_ticks_nothing_is_trained_on_and_leaves_the_pool(runtime, label_studio):
+    label_studio.project["label_config"] = AG_NEWS_CONFIG.replace('choice="single"', 'choice="multiple"')
+    for task_id in range(1, 9):
+        label_studio.annotate(task_id, ["World", "Sports", "Business", "Sci/Tech"][task_id % 4])
+    label_studio.annotate(9, "World")
+    label_studio.tasks[9]["annotations"][0]["result"] = []  # submitted with no label ticked: none applies
+    summary = rerank("1", runtime, generation=1)
+    assert summary["annotations"] == 9
+    assert 9 not in {p["task"] for p in label_studio.predictions}
+
+
 def test_large_projects_get_single_writes_instead_of_a_bulk_import(runtime, label_studio, monkeypatch):
     assert rerank("1", runtime, generation=1)["writes"] == "bulk"  # 60 tasks, 20 predictions
     monkeypatch.setattr(rerank_module, "SINGLE_WRITES_ABOVE_TASKS_PER_PREDICTION", 2)  # as if 60 were many

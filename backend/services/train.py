@@ -36,14 +36,19 @@ class LabelledTask:
 
 
 def latest_choices(task: dict, config: ClassificationConfig) -> tuple[str, ...] | None:
-    """The choices of the newest non-skipped annotation of `task` (Label Studio's task JSON), or None."""
+    """The choices of the newest non-skipped annotation of `task` (Label Studio's task JSON) that holds a label,
+    or None. Multi-label, an annotation that ticks none says that no label applies: (), a row with every label
+    negative. Single choice, it holds no label, and neither does one whose choices the config no longer has."""
     annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
     for annotation in sorted(
         annotations, key=lambda a: (str(a.get("updated_at") or ""), a.get("id") or 0), reverse=True
     ):
-        known = config.choices_in(annotation.get("result"))
+        result = annotation.get("result")
+        known = config.choices_in(result)
         if known:
             return known
+        if config.multi_label and config.chose_nothing(result):
+            return ()
     return None
 
 
