@@ -103,6 +103,13 @@ def replay_budgets(budget: int, batch_size: int, pool_size: int) -> list[int]:
     return budgets + [cap] if cap % batch_size else budgets
 
 
+def baseline_replay_budgets(budgets: list[int], baseline_budget: int, batch_size: int, pool_size: int) -> list[int]:
+    """Random's budgets: the strategies' `budgets`, then on in batches up to `baseline_budget`, so that its curve
+    is scored at the same budgets as theirs (budget 50, batches of 20, baseline 100 -> 20, 40, 50, 60, 80, 100)."""
+    further = replay_budgets(baseline_budget, batch_size, pool_size)
+    return budgets + [budget for budget in further if budget > budgets[-1]]
+
+
 def run_one(
     strategy_name: str,  # a spec: NAME or NAME:KEY=VALUE:...
     pool: Dataset,
@@ -287,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     budgets = replay_budgets(args.budget, args.batch_size, len(pool_texts))
     if budgets[-1] < args.budget:
         print(f"the pool has {len(pool_texts)} rows: budgets stop there")
-    baseline_budgets = replay_budgets(max(args.budget, args.baseline_budget), args.batch_size, len(pool_texts))
+    baseline_budgets = baseline_replay_budgets(budgets, args.baseline_budget, args.batch_size, len(pool_texts))
     finetune_at = frozenset(int(b) for b in args.finetune_at.split(",") if b)
     if finetune_at - set(budgets):
         parser.error(f"--finetune-at {sorted(finetune_at - set(budgets))} is not among the budgets {budgets}")

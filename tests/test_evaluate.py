@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from backend.evaluate import macro_f1, main, replay_budgets
+from backend.evaluate import baseline_replay_budgets, macro_f1, main, replay_budgets
 from backend.evaluation_summary import labels_to_reach
 from backend.scoring.registry import get_strategy
 from tests.conftest import read_csv
@@ -30,6 +30,14 @@ def test_budgets_stop_at_the_pool_and_end_with_a_partial_batch():
     assert replay_budgets(50, 20, 1000) == [20, 40, 50]
     assert replay_budgets(100, 20, 30) == [20, 30]
     assert replay_budgets(10, 20, 1000) == [10]
+
+
+def test_random_replayed_further_is_scored_at_the_strategies_budgets_first():
+    # its accuracies are cut at len(budgets) for the shared curves: the first ones must be at the same budgets
+    assert baseline_replay_budgets([20, 40, 50], 100, 20, 1000) == [20, 40, 50, 60, 80, 100]
+    assert baseline_replay_budgets([20, 40, 60], 100, 20, 1000) == [20, 40, 60, 80, 100]
+    assert baseline_replay_budgets([20, 40, 60], 60, 20, 1000) == [20, 40, 60]  # no further
+    assert baseline_replay_budgets([20, 30], 100, 20, 30) == [20, 30]  # the pool ends it
 
 
 def write_csv(path, rows):
