@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,13 +46,18 @@ def read_labelled_csv(path: str, text_column: str, label_column: str) -> tuple[l
 
 
 def cached_embeddings(texts: list[str], model_name: str, cache_dir: Path, max_length: int) -> np.ndarray:
-    """Embeddings of `texts`, from an .npy file keyed by encoder and texts, or encoded (and saved) now."""
-    key = hashlib.sha1(f"{model_name}|{max_length}".encode() + "\0".join(texts).encode()).hexdigest()[:20]
+    """Embeddings of `texts`, from an .npy file keyed by encoder and texts, or encoded (and saved) now.
+
+    The key holds the model folder's revision, as the backend's `encoder_id` does: other weights saved into the same
+    `--model` folder (a fine-tuning run) are encoded again, not served the old vectors.
+    """
+    from backend.ml.encoder import Encoder, model_revision, resolve_model_path
+
+    identity = [model_name, model_revision(resolve_model_path(model_name)), max_length, texts]
+    key = hashlib.sha1(json.dumps(identity).encode()).hexdigest()[:20]  # JSON: no two identities spell the same
     path = cache_dir / f"{key}.npy"
     if path.exists():
         return np.load(path).astype(np.float32)
-    from backend.ml.encoder import Encoder
-
     encoder = Encoder(model_name, max_length=max_length)
     chunks = range(0, len(texts), ENCODE_CHUNK)
     parts = [encoder.encode(texts[i : i + ENCODE_CHUNK]) for i in tqdm(chunks, desc=f"encoding {len(texts)} texts")]

@@ -1,6 +1,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from backend.evaluate import baseline_replay_budgets, macro_f1, main, replay_budgets
@@ -16,7 +17,6 @@ def test_labels_to_reach_interpolates_between_budgets():
 
 
 def test_macro_f1_by_hand():
-    import numpy as np
 
     truth, predicted = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1])
     # class 0: tp 1, fn 1 -> 2/3 ; class 1: tp 2, fp 1 -> 4/5
@@ -325,3 +325,31 @@ def test_a_pool_with_one_label_is_a_usage_error(tiny_bert, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(arguments)
     assert "classification needs at least two labels" in capsys.readouterr().err
+
+
+def test_embeddings_cached_for_a_model_folder_are_not_served_once_other_weights_are_saved_there(tiny_bert, tmp_path):
+    import shutil
+
+    import torch
+    from transformers import BertModel
+
+    from backend.evaluation_data import cached_embeddings
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_bert, folder)
+    texts = ["Stocks rallied on Friday", "The team won the cup"]
+    before = cached_embeddings(texts, str(folder), tmp_path / "cache", 32)
+    assert np.array_equal(cached_embeddings(texts, str(folder), tmp_path / "cache", 32), before)  # from the file
+    torch.manual_seed(1)
+    BertModel(BertModel.from_pretrained(folder).config).save_pretrained(folder)  # e.g. fine-tuned into it
+    after = cached_embeddings(texts, str(folder), tmp_path / "cache", 32)
+    assert not np.allclose(after, before, atol=1e-2)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+
+
+def test_the_embedding_cache_keeps_max_length_and_texts_apart(tiny_bert, tmp_path):
+    from backend.evaluation_data import cached_embeddings
+
+    cached_embeddings(["8 killed in a storm"], tiny_bert, tmp_path, 12)
+    cached_embeddings([" killed in a storm"], tiny_bert, tmp_path, 128)  # the old key joined both into one string
+    assert len(list(tmp_path.glob("*.npy"))) == 2

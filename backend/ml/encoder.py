@@ -101,6 +101,12 @@ def _folder_fingerprint(model_path: str, samples: int = 64, sample_bytes: int = 
     return digest.hexdigest()
 
 
+def model_revision(model_path: str) -> str:
+    """Which weights a model folder holds: its fine-tuning revision, else a fingerprint of its files; "" for a hub
+    name (the name is the identity there)."""
+    return _saved_revision(model_path) or _folder_fingerprint(model_path)
+
+
 @contextlib.contextmanager
 def torch_on_one_thread() -> Iterator[None]:
     """Run torch's CPU ops on the calling thread only, inside the block.
@@ -186,7 +192,7 @@ class Encoder:
         except (OSError, ValueError) as exc:
             raise ModelUnavailable(f"cannot load encoder MODEL_NAME={model_name!r} from {path!r}: {exc}") from exc
         self.pooling = _pooling_mode(path)
-        self.revision = _saved_revision(path) or _folder_fingerprint(path)
+        self.revision = model_revision(path)
         self.max_length = self._usable_max_length(max_length)
         self.dim = int(self.model.config.hidden_size)
         self.last_stats = EncodeStats()
