@@ -17,7 +17,6 @@ def test_labels_to_reach_interpolates_between_budgets():
 
 
 def test_macro_f1_by_hand():
-
     truth, predicted = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1])
     # class 0: tp 1, fn 1 -> 2/3 ; class 1: tp 2, fp 1 -> 4/5
     assert macro_f1(truth, predicted) == pytest.approx((2 / 3 + 4 / 5) / 2)
