@@ -170,6 +170,12 @@ def test_artifacts_are_versioned_and_newest_wins(tmp_path):
     assert store.load_latest("7", ("a", "c"), "enc") is None  # labels changed: zero-shot again
 
 
+def test_versions_are_readable_by_workers_running_as_other_users(tmp_path):
+    store = ArtifactStore(tmp_path)
+    version = store.project_dir("7") / store.save("7", _artifact(1))
+    assert version.stat().st_mode & 0o777 == 0o755
+
+
 @pytest.mark.parametrize("damage", ["replaced", "truncated"])
 def test_a_corrupt_artifact_falls_back_to_the_previous_version(tmp_path, caplog, damage):
     store = ArtifactStore(tmp_path)

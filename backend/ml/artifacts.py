@@ -63,6 +63,7 @@ class ArtifactStore:
         folder = self.project_dir(project)
         folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+        os.chmod(staging, 0o755)  # (mkdtemp makes it 0700) readable by workers running as other users
         _write_artifact(staging, artifact)
         while True:  # another process may take the number we computed: try the next one
             version = _next_version(self.versions(project))
