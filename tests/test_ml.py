@@ -212,6 +212,28 @@ def test_another_model_saved_into_the_same_folder_is_another_embedding_space(tin
     assert Encoder(str(folder), device="cpu").encoder_id != before
 
 
+def test_pooling_follows_the_models_sentence_transformers_config_in_a_folder_or_on_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from backend.ml.encoder import POOLING_CONFIG, _pooling_mode
+
+    cls_config = tmp_path / "cls" / POOLING_CONFIG
+    cls_config.parent.mkdir(parents=True)
+    cls_config.write_text('{"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}')
+    assert _pooling_mode(str(tmp_path / "cls")) == "cls"
+    assert _pooling_mode(str(tmp_path)) == "mean"  # a folder without one
+
+    def hub(repo_id, filename):  # the hub is out of reach here: it answers as it would
+        if repo_id == "org/cls-model" and filename == POOLING_CONFIG:
+            return str(cls_config)
+        raise EntryNotFoundError(f"{filename} not in {repo_id}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    assert _pooling_mode("org/cls-model") == "cls"
+    assert _pooling_mode("org/plain-bert") == "mean"
+
+
 def test_weights_changed_only_in_the_middle_of_the_file_change_the_fingerprint(tmp_path):
     from backend.ml.encoder import _folder_fingerprint
 

@@ -60,12 +60,32 @@ def pick_device(requested: str = "auto") -> torch.device:
     return device
 
 
+POOLING_CONFIG = "1_Pooling/config.json"
+"""Where a sentence-transformers model says how it pools token vectors into one."""
+
+
+def _pooling_config_file(model_path: str) -> Path | None:
+    """The model's pooling config: in a local folder, or for a hub name from the hub (or its local cache, as the
+    weights came); None when the model ships none."""
+    if Path(model_path).is_dir():
+        local = Path(model_path) / POOLING_CONFIG
+        return local if local.is_file() else None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(model_path, POOLING_CONFIG))
+    except OSError:  # no such file in the repository, or the hub unreachable and the file not cached
+        return None
+
+
 def _pooling_mode(model_path: str) -> str:
     """`cls` or `mean`, read from a sentence-transformers pooling config when the model ships one."""
-    config = Path(model_path) / "1_Pooling" / "config.json"
-    if config.is_file():
-        if json.loads(config.read_text()).get("pooling_mode_cls_token"):
+    config = _pooling_config_file(model_path)
+    try:
+        if config is not None and json.loads(config.read_text()).get("pooling_mode_cls_token"):
             return "cls"
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read %s (%s); mean pooling", config, exc)
     return "mean"
 
 

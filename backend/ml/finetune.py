@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from transformers import AutoModel
 
-from backend.ml.encoder import REVISION_FILE, Encoder, mixed_precision_dtype
+from backend.ml.encoder import POOLING_CONFIG, REVISION_FILE, Encoder, mixed_precision_dtype
 from backend.ml.head import LinearHead
 
 
@@ -139,9 +139,9 @@ def save_encoder(encoder: Encoder, folder: str) -> None:
     encoder.model.save_pretrained(folder)
     encoder.tokenizer.save_pretrained(folder)
     (Path(folder) / REVISION_FILE).write_text(encoder.revision + "\n")
-    pooling = Path(folder) / "1_Pooling"
-    pooling.mkdir(exist_ok=True)
-    (pooling / "config.json").write_text(
+    pooling = Path(folder) / POOLING_CONFIG
+    pooling.parent.mkdir(exist_ok=True)
+    pooling.write_text(
         json.dumps(
             {
                 "word_embedding_dimension": encoder.dim,
