@@ -3,6 +3,7 @@
 import base64
 import json
 
+import numpy as np
 import pytest
 import redis
 from rq import Queue
@@ -125,11 +126,18 @@ def test_predict_returns_one_valid_prediction_per_task_in_order(client):
     assert single["score"] == pytest.approx(results[1]["score"], abs=1e-5)
 
 
-def test_predict_multi_label_scores_are_probabilities(client):
+def test_predict_multi_label_chooses_each_label_above_one_half_and_scores_the_mean_certainty(client, runtime):
+    from backend.label_config import parse_label_config
+    from backend.services.train import zero_shot_artifact
+
     config = AG_NEWS_CONFIG.replace('choice="single"', 'choice="multiple"')
-    results = client.post("/predict", json=predict_payload([ls_task(1, TEXTS[0])], config)).json["results"]
-    assert 0.5 <= results[0]["score"] <= 1.0
-    assert set(results[0]["result"][0]["value"]["choices"]) <= set(AG_NEWS_LABELS)
+    results = client.post("/predict", json=predict_payload([ls_task(i, t) for i, t in enumerate(TEXTS)], config))
+    head = zero_shot_artifact(parse_label_config(config), runtime.encoder, None).head  # no annotations yet
+    probs = head.predict_proba(runtime.encoder.encode(TEXTS))
+    for result, p in zip(results.json["results"], probs, strict=True):
+        chosen = result["result"][0]["value"]["choices"] if result["result"] else []
+        assert chosen == [label for label, p_j in zip(AG_NEWS_LABELS, p, strict=True) if p_j >= 0.5]
+        assert result["score"] == pytest.approx(np.maximum(p, 1 - p).mean(), abs=1e-4)
 
 
 def test_a_task_without_the_text_field_gets_an_empty_prediction_not_an_error(client):
@@ -331,8 +339,7 @@ def test_a_rerank_whose_worker_died_before_it_began_does_not_swallow_events(runt
     job.set_status(JobStatus.STARTED)
     job.save()
     assert runtime.queue.request_rerank("3", "another annotation") == expected
-    if expected == "enqueued":
-        assert "rerank-3-1" in runtime.queue.queue.get_job_ids()
+    assert ("rerank-3-1" in runtime.queue.queue.get_job_ids()) == (expected == "enqueued")
 
 
 @pytest.mark.parametrize("status", ["failed", "finished"])

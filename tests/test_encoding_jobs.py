@@ -4,9 +4,11 @@ import time
 
 import pytest
 import redis
-from rq import Worker
+from rq import SimpleWorker, Worker
+from rq.job import Job, JobStatus
 
 from backend.adapters.embedding_cache import text_key
+from backend.adapters.queue import RETRY
 from tests.conftest import read_csv
 from tests.processes import BackendProcesses
 
@@ -68,6 +70,12 @@ def test_a_chunk_whose_vectors_could_not_be_stored_fails_so_rq_retries_it(runtim
     with pytest.raises(redis.ResponseError, match="OOM"):
         jobs.encode_chunk("1", "encode-1-0", ["a text no one encoded yet"])
     assert runtime.queue.encoding_progress("1").get("done", 0) == 0
+    # run as a job: it fails, and rq schedules it again (5 s later) rather than filing it as failed
+    [job_id] = runtime.queue.enqueue_encoding("1", [["a text no one encoded yet"]], then_rerank=False)
+    SimpleWorker([runtime.queue.queue], connection=runtime.redis).work(burst=True)
+    job = Job.fetch(job_id, connection=runtime.redis)
+    assert job.get_status() == JobStatus.SCHEDULED and job.retries_left == RETRY.max - 1
+    assert job_id not in runtime.queue.queue.failed_job_registry.get_job_ids()
 
 
 def test_gpu_workers_run_jobs_in_process_because_cuda_does_not_survive_a_fork():

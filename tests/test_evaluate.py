@@ -75,17 +75,35 @@ def test_harness_writes_results_and_plot(tiny_bert, tmp_path):
     assert list((tmp_path / "cache").glob("*.npy"))  # embeddings reused on the next run
 
 
-def test_harness_scores_a_finetuned_encoder_at_the_budgets_asked(tiny_bert, tmp_path):
+def test_harness_scores_a_finetuned_encoder_at_the_budgets_asked(tiny_bert, tmp_path, monkeypatch):
+    from backend.ml import finetune
+
+    tuned_runs = []  # (labels it was tuned on, its epochs, the test accuracy of what it returned)
+    test_texts = [row["text"] for row in read_csv("trec6/test.csv", 100)]
+    test_labels = [row["label"] for row in read_csv("trec6/test.csv", 100)]
+    classes = sorted({row["label"] for row in read_csv("trec6/train.csv", 300)})
+
+    def recording(encoder, texts, targets, probe, config):
+        tuned, head = real_finetune(encoder, texts, targets, probe, config)
+        predicted = head.predict_proba(tuned.encode(test_texts)).argmax(axis=1)
+        accuracy = float(np.mean([classes[i] == label for i, label in zip(predicted, test_labels, strict=True)]))
+        tuned_runs.append((len(texts), config.epochs, accuracy))
+        return tuned, head
+
+    real_finetune = finetune.finetune_encoder
+    monkeypatch.setattr(finetune, "finetune_encoder", recording)
     main(harness_arguments(tmp_path, tiny_bert, "--seeds", "1", "--finetune-at", "40,60", "--finetune-epochs", "1"))
-    margin = json.loads((tmp_path / "out" / "results.json").read_text())["strategies"]["margin"]
-    assert [sorted(seed) for seed in margin["finetuned_accuracy_per_seed"]] == [["40", "60"]]
-    assert set(margin["finetuned_accuracy_mean"]) == {"40", "60"}
-    assert all(0.0 <= value <= 1.0 for value in margin["finetuned_accuracy_mean"].values())
+    strategies = json.loads((tmp_path / "out" / "results.json").read_text())["strategies"]
+    assert [(labels, epochs) for labels, epochs, _ in tuned_runs] == [(40, 1), (60, 1)] * 2  # random, then margin
+    margin = strategies["margin"]
+    assert margin["finetuned_accuracy_per_seed"] == [{"40": tuned_runs[2][2], "60": tuned_runs[3][2]}]
+    assert margin["finetuned_accuracy_mean"] == {"40": tuned_runs[2][2], "60": tuned_runs[3][2]}
 
 
-def test_finetune_budgets_must_be_among_the_replay_budgets(tiny_bert, tmp_path):
+def test_finetune_budgets_must_be_among_the_replay_budgets(tiny_bert, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(harness_arguments(tmp_path, tiny_bert, "--seeds", "1", "--finetune-at", "50"))
+    assert "--finetune-at [50] is not among the budgets [20, 40, 60]" in capsys.readouterr().err
 
 
 def test_random_start_draws_the_first_labels_at_random_for_every_strategy(tiny_bert, tmp_path):

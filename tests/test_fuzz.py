@@ -5,7 +5,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import AG_NEWS_CONFIG
+from tests.conftest import AG_NEWS_CONFIG, AG_NEWS_LABELS
 from tests.test_api import ls_task, predict_payload, setup_payload
 
 json_values = st.recursive(
@@ -56,4 +56,9 @@ def test_any_text_gets_a_prediction(client, texts):
     tasks = [ls_task(i, text) for i, text in enumerate(texts)]
     response = client.post("/predict", json=predict_payload(tasks, AG_NEWS_CONFIG))
     assert response.status_code == 200
-    assert len(response.json["results"]) == len(texts)
+    results = response.json["results"]
+    assert len(results) == len(texts)
+    for result in results:  # single choice: every text gets one of the labels and a confidence
+        assert len(result["result"]) == 1 and len(result["result"][0]["value"]["choices"]) == 1
+        assert result["result"][0]["value"]["choices"][0] in AG_NEWS_LABELS
+        assert 0.0 <= result["score"] <= 1.0

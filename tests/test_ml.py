@@ -70,11 +70,17 @@ def test_sigmoid_head_predicts_each_label_independently():
 
 
 def test_committee_members_differ_but_agree_on_easy_points():
-    x = np.array([[1.0, 0.0], [0.0, 1.0]] * 10)
+    x = np.array([[1.0, 0.0], [0.0, 1.0]] * 10) + 0.1 * np.random.default_rng(0).normal(size=(20, 2))
     targets = np.array([[1, 0], [0, 1]] * 10, dtype=np.float32)
     committee = fit_committee(x, targets, False, size=3, rng=np.random.default_rng(1))
     assert len(committee) == 3
-    assert all((member.predict_proba(x[:2]).argmax(axis=1) == [0, 1]).all() for member in committee)
+    easy = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert all((member.predict_proba(easy).argmax(axis=1) == [0, 1]).all() for member in committee)
+    # each member saw another bootstrap resample: no two have the same weights, nor the same probabilities
+    weights = [member.weights for member in committee]
+    assert all(not np.allclose(weights[i], weights[j]) for i in range(3) for j in range(i + 1, 3))
+    probs = np.stack([member.predict_proba(x) for member in committee])
+    assert np.abs(probs - probs.mean(axis=0)).max() > 1e-3
 
 
 def fine_grained_classes(rows: int, seed: int = 0, frequent_first: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,7 @@ from backend import jobs
 from backend.adapters.embedding_cache import EmbeddingsMissing, text_key
 from backend.adapters.label_studio import LabelStudioNotFound, LabelStudioRejected
 from backend.adapters.queue import generation_key
+from backend.scoring.strategies import uncertainty_scores
 from backend.services import pool as pool_module
 from backend.services import project_state
 from backend.services import rerank as rerank_module
@@ -594,19 +595,36 @@ def test_a_re_rank_waiting_for_the_lock_yields_to_a_newer_one_instead_of_holding
     running.release()
 
 
-def test_committee_probabilities_reach_the_strategy(runtime, label_studio):
+@pytest.fixture()
+def pools_built(monkeypatch):
+    """The `Pool` each round hands to its strategy, in order."""
+    pools = []
+
+    def recording(*args, **kwargs):
+        pools.append(pool_module.build_pool(*args, **kwargs))
+        return pools[-1]
+
+    monkeypatch.setattr(rerank_module, "build_pool", recording)
+    return pools
+
+
+def test_committee_probabilities_reach_the_strategy(runtime, label_studio, pools_built):
     summary = rerank("1", runtime, generation=1)
     artifact = runtime.artifacts.load("1", runtime.artifacts.versions("1")[-1])
     assert summary["annotations"] == 0 and artifact.meta["kind"] == "zero-shot" and not artifact.committee
+    assert pools_built[0].committee_probs is None
     for task_id in range(1, 9):
         label_studio.annotate(task_id, label_studio.truth[task_id])
     rerank("1", runtime, generation=2)
     artifact = runtime.artifacts.load("1", runtime.artifacts.versions("1")[-1])
     assert artifact.meta["annotations"] == 8 and len(artifact.committee) == runtime.settings.committee_size
-    assert np.isfinite(artifact.head.weights).all()
+    pool = pools_built[1]
+    expected = np.stack([member.predict_proba(pool.embeddings) for member in artifact.committee])
+    assert pool.committee_probs.shape == (runtime.settings.committee_size, 60, 4)
+    np.testing.assert_allclose(pool.committee_probs, expected, atol=1e-5)
 
 
-def test_rounds_report_a_stopping_signal(runtime, label_studio):
+def test_rounds_report_a_stopping_signal(runtime, label_studio, pools_built):
     first = rerank("1", runtime, generation=1)
     assert first["stopping"]["stability_kappa"] is None and first["stopping"]["suggest_stop"] is False
     for task_id in range(1, 9):
@@ -616,7 +634,9 @@ def test_rounds_report_a_stopping_signal(runtime, label_studio):
     assert second["stopping"]["stability_kappa"] is None  # the head before was zero-shot: nothing to compare
     assert third["stopping"]["stability_kappa"] == 1.0
     assert third["stopping"]["history"] == [1.0]
-    assert 0.0 <= third["stopping"]["mean_uncertainty"] <= 1.0
+    pool = pools_built[-1]  # margin uncertainty of the rows still unlabelled, averaged
+    expected = uncertainty_scores(pool.probs[~pool.labeled], pool.multi_label).mean()
+    assert third["stopping"]["mean_uncertainty"] == pytest.approx(expected, abs=1e-5) and expected > 0.01
 
 
 def test_zero_shot_rounds_do_not_count_towards_the_stopping_signal(runtime, label_studio):

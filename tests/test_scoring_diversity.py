@@ -96,6 +96,14 @@ def test_cluster_picks_by_weight_order_clusters_and_members():
 def test_cluster_picks_fill_with_coreset_when_clusters_run_out():
     picks = cluster_picks(np.ones((6, 2), np.float32), np.arange(6), 4, np.random.default_rng(0))
     assert sorted(picks.tolist()) == sorted(set(picks.tolist())) and len(picks) == 4
+    # two clusters for two picks: {0° labelled, 1°, 80°}, covered, and {180°, 179°}, which gives one pick (row 3
+    # or 4); the second pick is the k-center fill: the row farthest from row 0 and that pick, 80° (row 2)
+    points = unit(0, 1, 80, 180, 179)
+    for seed in range(10):
+        picks = cluster_picks(
+            points, np.arange(1, 5), 2, np.random.default_rng(seed), indices_labeled=np.array([0]), max_clusters=2
+        )
+        assert picks[0] in (3, 4) and picks[1] == 2
 
 
 def test_cluster_picks_reject_an_unknown_pick_mode():

@@ -98,6 +98,27 @@ def test_hybrid_accepts_both_uncertainty_parts(uncertainty):
     assert len(set(picks)) == 10 and not labeled[picks].any()
 
 
+@pytest.mark.parametrize("uncertainty, expected", [("margin", 30), ("badge", 31)])
+def test_hybrid_takes_its_uncertainty_picks_by_margin_or_by_badge(uncertainty, expected):
+    # 30 labelled rows (10 per class: no diversity or rare-class picks), then row 30: the smallest margin (0) but a
+    # short embedding, |g|² = 0.5 · 0.01; row 31: margin 0.1, |g|² = 0.405 · 1, the largest gradient; then 20
+    # confident rows, |g|² = 0.0006. Margin takes row 30; BADGE's first pick is the largest gradient, row 31.
+    x = np.vstack([np.eye(3)[np.arange(30) % 3], [[0.1, 0, 0], [0, 1, 0]], np.eye(3)[np.arange(20) % 3]])
+    probs = np.vstack(
+        [np.full((30, 3), 1 / 3), [[0.5, 0.5, 0.0], [0.55, 0.45, 0.0]], np.tile([0.98, 0.01, 0.01], (20, 1))]
+    )
+    pool = Pool(
+        embeddings=x.astype(np.float32),
+        probs=probs,
+        labeled=np.arange(52) < 30,
+        targets=np.eye(3)[np.arange(52) % 3],
+    )
+    for seed in range(5):
+        assert get_strategy("hybrid", uncertainty=uncertainty).select(
+            pool, 1, np.random.default_rng(seed)
+        ).tolist() == [expected]
+
+
 def test_hybrid_names_the_allowed_uncertainty_parts():
     with pytest.raises(ValueError, match="'margin', 'badge'"):
         get_strategy("hybrid", uncertainty="entropy")

@@ -16,8 +16,16 @@ def test_stability_compares_predicted_classes():
     before = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
     after = np.array([[0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])  # last row flips
     assert prediction_stability(before, before, False) == 1.0
-    assert prediction_stability(before, after, False) < 1.0
-    assert prediction_stability(before, after, True) < 1.0
+    # classes 0,1,0 then 0,1,1: observed 2/3, expected 2/3·1/3 + 1/3·2/3 = 4/9, kappa (2/3 - 4/9) / (5/9)
+    assert prediction_stability(before, after, False) == pytest.approx(0.4)
+
+
+def test_multi_label_stability_compares_each_label_at_one_half():
+    before = np.array([[0.9, 0.8, 0.1], [0.2, 0.3, 0.7], [0.6, 0.1, 0.4]])
+    after = np.array([[0.9, 0.4, 0.1], [0.2, 0.3, 0.7], [0.6, 0.1, 0.4]])  # label 1 of row 0 turns off
+    # labels 0 and 2 agree (kappa 1); label 1: T,F,F then F,F,F, observed 2/3 = expected 2/3, kappa 0
+    assert prediction_stability(before, after, True) == pytest.approx(2 / 3)
+    assert prediction_stability(before, after, False) == 1.0  # what comparing top labels would miss
 
 
 def test_stop_only_after_enough_stable_rounds():
