@@ -4,7 +4,8 @@
 #   2. encoding throughput of MiniLM-L6 (the bundled weights) and of a BERT-base-shaped random model, as the backend
 #      runs them (fp32 weights under autocast) and with the weights cast to bf16, at three batch budgets;
 #   3. the AG News replay with the encoder fine-tuned at 500 labels (issue 4's accuracy goal), on the GPU.
-# The device machine reaches no registry and has its own torch, so the call carries (ignored folders):
+# The device machine reaches no registry and has its own torch, so the call carries (ignored folders, built by
+# benchmarks/gpu_prepare.sh):
 #   .whl/  wheels of requirements.txt's transformers, tokenizers and huggingface_hub pins;
 #   .gpu/minilm/  the bundled MiniLM's files, its weights as fp16 safetensors (model16.safetensors) to fit the
 #                 transfer's size limit; widened back to fp32 here;
