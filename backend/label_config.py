@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import lxml.etree
@@ -63,24 +64,22 @@ class ClassificationConfig:
     def choices_in(self, result: object) -> tuple[str, ...]:
         """The labels a Label Studio `result` holds for this config's `<Choices>` (the inverse of `result`): those
         of its first region that has any; other controls' regions and unknown values are left out."""
-        for region in result or []:
-            if isinstance(region, dict) and region.get("from_name") == self.from_name:
-                known = tuple(
-                    choice for choice in (region.get("value") or {}).get("choices") or [] if choice in self.labels
-                )
-                if known:
-                    return known
+        for choices in self._choice_lists(result):
+            known = tuple(choice for choice in choices if choice in self.labels)
+            if known:
+                return known
         return ()
 
     def chose_nothing(self, result: object) -> bool:
         """True when a `result` holds no choice at all for this config's `<Choices>` (known or not): with
         `choice="multiple"` that is an annotation saying that none of the labels applies."""
-        return not any(
-            isinstance(region, dict)
-            and region.get("from_name") == self.from_name
-            and (region.get("value") or {}).get("choices")
-            for region in result or []
-        )
+        return not any(self._choice_lists(result))
+
+    def _choice_lists(self, result: object) -> Iterator[list]:
+        """The `choices` list of each region of `result` that belongs to this config's `<Choices>`."""
+        for region in result or []:
+            if isinstance(region, dict) and region.get("from_name") == self.from_name:
+                yield (region.get("value") or {}).get("choices") or []
 
     def text_of(self, task: dict) -> str:
         """The text a task carries for this config; raise KeyError naming the missing (or null) data key.
