@@ -79,9 +79,10 @@ def test_harness_scores_a_finetuned_encoder_at_the_budgets_asked(tiny_bert, tmp_
     from backend.ml import finetune
 
     tuned_runs = []  # (labels it was tuned on, its epochs, the test accuracy of what it returned)
-    test_texts = [row["text"] for row in read_csv("trec6/test.csv", 100)]
-    test_labels = [row["label"] for row in read_csv("trec6/test.csv", 100)]
+    test_rows = read_csv("trec6/test.csv", 100)  # the rows harness_arguments writes
+    test_texts, test_labels = [row["text"] for row in test_rows], [row["label"] for row in test_rows]
     classes = sorted({row["label"] for row in read_csv("trec6/train.csv", 300)})
+    real_finetune = finetune.finetune_encoder
 
     def recording(encoder, texts, targets, probe, config):
         tuned, head = real_finetune(encoder, texts, targets, probe, config)
@@ -90,7 +91,6 @@ def test_harness_scores_a_finetuned_encoder_at_the_budgets_asked(tiny_bert, tmp_
         tuned_runs.append((len(texts), config.epochs, accuracy))
         return tuned, head
 
-    real_finetune = finetune.finetune_encoder
     monkeypatch.setattr(finetune, "finetune_encoder", recording)
     main(harness_arguments(tmp_path, tiny_bert, "--seeds", "1", "--finetune-at", "40,60", "--finetune-epochs", "1"))
     strategies = json.loads((tmp_path / "out" / "results.json").read_text())["strategies"]
