@@ -1,8 +1,12 @@
 """Fine-tuning the encoder (LP-FT) on the tiny offline BERT: it learns, leaves the original alone, is repeatable."""
 
+from dataclasses import replace
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModel
 
 from backend.ml.encoder import Encoder
 from backend.ml.finetune import FineTuneConfig, finetune_encoder
@@ -129,3 +133,36 @@ def test_an_encoder_running_in_bf16_is_tuned_from_its_exact_fp32_weights(tiny_be
     rounded = exact.to(torch.bfloat16).float()
     assert torch.max(torch.abs(rounded - exact)).item() > 1e-5  # what starting from the bf16 copy would leave
     assert torch.max(torch.abs(tuned.model.state_dict()[name] - exact)).item() < 1e-6
+
+
+def test_a_folder_tuned_into_while_a_process_loads_it_is_loaded_again_whole(
+    encoder, sports_or_business, tmp_path, monkeypatch, caplog
+):
+    """New weights land in the folder after a process read its revision and before it read the weights (tuning
+    again into the folder the servers load from). The process must end with one model's weights and that model's
+    revision, else it would cache one model's embeddings under the other's id, for every process after it."""
+    import backend.ml.encoder as encoder_module
+    from backend.ml.finetune import save_encoder
+
+    texts, targets = sports_or_business
+    probe = fit_head(encoder.encode(texts), targets, multi_label=False)
+    first, _ = finetune_encoder(encoder, texts[:16], targets[:16], probe, replace(FAST, epochs=1, seed=1))
+    second, _ = finetune_encoder(encoder, texts[:16], targets[:16], probe, replace(FAST, epochs=1, seed=2))
+    folder = tmp_path / "tuned"
+    save_encoder(first, str(folder))
+    loads = []
+
+    def load_while_tuned_again(path):
+        model = AutoModel.from_pretrained(path)
+        loads.append(path)
+        if len(loads) == 1:
+            save_encoder(second, str(folder))  # another process writes its new model into the folder just now
+        return model
+
+    monkeypatch.setattr(encoder_module, "AutoModel", SimpleNamespace(from_pretrained=load_while_tuned_again))
+    loaded = Encoder(str(folder), max_length=32, batch_tokens=256, dtype="fp32")
+    assert len(loads) == 2 and "loading it again" in caplog.text
+    assert loaded.revision == second.revision != first.revision
+    assert not np.allclose(first.encode(texts[:4]), second.encode(texts[:4]), atol=1e-3)
+    np.testing.assert_allclose(loaded.encode(texts[:4]), second.encode(texts[:4]), atol=1e-5)
+    assert not list(folder.glob(".staging-*"))  # nothing of the writer's left behind

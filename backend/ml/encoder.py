@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from backend.config import DEFAULT_MODEL_NAME
 from backend.errors import ModelUnavailable
@@ -127,6 +127,24 @@ def model_revision(model_path: str) -> str:
     return _saved_revision(model_path) or _folder_fingerprint(model_path)
 
 
+LOAD_ATTEMPTS = 3
+
+
+def _load_unchanging(path: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, str, str]:
+    """Tokenizer, model, pooling and revision of `path`, all from the same files: when the folder's revision
+    changes while it loads (`backend.finetune` writing into it), it is loaded again, so that embeddings of one
+    model are never cached under another's revision."""
+    for _ in range(LOAD_ATTEMPTS):
+        revision = model_revision(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path)
+        pooling = _pooling_mode(path)
+        if model_revision(path) == revision:
+            return tokenizer, model, pooling, revision
+        log.warning("model folder %s changed while it loaded (fine-tuned into meanwhile?); loading it again", path)
+    raise OSError(f"the model folder changed during each of {LOAD_ATTEMPTS} attempts to load it")
+
+
 @contextlib.contextmanager
 def torch_on_one_thread() -> Iterator[None]:
     """Run torch's CPU ops on the calling thread only, inside the block.
@@ -205,14 +223,11 @@ class Encoder:
         weights_dtype, self.autocast_dtype = precision(dtype, self.device)
         self.path = path = resolve_model_path(model_name)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModel.from_pretrained(path)
+            self.tokenizer, model, self.pooling, self.revision = _load_unchanging(path)
             with torch_on_one_thread():
                 self.model = model.to(self.device, weights_dtype).eval()
         except (OSError, ValueError) as exc:
             raise ModelUnavailable(f"cannot load encoder MODEL_NAME={model_name!r} from {path!r}: {exc}") from exc
-        self.pooling = _pooling_mode(path)
-        self.revision = model_revision(path)
         self.max_length = self._usable_max_length(max_length)
         self.dim = int(self.model.config.hidden_size)
         self.last_stats = EncodeStats()

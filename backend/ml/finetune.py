@@ -15,6 +15,9 @@ import copy
 import hashlib
 import json
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,13 +138,35 @@ def _fingerprint(base_id: str, texts: list[str], targets: np.ndarray, config: Fi
 
 
 def save_encoder(encoder: Encoder, folder: str) -> None:
-    """Write `encoder` as a model folder that `Encoder(folder)` (MODEL_NAME=folder) loads with the same pooling."""
-    encoder.model.save_pretrained(folder)
-    encoder.tokenizer.save_pretrained(folder)
-    (Path(folder) / REVISION_FILE).write_text(encoder.revision + "\n")
-    pooling = Path(folder) / POOLING_CONFIG
-    pooling.parent.mkdir(exist_ok=True)
-    pooling.write_text(
+    """Write `encoder` as a model folder that `Encoder(folder)` (MODEL_NAME=folder) loads with the same pooling.
+
+    The folder may be one that servers and workers load from (tuned again into the same folder): the files are
+    written aside, the old revision file is removed, each file is renamed into place, and the new revision file
+    comes last. A process loading meanwhile sees the folder's revision (or, without the file, its fingerprint)
+    change and loads it again, so it never caches one model's embeddings under the other's revision.
+    """
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target))  # in the folder: renames stay on one disk
+    try:
+        encoder.model.save_pretrained(staging)
+        encoder.tokenizer.save_pretrained(staging)
+        _write_pooling_config(encoder, staging / POOLING_CONFIG)
+        (target / REVISION_FILE).unlink(missing_ok=True)
+        for file in sorted(path for path in staging.rglob("*") if path.is_file()):
+            destination = target / file.relative_to(staging)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(file, destination)
+        (staging / REVISION_FILE).write_text(encoder.revision + "\n")
+        os.replace(staging / REVISION_FILE, target / REVISION_FILE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_pooling_config(encoder: Encoder, path: Path) -> None:
+    """The sentence-transformers pooling config that tells `Encoder` how `encoder` pools token vectors."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
         json.dumps(
             {
                 "word_embedding_dimension": encoder.dim,
