@@ -43,6 +43,7 @@ def runtime() -> Runtime:
 def rerank_project(project: str, reason: str = "") -> dict:
     """Retrain, rescore and publish a new order for `project`; one at a time per project."""
     rt = runtime()
+    setups_seen = rt.registry.setups(project)  # before Label Studio is read: see stop_working_on
     generation = rt.queue.start_rerank(project)  # first: later events now queue a follower
     job = get_current_job()
     queued_seconds = (now() - job.enqueued_at).total_seconds() if job and job.enqueued_at else None
@@ -65,7 +66,7 @@ def rerank_project(project: str, reason: str = "") -> dict:
         try:
             return rerank(project, rt, generation, timing)
         except ProjectDisconnected as gone:
-            return {"generation": generation, "published": False, **stop_working_on(rt, project, gone)}
+            return {"generation": generation, "published": False, **stop_working_on(rt, project, gone, setups_seen)}
 
 
 LOCK_POLL_SECONDS = 1.0
@@ -131,17 +132,20 @@ def kept_alive(lock: Lock) -> Iterator[None]:
         renewer.join()
 
 
-def stop_working_on(rt: Runtime, project: str, gone: ProjectDisconnected) -> dict:
+def stop_working_on(rt: Runtime, project: str, gone: ProjectDisconnected, setups_seen: int) -> dict:
     """Mark `project` disconnected: its webhooks are acknowledged and ignored, and reconciliation stops.
 
-    A new `/setup` (connecting the backend to the project again) undoes this. For a project deleted in Label
+    A new `/setup` (connecting the backend to the project again) undoes this; one that came while this job read
+    Label Studio (`setups_seen`, read before) wins over it, and a round follows. For a project deleted in Label
     Studio, what the backend kept about it goes too (its task list, head versions, last round, event counts), so
     nothing grows with projects that are gone, and a new project given the same id (SQLite reuses ids) starts
     clean. The generation counters stay: they fence off any job of the old project still queued.
     """
     if gone.project_deleted:
         forget_project(rt, project)
-    rt.registry.disconnect(project, str(gone))
+    if not rt.registry.disconnect(project, str(gone), setups_seen):
+        log.info("project %s: connected again while this job found that %s; a round follows", project, gone)
+        return {"connected_again": str(gone), "rerank": rt.queue.request_rerank(project, "connected again")}
     log.warning("project %s: stopped working on it: %s; connecting the backend again resumes", project, gone)
     return {"disconnected": str(gone)}
 
@@ -221,12 +225,13 @@ def reconcile_project(project: str) -> dict:
     interval = rt.settings.reconcile_interval
     if interval > 0:
         rt.queue.schedule_reconcile(project, interval)
+    setups_seen = rt.registry.setups(project)
     try:
         reading = read_connected_project(rt.label_studio, project, rt.settings.model_version_prefix)
     except ProjectDisconnected as gone:
         if gone.project_deleted:  # its files go under the round lock, so that no round still running rewrites them
             return {"rerank": rt.queue.request_rerank(project, f"reconcile: {gone}"), "reasons": [str(gone)]}
-        return {"rerank": "not needed", **stop_working_on(rt, project, gone)}
+        return {"rerank": "not needed", **stop_working_on(rt, project, gone, setups_seen)}
     # Repairs, each on its own, that must not keep the comparison below from running when Label Studio refuses them.
     if rt.registry.settings_before_connect(project) is None:  # the connect job failed for good (no API key?)
         try:

@@ -93,7 +93,7 @@ def test_a_disconnected_project_is_left_alone_until_connected_again(client, runt
     connect = queue.fetch_job("connect-3")
     queue.remove(connect)
     connect.set_status(JobStatus.FINISHED)  # as if it had run: its id stays taken while rq keeps its result
-    runtime.registry.disconnect("3", "project 3 has no ML backend connected any more")
+    runtime.registry.disconnect("3", "project 3 has no ML backend connected any more", runtime.registry.setups("3"))
 
     # Label Studio keeps a removed backend's webhook: its events are acknowledged and change nothing
     event = {"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": 1}, "task": {"id": 5}}

@@ -16,6 +16,7 @@ from backend import jobs
 from backend.adapters.embedding_cache import EmbeddingsMissing, text_key
 from backend.adapters.label_studio import LabelStudioNotFound, LabelStudioRejected
 from backend.adapters.queue import generation_key
+from backend.protocol import SetupRequest
 from backend.scoring.strategies import uncertainty_scores
 from backend.services import pool as pool_module
 from backend.services import project_state
@@ -520,11 +521,34 @@ def test_removing_the_backend_or_deleting_the_project_stops_the_work_on_it(runti
     assert jobs.rerank_project("1")["disconnected"] and jobs.cleanup_versions("1", live) == []
 
 
-def test_a_disconnection_recorded_late_is_undone_by_the_next_round(runtime, label_studio, monkeypatch):
-    # a round saw no ML backend, the user connected it again (/setup), then that round recorded the disconnection
+@pytest.mark.parametrize("job", ["rerank_project", "reconcile_project"])
+def test_a_connection_made_while_a_job_finds_the_project_disconnected_stands(runtime, label_studio, monkeypatch, job):
     monkeypatch.setattr(jobs, "_runtime", runtime)
     runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})
-    runtime.registry.disconnect("1", "project 1 has no ML backend connected any more")
+    assert jobs.rerank_project("1")["published"]
+    label_studio.backends = []  # the user removed the backend and adds it again while the job reads Label Studio:
+
+    def no_backend_yet(project_id):
+        runtime.projects.setup(SetupRequest("1", AG_NEWS_CONFIG))  # Label Studio's /setup for the new one
+        label_studio.backends = [{"id": 2, "url": "http://backend:9090", "project": 1}]
+        return []  # what the job had read a moment before
+
+    monkeypatch.setattr(label_studio, "ml_backends", no_backend_yet)
+    outcome = getattr(jobs, job)("1")
+    assert "no ML backend" in outcome["connected_again"] and outcome["rerank"] == "enqueued"
+    assert runtime.registry.is_connected("1") and not runtime.registry.is_disconnected("1")
+    monkeypatch.undo()
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    assert jobs.rerank_project("1")["published"]  # the round that follows serves the project again
+
+
+def test_a_disconnection_recorded_late_is_undone_by_the_next_round(runtime, label_studio, monkeypatch):
+    # a job read the /setup count, Label Studio answered /setup before it listed the new backend, and the job saw
+    # no backend: it records the disconnection, which the connect job's round then undoes
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})
+    seen = runtime.registry.setups("1")
+    assert runtime.registry.disconnect("1", "project 1 has no ML backend connected any more", seen)
     assert jobs.rerank_project("1")["published"]  # the connect job's round: Label Studio shows it connected
     assert not runtime.registry.is_disconnected("1") and runtime.registry.is_connected("1")
 

@@ -10,6 +10,16 @@ import redis
 PROJECTS_KEY = "al:projects"
 DISCONNECTED_KEY = "al:projects:disconnected"
 """Projects the backend stopped working on: {project: JSON {reason, at}}; connecting one again clears it."""
+SETUPS_KEY = "al:projects:setups"
+"""{project: how many `/setup` calls came for it}, so that a job can tell whether one came while it read Label
+Studio (`disconnect`)."""
+
+DISCONNECT_UNLESS_SET_UP_SINCE = """
+if tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') ~= tonumber(ARGV[2]) then return 0 end
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+return 1
+"""
 
 
 class ProjectRegistry:
@@ -17,6 +27,7 @@ class ProjectRegistry:
 
     def __init__(self, client: redis.Redis):
         self.client = client
+        self._disconnect_unless_set_up_since = client.register_script(DISCONNECT_UNLESS_SET_UP_SINCE)
 
     @staticmethod
     def key(project: str) -> str:
@@ -24,6 +35,7 @@ class ProjectRegistry:
 
     def save_setup(self, project: str, label_config: str, params: dict) -> bool:
         """Store the project's config; True when the project is connected for the first time."""
+        self.client.hincrby(SETUPS_KEY, project, 1)  # first: a job that read Label Studio before this sees it
         first = bool(self.client.sadd(PROJECTS_KEY, project))
         self.client.hdel(DISCONNECTED_KEY, project)
         self.client.hset(
@@ -38,13 +50,20 @@ class ProjectRegistry:
     def is_connected(self, project: str) -> bool:
         return bool(self.client.sismember(PROJECTS_KEY, project))
 
-    def disconnect(self, project: str, reason: str) -> None:
-        """Stop serving `project` (deleted in Label Studio, or its ML backend removed) until `/setup` comes again.
+    def setups(self, project: str) -> int:
+        """How many `/setup` calls came for `project` so far; what a job passes to `disconnect`."""
+        return int(self.client.hget(SETUPS_KEY, project) or 0)
+
+    def disconnect(self, project: str, reason: str, setups_seen: int) -> bool:
+        """Stop serving `project` (deleted in Label Studio, or its ML backend removed) until `/setup` comes again,
+        unless one came since the caller saw `setups_seen` (read before it read Label Studio): then the user
+        connected the backend again meanwhile, and that connection stands. -> whether the project is disconnected.
 
         Its config, rounds and the settings from before connecting stay, for inspection and for undoing.
         """
-        self.client.srem(PROJECTS_KEY, project)
-        self.client.hset(DISCONNECTED_KEY, project, json.dumps({"reason": reason, "at": time.time()}))
+        record = json.dumps({"reason": reason, "at": time.time()})
+        keys = [SETUPS_KEY, PROJECTS_KEY, DISCONNECTED_KEY]
+        return bool(self._disconnect_unless_set_up_since(keys=keys, args=[project, setups_seen, record]))
 
     def forget(self, project: str) -> None:
         """Drop everything kept about `project` (for a project deleted in Label Studio); the `disconnected` entry
