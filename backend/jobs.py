@@ -19,7 +19,7 @@ from redis.lock import Lock
 from rq import get_current_job
 from rq.utils import now
 
-from backend.adapters.label_studio import LabelStudioNotFound, LabelStudioRejected
+from backend.adapters.label_studio import ACTIVE_LEARNING_SETTINGS, LabelStudioNotFound, LabelStudioRejected
 from backend.adapters.queue import encoding_key, encoding_runs_key
 from backend.config import Settings
 from backend.runtime import Runtime
@@ -207,7 +207,7 @@ def configure_project(rt: Runtime, project: str) -> dict:
     """Switch the project to Uncertainty sampling with visible predictions; keep the values from before the first
     time (a reconnection finds the backend's own values, which must not replace the ones a user undoes to)."""
     previous = rt.label_studio.configure_for_active_learning(int(project))
-    rt.registry.record_settings_before_connect(project, previous)
+    rt.registry.record_settings_before_connect(project, previous, ours=ACTIVE_LEARNING_SETTINGS)
     log.info("project %s: configured for active learning (was %s)", project, previous)
     return previous
 

@@ -14,7 +14,7 @@ from rq import SimpleWorker
 
 from backend import jobs
 from backend.adapters.embedding_cache import EmbeddingsMissing, text_key
-from backend.adapters.label_studio import LabelStudioNotFound, LabelStudioRejected
+from backend.adapters.label_studio import ACTIVE_LEARNING_SETTINGS, LabelStudioNotFound, LabelStudioRejected
 from backend.adapters.queue import generation_key
 from backend.protocol import SetupRequest
 from backend.scoring.strategies import uncertainty_scores
@@ -444,6 +444,20 @@ def test_reconciliation_completes_a_set_up_that_never_succeeded_and_keeps_the_fi
     before = {"sampling": "Sequential sampling", "show_collab_predictions": False}
     assert runtime.registry.settings_before_connect("1") == before
     jobs.connect_project("1")  # connected again later: finds the backend's own values, keeps the first ones
+    assert runtime.registry.settings_before_connect("1") == before
+
+
+def test_the_users_settings_are_kept_when_a_reconciliation_records_the_backends_own_first(runtime, label_studio):
+    before = {"sampling": "Sequential sampling", "show_collab_predictions": False}
+    user_values = label_studio.configure_for_active_learning(1)  # the connect job switched the project...
+    jobs.configure_project(runtime, "1")  # ...a reconciliation, seeing no record yet, read the backend's values back
+    assert runtime.registry.settings_before_connect("1") == ACTIVE_LEARNING_SETTINGS
+    runtime.registry.record_settings_before_connect("1", user_values, ours=ACTIVE_LEARNING_SETTINGS)  # connect's
+    assert runtime.registry.settings_before_connect("1") == before
+    jobs.configure_project(runtime, "1")  # connecting again later changes nothing either
+    runtime.registry.record_settings_before_connect(
+        "1", {"sampling": "Uniform sampling"}, ours=ACTIVE_LEARNING_SETTINGS
+    )
     assert runtime.registry.settings_before_connect("1") == before
 
 

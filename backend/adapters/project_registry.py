@@ -98,9 +98,19 @@ class ProjectRegistry:
         raw = self.client.hget(self.key(project), "last_round")
         return json.loads(raw) if raw else None
 
-    def record_settings_before_connect(self, project: str, previous: dict) -> None:
-        """The project's settings before the backend first changed them, for undoing (see README); never replaced."""
-        self.client.hsetnx(self.key(project), "settings_before_connect", json.dumps(previous))
+    def record_settings_before_connect(self, project: str, previous: dict, ours: dict) -> None:
+        """The project's settings before the backend first changed them, for undoing (see README).
+
+        `ours` are the values the backend sets. Once recorded, other values are never replaced, and values equal
+        to `ours` never replace anything: a job that configured the project after another had (the connect job and
+        a reconciliation running side by side, or connecting again) read the backend's own values back, and
+        the first job's record of the user's values wins whichever job writes first.
+        """
+        field = "settings_before_connect"
+        if previous == ours:
+            self.client.hsetnx(self.key(project), field, json.dumps(previous))
+        elif self.settings_before_connect(project) in (None, ours):
+            self.client.hset(self.key(project), field, json.dumps(previous))
 
     def settings_before_connect(self, project: str) -> dict | None:
         """What `record_settings_before_connect` kept; None until the project's set-up first succeeded."""
