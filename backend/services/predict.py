@@ -22,9 +22,14 @@ ZERO_SHOT_VERSION = "zero-shot"
 
 
 def model_version(prefix: str, artifact: HeadArtifact) -> str:
-    """The `model_version` string Label Studio stores with predictions of this artifact."""
+    """The `model_version` string Label Studio stores with predictions of this artifact.
+
+    A zero-shot head (no version) is named by what it was built from: after the labels change, Label Studio's
+    "Retrieve Predictions" must not take the old labels' zero-shot predictions for current ones (it skips tasks
+    that already hold a prediction of the version `/setup` answered).
+    """
     if not artifact.version:
-        return f"{prefix}-{ZERO_SHOT_VERSION}"
+        return "-".join(filter(None, (prefix, ZERO_SHOT_VERSION, artifact.meta.get("zero_shot_of"))))
     return f"{prefix}-{artifact.version}-{artifact.meta.get('created', '')}".rstrip("-")
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -69,10 +71,17 @@ def labelled_tasks(tasks: list[dict], config: ClassificationConfig) -> list[Labe
 def zero_shot_artifact(
     config: ClassificationConfig, encoder: Encoder, cache: RedisEmbeddingCache | None
 ) -> HeadArtifact:
-    """Cold start: a head built from the label names (or hints), before any annotation exists."""
+    """Cold start: a head built from the label names (or hints), before any annotation exists.
+
+    Its meta's `zero_shot_of` is a short digest of what it was built from (encoder, labels, their descriptions),
+    so that its predictions carry a model version of their own (`backend.services.predict.model_version`).
+    """
     label_embeddings = embed_texts(list(config.label_descriptions), encoder, cache)
     head = zero_shot_head(label_embeddings, config.multi_label)
-    return HeadArtifact(head, [], config.labels, encoder.encoder_id, meta={"kind": "zero-shot", "annotations": 0})
+    built_from = json.dumps([encoder.encoder_id, config.labels, config.label_descriptions, config.multi_label])
+    digest = hashlib.blake2b(built_from.encode(), digest_size=4).hexdigest()
+    meta = {"kind": "zero-shot", "annotations": 0, "zero_shot_of": digest}
+    return HeadArtifact(head, [], config.labels, encoder.encoder_id, meta=meta)
 
 
 def train_artifact(
