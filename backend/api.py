@@ -132,16 +132,29 @@ def _basic_credentials(header: str) -> bytes:
         return b""
 
 
+REASON_PHRASE_LIMIT = 300
+
+
+def reason_phrase(message: str) -> str:
+    """`message` as an HTTP reason phrase: one line of printable latin-1 (others become "?"), at most
+    `REASON_PHRASE_LIMIT` characters."""
+    line = " ".join(message.split()).encode("latin-1", "replace").decode("latin-1")
+    phrase = "".join(char if char.isprintable() else "?" for char in line)
+    return phrase[:REASON_PHRASE_LIMIT] or "Error"
+
+
 def _register_errors(app: Flask) -> None:
     @app.errorhandler(BackendError)
     def backend_error(exc: BackendError):
-        # Label Studio shows the user only "422 Client Error ... check the ML backend server console logs"
+        # Label Studio keeps of a refused /setup or /predict only requests' "422 Client Error: <reason phrase> for
+        # url: ...": the reason phrase carries the message, and the log has it whole
         level = logging.INFO if isinstance(exc, Unauthorized) else logging.WARNING
         log.log(level, "%s %s: %d %s: %s", request.method, request.path, exc.status_code, type(exc).__name__, exc)
         response = jsonify(error=type(exc).__name__, message=str(exc))
+        response.status = f"{exc.status_code} {reason_phrase(str(exc))}"
         if isinstance(exc, Unauthorized):
             response.headers["WWW-Authenticate"] = 'Basic realm="al-backend"'
-        return response, exc.status_code
+        return response
 
     @app.errorhandler(redis.RedisError)
     def redis_unavailable(exc: redis.RedisError):

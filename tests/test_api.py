@@ -179,6 +179,15 @@ def test_unsupported_config_is_a_422_naming_supported_tags(client, route):
     response = client.post(route, json=body)
     assert response.status_code == 422
     assert "RectangleLabels" in response.json["message"] and "<Choices>" in response.json["message"]
+    # all of it Label Studio keeps is requests' "422 Client Error: <reason phrase> for url": the message is there
+    assert response.status == "422 " + " ".join(response.json["message"].split())[:300]
+
+
+def test_the_reason_phrase_is_one_line_of_latin_1():
+    from backend.api import reason_phrase
+
+    assert reason_phrase("no <Choices>\r\nover   Text:\tthé 文\x00") == "no <Choices> over Text: thé ??"
+    assert len(reason_phrase("x" * 1000)) == 300 and reason_phrase(" \n ") == "Error"
 
 
 @pytest.mark.parametrize(

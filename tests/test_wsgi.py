@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from tests.conftest import free_port
@@ -43,6 +44,10 @@ def test_gunicorn_workers_load_the_encoder_before_they_answer(tiny_bert, redis_u
             raise AssertionError(f"gunicorn did not answer:\n{log_path.read_text()}")
         # /health needs no model: the encoder was loaded when the worker imported the app
         assert f"encoder {tiny_bert} loaded" in log_path.read_text()
+        image = '<View><Image name="i" value="$img"/><Choices name="c" toName="i"><Choice value="a"/></Choices></View>'
+        refused = requests.post(f"http://127.0.0.1:{port}/setup", json={"project": "1", "schema": image}, timeout=10)
+        with pytest.raises(requests.HTTPError, match="422 Client Error: Unsupported labeling config: <Choices"):
+            refused.raise_for_status()  # the text Label Studio shows for a refused /setup
     finally:
         server.terminate()
         server.wait(timeout=30)
