@@ -20,7 +20,7 @@ from rq import get_current_job
 from rq.utils import now
 
 from backend.adapters.label_studio import ACTIVE_LEARNING_SETTINGS, LabelStudioNotFound, LabelStudioRejected
-from backend.adapters.queue import encoding_key, encoding_runs_key
+from backend.adapters.queue import encoding_key, encoding_runs_key, reconcile_slot
 from backend.config import Settings
 from backend.runtime import Runtime
 from backend.services.embeddings import embed_texts
@@ -212,6 +212,23 @@ def configure_project(rt: Runtime, project: str) -> dict:
     return previous
 
 
+def revive_reconciliations(rt: Runtime) -> list[str]:
+    """Restart the chain of reconciliations of every connected project that lost it -> those projects.
+
+    Each reconciliation schedules the next; one that fails before it does (Redis away, its worker killed) ends the
+    chain, and lost webhooks would go unrepaired until Label Studio calls `/setup` again. Workers call this at
+    every maintenance pass of rq (once a minute).
+    """
+    interval = rt.settings.reconcile_interval
+    if interval <= 0:
+        return []
+    revived = [project for project in rt.registry.projects() if not rt.queue.reconcile_scheduled(project)]
+    for project in revived:
+        log.info("project %s: its reconciliation was not scheduled; restarting it", project)
+        rt.queue.schedule_reconcile(project, interval)
+    return revived
+
+
 def reconcile_project(project: str) -> dict:
     """Periodic repair: re-rank when Label Studio's state differs from what the last round saw.
 
@@ -224,7 +241,8 @@ def reconcile_project(project: str) -> dict:
         return {"rerank": "not needed", "disconnected": True}  # and the chain ends here
     interval = rt.settings.reconcile_interval
     if interval > 0:
-        rt.queue.schedule_reconcile(project, interval)
+        current = get_current_job()
+        rt.queue.schedule_reconcile(project, interval, after_slot=current and reconcile_slot(project, current.id))
     setups_seen = rt.registry.setups(project)
     try:
         reading = read_connected_project(rt.label_studio, project, rt.settings.model_version_prefix)

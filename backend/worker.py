@@ -58,12 +58,34 @@ def main(argv: list[str] | None = None) -> None:
             wait_for_redis(runtime.redis)
 
 
+class RevivesReconciliations:
+    """rq's maintenance pass (registries cleaned, the scheduler taken over from a dead worker), plus restarting
+    every connected project's chain of reconciliations that a failed reconciliation ended."""
+
+    def run_maintenance_tasks(self) -> None:
+        super().run_maintenance_tasks()
+        try:
+            jobs.revive_reconciliations(jobs.runtime())
+        except REDIS_GONE:
+            raise  # the loop in main() waits for Redis and starts over
+        except Exception:  # noqa: BLE001 - a bug here must not stop the worker from taking jobs
+            log.exception("could not restart the reconciliations of connected projects")
+
+
+class ForkingWorker(RevivesReconciliations, Worker):
+    pass
+
+
+class InProcessWorker(RevivesReconciliations, SimpleWorker):
+    pass
+
+
 def worker_class_for(device: torch.device) -> type[Worker]:
     """rq's Worker forks a work-horse per job, which inherits the encoder loaded here; but CUDA cannot be used
     again in a forked child once the parent has used it, so on a GPU jobs run in the worker process itself
     (SimpleWorker: the model stays on the GPU between jobs; a job that crashes the process takes the worker
     down, and the supervisor, e.g. docker's restart policy, brings it back while rq retries the job)."""
-    return SimpleWorker if device.type == "cuda" else Worker
+    return InProcessWorker if device.type == "cuda" else ForkingWorker
 
 
 def preload(runtime) -> None:

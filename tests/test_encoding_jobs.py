@@ -84,5 +84,6 @@ def test_gpu_workers_run_jobs_in_process_because_cuda_does_not_survive_a_fork():
 
     from backend.worker import worker_class_for
 
-    assert worker_class_for(torch.device("cpu")) is Worker  # a work-horse per job, the encoder inherited
-    assert worker_class_for(torch.device("cuda", 0)) is SimpleWorker
+    on_cpu, on_gpu = worker_class_for(torch.device("cpu")), worker_class_for(torch.device("cuda", 0))
+    assert issubclass(on_cpu, Worker) and not issubclass(on_cpu, SimpleWorker)  # a work-horse per job, inherited
+    assert issubclass(on_gpu, SimpleWorker)

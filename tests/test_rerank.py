@@ -15,7 +15,7 @@ from rq import SimpleWorker
 from backend import jobs
 from backend.adapters.embedding_cache import EmbeddingsMissing, text_key
 from backend.adapters.label_studio import ACTIVE_LEARNING_SETTINGS, LabelStudioNotFound, LabelStudioRejected
-from backend.adapters.queue import generation_key
+from backend.adapters.queue import encoding_follow_up_key, generation_key
 from backend.protocol import SetupRequest
 from backend.scoring.strategies import uncertainty_scores
 from backend.services import pool as pool_module
@@ -347,6 +347,45 @@ def test_pool_encoded_once_already_is_encoded_again_when_its_vectors_are_gone(ru
     SimpleWorker([queue], connection=runtime.redis).work(burst=True, max_jobs=20)
     assert len(queue) == 0, "the follow-up round kept re-queueing itself"
     assert runtime.registry.last_round("1")["annotations"] == 1 and runtime.registry.last_round("1")["published"]
+
+
+def test_a_chunk_encoded_again_while_its_round_waits_still_releases_that_round(runtime, label_studio, monkeypatch):
+    # rq deletes a job's list of dependents with the job: the round waiting on a finished chunk that is encoded
+    # again (its vectors evicted meanwhile) must be queued again, or it waits for ever and every round defers to it
+    from rq.job import Job, JobStatus
+
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    queue = runtime.queue.queue
+    texts = [task["data"]["text"] for task in label_studio.tasks.values()]
+    chunks = [texts[:30], texts[30:]]
+    first, second = runtime.queue.enqueue_encoding("1", chunks)
+    follow_up = runtime.redis.get(encoding_follow_up_key("1")).decode()
+    queue.remove(second)  # the second chunk waits (another worker is slow to take it)...
+    SimpleWorker([queue], connection=runtime.redis).work(burst=True)  # ...while the first is encoded
+    assert Job.fetch(follow_up, connection=runtime.redis).get_status() == JobStatus.DEFERRED
+    runtime.redis.delete(runtime.embedding_cache.key)  # its vectors are evicted; a round asks for both again
+    assert runtime.queue.enqueue_encoding("1", chunks) == [first, second]
+    queue.enqueue_job(Job.fetch(second, connection=runtime.redis), at_front=True)  # the slow worker takes it
+    SimpleWorker([queue], connection=runtime.redis).work(burst=True)
+    assert Job.fetch(follow_up, connection=runtime.redis).get_status() == JobStatus.FINISHED
+    assert runtime.queue.encoding_pending("1") is False
+    assert runtime.registry.last_round("1")["published"]
+
+
+def test_a_reconciliation_on_a_clock_behind_the_schedulers_still_schedules_the_next(runtime, label_studio, monkeypatch):
+    # scheduled by a machine whose clock is ahead, it runs where the clock still reads the period before its slot:
+    # the slot its own clock gives the next one is its own id, which must not end the chain
+    from rq.registry import ScheduledJobRegistry
+
+    from backend.adapters.queue import reconcile_job_id, reconcile_slot
+
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    interval = runtime.settings.reconcile_interval
+    own = int(time.time() // interval) + 1
+    runtime.queue.queue.enqueue_call("backend.jobs.reconcile_project", args=("1",), job_id=reconcile_job_id("1", own))
+    SimpleWorker([runtime.queue.queue], connection=runtime.redis).work(burst=True)
+    scheduled = ScheduledJobRegistry(queue=runtime.queue.queue).get_job_ids()
+    assert [reconcile_slot("1", job_id) > own for job_id in scheduled] == [True]
 
 
 def test_a_label_config_that_reads_another_field_ranks_the_new_texts(runtime, label_studio):

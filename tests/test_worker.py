@@ -1,6 +1,8 @@
-"""The worker process starts over, rather than exiting, when Redis goes away or stops answering in time."""
+"""The worker process: starts over, rather than exiting, when Redis goes away or stops answering in time; keeps
+every connected project's reconciliations going."""
 
 import redis
+import torch
 
 from backend import jobs, worker
 
@@ -22,3 +24,20 @@ def test_the_worker_starts_over_when_redis_times_out_or_drops_the_connection(run
     monkeypatch.setattr(worker, "worker_class_for", lambda device: FlakyWorker)
     worker.main(["--burst", "--no-preload"])  # returns once a run ends normally
     assert len(runs) == 3 and all(run["with_scheduler"] for run in runs)
+
+
+def test_a_workers_maintenance_restarts_reconciliations_that_a_failed_one_ended(runtime, monkeypatch):
+    from rq.registry import ScheduledJobRegistry
+
+    from backend.adapters.queue import reconcile_slot
+
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    for project in ("1", "2", "3"):
+        runtime.registry.save_setup(project, "<View/>", {})
+    runtime.queue.schedule_reconcile("2", runtime.settings.reconcile_interval)  # alive
+    runtime.registry.disconnect("3", "no ML backend connected", runtime.registry.setups("3"))
+    # project 1's chain ended: its last reconciliation failed before scheduling the next (Redis away)
+    worker.worker_class_for(torch.device("cpu"))([runtime.queue.queue], connection=runtime.redis).work(burst=True)
+    scheduled = ScheduledJobRegistry(queue=runtime.queue.queue).get_job_ids()
+    by_project = sorted(p for p in ("1", "2", "3") for job_id in scheduled if reconcile_slot(p, job_id) is not None)
+    assert by_project == ["1", "2"]  # restarted, left as it was (not doubled), left alone

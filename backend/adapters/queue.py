@@ -66,6 +66,17 @@ def reconcile_alive_key(project: str) -> str:
     return f"al:reconcile:alive:{project}"
 
 
+def reconcile_job_id(project: str, slot: int) -> str:
+    return f"reconcile-{project}-{slot}"
+
+
+def reconcile_slot(project: str, job_id: str) -> int | None:
+    """The slot in a reconciliation job's id, or None for any other job id."""
+    prefix = reconcile_job_id(project, 0)[:-1]
+    suffix = job_id[len(prefix) :] if job_id.startswith(prefix) else ""
+    return int(suffix) if suffix.isdigit() else None
+
+
 def encoding_key(project: str) -> str:
     """Progress of a project's chunked encoding: chunks, done, texts (shown in /metrics)."""
     return f"al:encoding:{project}"
@@ -149,17 +160,21 @@ class JobQueue:
         """True while no newer generation has claimed the right to publish since `may_publish` gave it to us."""
         return self.published_generation(project) == generation
 
-    def schedule_reconcile(self, project: str, interval: int, slot: int | None = None) -> None:
+    def schedule_reconcile(self, project: str, interval: int, after_slot: int | None = None) -> None:
         """Schedule the project's next reconciliation in `interval` s; one job per (project, slot).
 
-        The slot defaults to the next interval-long period of the clock, so callers in the same period share one.
+        The slot is the next interval-long period of the clock, so callers in the same period share one; a
+        reconciliation scheduling its successor passes its own slot, and the successor's is always later, even
+        when this machine's clock is behind the one that scheduled it (else it would find its own id taken and the
+        chain would end).
         """
-        if slot is None:
-            slot = int(time.time() // interval) + 1 if interval > 0 else 0
+        slot = int(time.time() // interval) + 1 if interval > 0 else 0
+        if after_slot is not None:
+            slot = max(slot, after_slot + 1)
         job = self.queue.create_job(
             "backend.jobs.reconcile_project",
             args=(project,),
-            job_id=f"reconcile-{project}-{slot}",
+            job_id=reconcile_job_id(project, slot),
             **self._job_options(retry=None, failure_ttl=reconcile_failure_ttl(interval)),
         )
         try:
@@ -202,6 +217,7 @@ class JobQueue:
         under way.
         """
         job_ids = []
+        recreated = False
         for chunk in chunks:
             digest = hashlib.sha1("\0".join(chunk).encode("utf-8", errors="replace")).hexdigest()[:16]
             job_id = f"encode-{project}-{digest}"
@@ -213,6 +229,7 @@ class JobQueue:
                     with contextlib.suppress(NoSuchJobError):
                         Job.fetch(job_id, connection=self.client).delete()
                     self._enqueue_unique("backend.jobs.encode_chunk", job_id, project, job_id, chunk)
+                    recreated = True
             job_ids.append(job_id)
         progress = self.encoding_progress(project)
         if progress.get("done", 0) >= progress.get("chunks", 0):
@@ -222,7 +239,14 @@ class JobQueue:
             after = hashlib.sha1("\0".join(sorted(job_ids)).encode()).hexdigest()[:16]
             follow_up = f"rerank-{project}-after-{after}"
             self.client.set(encoding_follow_up_key(project), follow_up)
-            if self._status(follow_up) not in WAITING_STATUSES:  # (rq's unique=True refuses dependencies)
+            status = self._status(follow_up)
+            if recreated and status == JobStatus.DEFERRED:
+                # deleting a finished chunk's job deleted its list of dependents too: the recreated chunk would
+                # never release this follow-up, and every round would wait for it. Queue it again.
+                with contextlib.suppress(NoSuchJobError):
+                    Job.fetch(follow_up, connection=self.client).delete()
+                status = None
+            if status not in WAITING_STATUSES:  # (rq's unique=True refuses dependencies)
                 self.queue.enqueue_call(
                     "backend.jobs.rerank_project",
                     args=(project, "embeddings ready"),
