@@ -220,12 +220,9 @@ def revive_reconciliations(rt: Runtime) -> list[str]:
     every maintenance pass of rq (once a minute).
     """
     interval = rt.settings.reconcile_interval
-    if interval <= 0:
-        return []
-    revived = [project for project in rt.registry.projects() if not rt.queue.reconcile_scheduled(project)]
+    revived = [p for p in rt.registry.projects() if rt.queue.restart_reconcile_if_ended(p, interval)]
     for project in revived:
-        log.info("project %s: its reconciliation was not scheduled; restarting it", project)
-        rt.queue.schedule_reconcile(project, interval)
+        log.info("project %s: its reconciliation was not scheduled; restarted it", project)
     return revived
 
 

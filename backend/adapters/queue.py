@@ -183,6 +183,13 @@ class JobQueue:
             pass
         self.client.set(reconcile_alive_key(project), slot, ex=2 * interval + 60)
 
+    def restart_reconcile_if_ended(self, project: str, interval: int) -> bool:
+        """Schedule the project's reconciliation unless its chain is alive (or `interval` is 0) -> whether it did."""
+        if interval <= 0 or self.reconcile_scheduled(project):
+            return False
+        self.schedule_reconcile(project, interval)
+        return True
+
     def reconcile_scheduled(self, project: str) -> bool:
         """Whether the project's chain of reconciliations is alive (scheduled within the last two intervals)."""
         return bool(self.client.exists(reconcile_alive_key(project)))

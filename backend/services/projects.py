@@ -39,10 +39,9 @@ class ProjectService:
                 log.info("project %s connected: queueing set-up and cold-start ranking", request.project)
                 self.queue.enqueue_connect(request.project)
                 self.queue.schedule_reconcile(request.project, self.reconcile_interval)
-            elif self.reconcile_interval > 0 and not self.queue.reconcile_scheduled(request.project):
+            elif self.queue.restart_reconcile_if_ended(request.project, self.reconcile_interval):
                 # each reconciliation schedules the next; if one could not (Redis away then), restart the chain
-                log.info("project %s: reconciliation was not scheduled; restarting it", request.project)
-                self.queue.schedule_reconcile(request.project, self.reconcile_interval)
+                log.info("project %s: reconciliation was not scheduled; restarted it", request.project)
         except redis.RedisError as exc:
             log.warning("project %s: /setup not recorded, Redis unavailable (%s)", request.project, type(exc).__name__)
 
