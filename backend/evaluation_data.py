@@ -12,6 +12,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+CSV_FIELD_LIMIT = 2**31 - 1
+"""The csv module refuses cells over 128 KiB by default; a long document is a text like any other (the encoder cuts
+it at `--max-length`), so the limit is raised to what a C long holds on every platform."""
+
 ENCODE_CHUNK = 2048
 """Texts per encoder call while filling the cache (the progress bar moves once per chunk)."""
 
@@ -28,6 +32,7 @@ def read_labelled_csv(path: str, text_column: str, label_column: str) -> tuple[l
     """Texts and labels of a CSV (a spreadsheet's byte-order mark allowed). A row with an empty (or blank) text or
     label is left out, and the run says how many and where the first was."""
     texts, labels, skipped = [], [], []
+    csv.field_size_limit(CSV_FIELD_LIMIT)
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         missing = {text_column, label_column} - set(reader.fieldnames or [])

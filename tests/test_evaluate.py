@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from backend.evaluate import baseline_replay_budgets, macro_f1, main, replay_budgets
+from backend.evaluation_data import read_labelled_csv
 from backend.evaluation_summary import labels_to_reach
 from backend.scoring.registry import get_strategy
 from tests.conftest import read_csv
@@ -317,6 +318,12 @@ def test_spreadsheet_csvs_and_rows_without_a_label_are_read(tiny_bert, tmp_path,
     assert "left out 3 row(s) without a text or a label (the first ends on line 7)" in capsys.readouterr().out
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["strategies"]["margin"]["budgets"] == [20, 40, 60]
+
+
+def test_a_document_longer_than_the_csv_modules_default_cell_is_read(tmp_path):
+    long_text = "word " * 40_000  # 200,000 characters: csv's default limit is 131,072
+    write_csv(tmp_path / "long.csv", [{"text": long_text, "label": "a"}, {"text": "short", "label": "b"}])
+    assert read_labelled_csv(str(tmp_path / "long.csv"), "text", "label") == ([long_text, "short"], ["a", "b"])
 
 
 @pytest.mark.parametrize(
