@@ -161,19 +161,26 @@ class Settings:
 
     def secrets(self) -> list[str]:
         """Values that must never reach logs or error messages."""
-        values = [self.label_studio_api_key, self.basic_auth_pass, self.basic_auth_token, *self._redis_passwords()]
+        values = [
+            self.label_studio_api_key,
+            self.basic_auth_pass,
+            self.basic_auth_token,
+            *url_passwords(self.redis_url),
+            *url_passwords(self.label_studio_url),
+        ]
         return list(dict.fromkeys(v for v in values if v))
 
-    def _redis_passwords(self) -> list[str]:
-        """Redis's password as `REDIS_URL` spells it (what a log line of the URL shows) and percent-decoded (what
-        redis-py sends): in the user info, `redis://:pw@host`, or in the query, `redis://host?password=pw`."""
-        url = urlsplit(self.redis_url)
-        forms = [url.password or "", unquote(url.password or "")]
-        for part in url.query.split("&"):
-            key, _, value = part.partition("=")
-            if unquote_plus(key) == "password":
-                forms += [value, unquote_plus(value)]
-        return forms
+
+def url_passwords(address: str) -> list[str]:
+    """The password in a URL as it is spelled there (what a log line of the URL shows) and percent-decoded (what a
+    client sends): in the user info, `redis://:pw@host` or `https://user:pw@host`, or in the query, `?password=pw`."""
+    url = urlsplit(address)
+    forms = [url.password or "", unquote(url.password or "")]
+    for part in url.query.split("&"):
+        key, _, value = part.partition("=")
+        if unquote_plus(key) == "password":
+            forms += [value, unquote_plus(value)]
+    return forms
 
 
 SETTING_NAMES = [f.name for f in fields(Settings)]

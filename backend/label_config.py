@@ -30,7 +30,8 @@ class ClassificationConfig:
     to_name: str
     """Name of the `<Text>`/`<HyperText>` tag (the `to_name` of results)."""
     data_key: str
-    """Key of the task's `data` holding the text (the object's `value` without its `$`)."""
+    """Key of the task's `data` holding the text (the object's `value` without its `$`); for a template value that
+    mixes words and fields (`"$title: $body"`), the whole value."""
     labels: tuple[str, ...]
     """Choice values, in config order; this order is the column order of every probability matrix."""
     label_descriptions: tuple[str, ...]
@@ -39,6 +40,8 @@ class ClassificationConfig:
     """True for `choice="multiple"` (sigmoid head), False for single choice (softmax head)."""
     object_tag: str = "Text"
     """`Text` or `HyperText`: a HyperText task's markup is stripped, the model reads what the annotator sees."""
+    templated: bool = False
+    """True when `data_key` is a template: each `$field` in it is replaced by the task's value, as the editor does."""
 
     @property
     def text_source(self) -> str:
@@ -85,15 +88,29 @@ class ClassificationConfig:
         """The text a task carries for this config; raise KeyError naming the missing (or null) data key.
 
         The key may be a path into nested data, as Label Studio reads `value="$meta.text"` or `$pages[0].text`
-        (a key holding the dots itself comes first). Lone surrogates (valid in JSON's \\uXXXX escapes, not in
+        (a key holding the dots itself comes first); a template value (`"$title: $body"`) reads each of its fields.
+        Lone surrogates (valid in JSON's \\uXXXX escapes, not in
         UTF-8) become "?", so the tokenizer never refuses a text and one odd task never fails a whole batch.
         """
-        value = data_value(task.get("data"), self.data_key)
-        if value is None:
-            raise KeyError(f"task {task.get('id')!r} has no data[{self.data_key!r}]")
-        text = value if isinstance(value, str) else str(value)
+        if self.templated:
+            text = FIELD.sub(lambda field: _field_text(task, field.group(1)), self.data_key)
+        else:
+            text = _field_text(task, self.data_key)
         text = text.encode("utf-8", errors="replace").decode("utf-8")
         return visible_text(text) if self.object_tag == "HyperText" else text
+
+
+FIELD = re.compile(r"\$([\w\[\]]+(?:\.[\w\[\]]+)*)")
+"""A `$field` in an object's `value`, a key or a path into nested data (`$meta.text`, `$pages[0].text`); a dot
+that ends it (`"Title: $title."`) is the sentence's."""
+
+
+def _field_text(task: dict, key: str) -> str:
+    """The task's `data` value at `key` as text; KeyError naming the key when it is missing or null."""
+    value = data_value(task.get("data"), key)
+    if value is None:
+        raise KeyError(f"task {task.get('id')!r} has no data[{key!r}]")
+    return value if isinstance(value, str) else str(value)
 
 
 def data_value(data: object, key: str) -> object:
@@ -153,7 +170,8 @@ def parse_label_config(label_config: str) -> ClassificationConfig:
     choices = [control for control in controls if control.tag == "Choices"]
     if not choices:
         tags = sorted({control.tag for control in controls}) or ["none"]
-        raise UnsupportedLabelConfig(f"found control tags {', '.join(tags)} but no <Choices>")
+        case = " (tag names are case-sensitive: <Choices>, <Choice>, <Text>)" if "choices" in tags else ""
+        raise UnsupportedLabelConfig(f"found control tags {', '.join(tags)} but no <Choices>{case}")
     # the document's class: a <Choices> shown for the whole text before one shown only on a condition
     conditional = _conditional_choices(label_config, choices)
     reasons = []
@@ -196,8 +214,11 @@ def _config_from_choices(control) -> ClassificationConfig:
         raise UnsupportedLabelConfig(f"{name} has {len(labels)} <Choice>; at least 2 needed")
     text_object = text_objects[0]
     value = text_object.value or ""
-    if not value.startswith("$") or len(value) < 2:
-        raise UnsupportedLabelConfig(f"<{text_object.tag} name={text_object.name!r}> has value={value!r}, not $field")
+    described = f"<{text_object.tag} name={text_object.name!r}> has value={value!r}"
+    if "{{" in value:
+        raise UnsupportedLabelConfig(f"{described}, a <Repeater> template; classify one text per task instead")
+    if not FIELD.search(value):
+        raise UnsupportedLabelConfig(f"{described}, with no $field to read the text from")
     if str(text_object.attr.get("valueType", "")).lower() == "url":
         raise UnsupportedLabelConfig(
             f'<{text_object.tag} name={text_object.name!r}> loads its text from a URL (valueType="url"), which the '
@@ -207,11 +228,12 @@ def _config_from_choices(control) -> ClassificationConfig:
     return ClassificationConfig(
         from_name=control.name,
         to_name=text_object.name,
-        data_key=value[1:],
+        data_key=value[1:] if FIELD.fullmatch(value) else value,
         labels=labels,
         label_descriptions=descriptions,
         multi_label=control.attr.get("choice") == MULTIPLE_CHOICE,
         object_tag=text_object.tag,
+        templated=not FIELD.fullmatch(value),
     )
 
 

@@ -94,6 +94,17 @@ def test_the_text_field_may_be_a_path_into_nested_data():
             config(missing).text_of(task)
 
 
+def test_a_value_mixing_words_and_fields_reads_as_the_editor_shows_it():
+    config = parse_label_config(AG_NEWS_CONFIG.replace('value="$text"', 'value="$title: $meta.body."'))
+    task = {"id": 1, "data": {"title": "Match report", "meta": {"body": "The team won 3-1"}}}
+    assert config.text_of(task) == "Match report: The team won 3-1."
+    with pytest.raises(KeyError, match="has no data\\['title'\\]"):
+        config.text_of({"id": 2, "data": {"meta": {"body": "no title"}}})
+    single = parse_label_config(AG_NEWS_CONFIG.replace('value="$text"', 'value="Title: $title"'))
+    assert single.text_of(task) == "Title: Match report"
+    assert config.text_source != single.text_source  # another way of reading texts makes another pool
+
+
 def test_a_null_text_is_missing_not_the_word_none():
     with pytest.raises(KeyError, match="has no data\\['text'\\]"):
         parse_label_config(AG_NEWS_CONFIG).text_of({"id": 1, "data": {"text": None}})
@@ -135,6 +146,22 @@ def test_result_has_label_studio_shape():
             '<View><Text name="t" value="$url" valueType="url"/><Choices name="c" toName="t"><Choice value="a"/>'
             '<Choice value="b"/></Choices></View>',
             'loads its text from a URL (valueType="url")',
+        ),
+        (
+            '<View><Text name="t" value="a constant"/><Choices name="c" toName="t"><Choice value="a"/>'
+            '<Choice value="b"/></Choices></View>',
+            "with no $field to read the text from",
+        ),
+        (
+            '<View><Repeater on="$items"><Text name="t_{{idx}}" value="$items[{{idx}}].text"/>'
+            '<Choices name="c_{{idx}}" toName="t_{{idx}}"><Choice value="a"/><Choice value="b"/></Choices>'
+            "</Repeater></View>",
+            "a <Repeater> template",
+        ),
+        (
+            '<View><text name="t" value="$t"/><choices name="c" toName="t"><choice value="a"/><choice value="b"/>'
+            "</choices></View>",
+            "tag names are case-sensitive",
         ),
     ],
 )

@@ -54,6 +54,8 @@ def test_secrets_lists_only_what_is_set():
     # as the URL spells it (what a log line of REDIS_URL shows) and decoded (what an error quoting it may show)
     assert Settings(redis_url="redis://localhost/0?password=a+b/c%40d==").secrets() == ["a+b/c%40d==", "a b/c@d=="]
     assert Settings(redis_url="redis://:p%40ss@localhost/0").secrets() == ["p%40ss", "p@ss"]
+    # Label Studio behind a proxy that wants its own basic auth: LABEL_STUDIO_URL carries a password too
+    assert Settings(label_studio_url="https://admin:s3cr%21t@ls.example.com").secrets() == ["s3cr%21t", "s3cr!t"]
 
 
 def test_a_redis_password_in_the_url_query_never_reaches_the_log():
