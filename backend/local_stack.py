@@ -62,6 +62,7 @@ def start_redis(settings: Settings) -> subprocess.Popen | None:
         ],
         stdout=subprocess.DEVNULL,
         preexec_fn=stop_with_parent,
+        process_group=0,  # a Ctrl-C in the terminal stops the server, which stops Redis after the worker
     )
     for _ in range(50):
         if _redis_answers(settings.redis_url):
@@ -96,13 +97,15 @@ def start_local_stack(settings: Settings) -> list[subprocess.Popen]:
     children = [p for p in (start_redis(settings), start_worker()) if p is not None]
 
     def stop_children() -> None:
+        # one after the other, the worker first: its warm shut-down (the job it runs, then its registrations) needs
+        # Redis, and without it the worker would wait for Redis to come back until it is killed
         for child in reversed(children):
             child.terminate()
-        for child in children:
             try:
                 child.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 child.kill()
+                child.wait()
 
     atexit.register(stop_children)
     # SIGTERM (docker stop, kill, a supervisor) skips atexit by default: turn it into a normal exit

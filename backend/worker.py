@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
             worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
             return  # burst finished, or stopped by a signal
         except REDIS_GONE as exc:
+            if getattr(worker, "_stop_requested", False):  # rq's flag: a SIGINT/SIGTERM came first: a stop, no outage
+                log.warning("lost Redis (%s) while stopping; stopped", type(exc).__name__)
+                return
             # rq retries a lost connection while it waits for jobs, not while it watches one run: start over
             log.warning("lost Redis (%s); restarting the worker once it answers", type(exc).__name__)
             wait_for_redis(runtime.redis)

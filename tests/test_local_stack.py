@@ -9,8 +9,11 @@ import time
 from dataclasses import replace
 
 import pytest
+import redis
 
 from backend.local_stack import start_redis
+from tests.conftest import free_port
+from tests.processes import ROOT
 
 
 def test_children_die_with_the_server_even_when_it_is_killed():
@@ -32,6 +35,41 @@ def test_children_die_with_the_server_even_when_it_is_killed():
     while time.monotonic() < deadline and _alive(child):
         time.sleep(0.05)
     assert not _alive(child)
+
+
+def test_ctrl_c_stops_the_worker_before_the_redis_it_needs_to_shut_down(tiny_bert, tmp_path):
+    redis_url = f"redis://127.0.0.1:{free_port()}/0"  # nothing there: the server starts its own redis-server
+    env = {
+        **os.environ,
+        "MODEL_NAME": tiny_bert,
+        "REDIS_URL": redis_url,
+        "MODEL_DIR": str(tmp_path),
+        "PYTHONUNBUFFERED": "1",
+    }
+    log_path = tmp_path / "stack.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "_wsgi.py", "--with-worker", "--port", str(free_port())],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a process group of its own, as a terminal gives ./run.sh
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "worker listening" not in log_path.read_text() and time.monotonic() < deadline:
+            assert server.poll() is None, log_path.read_text()
+            time.sleep(0.2)
+        os.killpg(server.pid, signal.SIGINT)  # Ctrl-C reaches every process of the terminal's group
+        server.wait(timeout=60)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    output = log_path.read_text()
+    assert "lost Redis" not in output and "could not connect to Redis" not in output, output
+    with pytest.raises(redis.ConnectionError):  # and Redis went too, after the worker
+        redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()
 
 
 def test_a_port_taken_by_something_else_is_reported_at_once(settings, tmp_path):

@@ -26,6 +26,25 @@ def test_the_worker_starts_over_when_redis_times_out_or_drops_the_connection(run
     assert len(runs) == 3 and all(run["with_scheduler"] for run in runs)
 
 
+def test_a_worker_told_to_stop_stops_when_redis_goes_too(runtime, monkeypatch):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    runs = []
+
+    class StoppingWorker:
+        def __init__(self, *args, **kwargs):
+            self._stop_requested = False
+
+        def work(self, **kwargs):
+            assert not runs, "the worker started over after it was told to stop"
+            runs.append(kwargs)
+            self._stop_requested = True  # rq's own flag, set by its SIGINT/SIGTERM handler
+            raise redis.ConnectionError("Connection refused")  # Redis stopped during the warm shut-down
+
+    monkeypatch.setattr(worker, "worker_class_for", lambda device: StoppingWorker)
+    worker.main(["--no-preload"])  # without --burst: only a stop returns
+    assert len(runs) == 1
+
+
 def test_a_workers_maintenance_restarts_reconciliations_that_a_failed_one_ended(runtime, monkeypatch):
     from rq.registry import ScheduledJobRegistry
 
