@@ -35,6 +35,20 @@ def test_encoder_rows_are_normalised_and_keep_input_order(encoder):
     np.testing.assert_allclose(together[0], together[3])
 
 
+def test_a_huge_text_is_cut_before_the_tokenizer_reads_it_with_the_same_ids(encoder, monkeypatch):
+    huge = "markets rallied as stocks and bonds rose " * 50_000  # 2 MB
+    expected = encoder.tokenizer([huge], truncation=True, max_length=encoder.max_length)["input_ids"]
+    tokenizer, lengths = encoder.tokenizer, []
+
+    def tokenizer_spy(texts, **kwargs):
+        lengths.extend(len(text) for text in texts)
+        return tokenizer(texts, **kwargs)
+
+    monkeypatch.setattr(encoder, "tokenizer", tokenizer_spy)
+    assert encoder.token_ids([huge, "short"]) == [expected[0], tokenizer(["short"])["input_ids"][0]]
+    assert lengths == [encoder.max_length * 100, 5]
+
+
 def test_encoder_batches_respect_the_token_budget(encoder):
     texts = [" ".join(["word"] * n) for n in range(1, 40)]
     encoder.encode(texts)
@@ -193,6 +207,23 @@ def test_a_corrupt_artifact_falls_back_to_the_previous_version(tmp_path, caplog,
     assert "v000002 is unreadable" in caplog.text
 
 
+@pytest.mark.parametrize("meta", [b"null", b"[]", b'{"labels": ["a", "b"]}'])
+def test_a_meta_file_that_is_json_but_not_the_artifacts_falls_back_too(tmp_path, caplog, meta):
+    store = ArtifactStore(tmp_path)
+    store.save("7", _artifact(1))
+    store.save("7", _artifact(2))
+    (store.project_dir("7") / "v000002" / "meta.json").write_bytes(meta)
+    assert store.load_latest("7", ("a", "b"), "enc").version == "v000001"
+    assert "v000002 is unreadable" in caplog.text
+
+
+def test_a_head_trained_for_single_choice_is_not_served_to_a_multiple_choice_config(tmp_path):
+    store = ArtifactStore(tmp_path)
+    store.save("7", _artifact(1))  # softmax over ("a", "b"): each row sums to 1, so at most one passes 0.5
+    assert store.load_latest("7", ("a", "b"), "enc", multi_label=True) is None  # zero-shot until the next round
+    assert store.load_latest("7", ("a", "b"), "enc", multi_label=False).version == "v000001"
+
+
 def test_project_ids_cannot_escape_model_dir(tmp_path):
     with pytest.raises(ValueError, match="project id"):
         ArtifactStore(tmp_path).project_dir("../etc")
@@ -297,6 +328,19 @@ def test_precision_auto_is_mixed_on_cuda_and_bf16_only_on_cpus_that_have_it(monk
     with pytest.raises(ValueError, match="ENCODER_DTYPE must be auto or one of fp32, bf16, fp16, got 'int8'"):
         precision("int8", cpu)
     assert {"auto", *DTYPES} == set(ENCODER_DTYPES)
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"), [((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]
+)
+def test_cuda_autocasts_to_bf16_only_where_tensor_cores_have_it(monkeypatch, capability, expected):
+    from backend.ml.encoder import mixed_precision_dtype
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: asked.append(device) or capability)
+    assert mixed_precision_dtype(torch.device("cuda:1")) == expected  # a T4 (7.5) has fp16 tensor cores, not bf16
+    assert asked == [torch.device("cuda:1")]  # the device the encoder runs on, not the current one
+    assert mixed_precision_dtype(torch.device("cpu")) is None
 
 
 def test_encoder_dtype_setting_is_case_insensitive_and_names_the_choices():

@@ -36,6 +36,15 @@ def test_multi_label_an_annotation_that_ticks_nothing_says_no_label_applies():
     assert taught(tasks, MULTI) == {1: (), 2: (), 3: ("Sports",), 4: ("World",)}
 
 
+def test_single_choice_an_annotation_with_several_choices_from_a_multiple_choice_past_teaches_nothing():
+    tasks = [
+        task(1, annotation(10, "2026-01-01", "World"), annotation(11, "2026-01-05", "Sports", "Business")),
+        task(2, annotation(20, "2026-01-05", "Sports", "Business")),
+    ]
+    assert taught(tasks, SINGLE) == {1: ("World",)}  # not "Sports", the first of two in the config's order
+    assert taught(tasks, MULTI) == {1: ("Sports", "Business"), 2: ("Sports", "Business")}
+
+
 def test_single_choice_an_annotation_without_a_choice_teaches_nothing():
     tasks = [
         task(1, annotation(10, "2026-01-02")),

@@ -75,12 +75,15 @@ class ArtifactStore:
                     shutil.rmtree(staging, ignore_errors=True)
                     raise
 
-    def load_latest(self, project: str, labels: tuple[str, ...], encoder_id: str) -> HeadArtifact | None:
-        """The newest loadable version trained for these labels and encoder, or None (zero-shot)."""
+    def load_latest(
+        self, project: str, labels: tuple[str, ...], encoder_id: str, multi_label: bool = False
+    ) -> HeadArtifact | None:
+        """The newest loadable version trained for these labels, encoder and kind of choice (a single-choice
+        softmax head read with multi-label's 0.5 threshold would predict nothing), or None (zero-shot)."""
         for version in reversed(self.versions(project)):
             try:
                 artifact = self.load(project, version)
-            except (OSError, ValueError, KeyError) as exc:
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning(
                     "project %s: artifact %s is unreadable (%s); falling back to the previous version",
                     project,
@@ -88,13 +91,19 @@ class ArtifactStore:
                     exc,
                 )
                 continue
-            if artifact.labels == tuple(labels) and artifact.encoder_id == encoder_id:
+            trained_for = (artifact.labels, artifact.encoder_id, artifact.head.multi_label)
+            if trained_for == (tuple(labels), encoder_id, multi_label):
                 return artifact
-            log.info("project %s: artifact %s was trained for other labels or encoder; skipping", project, version)
+            log.info(
+                "project %s: artifact %s was trained for other labels, encoder or kind of choice; skipping",
+                project,
+                version,
+            )
         return None
 
     def load(self, project: str, version: str) -> HeadArtifact:
-        """One version; raises OSError when its files are missing, ValueError or KeyError when they are damaged."""
+        """One version; raises OSError when its files are missing, ValueError, KeyError or TypeError when they are
+        damaged."""
         folder = self.project_dir(project) / version
         meta = json.loads((folder / "meta.json").read_text())
         try:

@@ -73,7 +73,11 @@ class Predictor:
         with self._lock:
             cached_version, artifact = self._heads.get((project, config), (None, None))
             if artifact is None or cached_version != newest:
-                trained = self.store.load_latest(project, config.labels, self.encoder.encoder_id) if versions else None
+                trained = (
+                    self.store.load_latest(project, config.labels, self.encoder.encoder_id, config.multi_label)
+                    if versions
+                    else None
+                )
                 artifact = trained or zero_shot_artifact(config, self.encoder, self.cache)
                 self._heads[(project, config)] = (newest, artifact)
             return artifact

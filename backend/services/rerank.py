@@ -158,7 +158,7 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
     watch.lap("load_embeddings")
     params = runtime.registry.params(project)  # before training: a bad strategy fails without saving a version
     strategy = get_strategy(params.get("strategy", settings.strategy), **(params.get("strategy_params") or {}))
-    previous = runtime.artifacts.load_latest(project, state.config.labels, encoder.encoder_id)
+    previous = runtime.artifacts.load_latest(project, state.config.labels, encoder.encoder_id, state.config.multi_label)
     artifact = train_artifact(
         state.labelled,
         state.config,

@@ -40,13 +40,16 @@ class LabelledTask:
 def latest_choices(task: dict, config: ClassificationConfig) -> tuple[str, ...] | None:
     """The choices of the newest non-skipped annotation of `task` (Label Studio's task JSON) that holds a label,
     or None. Multi-label, an annotation that ticks none says that no label applies: (), a row with every label
-    negative. Single choice, it holds no label, and neither does one whose choices the config no longer has."""
+    negative. Single choice, it holds no label, and neither does one whose choices the config no longer has, nor one
+    with several (made while the config was `choice="multiple"`)."""
     annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
     for annotation in sorted(
         annotations, key=lambda a: (str(a.get("updated_at") or ""), a.get("id") or 0), reverse=True
     ):
         result = annotation.get("result")
         known = config.choices_in(result)
+        if len(known) > 1 and not config.multi_label:
+            continue  # several choices, made while the config allowed them: not one label for a single choice
         if known:
             return known
         if config.multi_label and config.chose_nothing(result):
@@ -143,7 +146,7 @@ def train_project(
 ) -> HeadArtifact:
     """Training entry point: Label Studio tasks (with annotations) in, a new saved artifact version out."""
     examples = labelled_tasks(tasks, config)
-    previous = store.load_latest(project, config.labels, encoder.encoder_id)
+    previous = store.load_latest(project, config.labels, encoder.encoder_id, config.multi_label)
     artifact = train_artifact(examples, config, encoder, cache, committee_size, min_annotations, previous)
     return save_version(project, artifact, store)
 
