@@ -6,7 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$python" -m venv .venv
+new_enough='import sys; sys.exit(sys.version_info < (3, 11))'  # the pinned scipy, scikit-learn, matplotlib need it
+"$python" -c "$new_enough" || { echo "setup: $("$python" -V 2>&1) is too old; Python 3.11 or newer, e.g. PYTHON=python3.11" >&2; exit 1; }
+# (re)created when missing, older than 3.11, or left without pip by a first run that lacked python3-venv
+{ [ -x .venv/bin/pip ] && .venv/bin/python -c "$new_enough"; } 2>/dev/null || "$python" -m venv --clear .venv
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 .venv/bin/pip install -q --disable-pip-version-check -r "requirements${1:+-$1}.txt"
 if ! command -v redis-server >/dev/null; then

@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
-[ -x .ls-venv/bin/label-studio ] && exit 0
-"$python" -m venv .ls-venv
-.ls-venv/bin/pip install -q --disable-pip-version-check label-studio==1.23.2
+version=1.23.2
+installed=$(.ls-venv/bin/python -c 'import importlib.metadata as m; print(m.version("label-studio"))' 2>/dev/null || true)
+[ "$installed" = "$version" ] && [ -x .ls-venv/bin/label-studio ] && exit 0
+"$python" -m venv --clear .ls-venv
+.ls-venv/bin/pip install -q --disable-pip-version-check "label-studio==$version"
