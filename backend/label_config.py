@@ -89,8 +89,8 @@ class ClassificationConfig:
 
         The key may be a path into nested data, as Label Studio reads `value="$meta.text"` or `$pages[0].text`
         (a key holding the dots itself comes first); a template value (`"$title: $body"`) reads each of its fields.
-        Lone surrogates (valid in JSON's \\uXXXX escapes, not in
-        UTF-8) become "?", so the tokenizer never refuses a text and one odd task never fails a whole batch.
+        Lone surrogates (valid in JSON's \\uXXXX escapes, not in UTF-8) become "?", so the tokenizer never refuses a
+        text and one odd task never fails a whole batch.
         """
         if self.templated:
             text = FIELD.sub(lambda field: _field_text(task, field.group(1)), self.data_key)
@@ -224,16 +224,17 @@ def _config_from_choices(control) -> ClassificationConfig:
             f'<{text_object.tag} name={text_object.name!r}> loads its text from a URL (valueType="url"), which the '
             "backend does not fetch; import the texts themselves"
         )
+    templated = not FIELD.fullmatch(value)  # words around the field(s), or more than one field
     descriptions = tuple(_describe(control.labels_attrs[label].attr, label) for label in labels)
     return ClassificationConfig(
         from_name=control.name,
         to_name=text_object.name,
-        data_key=value[1:] if FIELD.fullmatch(value) else value,
+        data_key=value if templated else value[1:],
         labels=labels,
         label_descriptions=descriptions,
         multi_label=control.attr.get("choice") == MULTIPLE_CHOICE,
         object_tag=text_object.tag,
-        templated=not FIELD.fullmatch(value),
+        templated=templated,
     )
 
 
