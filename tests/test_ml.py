@@ -185,9 +185,9 @@ def test_artifacts_are_versioned_and_newest_wins(tmp_path):
     store = ArtifactStore(tmp_path)
     assert store.save("7", _artifact(1)) == "v000001"
     assert store.save("7", _artifact(2)) == "v000002"
-    latest = store.load_latest("7", ("a", "b"), "enc")
+    latest = store.load_latest("7", ("a", "b"), "enc", False)
     assert latest.version == "v000002" and latest.meta == {"seed": 2} and len(latest.committee) == 1
-    assert store.load_latest("7", ("a", "c"), "enc") is None  # labels changed: zero-shot again
+    assert store.load_latest("7", ("a", "c"), "enc", False) is None  # labels changed: zero-shot again
 
 
 def test_versions_are_readable_by_workers_running_as_other_users(tmp_path):
@@ -203,7 +203,7 @@ def test_a_corrupt_artifact_falls_back_to_the_previous_version(tmp_path, caplog,
     store.save("7", _artifact(2))
     head = store.project_dir("7") / "v000002" / "head.npz"
     head.write_bytes(b"not an npz" if damage == "replaced" else head.read_bytes()[: head.stat().st_size // 2])
-    assert store.load_latest("7", ("a", "b"), "enc").version == "v000001"
+    assert store.load_latest("7", ("a", "b"), "enc", False).version == "v000001"
     assert "v000002 is unreadable" in caplog.text
 
 
@@ -213,7 +213,7 @@ def test_a_meta_file_that_is_json_but_not_the_artifacts_falls_back_too(tmp_path,
     store.save("7", _artifact(1))
     store.save("7", _artifact(2))
     (store.project_dir("7") / "v000002" / "meta.json").write_bytes(meta)
-    assert store.load_latest("7", ("a", "b"), "enc").version == "v000001"
+    assert store.load_latest("7", ("a", "b"), "enc", False).version == "v000001"
     assert "v000002 is unreadable" in caplog.text
 
 
@@ -300,7 +300,8 @@ def test_training_records_its_penalty_and_keeps_it_until_the_annotations_grow(en
     assert (kept.meta["l2"], kept.meta["l2_chosen_at"]) == (first.meta["l2"], 20)
     again = train_project("7", tasks[:25], config, encoder, None, store)  # 25% more: cross-validated again
     assert again.meta["l2_chosen_at"] == 25 and again.meta["l2"] in L2_GRID
-    assert ArtifactStore(tmp_path).load_latest("7", config.labels, encoder.encoder_id).meta["l2_chosen_at"] == 25
+    saved = ArtifactStore(tmp_path).load_latest("7", config.labels, encoder.encoder_id, config.multi_label)
+    assert saved.meta["l2_chosen_at"] == 25
 
 
 def test_sigmoid_of_saturated_multi_label_logits_gives_no_overflow_warning():

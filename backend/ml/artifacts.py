@@ -76,7 +76,7 @@ class ArtifactStore:
                     raise
 
     def load_latest(
-        self, project: str, labels: tuple[str, ...], encoder_id: str, multi_label: bool = False
+        self, project: str, labels: tuple[str, ...], encoder_id: str, multi_label: bool
     ) -> HeadArtifact | None:
         """The newest loadable version trained for these labels, encoder and kind of choice (a single-choice
         softmax head read with multi-label's 0.5 threshold would predict nothing), or None (zero-shot)."""
