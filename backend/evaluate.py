@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--baseline-budget must be 0 (the same as --budget) or more, got {args.baseline_budget}")
     if args.random_start < 0 or args.random_start % args.batch_size:
         parser.error(f"--random-start must be 0 or a multiple of --batch-size, got {args.random_start}")
-    names = ["random"] + [name for name in args.strategy.split(",") if name and name != "random"]
+    names = list(dict.fromkeys(["random", *filter(None, args.strategy.split(","))]))  # each replayed once
     for name in names:
         strategy_from_spec(name)  # fail before encoding anything
     out = Path(args.out)
@@ -304,6 +304,10 @@ def main(argv: list[str] | None = None) -> None:
     index.update({label: len(classes) + i for i, label in enumerate(unseen)})
     if unseen:
         count = sum(label in unseen for label in test_labels)
+        if count == len(test_labels):  # e.g. ids in one file and names in the other: every score would be 0
+            parser.error(
+                f"--test: none of the labels of {args.test} {unseen[:5]} is among the pool's {list(classes[:5])}"
+            )
         print(f"{args.test}: {count} of {len(test_labels)} rows have labels the pool lacks {unseen[:5]}: errors")
 
     cache = Path(args.cache_dir)
@@ -359,7 +363,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{baseline_budgets[-1]})"
     )
     for name, result in summary["strategies"].items():
-        at = {b: round(a, 4) for b, a in zip(budgets, result["accuracy_mean"], strict=True) if b in (100, 200, 500)}
+        at = {
+            b: round(a, 4)
+            for b, a in zip(budgets, result["accuracy_mean"], strict=True)
+            if b in (100, 200, 500, budgets[-1])
+        }
         saved = result["labels_saved"] or result["labels_saved_at_least"]
         saved_text = f"{'' if result['labels_saved'] else '>='}{saved:.2f}x" if saved else "n/a"
         at_budget = result["labels_saved_at_budget"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
@@ -15,6 +16,9 @@ from tqdm import tqdm
 CSV_FIELD_LIMIT = 2**31 - 1
 """The csv module refuses cells over 128 KiB by default; a long document is a text like any other (the encoder cuts
 it at `--max-length`), so the limit is raised to what a C long holds on every platform."""
+
+DELIMITERS = ",;\t|"
+"""Column separators tried, in this order, on the header: the first that splits out both columns is used."""
 
 ENCODE_CHUNK = 2048
 """Texts per encoder call while filling the cache (the progress bar moves once per chunk)."""
@@ -30,11 +34,32 @@ class Dataset:
 
 def read_labelled_csv(path: str, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
     """Texts and labels of a CSV (a spreadsheet's byte-order mark allowed). A row with an empty (or blank) text or
-    label is left out, and the run says how many and where the first was."""
+    label is left out, and the run says how many and where the first was. A file that is not UTF-8 is read as
+    Windows-1252 (what a spreadsheet saves as CSV on Windows; latin-1 letters read the same), saying so; a file
+    whose header holds both columns when split at semicolons, tabs or bars (a spreadsheet in a locale with decimal
+    commas, a TSV) is split there; one that starts with a UTF-16 byte-order mark (a spreadsheet's "Unicode text")
+    is read as UTF-16."""
+    with open(path, "rb") as handle:
+        if handle.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            return _read_labelled_csv(path, text_column, label_column, "utf-16")
+    try:
+        return _read_labelled_csv(path, text_column, label_column, "utf-8-sig")
+    except UnicodeDecodeError:
+        print(f"{path}: not UTF-8; read as Windows-1252 (cp1252)")
+        return _read_labelled_csv(path, text_column, label_column, "cp1252")
+
+
+def _read_labelled_csv(path: str, text_column: str, label_column: str, encoding: str) -> tuple[list[str], list[str]]:
     texts, labels, skipped = [], [], []
     csv.field_size_limit(CSV_FIELD_LIMIT)
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
+    with open(path, newline="", encoding=encoding, errors="replace" if encoding == "cp1252" else "strict") as handle:
+        header = handle.readline()
+        delimiter = next(
+            (d for d in DELIMITERS if {text_column, label_column} <= set(next(csv.reader([header], delimiter=d), []))),
+            ",",
+        )
+        handle.seek(0)
+        reader = csv.DictReader(handle, delimiter=delimiter)
         missing = {text_column, label_column} - set(reader.fieldnames or [])
         if missing:
             raise SystemExit(f"{path}: no column(s) {sorted(missing)}; columns are {reader.fieldnames}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +35,18 @@ def data_set_names(keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
             names[key] = f"{short[key]}/{Path(key[0]).stem}"
         else:
             names[key] = f"{short[key]}/{Path(key[0]).stem} on {Path(key[1]).stem}"
-    return names
+    # still shared (the same files spelled two ways, ../data/x.csv and /home/.../data/x.csv): the paths in full
+    clashes = {name for name in names.values() if list(names.values()).count(name) > 1}
+    return {key: f"{key[0]} on {key[1]}" if name in clashes else name for key, name in names.items()}
 
 
 def merged_results(folders: list[Path]) -> dict[str, dict]:
     """Data set name -> one results dict whose strategies are those of every run on it, first run first."""
     merged: dict[tuple[str, str], dict] = {}
     for folder in folders:
+        if not (folder / "results.json").is_file():  # e.g. eval_out/* holding a run that failed or was interrupted
+            print(f"{folder}: no results.json, left out", file=sys.stderr)
+            continue
         results = json.loads((folder / "results.json").read_text())
         key = data_set_key(results, folder)
         if key not in merged:
@@ -72,7 +78,8 @@ def rows(name: str, results: dict) -> list[str]:
         at_budget_text = f"{at_budget:.2f}×" if at_budget else "–"
         gaps = (curve - random_curve)[budgets >= 100]
         worst = f"{float(np.min(gaps)):+.3f}" if len(gaps) else "–"  # (no budget of 100 or more)
-        at = {b: curve[list(budgets).index(b)] for b in (100, 200, 500, 1000) if b in budgets}
+        # the README's budgets and the last (a small pool, or batches of 30, may have none of the others)
+        at = {b: curve[list(budgets).index(b)] for b in (100, 200, 500, 1000, budgets[-1]) if b in budgets}
         accuracy = ", ".join(f"{a:.3f}@{b}" for b, a in at.items())
         lines.append(
             f"| {name} | {strategy} | {result['area_under_curve']:.4f} | {accuracy} | {saved_text} "

@@ -216,7 +216,10 @@ def test_harness_replays_random_past_the_budget_when_asked(tiny_bert, tmp_path, 
     assert strategies["margin"]["budgets"] == strategies["random"]["budgets"] == [20, 40, 60]
     assert strategies["random"]["beyond_budget"]["budgets"] == [80, 100]
     assert "margin" not in {k for k, v in strategies.items() if "beyond_budget" in v}
-    assert "random reaches the target after" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "random reaches the target after" in out
+    margin_line = next(line for line in out.splitlines() if line.strip().startswith("margin:"))
+    assert margin_line.endswith(f"{{60: {round(strategies['margin']['accuracy_mean'][2], 4)}}}")  # the last budget
 
 
 def test_strategy_specs_carry_parameters():
@@ -326,6 +329,25 @@ def test_a_document_longer_than_the_csv_modules_default_cell_is_read(tmp_path):
     assert read_labelled_csv(str(tmp_path / "long.csv"), "text", "label") == ([long_text, "short"], ["a", "b"])
 
 
+def test_a_csv_saved_in_latin_1_or_windows_1252_is_read_saying_so(tmp_path, capsys):
+    rows = 'text,label\r\n"Café crème, naïve",français\r\n\u201cQuoted\u201d smart text,other\r\n'
+    (tmp_path / "spreadsheet.csv").write_bytes(rows.encode("cp1252"))
+    texts, labels = read_labelled_csv(str(tmp_path / "spreadsheet.csv"), "text", "label")
+    assert texts == ["Café crème, naïve", "\u201cQuoted\u201d smart text"] and labels == ["français", "other"]
+    assert "spreadsheet.csv: not UTF-8; read as Windows-1252 (cp1252)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+def test_a_csv_split_at_semicolons_or_tabs_is_read(tmp_path, delimiter):
+    with open(tmp_path / "data.csv", "w", newline="", encoding="utf-8-sig") as handle:  # as a spreadsheet saves it
+        writer = csv.writer(handle, delimiter=delimiter)
+        writer.writerows([["id", "text", "label"], ["1", "Hello, world; again", "a"], ["2", "Line one\nline two", "b"]])
+    texts, labels = read_labelled_csv(str(tmp_path / "data.csv"), "text", "label")
+    assert texts == ["Hello, world; again", "Line one\nline two"] and labels == ["a", "b"]
+    with pytest.raises(SystemExit, match="no column"):  # a header that splits out neither pair still says so
+        read_labelled_csv(str(tmp_path / "data.csv"), "text", "category")
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -377,3 +399,32 @@ def test_the_embedding_cache_keeps_max_length_and_texts_apart(tiny_bert, tmp_pat
     cached_embeddings(["8 killed in a storm"], tiny_bert, tmp_path, 12)
     cached_embeddings([" killed in a storm"], tiny_bert, tmp_path, 128)  # the old key joined both into one string
     assert len(list(tmp_path.glob("*.npy"))) == 2
+
+
+def test_a_strategy_named_twice_is_replayed_once(tiny_bert, tmp_path, monkeypatch):
+    import backend.evaluate as evaluate
+
+    replayed, real_run_one = [], evaluate.run_one
+    monkeypatch.setattr(
+        evaluate, "run_one", lambda name, *rest, **kw: replayed.append(name) or real_run_one(name, *rest, **kw)
+    )
+    main(harness_arguments(tmp_path, tiny_bert, "--seeds", "1", "--strategy", "margin,random,margin"))
+    assert replayed == ["random", "margin"]
+    assert set(json.loads((tmp_path / "out" / "results.json").read_text())["strategies"]) == {"random", "margin"}
+
+
+def test_a_spreadsheets_unicode_text_export_is_read(tmp_path):
+    with open(tmp_path / "unicode.txt", "w", newline="", encoding="utf-16") as handle:  # UTF-16 with its BOM, tabs
+        handle.write("text\tlabel\r\nCafé crème, naïve\tfrançais\r\n日本語のテキスト\tother\r\n")
+    texts, labels = read_labelled_csv(str(tmp_path / "unicode.txt"), "text", "label")
+    assert texts == ["Café crème, naïve", "日本語のテキスト"] and labels == ["français", "other"]
+
+
+def test_a_test_set_sharing_no_label_with_the_pool_is_a_usage_error(tiny_bert, tmp_path, capsys):
+    arguments = harness_arguments(tmp_path, tiny_bert, "--seeds", "1")
+    test = read_csv("trec6/test.csv", 100)
+    write_csv(tmp_path / "test.csv", [{"text": row["text"], "label": row["label"].lower()} for row in test])
+    with pytest.raises(SystemExit):
+        main(arguments)
+    assert "--test: none of the labels of" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "results.json").exists()

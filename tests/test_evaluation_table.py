@@ -70,3 +70,31 @@ def test_runs_on_other_pools_or_test_sets_are_other_rows(tmp_path, capsys):
     ]
     assert lines[3].endswith("| – |")  # no budget of 100 or more to compare at
     assert (tmp_path / "plots" / "learning_curve_trec6_small_on_other.png").exists()
+
+
+def test_the_same_files_spelled_two_ways_are_two_rows_not_one_lost(tmp_path, capsys):
+    write_results(tmp_path / "a", "../data/trec6/train.csv", {"random": [0.5, 0.6]}, test="../data/trec6/test.csv")
+    write_results(tmp_path / "b", "/home/me/data/trec6/train.csv", {"random": [0.4, 0.5], "margin": [0.5, 0.7]})
+    main([str(tmp_path / "a"), str(tmp_path / "b"), "--plot", str(tmp_path / "plots")])
+    lines = capsys.readouterr().out.splitlines()[2:]
+    assert [line.split(" | ")[:2] for line in lines] == [
+        ["| ../data/trec6/train.csv on ../data/trec6/test.csv", "random"],
+        ["| /home/me/data/trec6/train.csv on data/trec6/test.csv", "random"],
+        ["| /home/me/data/trec6/train.csv on data/trec6/test.csv", "margin"],
+    ]
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 2
+
+
+def test_a_folder_without_results_is_left_out_saying_so(tmp_path, capsys):
+    write_results(tmp_path / "a", "data/trec6/train.csv", {"random": [0.5, 0.6]})
+    (tmp_path / "interrupted").mkdir()  # backend.evaluate makes --out first and writes results.json last
+    main([str(tmp_path / "a"), str(tmp_path / "interrupted")])
+    captured = capsys.readouterr()
+    assert [line.split(" | ")[:2] for line in captured.out.splitlines()[2:]] == [["| trec6", "random"]]
+    assert f"{tmp_path / 'interrupted'}: no results.json, left out" in captured.err
+
+
+def test_accuracy_is_shown_at_the_last_budget_when_it_is_none_of_the_usual(tmp_path, capsys):
+    write_results(tmp_path / "a", "data/small/train.csv", {"random": [0.5, 0.6, 0.65]}, budgets=(30, 60, 90))
+    main([str(tmp_path / "a")])
+    assert capsys.readouterr().out.splitlines()[2].split(" | ")[3] == "0.650@90"
