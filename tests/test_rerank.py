@@ -16,6 +16,7 @@ from backend import jobs
 from backend.adapters.embedding_cache import EmbeddingsMissing, text_key
 from backend.adapters.label_studio import ACTIVE_LEARNING_SETTINGS, LabelStudioNotFound, LabelStudioRejected
 from backend.adapters.queue import encoding_follow_up_key, generation_key
+from backend.errors import LabelStudioUnavailable
 from backend.protocol import SetupRequest
 from backend.scoring.strategies import uncertainty_scores
 from backend.services import pool as pool_module
@@ -44,11 +45,16 @@ class FakeLabelStudio:
         self.writes: list[str] = []
         self.backends = [{"id": 1, "url": "http://backend:9090", "project": 1}]
         self.deleted = False
+        self.answers_404_to_everything = False  # a LABEL_STUDIO_URL that is not Label Studio's API
 
     def get_project(self, project_id):
-        if self.deleted:
+        if self.deleted or self.answers_404_to_everything:
             raise LabelStudioNotFound(f"Label Studio GET /api/projects/{project_id}: HTTP 404")
         return dict(self.project)
+
+    def confirm_project_deleted(self, project_id):
+        if self.answers_404_to_everything:
+            raise LabelStudioUnavailable("Label Studio answers 404 to GET /api/projects/ too")
 
     def configure_for_active_learning(self, project_id):
         previous = {key: self.project[key] for key in ("sampling", "show_collab_predictions")}
@@ -572,6 +578,28 @@ def test_removing_the_backend_or_deleting_the_project_stops_the_work_on_it(runti
     assert runtime.registry.event_counts("1") == {} and runtime.registry.shown("1", list(label_studio.tasks)) == {}
     assert "no longer exists" in runtime.projects.metrics()["disconnected"]["1"]["reason"]
     assert jobs.rerank_project("1")["disconnected"] and jobs.cleanup_versions("1", live) == []
+
+
+def test_a_label_studio_url_answering_404_to_everything_is_not_taken_for_a_deleted_project(
+    runtime, label_studio, monkeypatch
+):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})
+    jobs.connect_project("1")
+    before_connect = runtime.registry.settings_before_connect("1")
+    live = jobs.rerank_project("1")["model_version"]
+    label_studio.answers_404_to_everything = True  # e.g. LABEL_STUDIO_URL changed to a wrong path, a proxy's 404
+    for job in (jobs.rerank_project, jobs.reconcile_project):
+        with pytest.raises(LabelStudioUnavailable, match="404 to GET /api/projects/ too"):  # failed: rq retries it
+            job("1")
+    # nothing forgotten: the undo record, the head versions, the task list, the last round
+    assert not runtime.registry.is_disconnected("1")
+    assert runtime.registry.settings_before_connect("1") == before_connect is not None
+    assert runtime.snapshots.load("1") is not None and runtime.artifacts.versions("1")
+    assert runtime.registry.last_round("1")["model_version"] == live
+    label_studio.answers_404_to_everything = False
+    label_studio.annotate(3, label_studio.truth[3])
+    assert jobs.rerank_project("1")["published"]
 
 
 @pytest.mark.parametrize("job", ["rerank_project", "reconcile_project"])

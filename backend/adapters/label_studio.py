@@ -121,6 +121,19 @@ class LabelStudio:
         projects = self.sdk.projects.with_raw_response
         return self._json(f"GET /api/projects/{project_id}", lambda: projects.get(id=project_id))
 
+    def confirm_project_deleted(self, project_id: int) -> None:
+        """After `GET /api/projects/{id}` answered 404, check that Label Studio's project list still answers, so
+        that a LABEL_STUDIO_URL that is not Label Studio's API (a wrong path, a proxy answering 404 for everything
+        while Label Studio restarts) is not taken for a deleted project: then it raises `LabelStudioUnavailable`,
+        which retries."""
+        try:
+            self._raw("GET", "api/projects/", params={"page_size": 1})
+        except LabelStudioNotFound:
+            raise LabelStudioUnavailable(
+                f"Label Studio at {self.url} answers 404 to GET /api/projects/{project_id} and to GET /api/projects/"
+                " too: is LABEL_STUDIO_URL right?"
+            ) from None
+
     def create_project(self, title: str, label_config: str) -> dict:
         """A new project (Label Studio wants a title of at least 3 characters)."""
         projects = self.sdk.projects.with_raw_response

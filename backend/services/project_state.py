@@ -127,6 +127,7 @@ def read_connected_project(label_studio, project: str, version_prefix: str) -> P
         try:
             project_info = info.result()
         except LabelStudioNotFound:
+            label_studio.confirm_project_deleted(int(project))  # what the backend kept about it goes next
             gone = f"project {project} no longer exists in Label Studio"
             raise ProjectDisconnected(gone, project_deleted=True) from None
         ml_backends = backends.result()

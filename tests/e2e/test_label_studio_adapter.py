@@ -162,3 +162,17 @@ def test_errors_name_the_call_and_never_the_key(ls, label_studio, project):
         LabelStudio("http://127.0.0.1:9", label_studio.token, timeout=2).next_task(project_id)
     assert not isinstance(unreachable.value, LabelStudioRejected)
     assert label_studio.token not in str(unreachable.value) and "/next" in str(unreachable.value)
+
+
+def test_a_deleted_project_is_told_apart_from_a_url_that_is_not_label_studios_api(ls, label_studio, project):
+    project_id, _ = project
+    ls.delete_project(project_id)
+    with pytest.raises(LabelStudioNotFound):
+        ls.get_project(project_id)
+    ls.confirm_project_deleted(project_id)  # the project list still answers: the project is gone
+    wrong_path = LabelStudio(f"{label_studio.url}/no-such-prefix", label_studio.token)
+    with pytest.raises(LabelStudioNotFound):
+        wrong_path.get_project(project_id)
+    with pytest.raises(LabelStudioUnavailable, match="is LABEL_STUDIO_URL right") as refused:
+        wrong_path.confirm_project_deleted(project_id)
+    assert not isinstance(refused.value, LabelStudioRejected)  # retried with back-off, not given up on
