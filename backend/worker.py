@@ -7,12 +7,15 @@ older round never publishes over a newer one (see backend.adapters.queue).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import time
+from collections.abc import Callable
 
 import redis
 import torch
 from rq import SimpleWorker, Worker
+from rq.exceptions import StopRequested
 
 from backend import jobs
 from backend.config import Settings
@@ -53,12 +56,24 @@ def main(argv: list[str] | None = None) -> None:
             worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
             return  # burst finished, or stopped by a signal
         except REDIS_GONE as exc:
-            if getattr(worker, "_stop_requested", False):  # rq's flag: a SIGINT/SIGTERM came first: a stop, no outage
+            if stop_requested(worker):  # a SIGINT/SIGTERM came first: a stop, no outage
                 log.warning("lost Redis (%s) while stopping; stopped", type(exc).__name__)
                 return
             # rq retries a lost connection while it waits for jobs, not while it watches one run: start over
             log.warning("lost Redis (%s); restarting the worker once it answers", type(exc).__name__)
-            wait_for_redis(runtime.redis)
+            try:
+                if wait_for_redis(runtime.redis, functools.partial(stop_requested, worker)):
+                    continue
+            except StopRequested:  # rq's handler raises it when the signal finds the worker idle
+                pass
+            log.warning("told to stop while waiting for Redis; stopped")
+            return
+
+
+def stop_requested(worker: Worker) -> bool:
+    """Whether a SIGINT/SIGTERM asked `worker` to stop: rq sets `_stop_requested` only when it comes during a job,
+    and the date of the request in either case (an idle worker stops at once, and its teardown needs Redis)."""
+    return bool(getattr(worker, "_stop_requested", False) or getattr(worker, "_shutdown_requested_date", None))
 
 
 class RevivesReconciliations:
@@ -103,16 +118,20 @@ def preload(runtime) -> None:
         log.warning("%s", exc)
 
 
-def wait_for_redis(client: redis.Redis, longest_wait: float = 30.0) -> None:
-    """Block until Redis answers PING, backing off from 0.5 s to `longest_wait` between tries."""
+def wait_for_redis(client: redis.Redis, stop_requested: Callable[[], bool], longest_wait: float = 30.0) -> bool:
+    """Block until Redis answers PING (True) or a stop is requested (False: rq's signal handlers, still installed,
+    only record it), backing off from 0.5 s to `longest_wait` between tries."""
     delay = 0.5
-    while True:
+    while not stop_requested():
         try:
             client.ping()
-            return
+            return True
         except REDIS_GONE:
-            time.sleep(delay)
+            retry_at = time.monotonic() + delay
+            while time.monotonic() < retry_at and not stop_requested():
+                time.sleep(0.1)
             delay = min(delay * 2, longest_wait)
+    return False
 
 
 if __name__ == "__main__":

@@ -93,3 +93,40 @@ def _alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_killed_server_takes_an_idle_worker_and_its_redis_with_it(tiny_bert, tmp_path):
+    # SIGKILL (or the OOM killer): no atexit handler runs, and the worker and Redis get SIGTERM at the same moment,
+    # so the worker's warm shut-down finds Redis gone; it must still stop, not wait for a Redis nobody will start
+    redis_url = f"redis://127.0.0.1:{free_port()}/0"
+    env = {**os.environ, "MODEL_NAME": tiny_bert, "REDIS_URL": redis_url, "MODEL_DIR": str(tmp_path)}
+    env["PYTHONUNBUFFERED"] = "1"
+    log_path = tmp_path / "stack.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "_wsgi.py", "--with-worker", "--port", str(free_port())],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 120
+    while "worker listening" not in log_path.read_text() and time.monotonic() < deadline:
+        assert server.poll() is None, log_path.read_text()
+        time.sleep(0.2)
+    line = next(line for line in log_path.read_text().splitlines() if "worker listening" in line)
+    worker = int(line.split()[3])  # "DATE TIME LEVEL PID logger: message"
+    redis_pid = int(redis.Redis.from_url(redis_url).info("server")["process_id"])
+    try:
+        server.kill()
+        server.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (_alive(worker) or _alive(redis_pid)):
+            time.sleep(0.1)
+        assert not _alive(redis_pid)
+        assert not _alive(worker), log_path.read_text()
+    finally:
+        for pid in (worker, redis_pid):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

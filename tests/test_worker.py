@@ -1,10 +1,13 @@
 """The worker process: starts over, rather than exiting, when Redis goes away or stops answering in time; keeps
 every connected project's reconciliations going."""
 
+import threading
+
 import redis
 import torch
 
 from backend import jobs, worker
+from tests.conftest import free_port
 
 
 def test_the_worker_starts_over_when_redis_times_out_or_drops_the_connection(runtime, monkeypatch):
@@ -60,3 +63,30 @@ def test_a_workers_maintenance_restarts_reconciliations_that_a_failed_one_ended(
     scheduled = ScheduledJobRegistry(queue=runtime.queue.queue).get_job_ids()
     by_project = sorted(p for p in ("1", "2", "3") for job_id in scheduled if reconcile_slot(p, job_id) is not None)
     assert by_project == ["1", "2"]  # restarted, left as it was (not doubled), left alone
+
+
+def test_a_worker_waiting_for_redis_stops_when_told_to(runtime, monkeypatch):
+    # Redis went away during a job: the worker waits for it, and a SIGTERM then (rq's handler, still installed,
+    # only records it while the worker counts as busy) must end the wait rather than go unheard
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    monkeypatch.setattr(runtime, "redis", redis.Redis(port=free_port(), socket_connect_timeout=0.2))
+    runs = []
+
+    class WorkerLosingRedisMidJob:
+        def __init__(self, *args, **kwargs):
+            self._shutdown_requested_date = None
+
+        def work(self, **kwargs):
+            runs.append(kwargs)
+            threading.Timer(1.0, self.request_stop).start()
+            raise redis.ConnectionError("Connection refused")
+
+        def request_stop(self):
+            self._shutdown_requested_date = "now"
+
+    monkeypatch.setattr(worker, "worker_class_for", lambda device: WorkerLosingRedisMidJob)
+    waiting = threading.Thread(target=worker.main, args=(["--no-preload"],), daemon=True)
+    waiting.start()
+    waiting.join(timeout=10)
+    assert not waiting.is_alive(), "the worker went on waiting for Redis after it was told to stop"
+    assert len(runs) == 1
