@@ -18,3 +18,12 @@ def test_compose_files_pass_only_settings_the_backend_reads_and_run_on_the_cpu_b
     assert gpu["services"]["backend"]["build"]["args"]["TORCH_INDEX_URL"].endswith("/cu128")
     assert gpu["services"]["worker"]["image"] == gpu["services"]["backend"]["image"]  # the image built above
     assert compose["services"]["worker"]["healthcheck"]["test"][-2:] == ["backend.healthcheck", "--worker"]
+
+
+def test_every_compose_service_is_restarted_when_it_dies():
+    # a worker on a GPU runs its jobs in its own process (backend.worker): a job that crashes it takes the worker down,
+    # and only a restart policy brings it back (rq retries the job); likewise after a reboot of the host
+    compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+    assert {name: service.get("restart") for name, service in compose["services"].items()} == {
+        name: "unless-stopped" for name in compose["services"]
+    }
