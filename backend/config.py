@@ -29,16 +29,6 @@ def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 0) 
     return value
 
 
-def _float(environ: Mapping[str, str], name: str, default: float) -> float:
-    raw = environ.get(name, "")
-    if raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
-
-
 def _choice(
     environ: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...], fold: Callable[[str], str] = str
 ) -> str:

@@ -27,3 +27,11 @@ def test_every_compose_service_is_restarted_when_it_dies():
     assert {name: service.get("restart") for name, service in compose["services"].items()} == {
         name: "unless-stopped" for name in compose["services"]
     }
+
+
+def test_the_build_context_holds_exactly_what_the_dockerfile_copies():
+    # the repository holds virtual environments, wheels and model files (hundreds of MB) the image does not need
+    copied = {line.split()[1] for line in (DOCKER / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")}
+    ignore = [line for line in (DOCKER.parent / ".dockerignore").read_text().splitlines() if line.strip()]
+    assert "*" in ignore
+    assert {line[1:].rstrip("/") for line in ignore if line.startswith("!")} == copied
