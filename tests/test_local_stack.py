@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import redis
@@ -37,15 +38,13 @@ def test_children_die_with_the_server_even_when_it_is_killed():
     assert not _alive(child)
 
 
-def test_ctrl_c_stops_the_worker_before_the_redis_it_needs_to_shut_down(tiny_bert, tmp_path):
-    redis_url = f"redis://127.0.0.1:{free_port()}/0"  # nothing there: the server starts its own redis-server
-    env = {
-        **os.environ,
-        "MODEL_NAME": tiny_bert,
-        "REDIS_URL": redis_url,
-        "MODEL_DIR": str(tmp_path),
-        "PYTHONUNBUFFERED": "1",
-    }
+def start_stack_with_worker(tiny_bert: str, tmp_path) -> tuple[subprocess.Popen, str, Path]:
+    """`_wsgi.py --with-worker` on the tiny model, in a process group of its own (as a terminal gives ./run.sh),
+    once its worker listens: (server, Redis URL, log path). Nothing is at the URL before: the server starts its own
+    redis-server."""
+    redis_url = f"redis://127.0.0.1:{free_port()}/0"
+    env = {**os.environ, "MODEL_NAME": tiny_bert, "REDIS_URL": redis_url, "MODEL_DIR": str(tmp_path)}
+    env["PYTHONUNBUFFERED"] = "1"
     log_path = tmp_path / "stack.log"
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
@@ -54,13 +53,22 @@ def test_ctrl_c_stops_the_worker_before_the_redis_it_needs_to_shut_down(tiny_ber
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # a process group of its own, as a terminal gives ./run.sh
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + 120
         while "worker listening" not in log_path.read_text() and time.monotonic() < deadline:
             assert server.poll() is None, log_path.read_text()
             time.sleep(0.2)
+    except BaseException:
+        os.killpg(server.pid, signal.SIGKILL)
+        raise
+    return server, redis_url, log_path
+
+
+def test_ctrl_c_stops_the_worker_before_the_redis_it_needs_to_shut_down(tiny_bert, tmp_path):
+    server, redis_url, log_path = start_stack_with_worker(tiny_bert, tmp_path)
+    try:
         os.killpg(server.pid, signal.SIGINT)  # Ctrl-C reaches every process of the terminal's group
         server.wait(timeout=60)
     finally:
@@ -98,23 +106,7 @@ def _alive(pid: int) -> bool:
 def test_a_killed_server_takes_an_idle_worker_and_its_redis_with_it(tiny_bert, tmp_path):
     # SIGKILL (or the OOM killer): no atexit handler runs, and the worker and Redis get SIGTERM at the same moment,
     # so the worker's warm shut-down finds Redis gone; it must still stop, not wait for a Redis nobody will start
-    redis_url = f"redis://127.0.0.1:{free_port()}/0"
-    env = {**os.environ, "MODEL_NAME": tiny_bert, "REDIS_URL": redis_url, "MODEL_DIR": str(tmp_path)}
-    env["PYTHONUNBUFFERED"] = "1"
-    log_path = tmp_path / "stack.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "_wsgi.py", "--with-worker", "--port", str(free_port())],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 120
-    while "worker listening" not in log_path.read_text() and time.monotonic() < deadline:
-        assert server.poll() is None, log_path.read_text()
-        time.sleep(0.2)
+    server, redis_url, log_path = start_stack_with_worker(tiny_bert, tmp_path)
     line = next(line for line in log_path.read_text().splitlines() if "worker listening" in line)
     worker = int(line.split()[3])  # "DATE TIME LEVEL PID logger: message"
     redis_pid = int(redis.Redis.from_url(redis_url).info("server")["process_id"])
