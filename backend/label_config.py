@@ -172,25 +172,50 @@ def parse_label_config(label_config: str) -> ClassificationConfig:
         tags = sorted({control.tag for control in controls}) or ["none"]
         case = " (tag names are case-sensitive: <Choices>, <Choice>, <Text>)" if "choices" in tags else ""
         raise UnsupportedLabelConfig(f"found control tags {', '.join(tags)} but no <Choices>{case}")
+    tree = _xml_tree(label_config)
     # the document's class: a <Choices> shown for the whole text before one shown only on a condition
-    conditional = _conditional_choices(label_config, choices)
+    conditional = _conditional_choices(tree, choices)
     reasons = []
     for control in sorted(choices, key=lambda control: control.name in conditional):
         try:
-            return _config_from_choices(control)
+            return _config_from_choices(control, tree)
         except UnsupportedLabelConfig as unsupported:
             reasons.append(unsupported.reason)
     raise UnsupportedLabelConfig("; ".join(reasons))
 
 
-def _conditional_choices(label_config: str, choices: list) -> set[str]:
+def _xml_tree(label_config: str) -> lxml.etree._Element | None:
+    """The config's element tree (LabelInterface parsed it already, but keeps no parents); None if lxml refuses."""
+    try:
+        return lxml.etree.fromstring(label_config.encode("utf-8"), parser=safe_xml_parser())
+    except lxml.etree.XMLSyntaxError:
+        return None
+
+
+def _conditional_choices(tree: lxml.etree._Element | None, choices: list) -> set[str]:
     """Names of the `<Choices>` shown only on a condition: with `visibleWhen`, or inside a `<View>` that has it."""
     own = {control.name for control in choices if "visibleWhen" in control.attr}
-    try:  # (LabelInterface parsed it already, but keeps no parents)
-        tree = lxml.etree.fromstring(label_config.encode("utf-8"), parser=safe_xml_parser())
-    except lxml.etree.XMLSyntaxError:
+    if tree is None:
         return own
     return own | {str(name) for name in tree.xpath("//Choices[ancestor::*[@visibleWhen]]/@name")}
+
+
+def _nested_choices(tree: lxml.etree._Element | None, name: str) -> set[str]:
+    """The labels (alias, else value) of `<Choice>` tags nested in another `<Choice>` of the `<Choices>` `name`,
+    and nowhere else in it: without `allowNested` Label Studio neither shows them nor stores them in results."""
+    if tree is None:
+        return set()
+    choices = [element for element in tree.iter("Choices") if element.get("name") == name]
+
+    def labels(path: str) -> set[str]:
+        return {
+            str(choice.get("alias") or choice.get("value"))
+            for element in choices
+            for choice in element.xpath(path)
+            if choice.get("alias") or choice.get("value")
+        }
+
+    return labels(".//Choice[ancestor::Choice]") - labels(".//Choice[not(ancestor::Choice)]")
 
 
 def safe_xml_parser() -> lxml.etree.XMLParser:
@@ -199,17 +224,24 @@ def safe_xml_parser() -> lxml.etree.XMLParser:
     return lxml.etree.XMLParser(resolve_entities=False, no_network=True)
 
 
-def _config_from_choices(control) -> ClassificationConfig:
+def _config_from_choices(control, tree: lxml.etree._Element | None) -> ClassificationConfig:
     """The config for one `<Choices>` control; raise `UnsupportedLabelConfig` saying why it does not classify a
     whole text."""
     name = f"<Choices name={control.name!r}>"
     if str(control.attr.get("perRegion", "")).lower() == "true":
         raise UnsupportedLabelConfig(f'{name} is per region (perRegion="true"), not for the whole text')
+    attributes = {key.lower(): str(value) for key, value in control.attr.items()}  # (the editor's are lower case)
+    if attributes.get("allownested", "").lower() == "true":
+        raise UnsupportedLabelConfig(
+            f'{name} has allowNested="true", so Label Studio stores each choice as a path (a list of values), not '
+            "as the value this backend predicts and learns from; remove allowNested"
+        )
     text_objects = [obj for obj in control.objects if obj.tag in TEXT_OBJECT_TAGS]
     if not text_objects:
         targets = ", ".join(sorted({obj.tag for obj in control.objects})) or "nothing"
         raise UnsupportedLabelConfig(f"{name} points at {targets}, not at <Text> or <HyperText>")
-    labels = tuple(control.labels)
+    nested = _nested_choices(tree, control.name)
+    labels = tuple(label for label in control.labels if label not in nested)
     if len(labels) < 2:
         raise UnsupportedLabelConfig(f"{name} has {len(labels)} <Choice>; at least 2 needed")
     text_object = text_objects[0]
@@ -223,6 +255,12 @@ def _config_from_choices(control) -> ClassificationConfig:
         raise UnsupportedLabelConfig(
             f'<{text_object.tag} name={text_object.name!r}> loads its text from a URL (valueType="url"), which the '
             "backend does not fetch; import the texts themselves"
+        )
+    encoding = {key.lower(): str(value) for key, value in text_object.attr.items()}.get("encoding", "none")
+    if encoding != "none":
+        raise UnsupportedLabelConfig(
+            f'<{text_object.tag} name={text_object.name!r}> has encoding="{encoding}", whose texts the editor decodes '
+            "and the backend does not; import the texts themselves"
         )
     templated = not FIELD.fullmatch(value)  # words around the field(s), or more than one field
     descriptions = tuple(_describe(control.labels_attrs[label].attr, label) for label in labels)

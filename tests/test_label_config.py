@@ -54,6 +54,18 @@ def test_zero_shot_reads_a_choice_by_its_value_not_its_alias():
     assert config.label_descriptions == ("Positive", "an unhappy review")
 
 
+def test_choices_nested_in_a_choice_are_not_labels_without_allow_nested():
+    # without allowNested Label Studio neither shows nor stores a <Choice> nested in another: no class for it
+    xml = (
+        '<View><Text name="t" value="$t"/><Choices name="c" toName="t"><Choice value="Sport">'
+        '<Choice value="Football"/><Choice value="Tennis"/></Choice><Choice value="Politics" alias="pol"/>'
+        "</Choices></View>"
+    )
+    config = parse_label_config(xml)
+    assert config.labels == ("Sport", "pol")
+    assert config.label_descriptions == ("Sport", "Politics")
+
+
 def test_a_hypertext_task_is_read_as_the_annotator_sees_it():
     config = parse_label_config(MULTI)
     html = '<div class="x"><p>Fish &amp; <b>chips</b></p><script>track()</script><style>p {}</style>\n<p>daily</p>'
@@ -148,6 +160,12 @@ def test_result_has_label_studio_shape():
             'loads its text from a URL (valueType="url")',
         ),
         (
+            # the editor decodes such texts before it shows them; the backend would classify the base64
+            '<View><Text name="t" value="$t" encoding="base64unicode"/><Choices name="c" toName="t">'
+            '<Choice value="a"/><Choice value="b"/></Choices></View>',
+            'encoding="base64unicode"',
+        ),
+        (
             '<View><Text name="t" value="a constant"/><Choices name="c" toName="t"><Choice value="a"/>'
             '<Choice value="b"/></Choices></View>',
             "with no $field to read the text from",
@@ -157,6 +175,12 @@ def test_result_has_label_studio_shape():
             '<Choices name="c_{{idx}}" toName="t_{{idx}}"><Choice value="a"/><Choice value="b"/></Choices>'
             "</Repeater></View>",
             "a <Repeater> template",
+        ),
+        (
+            # Label Studio stores every choice of such a <Choices> as a path (a list), even in a flat list
+            '<View><Text name="t" value="$t"/><Choices name="c" toName="t" allowNested="true"><Choice value="a"/>'
+            '<Choice value="b"/></Choices></View>',
+            'allowNested="true"',
         ),
         (
             '<View><text name="t" value="$t"/><choices name="c" toName="t"><choice value="a"/><choice value="b"/>'
