@@ -926,3 +926,17 @@ def test_an_import_with_deletions_reads_the_whole_task_list(runtime, label_studi
     summary = rerank("1", runtime, generation=2)
     assert label_studio.imported_task_reads == 1 and label_studio.task_list_reads == 2
     assert summary["published"] and runtime.snapshots.load("1").task_ids.tolist() == sorted(label_studio.tasks)
+
+
+def test_heads_kept_in_memory_are_bounded_and_follow_the_config(runtime, monkeypatch):
+    from backend.label_config import parse_label_config
+    from backend.services import predict
+
+    monkeypatch.setattr(predict, "CACHED_HEADS", 3)
+    config = parse_label_config(AG_NEWS_CONFIG)
+    for project in ("1", "2", "3", "4", "5"):
+        runtime.predictor.artifact_for(project, config)
+    assert list(runtime.predictor._heads) == ["3", "4", "5"]  # the least recently used went first
+    two_labels = parse_label_config(AG_NEWS_CONFIG.replace('<Choice value="Sports"/>', ""))
+    assert runtime.predictor.artifact_for("5", two_labels).labels == two_labels.labels  # not the old config's head
+    assert len(runtime.predictor._heads) == 3

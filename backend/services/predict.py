@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,9 @@ from backend.services.train import zero_shot_artifact
 log = logging.getLogger(__name__)
 
 ZERO_SHOT_VERSION = "zero-shot"
+CACHED_HEADS = 256
+"""Heads a process keeps in memory (one per project, the most recently used): each is a few hundred kB at most,
+and a long-running server that sees many projects, or many label configs in `/predict` bodies, must not grow."""
 
 
 def model_version(prefix: str, artifact: HeadArtifact) -> str:
@@ -52,7 +56,7 @@ def predicted_labels(probs: np.ndarray, labels: tuple[str, ...], multi_label: bo
 
 @dataclass
 class Predictor:
-    """Turns tasks into Label Studio predictions. One per process; heads are cached by version."""
+    """Turns tasks into Label Studio predictions. One per process; heads are cached by project and version."""
 
     encoder: Encoder
     store: ArtifactStore
@@ -60,26 +64,30 @@ class Predictor:
     version_prefix: str = "al"
 
     def __post_init__(self):
-        self._heads: dict[tuple[str, ClassificationConfig], tuple[str | None, HeadArtifact]] = {}
+        self._heads: OrderedDict[str, tuple[ClassificationConfig, str | None, HeadArtifact]] = OrderedDict()
         self._lock = threading.Lock()
 
     def artifact_for(self, project: str, config: ClassificationConfig) -> HeadArtifact:
         """The project's newest trained artifact for this config, else a zero-shot one.
 
-        Cached per process, one entry per project and config: a newer version on disk replaces it.
+        Cached per process, one entry per project (the `CACHED_HEADS` most recently used): a newer version on
+        disk, or another config, replaces it.
         """
         versions = self.store.versions(project) if project else []
         newest = versions[-1] if versions else None
         with self._lock:
-            cached_version, artifact = self._heads.get((project, config), (None, None))
-            if artifact is None or cached_version != newest:
+            cached_config, cached_version, artifact = self._heads.get(project, (None, None, None))
+            if artifact is None or cached_config != config or cached_version != newest:
                 trained = (
                     self.store.load_latest(project, config.labels, self.encoder.encoder_id, config.multi_label)
                     if versions
                     else None
                 )
                 artifact = trained or zero_shot_artifact(config, self.encoder, self.cache)
-                self._heads[(project, config)] = (newest, artifact)
+                self._heads[project] = (config, newest, artifact)
+            self._heads.move_to_end(project)
+            while len(self._heads) > CACHED_HEADS:
+                self._heads.popitem(last=False)
             return artifact
 
     def predict(self, project: str, config: ClassificationConfig, tasks: list[dict]) -> list[dict]:
