@@ -81,6 +81,10 @@ def project_id(value: object, field_name: str = "project") -> str:
     return str(int(text))  # "007" and "7" are one project
 
 
+PROJECT_PARAMS = ("strategy", "strategy_params", "rank_top_k")
+"""The keys of Label Studio's extra params that the backend reads (see `_check_strategy_params`)."""
+
+
 def parse_setup(body: object, default_strategy: str = "hybrid") -> SetupRequest:
     """`default_strategy`: the backend's STRATEGY, which `strategy_params` apply to when extra_params names none."""
     body = require_object(body, "/setup")
@@ -92,8 +96,8 @@ def parse_setup(body: object, default_strategy: str = "hybrid") -> SetupRequest:
         extra = _json_object(extra, "extra_params")
     if not isinstance(extra, dict):
         raise MalformedRequest(f"'extra_params' must be a JSON object, got {type(extra).__name__}")
-    if "strategy_params" in extra and extra["strategy_params"] is None:  # null: no parameters, as if absent
-        extra = {key: value for key, value in extra.items() if key != "strategy_params"}
+    # null means "the backend's setting", as if absent (a form that clears a field may send it so)
+    extra = {key: value for key, value in extra.items() if not (key in PROJECT_PARAMS and value is None)}
     _check_strategy_params(extra, default_strategy)
     version = body.get("model_version")
     return SetupRequest(project_id(body.get("project")), schema, version if isinstance(version, str) else None, extra)

@@ -238,6 +238,12 @@ def test_null_strategy_params_at_setup_mean_none(client, runtime):
     assert runtime.registry.params("3") == {"strategy": "margin"}  # stored as absent: a round can build it
 
 
+def test_a_null_strategy_or_top_k_at_setup_means_the_backends_setting(client, runtime):
+    body = setup_payload() | {"extra_params": {"strategy": None, "rank_top_k": None, "note": None}}
+    assert client.post("/setup", json=body).status_code == 200
+    assert runtime.registry.params("3") == {"note": None}  # the keys the backend reads are left out, others kept
+
+
 def test_project_ids_are_normalised(client):
     event = {"action": "ANNOTATION_CREATED", "annotation": {"id": 1}}
     assert client.post("/webhook", json=event | {"project": {"id": 7}}).json["rerank"] == "enqueued"
