@@ -287,6 +287,13 @@ def test_metrics_lists_projects_and_their_events(client):
     assert body["queue_length"] >= 1
 
 
+def test_events_of_projects_never_set_up_are_not_counted(client, runtime):
+    for action in ("PROJECT_CREATED", "ANNOTATION_CREATED"):
+        assert client.post("/webhook", json={"action": action, "project": {"id": 41}}).status_code == 201
+    assert runtime.registry.event_counts("41") == {}
+    assert not runtime.redis.keys("al:project:41*")  # any body posted to /webhook must not make Redis grow
+
+
 def test_an_import_keeps_the_task_list_snapshot_and_a_deletion_marks_it_stale(client, runtime):
     # a round extends the snapshot with the imported tasks alone; after a deletion it reads the whole list
     import numpy as np

@@ -578,6 +578,8 @@ def test_removing_the_backend_or_deleting_the_project_stops_the_work_on_it(runti
     assert runtime.registry.event_counts("1") == {} and runtime.registry.shown("1", list(label_studio.tasks)) == {}
     assert "no longer exists" in runtime.projects.metrics()["disconnected"]["1"]["reason"]
     assert jobs.rerank_project("1")["disconnected"] and jobs.cleanup_versions("1", live) == []
+    assert not runtime.registry.count_event("1", "PROJECT_DELETED")  # Label Studio's last word brings nothing back
+    assert runtime.registry.event_counts("1") == {}
 
 
 def test_a_label_studio_url_answering_404_to_everything_is_not_taken_for_a_deleted_project(

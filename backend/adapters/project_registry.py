@@ -21,6 +21,12 @@ redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 return 1
 """
 
+COUNT_EVENT_IF_CONNECTED = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+return 1
+"""
+
 
 class ProjectRegistry:
     """Per project: label config and parameters from `/setup`, and the record of the last ranking round."""
@@ -28,6 +34,7 @@ class ProjectRegistry:
     def __init__(self, client: redis.Redis):
         self.client = client
         self._disconnect_unless_set_up_since = client.register_script(DISCONNECT_UNLESS_SET_UP_SINCE)
+        self._count_event_if_connected = client.register_script(COUNT_EVENT_IF_CONNECTED)
 
     @staticmethod
     def key(project: str) -> str:
@@ -141,8 +148,14 @@ class ProjectRegistry:
         raw = self.client.hmget(self._shown_key(project), [str(task_id) for task_id in task_ids])
         return {task_id: tuple(json.loads(value)) for task_id, value in zip(task_ids, raw, strict=True) if value}
 
-    def count_event(self, project: str, action: str) -> None:
-        self.client.hincrby(self._events_key(project), action, 1)
+    def count_event(self, project: str, action: str) -> bool:
+        """Count a webhook event of a connected project (what `/metrics` shows) -> whether it was counted.
+
+        Events of other projects are not: a deleted project's own PROJECT_DELETED, or the events that a removed
+        backend's webhook keeps sending, must not bring back keys that `forget` deleted, nor any body posted to
+        `/webhook` make Redis grow."""
+        keys = [PROJECTS_KEY, self._events_key(project)]
+        return bool(self._count_event_if_connected(keys=keys, args=[project, action]))
 
     def event_counts(self, project: str) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.client.hgetall(self._events_key(project)).items()}
