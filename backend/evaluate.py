@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from backend.config import DEFAULT_MODEL_NAME, Settings
 from backend.evaluation_data import Dataset, cached_embeddings, read_labelled_csv
-from backend.evaluation_summary import plot, summarise
+from backend.evaluation_summary import plot, summarise, write_results
 from backend.ml.head import LinearHead, choose_l2, fit_committee, fit_head, l2_for, proba_of_heads, zero_shot_head
 from backend.scoring.base import Pool
 from backend.scoring.registry import STRATEGIES, get_strategy
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarise(runs, budgets, full_accuracy, baseline_budgets)
     summary["arguments"] = vars(args)
     summary["seconds"] = round(time.time() - started, 1)
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    write_results(out, summary)
     plot(summary, out / "learning_curve.png", Path(args.pool).parent.name or args.pool)
     print(f"full-pool accuracy {full_accuracy:.4f}; target {summary['target_accuracy']:.4f}")
     needs = summary["strategies"]["random"]["labels_to_target_per_seed"]

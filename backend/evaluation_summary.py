@@ -6,7 +6,10 @@ per budget) and on the results.json it writes, so a summary can be recomputed wi
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +118,26 @@ def plot(summary: dict, path: Path, title: str) -> None:
     axis.set(xlabel="labels", ylabel="test accuracy", title=title)
     axis.legend(loc="lower right")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with replaced_whole(path) as partial:
+        figure.savefig(partial, dpi=120)
+    plt.close(figure)
+
+
+def write_results(out: Path, summary: dict) -> None:
+    with replaced_whole(out / "results.json") as partial:
+        partial.write_text(json.dumps(summary, indent=1))
+
+
+@contextlib.contextmanager
+def replaced_whole(path: Path) -> Iterator[Path]:
+    """A file to write `path`'s new content to, renamed over `path` once written: an interrupted run leaves the
+    earlier file whole (and no partial one), never half of the new one."""
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")  # the suffix names the format
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def resummarise(out: Path) -> dict:
@@ -126,7 +148,7 @@ def resummarise(out: Path) -> dict:
     beyond = old["strategies"]["random"].get("beyond_budget", {}).get("budgets", [])
     summary = summarise(runs, some["budgets"], old["full_pool_accuracy"], some["budgets"] + beyond)
     summary.update({k: old[k] for k in ("arguments", "seconds") if k in old})
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    write_results(out, summary)
     return summary
 
 

@@ -72,8 +72,29 @@ def test_harness_writes_results_and_plot(tiny_bert, tmp_path):
     assert len(margin["stop_budget_per_seed"]) == 2  # the stopping signal: a budget, or None if never stable
     assert all(b is None or b in margin["budgets"] for b in margin["stop_budget_per_seed"])
     assert margin["finetuned_accuracy_mean"] == {}  # no fine-tuning unless asked
-    assert (out / "learning_curve.png").stat().st_size > 1000
+    assert (out / "learning_curve.png").read_bytes().startswith(b"\x89PNG")
+    assert sorted(path.name for path in out.iterdir()) == ["learning_curve.png", "results.json"]  # no partial left
     assert list((tmp_path / "cache").glob("*.npy"))  # embeddings reused on the next run
+
+
+def test_an_interrupted_summary_leaves_the_earlier_results_whole(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from backend import evaluation_summary
+
+    (tmp_path / "results.json").write_text('{"earlier": true}')
+    write_text = Path.write_text
+
+    def cut_off_halfway(path, text, *args, **kwargs):
+        write_text(path, text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", cut_off_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation_summary.write_results(tmp_path, {"later": True, "strategies": {}})
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "results.json").read_text()) == {"earlier": True}
+    assert [path.name for path in tmp_path.iterdir()] == ["results.json"]
 
 
 def test_harness_scores_a_finetuned_encoder_at_the_budgets_asked(tiny_bert, tmp_path, monkeypatch):
