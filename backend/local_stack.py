@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import redis
 
@@ -28,10 +28,42 @@ PR_SET_PDEATHSIG = 1
 
 
 def _redis_answers(url: str) -> bool:
+    """Whether a Redis at `url` answers a ping with the URL's credentials; RuntimeError when one answers there but
+    refuses them (starting another on its port could only fail, and say less)."""
     try:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+    except redis.AuthenticationError as refused:
+        where = urlparse(url)
+        raise RuntimeError(
+            f"the Redis at {where.hostname}:{where.port or 6379} refuses REDIS_URL's credentials ({refused}): "
+            "give REDIS_URL the user and password it expects, e.g. redis://:PASSWORD@HOST:PORT/0"
+        ) from None
     except redis.RedisError:
         return False
+
+
+def redis_config(url: str, data_dir: Path) -> str:
+    """redis-server's configuration for `url`: its port on 127.0.0.1, persistence under `data_dir`, and the URL's
+    user and password, if any, required from every client. Passed on stdin: a password on the command line
+    would show in `ps`."""
+    where = urlparse(url)
+    lines = [
+        f"port {where.port or 6379}",
+        "bind 127.0.0.1",
+        f'dir "{data_dir}"',
+        "appendonly yes",
+        "save 60 1",
+    ]
+    user, password = unquote(where.username or ""), unquote(where.password or "")
+    for value in (user, password):
+        if any(c.isspace() or c in "\"'\\" for c in value):
+            raise RuntimeError("REDIS_URL: a user or password with spaces or quotes cannot be given to redis-server")
+    if user and user != "default":
+        lines += [f"user {user} on >{password} ~* &* +@all" if password else f"user {user} on nopass ~* &* +@all"]
+        lines += ["user default off"]
+    elif password:
+        lines += [f"requirepass {password}"]
+    return "\n".join(lines) + "\n"
 
 
 def start_redis(settings: Settings) -> subprocess.Popen | None:
@@ -47,23 +79,15 @@ def start_redis(settings: Settings) -> subprocess.Popen | None:
     data_dir = Path(settings.model_dir) / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(url.port or 6379),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(data_dir),
-            "--appendonly",
-            "yes",
-            "--save",
-            "60 1",
-        ],
+        [binary, "-"],  # the configuration comes on stdin
+        stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
+        text=True,
         preexec_fn=stop_with_parent,
         process_group=0,  # a Ctrl-C in the terminal stops the server, which stops Redis after the worker
     )
+    process.stdin.write(redis_config(settings.redis_url, data_dir.resolve()))
+    process.stdin.close()
     for _ in range(50):
         if _redis_answers(settings.redis_url):
             log.info("started redis-server on port %d (data in %s)", url.port or 6379, data_dir)

@@ -91,6 +91,32 @@ def test_a_port_taken_by_something_else_is_reported_at_once(settings, tmp_path):
         assert time.monotonic() - started < 4  # not the full 5 s wait, nor a ping that never returns
 
 
+def test_a_password_in_redis_url_is_required_by_the_redis_it_starts_and_kept_out_of_ps(settings, tmp_path):
+    port = free_port()
+    url = f"redis://:s3cret%21@127.0.0.1:{port}/0"  # quoted in the URL, as "s3cret!"
+    process = start_redis(replace(settings, redis_url=url, model_dir=str(tmp_path)))
+    try:
+        assert redis.Redis.from_url(url).ping()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(f"redis://127.0.0.1:{port}/0").ping()
+        assert b"s3cret" not in Path(f"/proc/{process.pid}/cmdline").read_bytes()
+        with pytest.raises(RuntimeError, match="refuses REDIS_URL's credentials") as refused:  # a later ./run.sh
+            start_redis(replace(settings, redis_url=f"redis://:wrong@127.0.0.1:{port}/0", model_dir=str(tmp_path)))
+        assert "wrong" not in str(refused.value)
+        user_url = f"redis://al:pw@127.0.0.1:{free_port()}/0"  # a named user, the default one switched off
+        other = start_redis(replace(settings, redis_url=user_url, model_dir=str(tmp_path / "other")))
+        try:
+            assert redis.Redis.from_url(user_url).ping()
+            with pytest.raises(redis.AuthenticationError):
+                redis.Redis.from_url(user_url.replace("al:pw@", "")).ping()
+        finally:
+            other.terminate()
+            other.wait()
+    finally:
+        process.terminate()
+        process.wait()
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
