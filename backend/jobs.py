@@ -261,10 +261,25 @@ def reconcile_project(project: str) -> dict:
     ranks_something = last.get("ranked", 1) > 0  # a round with nothing to rank (all labelled) switches nothing
     if ranks_something and (reading.info.get("model_version") or "") != (rt.registry.live_version(project) or ""):
         reasons.append(f"model version is {reading.info.get('model_version')!r}")
+    if ranks_something and not reasons and (deleted := deleted_ranking_predictions(rt, project, last)):
+        reasons.append(f"{deleted} of the live ranking's {last['ranked']} predictions were deleted")
     if not reasons:
         return {"rerank": "not needed"}
     log.info("project %s: reconciliation found %s", project, "; ".join(reasons))
     return {"rerank": rt.queue.request_rerank(project, "reconcile: " + "; ".join(reasons)), "reasons": reasons}
+
+
+def deleted_ranking_predictions(rt: Runtime, project: str, last: dict) -> int:
+    """How many of the live ranking's predictions Label Studio no longer holds.
+
+    The Data Manager's "Delete predictions" sends no webhook and leaves `project.model_version` as it was, so
+    Uncertainty sampling would serve those tasks like any unranked one until the next annotation's round.
+    """
+    live = rt.registry.live_version(project)
+    if not live or live != last.get("model_version"):
+        return 0
+    counts = rt.label_studio.model_versions(int(project))  # {version: predictions}, one grouped query
+    return max(0, int(last.get("ranked", 0)) - int(counts.get(live, 0)))
 
 
 def encode_chunk(project: str, job_id: str, texts: list[str]) -> int:

@@ -416,6 +416,17 @@ def test_reconciliation_requests_a_round_only_when_label_studio_changed(runtime,
     assert "model version is ''" in jobs.reconcile_project("1")["reasons"]
 
 
+def test_reconciliation_notices_ranking_predictions_deleted_from_the_data_manager(runtime, label_studio, monkeypatch):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    live = jobs.rerank_project("1")
+    top = live["top_task"]  # "Delete predictions" sends no webhook and keeps the project's model version
+    label_studio.predictions = [p for p in label_studio.predictions if p["task"] != top]
+    outcome = jobs.reconcile_project("1")
+    assert outcome["reasons"] == [f"1 of the live ranking's {live['ranked']} predictions were deleted"]
+    assert jobs.rerank_project("1")["published"]
+    assert jobs.reconcile_project("1") == {"rerank": "not needed"}  # the new ranking is whole
+
+
 def test_a_fully_labelled_project_whose_version_was_reset_is_not_reranked_every_interval(
     runtime, label_studio, monkeypatch
 ):

@@ -115,6 +115,23 @@ def test_reconciliation_notices_a_task_replaced_by_another_without_webhooks(back
     assert "reconcile" in backend.all_logs()
 
 
+@pytest.mark.parametrize("backend", [{"RECONCILE_INTERVAL": "3"}], indirect=True)
+def test_reconciliation_notices_the_top_tasks_prediction_deleted_in_the_data_manager(backend, project):
+    ls, project_id, _ = project
+    ls.connect_ml_backend(project_id, backend.url, "al-backend")
+    cold = backend.wait_for_round(project_id, annotations=0)
+    selected = {"selectedItems": {"all": False, "included": [cold["top_task"]]}}  # the action sends no webhook
+    ls._raw("POST", "api/dm/actions", params={"id": "delete_tasks_predictions", "project": project_id}, json=selected)
+    assert ls.get_project(project_id)["model_version"] == cold["model_version"]  # Label Studio leaves it
+
+    deadline = time.time() + 60
+    while (last := backend.last_round(project_id)).get("generation", 0) <= cold["generation"] or not last["published"]:
+        assert time.time() < deadline, f"no round after the deletion; last: {last}"
+        time.sleep(0.2)
+    assert "predictions were deleted" in backend.all_logs()
+    assert ls.next_task(project_id)["id"] == last["top_task"]
+
+
 def test_removing_the_backend_stops_the_rounds_and_connecting_it_again_resumes_them(backend, project):
     ls, project_id, truth = project
     connection = ls.connect_ml_backend(project_id, backend.url, "al-backend")
