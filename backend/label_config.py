@@ -243,6 +243,12 @@ def _config_from_choices(control, tree: lxml.etree._Element | None) -> Classific
     nested = _nested_choices(tree, control.name)
     labels = tuple(label for label in control.labels if label not in nested)
     if len(labels) < 2:
+        dynamic = attributes.get("value", "")
+        if dynamic.startswith("$"):  # the options are read from each task's data
+            raise UnsupportedLabelConfig(
+                f'{name} takes its choices from the task data (value="{dynamic}"), so they differ between tasks and '
+                "no model can learn them; list the labels as <Choice> tags"
+            )
         raise UnsupportedLabelConfig(f"{name} has {len(labels)} <Choice>; at least 2 needed")
     text_object = text_objects[0]
     value = text_object.value or ""

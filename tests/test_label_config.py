@@ -183,6 +183,10 @@ def test_result_has_label_studio_shape():
             'allowNested="true"',
         ),
         (
+            '<View><Text name="t" value="$t"/><Choices name="c" toName="t" value="$options"/></View>',
+            'takes its choices from the task data (value="$options")',
+        ),
+        (
             '<View><text name="t" value="$t"/><choices name="c" toName="t"><choice value="a"/><choice value="b"/>'
             "</choices></View>",
             "tag names are case-sensitive",
