@@ -24,7 +24,7 @@ from backend.adapters.queue import encoding_key, encoding_runs_key, reconcile_sl
 from backend.config import Settings
 from backend.runtime import Runtime
 from backend.services.embeddings import embed_texts
-from backend.services.project_state import ProjectDisconnected, read_connected_project
+from backend.services.project_state import ProjectDisconnected, RoundRefused, read_connected_project
 from backend.services.rerank import rerank
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,12 @@ def rerank_project(project: str, reason: str = "") -> dict:
             return rerank(project, rt, generation, timing)
         except ProjectDisconnected as gone:
             return {"generation": generation, "published": False, **stop_working_on(rt, project, gone, setups_seen)}
+        except RoundRefused as refused:
+            rt.registry.record_refusal(project, str(refused), refused.fingerprint)
+            log.error("project %s: cannot rank it: %s; the previous ranking stays", project, refused)
+            if job is not None:  # the same project gives the same refusal: to the failed registry, no retries
+                job.retries_left = 0
+            raise
 
 
 LOCK_POLL_SECONDS = 1.0
@@ -265,6 +271,9 @@ def reconcile_project(project: str) -> dict:
         reasons.append(f"{deleted} of the live ranking's {last['ranked']} predictions were deleted")
     if not reasons:
         return {"rerank": "not needed"}
+    refusal = rt.registry.refusal(project)
+    if refusal and (refusal["fingerprint"], refusal["params"]) == (reading.fingerprint, rt.registry.params(project)):
+        return {"rerank": "not needed", "refused": refusal["reason"]}  # a round would refuse it again, until it changes
     log.info("project %s: reconciliation found %s", project, "; ".join(reasons))
     return {"rerank": rt.queue.request_rerank(project, "reconcile: " + "; ".join(reasons)), "reasons": reasons}
 

@@ -22,6 +22,7 @@ from backend.scoring.strategies import uncertainty_scores
 from backend.services import pool as pool_module
 from backend.services import project_state
 from backend.services import rerank as rerank_module
+from backend.services.project_state import RoundRefused
 from backend.services.rerank import rerank
 from tests.conftest import AG_NEWS_CONFIG, read_csv
 
@@ -210,7 +211,7 @@ def test_an_unknown_default_strategy_is_refused_at_start_with_the_choices():
 
 def test_a_strategy_that_cannot_be_built_fails_the_round_before_it_saves_a_version(runtime, label_studio):
     runtime.registry.client.hset(runtime.registry.key("1"), "params", '{"strategy_params": {"nope": 1}}')
-    with pytest.raises(ValueError, match="nope"):
+    with pytest.raises(RoundRefused, match="nope"):  # the same parameters would fail again: no retries
         rerank("1", runtime, generation=1)
     assert runtime.artifacts.versions("1") == []
 
@@ -953,3 +954,28 @@ def test_heads_kept_in_memory_are_bounded_and_follow_the_config(runtime, monkeyp
     two_labels = parse_label_config(AG_NEWS_CONFIG.replace('<Choice value="Sports"/>', ""))
     assert runtime.predictor.artifact_for("5", two_labels).labels == two_labels.labels  # not the old config's head
     assert len(runtime.predictor._heads) == 3
+
+
+def test_a_label_config_made_unsupported_fails_one_round_without_retries_until_it_changes(
+    runtime, label_studio, monkeypatch
+):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})
+    live = jobs.rerank_project("1")["model_version"]
+    label_studio.project["label_config"] = AG_NEWS_CONFIG.replace('choice="single"', 'choice="single" perRegion="true"')
+    label_studio.annotate(3, label_studio.truth[3])  # the edit and an annotation, webhooks lost
+    queue = runtime.queue.queue
+    assert jobs.reconcile_project("1")["rerank"] == "enqueued"
+    SimpleWorker([queue], connection=runtime.redis).work(burst=True)
+    [failed] = queue.failed_job_registry.get_job_ids()  # visible, and not retried: it would fail the same way
+    assert failed not in queue.scheduled_job_registry.get_job_ids() and failed.startswith("rerank-1-")
+    assert label_studio.project["model_version"] == live  # the previous ranking stays
+    refused = runtime.projects.metrics()["projects"]["1"]["refused"]
+    assert "perRegion" in refused["reason"]
+    outcome = jobs.reconcile_project("1")
+    assert outcome == {"rerank": "not needed", "refused": refused["reason"]}  # not a failing round every minute
+    label_studio.project["label_config"] = AG_NEWS_CONFIG  # fixed: the next reconciliation ranks again
+    assert jobs.reconcile_project("1")["rerank"] == "enqueued"
+    SimpleWorker([queue], connection=runtime.redis).work(burst=True)
+    assert runtime.registry.last_round("1")["annotations"] == 1 and label_studio.project["model_version"] != live
+    assert runtime.projects.metrics()["projects"]["1"]["refused"] is None

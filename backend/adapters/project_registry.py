@@ -99,7 +99,18 @@ class ProjectRegistry:
         return json.loads(raw) if raw else {}
 
     def record_round(self, project: str, summary: dict) -> None:
+        """The round's summary (shown in /metrics); a round that ran also ends any refusal."""
         self.client.hset(self.key(project), "last_round", json.dumps(summary))
+        self.client.hdel(self.key(project), "refused")
+
+    def record_refusal(self, project: str, reason: str, fingerprint: str) -> None:
+        """A round refused the project as it is (see `RoundRefused`): why, and for which state and parameters."""
+        refusal = {"reason": reason, "fingerprint": fingerprint, "params": self.params(project), "at": time.time()}
+        self.client.hset(self.key(project), "refused", json.dumps(refusal))
+
+    def refusal(self, project: str) -> dict | None:
+        raw = self.client.hget(self.key(project), "refused")
+        return json.loads(raw) if raw else None
 
     def last_round(self, project: str) -> dict | None:
         raw = self.client.hget(self.key(project), "last_round")

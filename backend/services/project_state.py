@@ -19,6 +19,7 @@ import numpy as np
 from backend.adapters.embedding_cache import text_key
 from backend.adapters.label_studio import LabelStudioNotFound
 from backend.adapters.task_snapshot import TaskSnapshot
+from backend.errors import UnsupportedLabelConfig
 from backend.label_config import ClassificationConfig, parse_label_config
 from backend.services.embeddings import embed_texts
 from backend.services.train import LabelledTask, labelled_tasks
@@ -82,6 +83,16 @@ class ProjectDisconnected(Exception):
     def __init__(self, message: str, project_deleted: bool = False):
         super().__init__(message)
         self.project_deleted = project_deleted
+
+
+class RoundRefused(Exception):
+    """The project as Label Studio has it cannot be ranked, and trying again would refuse it the same way (a label
+    config this backend does not support, a strategy the project's parameters do not fit). `fingerprint` is the
+    project state it was refused for: reconciliation waits for it, or the parameters, to change."""
+
+    def __init__(self, message: str, fingerprint: str):
+        super().__init__(message)
+        self.fingerprint = fingerprint
 
 
 @dataclass(frozen=True)
@@ -211,7 +222,10 @@ def read_project_state(runtime, project: str, watch: Stopwatch) -> ProjectState:
     """Project header and annotated tasks from Label Studio (~0.2 s); the task list from the snapshot."""
     reading = read_connected_project(runtime.label_studio, project, runtime.settings.model_version_prefix)
     runtime.registry.confirm_connected(project)
-    config = parse_label_config(reading.info["label_config"])
+    try:
+        config = parse_label_config(reading.info["label_config"])
+    except UnsupportedLabelConfig as unsupported:
+        raise RoundRefused(str(unsupported), reading.fingerprint) from None
     watch.lap("read_label_studio")
     snapshot = runtime.snapshots.load(project)
     if snapshot is not None and snapshot.text_source == config.text_source and snapshot.stamp != reading.task_stamp:

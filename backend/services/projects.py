@@ -82,6 +82,7 @@ class ProjectService:
         for project in self.registry.projects():
             projects[project] = {
                 "last_round": self.registry.last_round(project),
+                "refused": self.registry.refusal(project),
                 "events": self.registry.event_counts(project),
                 "encoding": self.queue.encoding_progress(project),
             }

@@ -27,7 +27,7 @@ from backend.scoring.strategies import uncertainty_scores
 from backend.services.embeddings import embed_texts
 from backend.services.pool import build_pool, pool_matrix
 from backend.services.predict import model_version, predicted_labels
-from backend.services.project_state import EncodingQueued, ProjectState, Stopwatch, read_project_state
+from backend.services.project_state import EncodingQueued, ProjectState, RoundRefused, Stopwatch, read_project_state
 from backend.services.train import save_version, train_artifact
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,10 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
     labelled_embeddings = embed_texts([example.text for example in state.labelled], encoder, cache)
     watch.lap("load_embeddings")
     params = runtime.registry.params(project)  # before training: a bad strategy fails without saving a version
-    strategy = get_strategy(params.get("strategy", settings.strategy), **(params.get("strategy_params") or {}))
+    try:
+        strategy = get_strategy(params.get("strategy", settings.strategy), **(params.get("strategy_params") or {}))
+    except (ValueError, TypeError) as unfit:  # e.g. parameters given for another STRATEGY than the one now set
+        raise RoundRefused(f"the project's strategy parameters {params}: {unfit}", state.fingerprint) from None
     previous = runtime.artifacts.load_latest(project, state.config.labels, encoder.encoder_id, state.config.multi_label)
     artifact = train_artifact(
         state.labelled,
