@@ -24,6 +24,7 @@ from backend.adapters.queue import encoding_key, encoding_runs_key, reconcile_sl
 from backend.config import Settings
 from backend.runtime import Runtime
 from backend.services.embeddings import embed_texts
+from backend.services.predict import INTERACTIVE_SUFFIX
 from backend.services.project_state import ProjectDisconnected, RoundRefused, read_connected_project
 from backend.services.rerank import rerank
 
@@ -307,10 +308,14 @@ def version_number(version: str, prefix: str) -> int | None:
 
 
 def cleanup_versions(project: str, keep_version: str) -> list[str]:
-    """Delete this backend's model versions of `project` older than `keep_version`; never the current one.
+    """Delete this backend's model versions of `project` that nothing serves or shows any more: rankings older
+    than `keep_version`, and sets of `/predict` answers (Retrieve Predictions) older than the newest such set.
+    Never the current version.
 
-    Only older ones: a newer round may be writing its predictions right now (cleanup takes no lock), and
-    deleting its version would leave Label Studio switching to, or serving, an empty ranking.
+    Only older rankings: a newer round may be writing its predictions right now (cleanup takes no lock), and
+    deleting its version would leave Label Studio switching to, or serving, an empty ranking. The newest set of
+    `/predict` answers stays whatever the rounds since: a user who retrieved predictions keeps seeing them in the
+    Data Manager until they retrieve again.
     """
     rt = runtime()
     try:
@@ -319,10 +324,15 @@ def cleanup_versions(project: str, keep_version: str) -> list[str]:
         return []  # the project was deleted, and its versions with it
     prefix = rt.settings.model_version_prefix
     keep_number = version_number(keep_version, prefix)
+    numbers = {version: version_number(version, prefix) for version in rt.label_studio.model_versions(int(project))}
+    answered = [n for version, n in numbers.items() if n is not None and version.endswith(INTERACTIVE_SUFFIX)]
+    newest_answered = max(answered, default=None)
     deleted = []
-    for version in rt.label_studio.model_versions(int(project)):
-        number = version_number(version, prefix)
-        if number is not None and keep_number is not None and number < keep_number and version != current:
+    for version, number in numbers.items():
+        if number is None or version == current:
+            continue
+        newer = newest_answered if version.endswith(INTERACTIVE_SUFFIX) else keep_number
+        if newer is not None and number < newer:
             rt.label_studio.delete_model_version(int(project), version)
             deleted.append(version)
     rt.artifacts.prune(project)

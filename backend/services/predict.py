@@ -20,6 +20,8 @@ from backend.services.train import zero_shot_artifact
 log = logging.getLogger(__name__)
 
 ZERO_SHOT_VERSION = "zero-shot"
+INTERACTIVE_SUFFIX = "-predict"
+"""Ends the model version of what /predict answers (see `interactive_version`)."""
 CACHED_HEADS = 256
 """Heads a process keeps in memory (one per project, the most recently used): each is a few hundred kB at most,
 and a long-running server that sees many projects, or many label configs in `/predict` bodies, must not grow."""
@@ -44,7 +46,7 @@ def interactive_version(prefix: str, artifact: HeadArtifact) -> str:
     version in the answer; under the live ranking's version, those confidence scores would mix into the
     priorities Uncertainty sampling serves by.
     """
-    return model_version(prefix, artifact) + "-predict"
+    return model_version(prefix, artifact) + INTERACTIVE_SUFFIX
 
 
 def predicted_labels(probs: np.ndarray, labels: tuple[str, ...], multi_label: bool) -> list[list[str]]:
