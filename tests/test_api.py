@@ -288,7 +288,7 @@ def test_metrics_lists_projects_and_their_events(client):
 
 
 def test_events_of_projects_never_set_up_are_not_counted(client, runtime):
-    for action in ("PROJECT_CREATED", "ANNOTATION_CREATED"):
+    for action in ("PROJECT_CREATED", "ANNOTATION_CREATED", "TASKS_DELETED"):
         assert client.post("/webhook", json={"action": action, "project": {"id": 41}}).status_code == 201
     assert runtime.registry.event_counts("41") == {}
     assert not runtime.redis.keys("al:project:41*")  # any body posted to /webhook must not make Redis grow

@@ -163,8 +163,8 @@ class ProjectRegistry:
         """Count a webhook event of a connected project (what `/metrics` shows) -> whether it was counted.
 
         Events of other projects are not: a deleted project's own PROJECT_DELETED, or the events that a removed
-        backend's webhook keeps sending, must not bring back keys that `forget` deleted, nor any body posted to
-        `/webhook` make Redis grow."""
+        backend's webhook keeps sending, must not bring back keys that `forget` deleted, nor a body posted to
+        `/webhook` for a project id that was never set up leave a record of it."""
         keys = [PROJECTS_KEY, self._events_key(project)]
         return bool(self._count_event_if_connected(keys=keys, args=[project, action]))
 

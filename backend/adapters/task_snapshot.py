@@ -68,4 +68,6 @@ class TaskSnapshots:
         self.client.delete(self.key(project))
 
     def mark_stale(self, project: str) -> None:
-        self.client.hset(self.key(project), "stale", "1")
+        """The next round re-reads the whole task list; a project without a snapshot gets none (it reads it anyway)."""
+        if self.client.exists(self.key(project)):
+            self.client.hset(self.key(project), "stale", "1")
