@@ -150,7 +150,7 @@ def stop_working_on(rt: Runtime, project: str, gone: ProjectDisconnected, setups
     """
     if gone.project_deleted:
         forget_project(rt, project)
-    if not rt.registry.disconnect(project, str(gone), setups_seen):
+    if not rt.registry.disconnect(project, str(gone), setups_seen, forgotten=gone.project_deleted):
         log.info("project %s: connected again while this job found that %s; a round follows", project, gone)
         return {"connected_again": str(gone), "rerank": rt.queue.request_rerank(project, "connected again")}
     log.warning("project %s: stopped working on it: %s; connecting the backend again resumes", project, gone)
@@ -231,6 +231,47 @@ def revive_reconciliations(rt: Runtime) -> list[str]:
     for project in revived:
         log.info("project %s: its reconciliation was not scheduled; restarted it", project)
     return revived
+
+
+SWEEP_SECONDS = 3600
+"""How often workers look for disconnected projects deleted since in Label Studio."""
+
+
+def sweep_disconnected_projects(rt: Runtime) -> bool:
+    """Queue `forget_deleted_projects`, at most once per `SWEEP_SECONDS` across workers, while the backend keeps
+    records of disconnected projects. Workers call this at every maintenance pass of rq."""
+    kept = [p for p, record in rt.registry.disconnected().items() if not record.get("forgotten")]
+    return bool(kept) and rt.queue.enqueue_sweep_once_per(SWEEP_SECONDS)
+
+
+def forget_deleted_projects() -> list[str]:
+    """Delete what the backend kept about disconnected projects that Label Studio has deleted since -> those.
+
+    A disconnected project gets no rounds or reconciliations, so the round that deletes a deleted project's files
+    (`stop_working_on`) never comes for one whose backend was removed before the project was deleted; without
+    this, its matrix file (733 MB per million tasks), head versions and records would stay for good.
+    """
+    rt = runtime()
+    forgotten = []
+    for project, record in rt.registry.disconnected().items():
+        if record.get("forgotten"):
+            continue
+        setups_seen = rt.registry.setups(project)
+        try:
+            rt.label_studio.get_project(int(project))
+            continue  # still there: kept for connecting the backend again
+        except LabelStudioNotFound:
+            rt.label_studio.confirm_project_deleted(int(project))  # a wrong LABEL_STUDIO_URL raises instead
+        except LabelStudioRejected as refused:  # e.g. the API key lost access: the next sweep asks again
+            log.warning("project %s: cannot tell whether it was deleted: %s", project, refused)
+            continue
+        with round_lock(rt, project, rt.queue.latest_generation(project)) as held:
+            if not held:  # connected again meanwhile, and a round started: that round finds it deleted
+                continue
+            gone = ProjectDisconnected(f"project {project} no longer exists in Label Studio", project_deleted=True)
+            stop_working_on(rt, project, gone, setups_seen)
+            forgotten.append(project)
+    return forgotten
 
 
 def reconcile_project(project: str) -> dict:

@@ -78,12 +78,14 @@ def stop_requested(worker: Worker) -> bool:
 
 class RevivesReconciliations:
     """rq's maintenance pass (registries cleaned, the scheduler taken over from a dead worker), plus restarting
-    every connected project's chain of reconciliations that a failed reconciliation ended."""
+    every connected project's chain of reconciliations that a failed reconciliation ended, and, once an hour,
+    a job that looks for disconnected projects deleted since."""
 
     def run_maintenance_tasks(self) -> None:
         super().run_maintenance_tasks()
         try:
             jobs.revive_reconciliations(jobs.runtime())
+            jobs.sweep_disconnected_projects(jobs.runtime())
         except REDIS_GONE:
             raise  # the loop in main() waits for Redis and starts over
         except Exception:  # noqa: BLE001 - a bug here must not stop the worker from taking jobs

@@ -594,6 +594,29 @@ def test_removing_the_backend_or_deleting_the_project_stops_the_work_on_it(runti
     assert runtime.registry.event_counts("1") == {}
 
 
+def test_a_project_deleted_after_its_backend_was_removed_is_forgotten_by_the_hourly_sweep(
+    runtime, label_studio, monkeypatch
+):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})
+    jobs.rerank_project("1")
+    label_studio.backends = []  # removed first: no round or reconciliation comes for the project any more
+    assert "no ML backend" in jobs.rerank_project("1")["disconnected"]
+    assert jobs.sweep_disconnected_projects(runtime)  # queued...
+    assert not jobs.sweep_disconnected_projects(runtime)  # ...once an hour, whichever worker asks
+    assert jobs.forget_deleted_projects() == []  # still in Label Studio: kept, for connecting the backend again
+    assert runtime.snapshots.load("1") is not None and runtime.artifacts.versions("1")
+
+    label_studio.deleted = True  # then the project is deleted
+    assert jobs.forget_deleted_projects() == ["1"]
+    assert runtime.snapshots.load("1") is None and runtime.artifacts.versions("1") == []
+    assert not list(runtime.matrix_files.folder.glob("1-*.f16")) and runtime.registry.last_round("1") is None
+    assert "no longer exists" in runtime.registry.disconnected()["1"]["reason"]
+    assert jobs.forget_deleted_projects() == []  # nothing left to ask Label Studio about
+    runtime.redis.delete("al:sweep:disconnected")
+    assert not jobs.sweep_disconnected_projects(runtime)
+
+
 def test_a_label_studio_url_answering_404_to_everything_is_not_taken_for_a_deleted_project(
     runtime, label_studio, monkeypatch
 ):

@@ -61,14 +61,15 @@ class ProjectRegistry:
         """How many `/setup` calls came for `project` so far; what a job passes to `disconnect`."""
         return int(self.client.hget(SETUPS_KEY, project) or 0)
 
-    def disconnect(self, project: str, reason: str, setups_seen: int) -> bool:
+    def disconnect(self, project: str, reason: str, setups_seen: int, forgotten: bool = False) -> bool:
         """Stop serving `project` (deleted in Label Studio, or its ML backend removed) until `/setup` comes again,
         unless one came since the caller saw `setups_seen` (read before it read Label Studio): then the user
         connected the backend again meanwhile, and that connection stands. -> whether the project is disconnected.
 
-        Its config, rounds and the settings from before connecting stay, for inspection and for undoing.
+        Its config, rounds and the settings from before connecting stay, for inspection and for undoing, unless
+        the project was deleted and `forget` has dropped them (`forgotten`).
         """
-        record = json.dumps({"reason": reason, "at": time.time()})
+        record = json.dumps({"reason": reason, "at": time.time(), "forgotten": forgotten})
         keys = [SETUPS_KEY, PROJECTS_KEY, DISCONNECTED_KEY]
         return bool(self._disconnect_unless_set_up_since(keys=keys, args=[project, setups_seen, record]))
 

@@ -34,6 +34,8 @@ STALLED_AFTER_SECONDS = 30
 WAITING_STATUSES = (JobStatus.DEFERRED, JobStatus.QUEUED, JobStatus.SCHEDULED)
 
 RECONCILE_FAILURES_KEPT_SECONDS = 3600
+SWEEP_KEY = "al:sweep:disconnected"
+"""Set (with an expiry) while a sweep of disconnected projects is recent: see `enqueue_sweep_once_per`."""
 
 
 def reconcile_failure_ttl(interval: int) -> int:
@@ -213,6 +215,13 @@ class JobQueue:
             args=(project, keep_version),
             **self._job_options(),
         )
+
+    def enqueue_sweep_once_per(self, seconds: int) -> bool:
+        """Queue `backend.jobs.forget_deleted_projects` unless any worker did so in the last `seconds`."""
+        if not self.client.set(SWEEP_KEY, "1", nx=True, ex=seconds):
+            return False
+        self.queue.enqueue_call("backend.jobs.forget_deleted_projects", **self._job_options())
+        return True
 
     def enqueue_encoding(self, project: str, chunks: list[list[str]], then_rerank: bool = True) -> list[str]:
         """One job per chunk of texts, id = hash of its texts, so each chunk is encoded once even when several
