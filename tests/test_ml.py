@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -188,6 +190,20 @@ def test_artifacts_are_versioned_and_newest_wins(tmp_path):
     latest = store.load_latest("7", ("a", "b"), "enc", False)
     assert latest.version == "v000002" and latest.meta == {"seed": 2} and len(latest.committee) == 1
     assert store.load_latest("7", ("a", "c"), "enc", False) is None  # labels changed: zero-shot again
+
+
+def test_a_version_that_could_not_be_written_leaves_no_folder(tmp_path, monkeypatch):
+    store = ArtifactStore(tmp_path)
+    store.save("7", _artifact(1))
+
+    def disk_full(file, **arrays):
+        Path(file).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        store.save("7", _artifact(2))
+    assert sorted(path.name for path in store.project_dir("7").iterdir()) == ["v000001"]
 
 
 def test_versions_are_readable_by_workers_running_as_other_users(tmp_path):

@@ -64,7 +64,11 @@ class ArtifactStore:
         folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
         os.chmod(staging, 0o755)  # (mkdtemp makes it 0700) readable by workers running as other users
-        _write_artifact(staging, artifact)
+        try:
+            _write_artifact(staging, artifact)
+        except BaseException:  # a full disk, the worker stopped: no half-written folder stays behind
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         while True:  # another process may take the number we computed: try the next one
             version = _next_version(self.versions(project))
             try:
