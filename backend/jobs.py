@@ -159,7 +159,8 @@ def stop_working_on(rt: Runtime, project: str, gone: ProjectDisconnected, setups
 
 def forget_project(rt: Runtime, project: str) -> None:
     """Delete the project's task list snapshot, matrix file, head versions, registry entry and encoding
-    progress. Only a round calls it, holding the project's round lock: no other round is writing them."""
+    progress. Only a job holding the project's round lock calls it (a round, or the sweep of deleted projects): no
+    round is writing them."""
     rt.snapshots.delete(project)
     rt.matrix_files.delete_project(project)
     rt.artifacts.delete_project(project)
