@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,8 +95,18 @@ def cached_embeddings(texts: list[str], model_name: str, cache_dir: Path, max_le
     parts = [encoder.encode(texts[i : i + ENCODE_CHUNK]) for i in tqdm(chunks, desc=f"encoding {len(texts)} texts")]
     embeddings = np.concatenate(parts or [np.zeros((0, encoder.dim), np.float32)]).astype(np.float16)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    with open(partial, "wb") as handle:  # written aside, then renamed: an interrupted run leaves no half file
+    with replaced_whole(path) as partial, open(partial, "wb") as handle:  # an interrupted run leaves no half file
         np.save(handle, embeddings)
-    os.replace(partial, path)
     return embeddings.astype(np.float32)
+
+
+@contextlib.contextmanager
+def replaced_whole(path: Path) -> Iterator[Path]:
+    """A file to write `path`'s new content to, renamed over `path` once written: an interrupted run leaves the
+    earlier file whole (and no partial one), never half of the new one."""
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")  # the suffix names the format
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

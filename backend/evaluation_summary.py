@@ -6,13 +6,12 @@ per budget) and on the results.json it writes, so a summary can be recomputed wi
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from backend.evaluation_data import replaced_whole
 
 TARGET_FRACTION = 0.95
 """Labels saved is measured at this fraction of the full-pool accuracy."""
@@ -126,18 +125,6 @@ def plot(summary: dict, path: Path, title: str) -> None:
 def write_results(out: Path, summary: dict) -> None:
     with replaced_whole(out / "results.json") as partial:
         partial.write_text(json.dumps(summary, indent=1))
-
-
-@contextlib.contextmanager
-def replaced_whole(path: Path) -> Iterator[Path]:
-    """A file to write `path`'s new content to, renamed over `path` once written: an interrupted run leaves the
-    earlier file whole (and no partial one), never half of the new one."""
-    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")  # the suffix names the format
-    try:
-        yield partial
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def resummarise(out: Path) -> dict:
