@@ -230,7 +230,7 @@ def _config_from_choices(control, tree: lxml.etree._Element | None) -> Classific
     name = f"<Choices name={control.name!r}>"
     if str(control.attr.get("perRegion", "")).lower() == "true":
         raise UnsupportedLabelConfig(f'{name} is per region (perRegion="true"), not for the whole text')
-    attributes = {key.lower(): str(value) for key, value in control.attr.items()}  # (the editor's are lower case)
+    attributes = _attributes(control)
     if attributes.get("allownested", "").lower() == "true":
         raise UnsupportedLabelConfig(
             f'{name} has allowNested="true", so Label Studio stores each choice as a path (a list of values), not '
@@ -262,7 +262,7 @@ def _config_from_choices(control, tree: lxml.etree._Element | None) -> Classific
             f'<{text_object.tag} name={text_object.name!r}> loads its text from a URL (valueType="url"), which the '
             "backend does not fetch; import the texts themselves"
         )
-    encoding = {key.lower(): str(value) for key, value in text_object.attr.items()}.get("encoding", "none")
+    encoding = _attributes(text_object).get("encoding", "none")
     if encoding != "none":
         raise UnsupportedLabelConfig(
             f'<{text_object.tag} name={text_object.name!r}> has encoding="{encoding}", whose texts the editor decodes '
@@ -280,6 +280,11 @@ def _config_from_choices(control, tree: lxml.etree._Element | None) -> Classific
         object_tag=text_object.tag,
         templated=templated,
     )
+
+
+def _attributes(tag) -> dict[str, str]:
+    """A tag's attributes by lower-case name, as text (the editor reads them in lower case)."""
+    return {key.lower(): str(value) for key, value in tag.attr.items()}
 
 
 def _describe(attrs: dict, label: str) -> str:
