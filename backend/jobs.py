@@ -241,8 +241,7 @@ SWEEP_SECONDS = 3600
 def sweep_disconnected_projects(rt: Runtime) -> bool:
     """Queue `forget_deleted_projects`, at most once per `SWEEP_SECONDS` across workers, while the backend keeps
     records of disconnected projects. Workers call this at every maintenance pass of rq."""
-    kept = [p for p, record in rt.registry.disconnected().items() if not record.get("forgotten")]
-    return bool(kept) and rt.queue.enqueue_sweep_once_per(SWEEP_SECONDS)
+    return bool(rt.registry.disconnected_with_records()) and rt.queue.enqueue_sweep_once_per(SWEEP_SECONDS)
 
 
 def forget_deleted_projects() -> list[str]:
@@ -254,9 +253,7 @@ def forget_deleted_projects() -> list[str]:
     """
     rt = runtime()
     forgotten = []
-    for project, record in rt.registry.disconnected().items():
-        if record.get("forgotten"):
-            continue
+    for project in rt.registry.disconnected_with_records():
         setups_seen = rt.registry.setups(project)
         try:
             rt.label_studio.get_project(int(project))

@@ -88,6 +88,10 @@ class ProjectRegistry:
         """{project: {reason, at}} for every project the backend stopped working on."""
         return {k.decode(): json.loads(v) for k, v in self.client.hgetall(DISCONNECTED_KEY).items()}
 
+    def disconnected_with_records(self) -> list[str]:
+        """Disconnected projects whose config, rounds and files the backend still keeps (not `forgotten`)."""
+        return [project for project, record in self.disconnected().items() if not record.get("forgotten")]
+
     def is_disconnected(self, project: str) -> bool:
         return bool(self.client.hexists(DISCONNECTED_KEY, project))
 
