@@ -43,8 +43,10 @@ def _json_body() -> object:
         raise MalformedRequest(f"{request.path} needs a JSON body, got an empty one")
     try:
         return json.loads(raw)
-    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
+    except ValueError:
         raise MalformedRequest(f"{request.path} body is not valid UTF-8 JSON ({len(raw)} bytes)") from None
+    except RecursionError:  # nesting deeper than the parser's stack
+        raise MalformedRequest(f"{request.path} body is JSON nested too deeply to read ({len(raw)} bytes)") from None
 
 
 def _register_routes(app: Flask, runtime: Runtime) -> None:

@@ -194,10 +194,15 @@ def _xml_tree(label_config: str) -> lxml.etree._Element | None:
 
 def _conditional_choices(tree: lxml.etree._Element | None, choices: list) -> set[str]:
     """Names of the `<Choices>` shown only on a condition: with `visibleWhen`, or inside a `<View>` that has it."""
-    own = {control.name for control in choices if "visibleWhen" in control.attr}
+    own = {control.name for control in choices if "visiblewhen" in _attributes(control)}
     if tree is None:
         return own
-    return own | {str(name) for name in tree.xpath("//Choices[ancestor::*[@visibleWhen]]/@name")}
+    inside = {
+        str(element.get("name"))
+        for element in tree.iter("Choices")
+        if any("visiblewhen" in map(str.lower, ancestor.attrib) for ancestor in element.iterancestors())
+    }
+    return own | inside
 
 
 def _nested_choices(tree: lxml.etree._Element | None, name: str) -> set[str]:
@@ -228,9 +233,9 @@ def _config_from_choices(control, tree: lxml.etree._Element | None) -> Classific
     """The config for one `<Choices>` control; raise `UnsupportedLabelConfig` saying why it does not classify a
     whole text."""
     name = f"<Choices name={control.name!r}>"
-    if str(control.attr.get("perRegion", "")).lower() == "true":
-        raise UnsupportedLabelConfig(f'{name} is per region (perRegion="true"), not for the whole text')
     attributes = _attributes(control)
+    if attributes.get("perregion", "").lower() == "true":
+        raise UnsupportedLabelConfig(f'{name} is per region (perRegion="true"), not for the whole text')
     if attributes.get("allownested", "").lower() == "true":
         raise UnsupportedLabelConfig(
             f'{name} has allowNested="true", so Label Studio stores each choice as a path (a list of values), not '
@@ -249,7 +254,7 @@ def _config_from_choices(control, tree: lxml.etree._Element | None) -> Classific
                 f'{name} takes its choices from the task data (value="{dynamic}"), so they differ between tasks and '
                 "no model can learn them; list the labels as <Choice> tags"
             )
-        raise UnsupportedLabelConfig(f"{name} has {len(labels)} <Choice>; at least 2 needed")
+        raise UnsupportedLabelConfig(f"{name} has {len(labels)} distinct <Choice> label(s); at least 2 needed")
     text_object = text_objects[0]
     value = text_object.value or ""
     described = f"<{text_object.tag} name={text_object.name!r}> has value={value!r}"
@@ -257,12 +262,13 @@ def _config_from_choices(control, tree: lxml.etree._Element | None) -> Classific
         raise UnsupportedLabelConfig(f"{described}, a <Repeater> template; classify one text per task instead")
     if not FIELD.search(value):
         raise UnsupportedLabelConfig(f"{described}, with no $field to read the text from")
-    if str(text_object.attr.get("valueType", "")).lower() == "url":
+    text_attributes = _attributes(text_object)
+    if text_attributes.get("valuetype", "").lower() == "url":
         raise UnsupportedLabelConfig(
             f'<{text_object.tag} name={text_object.name!r}> loads its text from a URL (valueType="url"), which the '
             "backend does not fetch; import the texts themselves"
         )
-    encoding = _attributes(text_object).get("encoding", "none")
+    encoding = text_attributes.get("encoding", "none")
     if encoding != "none":
         raise UnsupportedLabelConfig(
             f'<{text_object.tag} name={text_object.name!r}> has encoding="{encoding}", whose texts the editor decodes '
@@ -276,7 +282,7 @@ def _config_from_choices(control, tree: lxml.etree._Element | None) -> Classific
         data_key=value if templated else value[1:],
         labels=labels,
         label_descriptions=descriptions,
-        multi_label=control.attr.get("choice") == MULTIPLE_CHOICE,
+        multi_label=attributes.get("choice") == MULTIPLE_CHOICE,
         object_tag=text_object.tag,
         templated=templated,
     )

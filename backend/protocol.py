@@ -69,10 +69,11 @@ PROJECT_ID = re.compile(r"[0-9]{1,18}")
 
 def project_id(value: object, field_name: str = "project") -> str:
     """Label Studio sends project ids as ints, as strings, as "id.timestamp" (in /predict), or as objects."""
+    given = value
     if isinstance(value, dict):
         value = value.get("id")
     if isinstance(value, bool) or value is None or value == "":
-        raise MalformedRequest(f"'{field_name}' must be a project id, got {value!r}")
+        raise MalformedRequest(f"'{field_name}' must be a project id, got {given!r:.80}")
     if isinstance(value, float):  # 1.5 would pass for project 1 below
         raise MalformedRequest(f"'{field_name}' must be a numeric project id, got {value!r}")
     text = str(value).split(".", 1)[0]
@@ -92,8 +93,8 @@ def parse_setup(body: object, default_strategy: str = "hybrid") -> SetupRequest:
     if not isinstance(schema, str) or not schema.strip():
         raise MalformedRequest(f"/setup needs 'schema' (the project's label config XML), got {schema!r:.80}")
     extra = body.get("extra_params") or {}
-    if isinstance(extra, str):
-        extra = _json_object(extra, "extra_params")
+    if isinstance(extra, str):  # a blank field in the form is no extra params, not malformed JSON
+        extra = _json_object(extra, "extra_params") if extra.strip() else {}
     if not isinstance(extra, dict):
         raise MalformedRequest(f"'extra_params' must be a JSON object, got {type(extra).__name__}")
     # null means "the backend's setting", as if absent (a form that clears a field may send it so)
@@ -149,7 +150,7 @@ def _check_strategy_params(extra: dict, default_strategy: str) -> None:
 def _json_object(text: str, field_name: str) -> dict:
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         raise MalformedRequest(f"'{field_name}' is a string but not JSON: {text!r:.80}") from None
     if not isinstance(value, dict):
         raise MalformedRequest(f"'{field_name}' must be a JSON object, got {type(value).__name__}")

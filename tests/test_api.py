@@ -196,7 +196,7 @@ def test_the_reason_phrase_is_one_line_of_latin_1():
         ("/predict", b"{not json", "not valid UTF-8 JSON"),
         ("/predict", b"", "empty"),
         ("/predict", b"\xff\xfe\x00garbage", "not valid UTF-8 JSON"),
-        ("/webhook", b"[" * 100_000 + b"]" * 100_000, "not valid UTF-8 JSON"),  # deeper than the parser's stack
+        ("/webhook", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),  # deeper than the parser's stack
         ("/predict", b"[1, 2]", "JSON object"),
         ("/predict", b'{"tasks": "abc"}', "'tasks'"),
         ("/predict", b'{"tasks": [{"id": 1}], "label_config": "<View/>"}', "tasks[0]"),
@@ -207,6 +207,8 @@ def test_the_reason_phrase_is_one_line_of_latin_1():
         ("/webhook", b'{"action": "ANNOTATION_CREATED", "project": {"id": 1.5}}', "numeric project id"),
         ("/setup", b'{"project": 1}', "'schema'"),
         ("/setup", b'{"project": 1, "schema": "<View/>", "extra_params": "{bad"}', "extra_params"),
+        ("/setup", b'{"project": 1, "schema": "<View/>", "extra_params": "' + b"[" * 100_000 + b'"}', "extra_params"),
+        ("/setup", b'{"project": {"x": 1}, "schema": "<View/>"}', "{'x': 1}"),
         ("/setup", b'{"project": 1, "schema": "<View/>", "extra_params": {"strategy": "nope"}}', "known strategies"),
         ("/setup", b'{"project": 1, "schema": "<View/>", "extra_params": {"rank_top_k": 0}}', "rank_top_k"),
         ("/webhook", b'{"project": {"id": 1}}', "'action'"),
@@ -242,6 +244,11 @@ def test_a_null_strategy_or_top_k_at_setup_means_the_backends_setting(client, ru
     body = setup_payload() | {"extra_params": {"strategy": None, "rank_top_k": None, "note": None}}
     assert client.post("/setup", json=body).status_code == 200
     assert runtime.registry.params("3") == {"note": None}  # the keys the backend reads are left out, others kept
+
+
+def test_blank_extra_params_at_setup_mean_none(client, runtime):
+    assert client.post("/setup", json=setup_payload() | {"extra_params": " \n"}).status_code == 200
+    assert runtime.registry.params("3") == {}
 
 
 def test_project_ids_are_normalised(client):

@@ -199,3 +199,37 @@ def test_unsupported_configs_say_why_and_name_the_supported_tags(xml, named):
     message = str(error.value)
     assert named in message
     assert "<Choices>" in message and "<Text>" in message
+
+
+@pytest.mark.parametrize(
+    "xml, named",
+    [
+        (
+            '<View><Labels name="ner" toName="t"><Label value="PER"/></Labels><Text name="t" value="$t"/>'
+            '<Choices name="c" toName="t" perregion="true"><Choice value="a"/><Choice value="b"/></Choices></View>',
+            "per region",
+        ),
+        (
+            '<View><Text name="t" value="$url" valuetype="url"/><Choices name="c" toName="t"><Choice value="a"/>'
+            '<Choice value="b"/></Choices></View>',
+            "loads its text from a URL",
+        ),
+    ],
+)
+def test_attributes_are_read_in_any_case_as_the_editor_reads_them(xml, named):
+    with pytest.raises(UnsupportedLabelConfig, match=named):
+        parse_label_config(xml)
+
+
+def test_a_lower_case_condition_or_choice_attribute_counts_too():
+    text = '<Text name="text" value="$text"/>'
+    sentiment = '<Choices name="sentiment" toName="text"><Choice value="Pos"/><Choice value="Neg"/></Choices>'
+    for condition in (
+        '<Choices name="reason" toName="text" visiblewhen="choice-selected" whenTagName="sentiment">'
+        '<Choice value="Price"/><Choice value="Quality"/></Choices>',
+        '<View visiblewhen="choice-selected" whenTagName="sentiment"><Choices name="reason" toName="text">'
+        '<Choice value="Price"/><Choice value="Quality"/></Choices></View>',
+    ):
+        assert parse_label_config(f"<View>{text}{condition}{sentiment}</View>").from_name == "sentiment", condition
+    multiple = sentiment.replace('toName="text">', 'toName="text" CHOICE="multiple">')
+    assert parse_label_config(f"<View>{text}{multiple}</View>").multi_label is True
