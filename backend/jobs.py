@@ -22,9 +22,10 @@ from rq.utils import now
 from backend.adapters.label_studio import ACTIVE_LEARNING_SETTINGS, LabelStudioNotFound, LabelStudioRejected
 from backend.adapters.queue import encoding_key, encoding_runs_key, reconcile_slot
 from backend.config import Settings
+from backend.errors import LabelStudioUnavailable
 from backend.runtime import Runtime
 from backend.services.embeddings import embed_texts
-from backend.services.predict import INTERACTIVE_SUFFIX
+from backend.services.predict import INTERACTIVE_SUFFIX, ZERO_SHOT_VERSION
 from backend.services.project_state import ProjectDisconnected, RoundRefused, read_connected_project
 from backend.services.rerank import rerank
 
@@ -260,8 +261,8 @@ def forget_deleted_projects() -> list[str]:
             continue  # still there: kept for connecting the backend again
         except LabelStudioNotFound:
             rt.label_studio.confirm_project_deleted(int(project))  # a wrong LABEL_STUDIO_URL raises instead
-        except LabelStudioRejected as refused:  # e.g. the API key lost access: the next sweep asks again
-            log.warning("project %s: cannot tell whether it was deleted: %s", project, refused)
+        except LabelStudioUnavailable as unanswered:  # a timeout, the API key lost access: the next sweep asks again
+            log.warning("project %s: cannot tell whether it was deleted: %s", project, unanswered)
             continue
         with round_lock(rt, project, rt.queue.latest_generation(project)) as held:
             if not held:  # connected again meanwhile, and a round started: that round finds it deleted
@@ -341,7 +342,13 @@ def encode_chunk(project: str, job_id: str, texts: list[str]) -> int:
 
 
 def version_number(version: str, prefix: str) -> int | None:
-    """The round number in one of our model versions (`<prefix>-v000012-<time>` -> 12), else None."""
+    """The round number in one of our model versions (`<prefix>-v000012-<time>` -> 12), else None.
+
+    The zero-shot head's (`<prefix>-zero-shot-<digest>`, what `/predict` answers before the first round saved a
+    version) counts as round 0, older than any numbered one.
+    """
+    if re.fullmatch(rf"{re.escape(prefix)}-{ZERO_SHOT_VERSION}(-.*)?", version):
+        return 0
     match = re.fullmatch(rf"{re.escape(prefix)}-v(\d+)(-.*)?", version)
     return int(match.group(1)) if match else None
 

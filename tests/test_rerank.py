@@ -608,6 +608,14 @@ def test_a_project_deleted_after_its_backend_was_removed_is_forgotten_by_the_hou
     assert runtime.snapshots.load("1") is not None and runtime.artifacts.versions("1")
 
     label_studio.deleted = True  # then the project is deleted
+    ask = label_studio.get_project
+
+    def times_out(project_id):
+        raise LabelStudioUnavailable("GET /api/projects/1/ timed out")
+
+    monkeypatch.setattr(label_studio, "get_project", times_out)
+    assert jobs.forget_deleted_projects() == []  # one unanswered project does not fail the sweep of the others
+    monkeypatch.setattr(label_studio, "get_project", ask)
     assert jobs.forget_deleted_projects() == ["1"]
     assert runtime.snapshots.load("1") is None and runtime.artifacts.versions("1") == []
     assert not list(runtime.matrix_files.folder.glob("1-*.f16")) and runtime.registry.last_round("1") is None
@@ -815,10 +823,12 @@ def test_cleanup_keeps_the_newest_retrieved_predictions_until_newer_ones_are_ret
         label_studio.predictions.extend({"task": t["id"], **a} for t, a in zip(tasks, answers, strict=True))
         return answers[0]["model_version"]
 
-    rerank("1", runtime, generation=1)
+    zero_shot = retrieve_predictions()  # before the first round: the zero-shot head's answers
+    assert "zero-shot" in zero_shot
+    first = rerank("1", runtime, generation=1)["model_version"]
     retrieved = retrieve_predictions()
     second, third = (rerank("1", runtime, generation=g)["model_version"] for g in (2, 3))
-    jobs.cleanup_versions("1", third)
+    assert set(jobs.cleanup_versions("1", third)) == {zero_shot, first, second}  # zero-shot answers: round 0
     assert set(label_studio.model_versions(1)) == {retrieved, third}  # the user still sees what they retrieved
     newer = retrieve_predictions()
     assert jobs.cleanup_versions("1", third) == [retrieved]
