@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 for seed in range(args.seeds)
             ]
-    summary = summarise(runs, budgets, full_accuracy, baseline_budgets)
+    summary = summarise(runs, budgets, full_accuracy, baseline_budgets, paired_seeds=args.random_start > 0)
     summary["arguments"] = vars(args)
     summary["seconds"] = round(time.time() - started, 1)
     write_results(out, summary)

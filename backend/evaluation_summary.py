@@ -35,14 +35,38 @@ def area_under_curve(budgets: list[int], curve: np.ndarray) -> float:
     return float(np.trapezoid(curve, budgets) / (budgets[-1] - budgets[0]))
 
 
+def labels_saved_per_seed(
+    random_needs: list[float | None], needs: list[float | None], paired: bool, random_budget: float | None = None
+) -> list[float | None]:
+    """Per seed of a strategy: the labels random needs to reach the target ÷ the labels this seed needed.
+
+    Paired seeds (replays that share a seeded random start) compare seed i with random's seed i. Otherwise the
+    two replays of seed i share nothing, so pairing them by number would be arbitrary (on TREC-6 the six ways to
+    pair three seeds give 2.52-2.66x): each seed is compared with every seed of random, and the ratios averaged.
+    A seed of random that never reached the target counts as needing `random_budget` (the figure is then a lower
+    bound), or, without it, makes the figure None; so does a seed of the strategy that never reached it.
+    """
+    random_labels = [r if r else random_budget for r in random_needs]
+    saved = []
+    for seed, labels in enumerate(needs):
+        compared = [random_labels[seed]] if paired else random_labels
+        saved.append(float(np.mean([r / labels for r in compared])) if labels and all(compared) else None)
+    return saved
+
+
 def summarise(
-    runs: dict[str, list[dict]], budgets: list[int], full_accuracy: float, baseline_budgets: list[int] | None = None
+    runs: dict[str, list[dict]],
+    budgets: list[int],
+    full_accuracy: float,
+    baseline_budgets: list[int] | None = None,
+    paired_seeds: bool = False,
 ) -> dict:
     """Per strategy: curves, area under them, labels saved against random; `runs[name]` is one run per seed.
 
     `baseline_budgets`, when longer than `budgets`, are the budgets of random's runs, replayed past the others so
     that the labels random needs are measured rather than bounded; curves and areas stay on the shared `budgets`,
-    and random's rounds beyond them are kept under `beyond_budget`.
+    and random's rounds beyond them are kept under `beyond_budget`. `paired_seeds`: seed i of every strategy
+    started as seed i of random did (see `labels_saved_per_seed`).
     """
     baseline_budgets = baseline_budgets or budgets
     target = TARGET_FRACTION * full_accuracy
@@ -55,10 +79,10 @@ def summarise(
         accuracy = np.array([run["accuracy"][:shared] for run in seed_runs])
         macro_f1 = [run["macro_f1"][:shared] for run in seed_runs]
         needs = [labels_to_reach(own_budgets, run["accuracy"], target) for run in seed_runs]
-        saved = [r / s if r and s else None for r, s in zip(random_needs, needs, strict=True)]
-        known = [value for value in saved if value is not None]
+        paired = paired_seeds or name == "random"
+        saved = labels_saved_per_seed(random_needs, needs, paired)
         # where random never reached the target within its budget, its budget / labels needed is a lower bound
-        at_least = [r / s if r else baseline_budgets[-1] / s for r, s in zip(random_needs, needs, strict=True) if s]
+        at_least = labels_saved_per_seed(random_needs, needs, paired, random_budget=baseline_budgets[-1])
         # the same question at the end of the budget, on mean curves (seeds of random and of a strategy are not
         # pairs): the labels random needs for the accuracy this strategy has there, per label it used
         matched = labels_to_reach(baseline_budgets, random_mean, float(accuracy[:, -1].mean()))
@@ -71,8 +95,8 @@ def summarise(
             "macro_f1_mean": np.mean(macro_f1, axis=0).tolist(),
             "labels_to_target_per_seed": needs,
             "labels_saved_per_seed": saved,
-            "labels_saved": float(np.mean(known)) if len(known) == len(saved) else None,
-            "labels_saved_at_least": float(np.mean(at_least)) if len(at_least) == len(saved) else None,
+            "labels_saved": _mean_if_all(saved),
+            "labels_saved_at_least": _mean_if_all(at_least),
             "labels_saved_at_budget": matched / budgets[-1] if matched else None,
             "area_under_curve": area_under_curve(budgets, accuracy.mean(axis=0)),
             "stop_budget_per_seed": [run.get("stop_budget") for run in seed_runs],
@@ -92,6 +116,10 @@ def summarise(
             "macro_f1_per_seed": [run["macro_f1"][shared:] for run in runs["random"]],
         }
     return {"full_pool_accuracy": full_accuracy, "target_accuracy": target, "strategies": results}
+
+
+def _mean_if_all(values: list[float | None]) -> float | None:
+    return float(np.mean(values)) if all(value is not None for value in values) else None
 
 
 def _mean_per_budget(per_seed: list[dict[int, float]]) -> dict[int, float]:
@@ -133,7 +161,8 @@ def resummarise(out: Path) -> dict:
     some = next(iter(old["strategies"].values()))
     runs = {name: _seed_runs(r) for name, r in old["strategies"].items()}
     beyond = old["strategies"]["random"].get("beyond_budget", {}).get("budgets", [])
-    summary = summarise(runs, some["budgets"], old["full_pool_accuracy"], some["budgets"] + beyond)
+    paired = bool(old.get("arguments", {}).get("random_start"))
+    summary = summarise(runs, some["budgets"], old["full_pool_accuracy"], some["budgets"] + beyond, paired)
     summary.update({k: old[k] for k in ("arguments", "seconds") if k in old})
     write_results(out, summary)
     return summary

@@ -191,6 +191,32 @@ def test_labels_saved_is_exact_or_a_lower_bound():
     assert bound["strategies"]["slow"]["labels_saved_at_least"] == pytest.approx(400 / (300 + 100 * 0.105 / 0.11))
 
 
+def test_unpaired_seeds_are_compared_with_every_seed_of_random():
+    from backend.evaluation_summary import labels_saved_per_seed, summarise
+
+    # random needs 400 or 200 labels, the strategy 100 or 200: seed numbers say nothing about which goes with which
+    assert labels_saved_per_seed([400, 200], [100, 200], paired=False) == [3.0, 1.5]
+    assert labels_saved_per_seed([400, 200], [100, 200], paired=True) == [4.0, 1.0]  # a shared random start
+    assert labels_saved_per_seed([400, None], [100, 200], paired=False) == [None, None]
+    assert labels_saved_per_seed([400, None], [100, 200], paired=False, random_budget=500) == [4.5, 2.25]
+    budgets = [100, 200, 300, 400]
+    runs = {
+        "random": [
+            {"accuracy": [0.5, 0.6, 0.7, 0.8], "macro_f1": [0] * 4},
+            {"accuracy": [0.5, 0.8, 0.8, 0.8], "macro_f1": [0] * 4},
+        ],
+        "fast": [
+            {"accuracy": [0.8, 0.9, 0.9, 0.9], "macro_f1": [0] * 4},
+            {"accuracy": [0.5, 0.8, 0.9, 0.9], "macro_f1": [0] * 4},
+        ],
+    }
+    unpaired = summarise(runs, budgets, full_accuracy=0.8 / 0.95)["strategies"]
+    assert unpaired["fast"]["labels_saved"] == pytest.approx(2.25)  # the mean of 3.0 and 1.5
+    assert unpaired["random"]["labels_saved"] == 1.0  # random against itself, seed by seed
+    paired = summarise(runs, budgets, full_accuracy=0.8 / 0.95, paired_seeds=True)["strategies"]
+    assert paired["fast"]["labels_saved"] == pytest.approx(2.5)  # 400 / 100 and 200 / 200
+
+
 def test_a_longer_baseline_turns_the_lower_bound_into_a_measure():
     from backend.evaluation_summary import summarise
 

@@ -16,10 +16,11 @@ from backend.scoring.diversity import argmax_tie_random
 
 
 def hypothetical_residuals(probs: np.ndarray, multi_label: bool = False) -> np.ndarray:
-    """p - ŷ with ŷ the head's own prediction (argmax one-hot, or p > 0.5 per label). (n, k) -> (n, k) float32"""
+    """p - ŷ with ŷ the head's own prediction (argmax one-hot, or p >= 0.5 per label, as predictions do).
+    (n, k) -> (n, k) float32"""
     probs = np.asarray(probs, dtype=np.float32)
     if multi_label:
-        return probs - (probs > 0.5)
+        return probs - (probs >= 0.5)
     residuals = probs.copy()
     residuals[np.arange(len(probs)), probs.argmax(axis=1)] -= 1.0
     return residuals

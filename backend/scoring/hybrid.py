@@ -75,7 +75,7 @@ def rare_class_picks(
     for label in rare:
         if len(picks) >= n:
             break
-        members = np.flatnonzero(probs[:, label] > 0.5 if multi_label else predicted == label)
+        members = np.flatnonzero(probs[:, label] >= 0.5 if multi_label else predicted == label)
         members = members[~np.isin(members, np.concatenate([taken, picks]))]
         if len(members):
             picks.append(int(members[top_indices(uncertainty[members], 1, rng)[0]]))
