@@ -1,7 +1,8 @@
 """Markdown table of `python -m backend.evaluate` results: `python -m benchmarks.evaluation_table eval_out/*`.
 
 Runs on the same data set (the same --pool and --test files) are merged, first come first: a later run adds only
-the strategies not shown yet (e.g. a run of strategy variants, whose random baseline repeats the first run's).
+the strategies not shown yet (e.g. a run of strategy variants, whose random baseline repeats the first run's); runs
+replayed otherwise (other budgets, seeds, --random-start, --rank-top-k, model) are refused, not merged.
 A data set is named after the folder of its pool file, with the file names added when two differ only there.
 With `--plot DIR`, writes DIR/learning_curve_<data set>.png of the merged curves.
 """
@@ -20,6 +21,15 @@ def data_set_key(results: dict, folder: Path) -> tuple[str, str]:
     """(pool file, test file) of a run; a results.json without its arguments is a data set of its own."""
     arguments = results.get("arguments") or {}
     return (arguments.get("pool") or str(folder), arguments.get("test") or "")
+
+
+REPLAY_SETTINGS = ("seeds", "random_start", "rank_top_k", "model", "max_length", "label_names")
+"""Arguments of `backend.evaluate` that change what random's baseline is; runs merge only when they agree."""
+
+
+def replay_settings(results: dict) -> dict:
+    arguments = results.get("arguments") or {}
+    return {name: arguments.get(name) for name in REPLAY_SETTINGS}
 
 
 def data_set_names(keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
@@ -55,6 +65,12 @@ def merged_results(folders: list[Path]) -> dict[str, dict]:
             first_budgets = merged[key]["strategies"]["random"]["budgets"]
             if results["strategies"]["random"]["budgets"] != first_budgets:
                 raise SystemExit(f"{folder}: budgets differ from the first run's on {key[0]}; not comparable")
+            differing = replay_settings(results).items() - replay_settings(merged[key]).items()
+            if differing:  # its strategies would be shown beside another replay's random baseline
+                settings = ", ".join(f"{name}={value!r}" for name, value in sorted(differing))
+                raise SystemExit(
+                    f"{folder}: replayed with {settings}, unlike the first run on {key[0]}; not comparable"
+                )
             for strategy, result in results["strategies"].items():
                 merged[key]["strategies"].setdefault(strategy, result)
     names = data_set_names(list(merged))

@@ -55,6 +55,18 @@ def test_runs_with_other_budgets_do_not_merge(tmp_path):
         main([str(tmp_path / "a"), str(tmp_path / "b")])
 
 
+def test_runs_replayed_with_other_settings_do_not_merge(tmp_path):
+    import pytest
+
+    write_results(tmp_path / "a", "data/trec6/train.csv", {"random": [0.5, 0.6]})
+    write_results(tmp_path / "b", "data/trec6/train.csv", {"random": [0.5, 0.6], "hybrid": [0.6, 0.7]})
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    results["arguments"]["random_start"] = 20
+    (tmp_path / "b" / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match="random_start=20, unlike the first run"):
+        main([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
 def test_runs_on_other_pools_or_test_sets_are_other_rows(tmp_path, capsys):
     write_results(tmp_path / "a", "data/trec6/train.csv", {"random": [0.5, 0.6]})
     write_results(tmp_path / "b", "data/trec6/small.csv", {"random": [0.4, 0.5]})
