@@ -104,6 +104,7 @@ class FakeLabelStudio:
         self._check_tasks_exist(predictions)
         self.writes.append("bulk")
         self.predictions.extend(predictions)
+        return {"created": len(predictions)}
 
     def create_predictions(self, predictions):
         self._check_tasks_exist(predictions)
@@ -251,6 +252,24 @@ def test_predictions_refused_for_a_deleted_task_make_the_retry_reread_the_task_l
     assert retry["published"] and label_studio.task_list_reads == 2
     ranked = {p["task"] for p in label_studio.predictions if p["model_version"] == retry["model_version"]}
     assert first["top_task"] not in ranked
+
+
+def test_predictions_label_studio_leaves_out_keep_the_previous_ranking_live(runtime, label_studio, monkeypatch):
+    first = rerank("1", runtime, generation=1)
+    label_studio.annotate(first["top_task"], label_studio.truth[first["top_task"]])
+    write = label_studio.import_predictions
+
+    def leaves_out_one(project_id, predictions):  # as its import does with a prediction that fails validation
+        write(project_id, predictions[1:])
+        return {"created": len(predictions) - 1}
+
+    monkeypatch.setattr(label_studio, "import_predictions", leaves_out_one)
+    with pytest.raises(rerank_module.PredictionsDropped, match="stored 19 of the round's 20 predictions"):
+        rerank("1", runtime, generation=2)
+    assert label_studio.project["model_version"] == first["model_version"]
+    assert runtime.registry.live_version("1") == first["model_version"]
+    monkeypatch.setattr(label_studio, "import_predictions", write)
+    assert rerank("1", runtime, generation=3)["published"]  # the retry
 
 
 def test_an_annotation_that_corrected_its_pre_annotation_stays_a_mistake_after_cleanup(runtime, label_studio):

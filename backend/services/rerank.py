@@ -49,6 +49,12 @@ class TaskListOutdated(Exception):
     """
 
 
+class PredictionsDropped(Exception):
+    """Label Studio stored fewer of the round's predictions than were sent: its bulk import (1.23, by default)
+    leaves out, with only a line in its own log, those that do not fit the label config, e.g. one edited while the
+    round ran. The round does not switch to the partial ranking; the job's retry reads the project again."""
+
+
 def priority_predictions(state: ProjectState, pool: Pool, picks: np.ndarray, version: str) -> list[dict]:
     """Label Studio predictions for the picked rows: score = rank / K, so the first pick is served first."""
     chosen = predicted_labels(pool.probs[picks], state.config.labels, state.config.multi_label)
@@ -93,14 +99,21 @@ def stopping_signal(runtime, project: str, artifact: HeadArtifact, pool: Pool, p
 
 def write_predictions(label_studio, project: int, predictions: list[dict], project_tasks: int, how: str) -> str:
     """Write a round's predictions `how` ("bulk", "single", or "auto": whichever costs Label Studio less at this
-    project size with its default bulk import); returns which way they went."""
+    project size with its default bulk import); returns which way they went. Raises `PredictionsDropped` when
+    Label Studio says it stored fewer."""
     if how == "auto":
         single = project_tasks > SINGLE_WRITES_ABOVE_TASKS_PER_PREDICTION * len(predictions)
         how = "single" if single else "bulk"
     if how == "single":
-        label_studio.create_predictions(predictions)
-    else:
-        label_studio.import_predictions(project, predictions)
+        label_studio.create_predictions(predictions)  # each POST is refused (4xx) or stored
+        return how
+    stored = (label_studio.import_predictions(project, predictions) or {}).get("created", len(predictions))
+    if stored < len(predictions):
+        raise PredictionsDropped(
+            f"project {project}: Label Studio stored {stored} of the round's {len(predictions)} predictions (its "
+            "import leaves out those that do not fit the label config: was it edited meanwhile?); not switching "
+            "to the partial ranking, the retry reads the project again"
+        )
     return how
 
 

@@ -80,6 +80,17 @@ def test_deleting_the_current_version_resets_the_project_model_version(ls, proje
     assert ls.get_project(project_id)["model_version"] in (None, "")
 
 
+def test_the_bulk_import_leaves_out_a_prediction_the_label_config_does_not_allow_and_says_so(ls, project):
+    # what PredictionsDropped rests on: a 201 all the same, with the count of those stored
+    project_id, task_ids = project
+    fits, misfit = (
+        {"task": task_ids[i], "result": topic(c), "score": 0.1, "model_version": "v"}
+        for i, c in ((0, "World"), (1, "Cooking"))
+    )
+    assert ls.import_predictions(project_id, [fits, misfit]) == {"created": 1}
+    assert ls.model_versions(project_id) == {"v": 1}
+
+
 def test_tasks_come_with_their_annotations_and_paging_reaches_the_end(ls, project):
     project_id, task_ids = project
     labelled = {task_ids[3]: "World", task_ids[17]: "Business", task_ids[42]: "Sci/Tech"}
