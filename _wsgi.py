@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import replace
 
 from backend.api import create_app
 from backend.config import Settings
@@ -42,7 +43,7 @@ def main() -> None:
         start_local_stack(settings)
     log.info("loading encoder %s", settings.model_name)
     runtime.encoder  # noqa: B018 - load once at start, so the first /predict is fast
-    log.info("serving on http://%s:%d with %r", args.host, args.port, settings)
+    log.info("serving on http://%s:%d with %r", args.host, args.port, replace(settings, host=args.host, port=args.port))
     app.run(host=args.host, port=args.port, debug=args.debug, threaded=True, use_reloader=False)
 
 

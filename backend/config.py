@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import base64
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from urllib.parse import unquote, unquote_plus, urlsplit
 
 from backend.scoring.names import DEFAULT_STRATEGY, STRATEGY_NAMES
@@ -174,3 +176,23 @@ def url_passwords(address: str) -> list[str]:
 
 
 SETTING_NAMES = [f.name for f in fields(Settings)]
+
+
+def writable_model_dir(settings: Settings) -> Path:
+    """MODEL_DIR, created when missing; SystemExit naming the setting when this process cannot write there.
+
+    Checked when a worker (which writes head versions and matrix files there) or `--with-worker` starts: otherwise
+    every round would fail in its last step, retried and then parked in rq's failed registry, with nothing else
+    showing why no ranking appears.
+    """
+    path = Path(settings.model_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as exc:
+        raise SystemExit(
+            f"MODEL_DIR={settings.model_dir} is not a folder this process (uid {os.getuid()}) can write to: "
+            f"{exc.strerror or exc}. Point MODEL_DIR at one, or make it writable (in docker/, a bind mount is "
+            "created owned by root: chown it to uid 1000)"
+        ) from None
+    return path

@@ -13,18 +13,26 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import redis
 
-from backend.config import Settings
+from backend.config import Settings, writable_model_dir
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 """prctl(2) option: the signal a process gets when its parent dies."""
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+WATCH_SECONDS = 2.0
+"""How often the server looks whether Redis and the worker still run."""
+GIVE_UP_WITHIN_SECONDS = 10.0
+"""A child that fails again this soon after it was started is left down (it would fail for ever): the log says so."""
 
 
 def _redis_answers(url: str) -> bool:
@@ -102,10 +110,11 @@ def start_redis(settings: Settings) -> subprocess.Popen | None:
 
 
 def start_worker() -> subprocess.Popen:
-    """One `python -m backend.worker` child with the same environment."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "backend.worker"], env=os.environ.copy(), preexec_fn=stop_with_parent
-    )
+    """One `python -m backend.worker` child with the same environment and working folder (a relative MODEL_DIR
+    means the same folder to both); `backend` is found wherever the server was started from."""
+    env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(PROJECT_ROOT), env.get("PYTHONPATH"))))
+    return subprocess.Popen([sys.executable, "-m", "backend.worker"], env=env, preexec_fn=stop_with_parent)
 
 
 def stop_with_parent() -> None:
@@ -116,22 +125,65 @@ def stop_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def start_local_stack(settings: Settings) -> list[subprocess.Popen]:
-    """Redis (if needed) and a worker, stopped when the server exits."""
-    children = [p for p in (start_redis(settings), start_worker()) if p is not None]
+@dataclass
+class Child:
+    """Redis or the worker, as the server started it: `start` starts it again (None: something else answers)."""
+
+    name: str
+    start: Callable[[], subprocess.Popen | None]
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+
+    def begin(self) -> None:
+        self.process, self.started_at = self.start(), time.monotonic()
+
+    def failed(self) -> bool:
+        """Whether it exited on its own with an error (a stopped worker exits with 0, as after a Ctrl-C)."""
+        return self.process is not None and self.process.poll() not in (None, 0)
+
+
+def start_local_stack(settings: Settings) -> list[Child]:
+    """Redis (if needed) and a worker, started again if they die while the server runs, stopped when it exits."""
+    writable_model_dir(settings)  # Redis keeps its data there, the worker its head versions
+    children = [Child("redis-server", lambda: start_redis(settings)), Child("worker", start_worker)]
+    for child in children:
+        child.begin()
+    stopping, changing = threading.Event(), threading.Lock()
 
     def stop_children() -> None:
         # one after the other, the worker first: its warm shut-down (the job it runs, then its registrations) needs
         # Redis, and without it the worker would wait for Redis to come back until it is killed
-        for child in reversed(children):
-            child.terminate()
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        stopping.set()
+        with changing:
+            for process in [child.process for child in reversed(children) if child.process is not None]:
+                process.terminate()
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
 
     atexit.register(stop_children)
     # SIGTERM (docker stop, kill, a supervisor) skips atexit by default: turn it into a normal exit
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    threading.Thread(target=restart_failed, args=(children, stopping, changing), daemon=True).start()
     return children
+
+
+def restart_failed(children: list[Child], stopping: threading.Event, changing: threading.Lock) -> None:
+    """Every `WATCH_SECONDS` until `stopping`: start again a child that exited with an error (a worker killed
+    mid-round, or by the OOM killer), saying so, unless it failed right after it was started."""
+    while not stopping.wait(WATCH_SECONDS):
+        with changing:
+            for child in [child for child in children if child.failed() and not stopping.is_set()]:
+                code = child.process.returncode
+                if time.monotonic() - child.started_at < GIVE_UP_WITHIN_SECONDS:
+                    log.error("%s exited with code %s soon after it started; not starting it again", child.name, code)
+                    child.process = None
+                    continue
+                log.error("%s exited with code %s; starting it again", child.name, code)
+                try:
+                    child.begin()
+                except RuntimeError as failure:
+                    log.error("%s could not be started again: %s", child.name, failure)
+                    child.process = None

@@ -18,7 +18,7 @@ from rq import SimpleWorker, Worker
 from rq.exceptions import StopRequested
 
 from backend import jobs
-from backend.config import Settings
+from backend.config import Settings, writable_model_dir
 from backend.errors import LabelStudioUnavailable
 from backend.logs import configure_logging
 from backend.ml.encoder import pick_device
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     configure_logging(settings)
+    writable_model_dir(settings)
     runtime = jobs.runtime()
     worker_class = worker_class_for(pick_device(settings.device))
     if not args.no_preload:

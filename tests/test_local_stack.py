@@ -38,18 +38,18 @@ def test_children_die_with_the_server_even_when_it_is_killed():
     assert not _alive(child)
 
 
-def start_stack_with_worker(tiny_bert: str, tmp_path) -> tuple[subprocess.Popen, str, Path]:
+def start_stack_with_worker(tiny_bert: str, tmp_path, cwd: Path = ROOT) -> tuple[subprocess.Popen, str, Path]:
     """`_wsgi.py --with-worker` on the tiny model, in a process group of its own (as a terminal gives ./run.sh),
-    once its worker listens: (server, Redis URL, log path). Nothing is at the URL before: the server starts its own
-    redis-server."""
+    started in `cwd`, once its worker listens: (server, Redis URL, log path). Nothing is at the URL before: the
+    server starts its own redis-server."""
     redis_url = f"redis://127.0.0.1:{free_port()}/0"
     env = {**os.environ, "MODEL_NAME": tiny_bert, "REDIS_URL": redis_url, "MODEL_DIR": str(tmp_path)}
     env["PYTHONUNBUFFERED"] = "1"
     log_path = tmp_path / "stack.log"
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
-            [sys.executable, "_wsgi.py", "--with-worker", "--port", str(free_port())],
-            cwd=ROOT,
+            [sys.executable, str(ROOT / "_wsgi.py"), "--with-worker", "--port", str(free_port())],
+            cwd=cwd,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -78,6 +78,40 @@ def test_ctrl_c_stops_the_worker_before_the_redis_it_needs_to_shut_down(tiny_ber
     assert "lost Redis" not in output and "could not connect to Redis" not in output, output
     with pytest.raises(redis.ConnectionError):  # and Redis went too, after the worker
         redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()
+
+
+def test_a_worker_that_dies_is_started_again_wherever_the_server_was_started_from(tiny_bert, tmp_path):
+    from backend.local_stack import GIVE_UP_WITHIN_SECONDS
+
+    elsewhere = tmp_path / "elsewhere"  # not the repository: the worker must find `backend` all the same
+    elsewhere.mkdir()
+    server, redis_url, log_path = start_stack_with_worker(tiny_bert, tmp_path, cwd=elsewhere)
+    try:
+        time.sleep(GIVE_UP_WITHIN_SECONDS)  # a child that fails sooner after its start is left down
+        os.kill(worker_pid(log_path), signal.SIGKILL)  # e.g. the OOM killer
+        deadline = time.monotonic() + 60
+        while log_path.read_text().count("worker listening") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        output = log_path.read_text()
+        assert "worker exited with code -9; starting it again" in output and output.count("worker listening") == 2
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait(timeout=60)
+
+
+def test_an_unwritable_model_dir_is_named_at_start(settings, tmp_path):
+    from backend.config import writable_model_dir
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=f"MODEL_DIR={tmp_path}/file/models is not a folder this process"):
+        writable_model_dir(replace(settings, model_dir=str(tmp_path / "file" / "models")))
+    assert writable_model_dir(replace(settings, model_dir=str(tmp_path / "new"))).is_dir()
+
+
+def worker_pid(log_path: Path) -> int:
+    """The pid of the worker whose "worker listening" line is the last in the log ("DATE TIME LEVEL PID ...")."""
+    line = [line for line in log_path.read_text().splitlines() if "worker listening" in line][-1]
+    return int(line.split()[3])
 
 
 def test_a_port_taken_by_something_else_is_reported_at_once(settings, tmp_path):
@@ -133,8 +167,7 @@ def test_a_killed_server_takes_an_idle_worker_and_its_redis_with_it(tiny_bert, t
     # SIGKILL (or the OOM killer): no atexit handler runs, and the worker and Redis get SIGTERM at the same moment,
     # so the worker's warm shut-down finds Redis gone; it must still stop, not wait for a Redis nobody will start
     server, redis_url, log_path = start_stack_with_worker(tiny_bert, tmp_path)
-    line = next(line for line in log_path.read_text().splitlines() if "worker listening" in line)
-    worker = int(line.split()[3])  # "DATE TIME LEVEL PID logger: message"
+    worker = worker_pid(log_path)
     redis_pid = int(redis.Redis.from_url(redis_url).info("server")["process_id"])
     try:
         server.kill()
