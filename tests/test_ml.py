@@ -212,13 +212,22 @@ def test_versions_are_readable_by_workers_running_as_other_users(tmp_path):
     assert version.stat().st_mode & 0o777 == 0o755
 
 
-@pytest.mark.parametrize("damage", ["replaced", "truncated"])
+def damaged(data: bytes, damage: str) -> bytes:
+    if damage == "replaced":
+        return b"not an npz"
+    if damage == "truncated":
+        return data[: len(data) // 2]
+    entry = data.index(b"PK\x01\x02")  # one byte of the zip's directory: its first member's compression method
+    return data[: entry + 10] + (99).to_bytes(2, "little") + data[entry + 12 :]
+
+
+@pytest.mark.parametrize("damage", ["replaced", "truncated", "compression_method"])
 def test_a_corrupt_artifact_falls_back_to_the_previous_version(tmp_path, caplog, damage):
     store = ArtifactStore(tmp_path)
     store.save("7", _artifact(1))
     store.save("7", _artifact(2))
     head = store.project_dir("7") / "v000002" / "head.npz"
-    head.write_bytes(b"not an npz" if damage == "replaced" else head.read_bytes()[: head.stat().st_size // 2])
+    head.write_bytes(damaged(head.read_bytes(), damage))
     assert store.load_latest("7", ("a", "b"), "enc", False).version == "v000001"
     assert "v000002 is unreadable" in caplog.text
 
@@ -285,6 +294,135 @@ def test_pooling_follows_the_models_sentence_transformers_config_in_a_folder_or_
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
     assert _pooling_mode("org/cls-model") == "cls"
     assert _pooling_mode("org/plain-bert") == "mean"
+
+
+@pytest.mark.parametrize(
+    "config, mode",
+    [
+        ('{"pooling_mode_max_tokens": true, "pooling_mode_mean_tokens": false}', "max"),
+        ('{"pooling_mode_lasttoken": true, "word_embedding_dimension": 32}', "lasttoken"),
+        ('{"pooling_mode_mean_sqrt_len_tokens": true}', "mean"),  # mean's direction, and rows are normalised
+    ],
+)
+def test_every_pooling_mode_the_encoder_applies_is_read(tmp_path, config, mode):
+    from backend.ml.encoder import POOLING_CONFIG, _pooling_mode
+
+    (tmp_path / POOLING_CONFIG).parent.mkdir(parents=True)
+    (tmp_path / POOLING_CONFIG).write_text(config)
+    assert _pooling_mode(str(tmp_path)) == mode
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        '{"pooling_mode_weightedmean_tokens": true}',
+        '{"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": true}',
+    ],
+)
+def test_a_pooling_the_encoder_cannot_apply_is_refused_not_replaced_by_mean(tmp_path, config):
+    from backend.errors import ModelUnavailable
+    from backend.ml.encoder import POOLING_CONFIG, _pooling_mode
+
+    (tmp_path / POOLING_CONFIG).parent.mkdir(parents=True)
+    (tmp_path / POOLING_CONFIG).write_text(config)
+    with pytest.raises(ModelUnavailable, match="the encoder applies one of pooling_mode_cls_token"):
+        _pooling_mode(str(tmp_path))
+
+
+def test_layers_after_the_pooling_that_the_encoder_skips_are_named_in_the_log(tmp_path, caplog):
+    from backend.ml.encoder import MODULES_CONFIG, POOLING_CONFIG, _pooling_mode
+
+    (tmp_path / POOLING_CONFIG).parent.mkdir(parents=True)
+    (tmp_path / POOLING_CONFIG).write_text('{"pooling_mode_cls_token": true}')
+    modules = ["Transformer", "Pooling", "Dense", "Normalize"]
+    (tmp_path / MODULES_CONFIG).write_text(
+        str([{"type": f"sentence_transformers.models.{m}"} for m in modules]).replace("'", '"')
+    )
+    assert _pooling_mode(str(tmp_path)) == "cls"
+    assert "does not apply (sentence_transformers.models.Dense)" in caplog.text
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean", "max", "lasttoken"])
+def test_every_pooling_gives_a_text_the_same_vector_whatever_it_is_padded_with(encoder, monkeypatch, pooling):
+    monkeypatch.setattr(encoder, "pooling", pooling)
+    texts = ["stocks rose", "a much longer text about markets and stocks and bonds that rallied"]
+    together = encoder.encode(texts)
+    np.testing.assert_allclose(together, np.concatenate([encoder.encode([text]) for text in texts]), atol=1e-5)
+    assert not np.allclose(together[0], together[1])
+    if pooling == "lasttoken":  # the [SEP] at the end of the short row, not a padding position after it
+        inputs = encoder.pad(encoder.token_ids(texts[:1]))
+        hidden = encoder.model(**inputs).last_hidden_state[0, -1]
+        np.testing.assert_allclose(together[0], torch.nn.functional.normalize(hidden, dim=0).detach(), atol=1e-5)
+
+
+def test_a_cut_text_that_kept_few_tokens_is_read_whole(encoder):
+    body = "markets rallied as stocks and bonds rose"
+    padded = " " * (encoder.max_length * 100) + body  # the cut keeps only spaces
+    assert encoder.token_ids([padded]) == encoder.token_ids([body])
+
+
+def test_a_batch_of_texts_without_tokens_pads_to_one_column(encoder):
+    padded = encoder.pad([[], []])
+    assert padded["input_ids"].shape == (2, 1) and padded["attention_mask"].tolist() == [[0], [0]]
+
+
+def test_weights_copied_next_to_a_stale_fine_tuning_revision_are_another_space(tiny_bert, tmp_path):
+    import shutil
+
+    from transformers import BertModel
+
+    from backend.ml.encoder import REVISION_FILE
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_bert, folder)
+    (folder / REVISION_FILE).write_text("finetuned-abc")
+    before = Encoder(str(folder), device="cpu").encoder_id
+    assert "finetuned-abc" in before
+    torch.manual_seed(2)
+    BertModel(BertModel.from_pretrained(folder).config).save_pretrained(folder)  # the revision file stays
+    assert Encoder(str(folder), device="cpu").encoder_id != before
+
+
+def test_an_encoder_decoder_model_embeds_with_its_encoder(tiny_bert, tmp_path):
+    import shutil
+
+    from transformers import T5Config, T5Model
+
+    folder = tmp_path / "t5"
+    shutil.copytree(tiny_bert, folder)
+    (folder / "model.safetensors").unlink(missing_ok=True)
+    (folder / "config.json").unlink()
+    vocab = len((folder / "vocab.txt").read_text().splitlines())
+    config = T5Config(
+        vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, decoder_start_token_id=0
+    )
+    T5Model(config).save_pretrained(folder)
+    embeddings = Encoder(str(folder), device="cpu", dtype="fp32").encode(["stocks rose", "team won"])
+    assert embeddings.shape == (2, 32) and np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+
+
+def test_positions_a_roberta_style_model_reserves_for_padding_are_not_used(tiny_bert, tmp_path):
+    import shutil
+
+    from transformers import RobertaConfig, RobertaModel
+
+    folder = tmp_path / "roberta"
+    shutil.copytree(tiny_bert, folder)
+    (folder / "model.safetensors").unlink(missing_ok=True)
+    vocab = len((folder / "vocab.txt").read_text().splitlines())
+    config = RobertaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=66,
+        pad_token_id=1,
+    )
+    RobertaModel(config).save_pretrained(folder)
+    encoder = Encoder(str(folder), device="cpu", max_length=600)
+    assert encoder.max_length == 64  # positions 0 and 1 are the padding's
+    assert encoder.encode(["word " * 400]).shape == (1, 32)  # no "index out of range"
 
 
 def test_weights_changed_only_in_the_middle_of_the_file_change_the_fingerprint(tmp_path):

@@ -118,7 +118,8 @@ class ArtifactStore:
                     LinearHead(arrays[f"committee_{i}_weights"], arrays[f"committee_{i}_bias"], multi_label)
                     for i in range(int(meta["committee_size"]))
                 ]
-        except (zipfile.BadZipFile, EOFError) as exc:  # a truncated file (a full disk, a copy cut short)
+        except (zipfile.BadZipFile, EOFError, NotImplementedError) as exc:  # a truncated or garbled file (a full
+            # disk, a copy cut short; NotImplementedError: a damaged byte naming an unknown compression method)
             raise ValueError(f"{folder / 'head.npz'} is damaged: {exc}") from exc
         if head.weights.shape[1] != len(meta["labels"]):
             raise ValueError(f"head has {head.weights.shape[1]} columns for {len(meta['labels'])} labels")

@@ -35,6 +35,8 @@ AUTO_BATCH_TOKENS = {"cpu": 4096, "cuda": 65536}
 CHARS_PER_TOKEN_BOUND = 100
 """Characters kept per token of `max_length` before tokenising: WordPiece gives up on a word longer than 100
 characters ([UNK]) and prose averages 4-6 characters a token, so the cut never reaches the tokens that are kept."""
+PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "data2vec-text", "xmod"}
+"""Model types whose position ids start after the padding id: pad_token_id + 1 of their positions are not usable."""
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """ENCODER_DTYPE's values besides `auto`: the dtype the encoder's weights are cast to."""
 
@@ -65,31 +67,71 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 POOLING_CONFIG = "1_Pooling/config.json"
 """Where a sentence-transformers model says how it pools token vectors into one."""
+MODULES_CONFIG = "modules.json"
+"""The sentence-transformers model's layers after the transformer (pooling, normalisation, dense projections)."""
+POOLING_MODES = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean",  # mean x sqrt(length): the same direction, and rows are normalised
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+"""sentence-transformers pooling keys the encoder applies, and what it calls them."""
 
 
-def _pooling_config_file(model_path: str) -> Path | None:
-    """The model's pooling config: in a local folder, or for a hub name from the hub (or its local cache, as the
-    weights came); None when the model ships none."""
+def _sentence_transformers_file(model_path: str, name: str) -> Path | None:
+    """One of a sentence-transformers model's own files: in a local folder, or for a hub name from the hub (or its
+    local cache, as the weights came); None when the model ships none."""
     if Path(model_path).is_dir():
-        local = Path(model_path) / POOLING_CONFIG
+        local = Path(model_path) / name
         return local if local.is_file() else None
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(model_path, POOLING_CONFIG))
+        return Path(hf_hub_download(model_path, name))
     except OSError:  # no such file in the repository, or the hub unreachable and the file not cached
         return None
 
 
 def _pooling_mode(model_path: str) -> str:
-    """`cls` or `mean`, read from a sentence-transformers pooling config when the model ships one."""
-    config = _pooling_config_file(model_path)
+    """How to pool token vectors, from the model's sentence-transformers pooling config: `cls`, `mean`, `max` or
+    `lasttoken`; mean, with a warning, when the model ships none. ModelUnavailable for a mode the encoder cannot
+    apply (e.g. weighted mean), rather than embeddings unlike the model's own."""
+    config = _sentence_transformers_file(model_path, POOLING_CONFIG)
+    if config is None:
+        log.warning("%s has no %s (not a sentence-transformers model?): mean pooling", model_path, POOLING_CONFIG)
+        return "mean"
     try:
-        if config is not None and json.loads(config.read_text()).get("pooling_mode_cls_token"):
-            return "cls"
-    except (OSError, ValueError) as exc:
+        modes = {key for key, on in json.loads(config.read_text()).items() if key.startswith("pooling_mode_") and on}
+    except (OSError, ValueError, AttributeError) as exc:
         log.warning("cannot read %s (%s); mean pooling", config, exc)
-    return "mean"
+        return "mean"
+    known = {POOLING_MODES[mode] for mode in modes if mode in POOLING_MODES}
+    if len(known) != 1 or modes - POOLING_MODES.keys():
+        raise ModelUnavailable(
+            f"{model_path} pools with {', '.join(sorted(modes)) or 'no mode'}; the encoder applies one of "
+            f"{', '.join(sorted(POOLING_MODES))}"
+        )
+    _warn_about_unapplied_modules(model_path)
+    return known.pop()
+
+
+def _warn_about_unapplied_modules(model_path: str) -> None:
+    """Say so when the model's sentence-transformers layers include some the encoder does not apply (e.g. a
+    Dense projection after pooling): its embeddings are then the pooled vectors before them."""
+    modules = _sentence_transformers_file(model_path, MODULES_CONFIG)
+    try:
+        kinds = [str(module.get("type", "")) for module in json.loads(modules.read_text())] if modules else []
+    except (OSError, ValueError, AttributeError):
+        return
+    applied = ("Transformer", "Pooling", "Normalize")
+    unapplied = [kind for kind in kinds if not kind.endswith(applied)]
+    if unapplied:
+        log.warning(
+            "%s lists layers the encoder does not apply (%s): embeddings stop at the pooling",
+            model_path,
+            ", ".join(unapplied),
+        )
 
 
 REVISION_FILE = "al_revision.txt"
@@ -125,9 +167,10 @@ def _folder_fingerprint(model_path: str, samples: int = 64, sample_bytes: int = 
 
 
 def model_revision(model_path: str) -> str:
-    """Which weights a model folder holds: its fine-tuning revision, else a fingerprint of its files; "" for a hub
-    name (the name is the identity there)."""
-    return _saved_revision(model_path) or _folder_fingerprint(model_path)
+    """Which weights a model folder holds: its fine-tuning revision (if any) and a fingerprint of its files, so
+    that other weights copied next to a stale revision file are another space too; "" for a hub name (the name is
+    the identity there)."""
+    return "-".join(filter(None, (_saved_revision(model_path), _folder_fingerprint(model_path))))
 
 
 LOAD_ATTEMPTS = 3
@@ -141,6 +184,8 @@ def _load_unchanging(path: str) -> tuple[PreTrainedTokenizerBase, PreTrainedMode
         revision = model_revision(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path)
+        if getattr(model.config, "is_encoder_decoder", False):  # T5-style: the encoder stack alone embeds
+            model = model.get_encoder()
         pooling = _pooling_mode(path)
         if model_revision(path) == revision:
             return tokenizer, model, pooling, revision
@@ -253,7 +298,10 @@ class Encoder:
 
     def _usable_max_length(self, requested: int) -> int:
         """`requested`, or less when the model has fewer positions (longer inputs would fail in the forward pass)."""
-        limits = (getattr(self.model.config, "max_position_embeddings", None), self.tokenizer.model_max_length)
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if positions and self.model.config.model_type in PADDING_OFFSET_POSITIONS:
+            positions -= (self.model.config.pad_token_id or 0) + 1
+        limits = (positions, self.tokenizer.model_max_length)
         usable = min([requested, *(limit for limit in limits if isinstance(limit, int) and 0 < limit < 10**6)])
         if usable < requested:
             log.warning("MAX_LENGTH=%d is more than %s takes; using %d", requested, self.model_name, usable)
@@ -296,7 +344,15 @@ class Encoder:
         `CHARS_PER_TOKEN_BOUND` characters per token it may keep: the ids are the same, in a fraction of the time.
         """
         longest = self.max_length * CHARS_PER_TOKEN_BOUND
-        texts = [text[:longest] for text in texts]
+        ids = self._tokenize([text[:longest] for text in texts])
+        # a cut text that still fills fewer than max_length tokens was mostly characters that make none (runs of
+        # spaces, zero-width or stripped accents): what follows the cut counts, so it is read whole
+        whole = [i for i, text in enumerate(texts) if len(text) > longest and len(ids[i]) < self.max_length]
+        for i, text_ids in zip(whole, self._tokenize([texts[i] for i in whole]) if whole else [], strict=True):
+            ids[i] = text_ids
+        return ids
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, truncation=True, max_length=self.max_length, add_special_tokens=True)["input_ids"]
 
     def batches(self, token_ids: list[list[int]]) -> Iterator[list[int]]:
@@ -337,12 +393,19 @@ class Encoder:
             device_type=self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
         ):
             hidden = self.model(**inputs).last_hidden_state.float()  # pooled in fp32 whatever the weights
-        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return torch.nn.functional.normalize(self.pool(hidden, inputs["attention_mask"]), dim=1)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(b, t, d) token vectors of right-padded rows -> (b, d), as the model's pooling config says."""
         if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        return torch.nn.functional.normalize(pooled.float(), dim=1)
+            return hidden[:, 0]
+        if self.pooling == "lasttoken":
+            last = (attention_mask.sum(dim=1) - 1).clamp(min=0)
+            return hidden[torch.arange(len(hidden), device=hidden.device), last]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        if self.pooling == "max":
+            return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).amax(dim=1) * mask.amax(dim=1)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
     def pad(self, batch_ids: list[list[int]]) -> dict[str, torch.Tensor]:
         """Right-pad token id lists to the batch's longest row (dynamic padding).
@@ -351,7 +414,7 @@ class Encoder:
         MiniLM batch takes a few milliseconds, and padding row by row in Python took 15 ms.
         """
         lengths = np.fromiter(map(len, batch_ids), dtype=np.int64, count=len(batch_ids))
-        mask = np.arange(lengths.max()) < lengths[:, None]
+        mask = np.arange(max(1, lengths.max())) < lengths[:, None]  # one column even if every text has no token
         input_ids = np.full(mask.shape, self.tokenizer.pad_token_id or 0, dtype=np.int64)
         tokens = itertools.chain.from_iterable(batch_ids)
         input_ids[mask] = np.fromiter(tokens, dtype=np.int64, count=int(lengths.sum()))  # row by row, in order
