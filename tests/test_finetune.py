@@ -135,6 +135,15 @@ def test_an_encoder_running_in_bf16_is_tuned_from_its_exact_fp32_weights(tiny_be
     assert torch.max(torch.abs(tuned.model.state_dict()[name] - exact)).item() < 1e-6
 
 
+@pytest.mark.parametrize("pooling", ["cls", "mean", "max", "lasttoken"])
+def test_a_saved_encoder_loads_again_with_its_pooling(encoder, tmp_path, monkeypatch, pooling):
+    from backend.ml.finetune import save_encoder
+
+    monkeypatch.setattr(encoder, "pooling", pooling)
+    save_encoder(encoder, str(tmp_path / pooling))
+    assert Encoder(str(tmp_path / pooling), max_length=32).pooling == pooling
+
+
 def test_a_folder_tuned_into_while_a_process_loads_it_is_loaded_again_whole(
     encoder, sports_or_business, tmp_path, monkeypatch, caplog
 ):

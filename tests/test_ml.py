@@ -383,22 +383,23 @@ def test_weights_copied_next_to_a_stale_fine_tuning_revision_are_another_space(t
     assert Encoder(str(folder), device="cpu").encoder_id != before
 
 
-def test_an_encoder_decoder_model_embeds_with_its_encoder(tiny_bert, tmp_path):
+def test_an_encoder_decoder_model_is_refused_at_load_saying_why(tiny_bert, tmp_path):
     import shutil
 
     from transformers import T5Config, T5Model
 
+    from backend.errors import ModelUnavailable
+
     folder = tmp_path / "t5"
     shutil.copytree(tiny_bert, folder)
-    (folder / "model.safetensors").unlink(missing_ok=True)
     (folder / "config.json").unlink()
     vocab = len((folder / "vocab.txt").read_text().splitlines())
     config = T5Config(
         vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, decoder_start_token_id=0
     )
     T5Model(config).save_pretrained(folder)
-    embeddings = Encoder(str(folder), device="cpu", dtype="fp32").encode(["stocks rose", "team won"])
-    assert embeddings.shape == (2, 32) and np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ModelUnavailable, match="encoder-decoder model \\(t5\\)"):
+        Encoder(str(folder), device="cpu")
 
 
 def test_positions_a_roberta_style_model_reserves_for_padding_are_not_used(tiny_bert, tmp_path):

@@ -69,13 +69,15 @@ POOLING_CONFIG = "1_Pooling/config.json"
 """Where a sentence-transformers model says how it pools token vectors into one."""
 MODULES_CONFIG = "modules.json"
 """The sentence-transformers model's layers after the transformer (pooling, normalisation, dense projections)."""
-POOLING_MODES = {
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_mean_sqrt_len_tokens": "mean",  # mean x sqrt(length): the same direction, and rows are normalised
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_lasttoken": "lasttoken",
+POOLING_KEYS = {
+    "cls": "pooling_mode_cls_token",
+    "mean": "pooling_mode_mean_tokens",
+    "max": "pooling_mode_max_tokens",
+    "lasttoken": "pooling_mode_lasttoken",
 }
+"""The encoder's poolings and the sentence-transformers key that asks for each."""
+# mean x sqrt(length) has the mean's direction, and rows are normalised
+POOLING_MODES = {key: mode for mode, key in POOLING_KEYS.items()} | {"pooling_mode_mean_sqrt_len_tokens": "mean"}
 """sentence-transformers pooling keys the encoder applies, and what it calls them."""
 
 
@@ -112,16 +114,16 @@ def _pooling_mode(model_path: str) -> str:
             f"{model_path} pools with {', '.join(sorted(modes)) or 'no mode'}; the encoder applies one of "
             f"{', '.join(sorted(POOLING_MODES))}"
         )
-    _warn_about_unapplied_modules(model_path)
+    _warn_about_unapplied_modules(model_path, config.parent.parent / MODULES_CONFIG)
     return known.pop()
 
 
-def _warn_about_unapplied_modules(model_path: str) -> None:
-    """Say so when the model's sentence-transformers layers include some the encoder does not apply (e.g. a
-    Dense projection after pooling): its embeddings are then the pooled vectors before them."""
-    modules = _sentence_transformers_file(model_path, MODULES_CONFIG)
+def _warn_about_unapplied_modules(model_path: str, modules: Path) -> None:
+    """Say so when the model's sentence-transformers layers (`modules`, next to its pooling config, when it came
+    with one) include some the encoder does not apply (e.g. a Dense projection after pooling): its embeddings are
+    then the pooled vectors before them."""
     try:
-        kinds = [str(module.get("type", "")) for module in json.loads(modules.read_text())] if modules else []
+        kinds = [str(module.get("type", "")) for module in json.loads(modules.read_text())] if modules.is_file() else []
     except (OSError, ValueError, AttributeError):
         return
     applied = ("Transformer", "Pooling", "Normalize")
@@ -184,8 +186,11 @@ def _load_unchanging(path: str) -> tuple[PreTrainedTokenizerBase, PreTrainedMode
         revision = model_revision(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path)
-        if getattr(model.config, "is_encoder_decoder", False):  # T5-style: the encoder stack alone embeds
-            model = model.get_encoder()
+        if getattr(model.config, "is_encoder_decoder", False):  # its forward pass wants decoder inputs too
+            raise ModelUnavailable(
+                f"{path} is an encoder-decoder model ({model.config.model_type}); use an encoder (BERT-like) or a "
+                "sentence-transformers model"
+            )
         pooling = _pooling_mode(path)
         if model_revision(path) == revision:
             return tokenizer, model, pooling, revision

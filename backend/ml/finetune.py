@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformers import AutoModel
 
-from backend.ml.encoder import POOLING_CONFIG, REVISION_FILE, Encoder, mixed_precision_dtype
+from backend.ml.encoder import POOLING_CONFIG, POOLING_KEYS, REVISION_FILE, Encoder, mixed_precision_dtype
 from backend.ml.head import LinearHead
 
 
@@ -168,10 +168,7 @@ def _write_pooling_config(encoder: Encoder, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         json.dumps(
-            {
-                "word_embedding_dimension": encoder.dim,
-                "pooling_mode_cls_token": encoder.pooling == "cls",
-                "pooling_mode_mean_tokens": encoder.pooling == "mean",
-            }
+            {"word_embedding_dimension": encoder.dim}
+            | {key: encoder.pooling == mode for mode, key in POOLING_KEYS.items()}
         )
     )
