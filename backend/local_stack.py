@@ -148,7 +148,7 @@ def start_local_stack(settings: Settings) -> list[Child]:
     children = [Child("redis-server", lambda: start_redis(settings)), Child("worker", start_worker)]
     for child in children:
         child.begin()
-    stopping, changing = threading.Event(), threading.Lock()
+    stopping, stopped, changing = threading.Event(), threading.Event(), threading.Lock()
 
     def stop_children() -> None:
         # one after the other, the worker first: its warm shut-down (the job it runs, then its registrations) needs
@@ -162,11 +162,19 @@ def start_local_stack(settings: Settings) -> list[Child]:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+        stopped.set()
 
     atexit.register(stop_children)
     # SIGTERM (docker stop, kill, a supervisor) skips atexit by default: turn it into a normal exit
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    threading.Thread(target=restart_failed, args=(children, stopping, changing), daemon=True).start()
+
+    def watch() -> None:
+        restart_failed(children, stopping, changing)
+        # a child's "stop with parent" signal comes when the THREAD that started it ends: this one, which starts
+        # children again, lives until they are all stopped, in their order
+        stopped.wait()
+
+    threading.Thread(target=watch, daemon=True).start()
     return children
 
 
@@ -184,6 +192,6 @@ def restart_failed(children: list[Child], stopping: threading.Event, changing: t
                 log.error("%s exited with code %s; starting it again", child.name, code)
                 try:
                     child.begin()
-                except RuntimeError as failure:
+                except Exception as failure:  # noqa: BLE001 - the watcher must outlive any one failed start
                     log.error("%s could not be started again: %s", child.name, failure)
                     child.process = None

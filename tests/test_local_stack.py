@@ -99,6 +99,35 @@ def test_a_worker_that_dies_is_started_again_wherever_the_server_was_started_fro
         server.wait(timeout=60)
 
 
+def test_a_child_started_again_is_stopped_by_the_stack_in_its_order_not_before(settings, tmp_path, monkeypatch):
+    import atexit
+
+    from backend import local_stack
+
+    log = tmp_path / "log"
+
+    def child(name: str, seconds_to_stop: float):  # a stand-in for the worker's warm shut-down, or Redis
+        trap = f'trap "sleep {seconds_to_stop}; echo {name} >> {log}; exit 0" TERM; while true; do sleep 0.05; done'
+        return lambda: subprocess.Popen(["bash", "-c", trap], preexec_fn=local_stack.stop_with_parent)
+
+    monkeypatch.setattr(local_stack, "start_redis", lambda settings: child("redis", 0)())
+    monkeypatch.setattr(local_stack, "start_worker", child("worker", 1))
+    monkeypatch.setattr(local_stack, "WATCH_SECONDS", 0.05)
+    monkeypatch.setattr(local_stack, "GIVE_UP_WITHIN_SECONDS", 0)
+    stops = []
+    monkeypatch.setattr(atexit, "register", stops.append)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    redis_child, worker = local_stack.start_local_stack(replace(settings, model_dir=str(tmp_path)))
+    first = redis_child.process
+    first.kill()  # Redis dies while the server runs: the watcher thread starts it again
+    deadline = time.monotonic() + 10
+    while redis_child.process is first and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert redis_child.process is not first and redis_child.process.poll() is None
+    stops[0]()  # the server exits
+    assert log.read_text().split() == ["worker", "redis"]  # the restarted Redis outlived the worker's shut-down
+
+
 def test_an_unwritable_model_dir_is_named_at_start(settings, tmp_path):
     from backend.config import writable_model_dir
 
