@@ -342,25 +342,25 @@ def encode_chunk(project: str, job_id: str, texts: list[str]) -> int:
 
 
 def version_number(version: str, prefix: str) -> int | None:
-    """The round number in one of our model versions (`<prefix>-v000012-<time>` -> 12), else None.
-
-    The zero-shot head's (`<prefix>-zero-shot-<digest>`, what `/predict` answers before the first round saved a
-    version) counts as round 0, older than any numbered one.
-    """
-    if re.fullmatch(rf"{re.escape(prefix)}-{ZERO_SHOT_VERSION}(-.*)?", version):
-        return 0
+    """The round number in one of our model versions (`<prefix>-v000012-<time>` -> 12), else None."""
     match = re.fullmatch(rf"{re.escape(prefix)}-v(\d+)(-.*)?", version)
     return int(match.group(1)) if match else None
 
 
+def is_our_version(version: str, prefix: str) -> bool:
+    """Whether `version` names one of this backend's rankings or `/predict` answer sets (numbered or zero-shot)."""
+    return bool(re.fullmatch(rf"{re.escape(prefix)}-(v\d+|{ZERO_SHOT_VERSION})(-.*)?", version))
+
+
 def cleanup_versions(project: str, keep_version: str) -> list[str]:
     """Delete this backend's model versions of `project` that nothing serves or shows any more: rankings older
-    than `keep_version`, and sets of `/predict` answers (Retrieve Predictions) older than the newest such set.
+    than `keep_version`, and sets of `/predict` answers (Retrieve Predictions) other than the newest such set.
     Never the current version.
 
     Only older rankings: a newer round may be writing its predictions right now (cleanup takes no lock), and
     deleting its version would leave Label Studio switching to, or serving, an empty ranking. The newest set of
-    `/predict` answers stays whatever the rounds since: a user who retrieved predictions keeps seeing them in the
+    `/predict` answers (by when Label Studio stored them: a zero-shot set, after the labels changed, may be newer
+    than numbered ones) stays whatever the rounds since: a user who retrieved predictions keeps seeing them in the
     Data Manager until they retrieve again.
     """
     rt = runtime()
@@ -370,15 +370,17 @@ def cleanup_versions(project: str, keep_version: str) -> list[str]:
         return []  # the project was deleted, and its versions with it
     prefix = rt.settings.model_version_prefix
     keep_number = version_number(keep_version, prefix)
-    numbers = {version: version_number(version, prefix) for version in rt.label_studio.model_versions(int(project))}
-    answered = [n for version, n in numbers.items() if n is not None and version.endswith(INTERACTIVE_SUFFIX)]
-    newest_answered = max(answered, default=None)
+    ours = [v for v in rt.label_studio.newest_first_versions(int(project)) if is_our_version(v, prefix)]
+    answered = [version for version in ours if version.endswith(INTERACTIVE_SUFFIX)]
+    rankings = [version for version in ours if not version.endswith(INTERACTIVE_SUFFIX)]
+    stale = answered[1:] + [
+        version
+        for version in rankings
+        if keep_number is not None and (version_number(version, prefix) or 0) < keep_number
+    ]
     deleted = []
-    for version, number in numbers.items():
-        if number is None or version == current:
-            continue
-        newer = newest_answered if version.endswith(INTERACTIVE_SUFFIX) else keep_number
-        if newer is not None and number < newer:
+    for version in stale:
+        if version != current:
             rt.label_studio.delete_model_version(int(project), version)
             deleted.append(version)
     rt.artifacts.prune(project)

@@ -117,6 +117,10 @@ class FakeLabelStudio:
             versions[prediction["model_version"]] = versions.get(prediction["model_version"], 0) + 1
         return versions
 
+    def newest_first_versions(self, project_id):
+        newest = {prediction["model_version"]: i for i, prediction in enumerate(self.predictions)}  # the last one's
+        return sorted(newest, key=newest.get, reverse=True)
+
     def delete_model_version(self, project_id, version):
         self.predictions = [p for p in self.predictions if p["model_version"] != version]
 
@@ -847,11 +851,30 @@ def test_cleanup_keeps_the_newest_retrieved_predictions_until_newer_ones_are_ret
     first = rerank("1", runtime, generation=1)["model_version"]
     retrieved = retrieve_predictions()
     second, third = (rerank("1", runtime, generation=g)["model_version"] for g in (2, 3))
-    assert set(jobs.cleanup_versions("1", third)) == {zero_shot, first, second}  # zero-shot answers: round 0
+    assert set(jobs.cleanup_versions("1", third)) == {zero_shot, first, second}
     assert set(label_studio.model_versions(1)) == {retrieved, third}  # the user still sees what they retrieved
     newer = retrieve_predictions()
     assert jobs.cleanup_versions("1", third) == [retrieved]
     assert set(label_studio.model_versions(1)) == {newer, third}
+
+
+def test_zero_shot_predictions_retrieved_after_the_labels_changed_are_the_newest_and_stay(
+    runtime, label_studio, monkeypatch
+):
+    from backend.label_config import parse_label_config
+
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    rerank("1", runtime, generation=1)
+    tasks = [{"id": i, "data": task["data"]} for i, task in label_studio.tasks.items()]
+    old_answers = runtime.predictor.predict("1", parse_label_config(AG_NEWS_CONFIG), tasks)
+    label_studio.predictions.extend({"task": t["id"], **a} for t, a in zip(tasks, old_answers, strict=True))
+    renamed = parse_label_config(AG_NEWS_CONFIG.replace('value="World"', 'value="Politics"'))  # a label renamed
+    new_answers = runtime.predictor.predict("1", renamed, tasks)  # no head for these labels yet: zero-shot
+    assert "zero-shot" in new_answers[0]["model_version"]
+    label_studio.predictions.extend({"task": t["id"], **a} for t, a in zip(tasks, new_answers, strict=True))
+    live = rerank("1", runtime, generation=2)["model_version"]
+    assert old_answers[0]["model_version"] in jobs.cleanup_versions("1", live)  # the old labels' answers go
+    assert new_answers[0]["model_version"] in label_studio.model_versions(1)  # what the user just retrieved stays
 
 
 def test_a_round_overtaken_while_writing_does_not_switch_the_version(runtime, label_studio, monkeypatch):

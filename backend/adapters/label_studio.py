@@ -11,6 +11,7 @@ for 404); messages name the method, the URL path and the status, never the key.
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -290,6 +291,12 @@ class LabelStudio:
         """Label Studio's `{model_version: number of predictions}` for the project (iterating it gives versions)."""
         return self._raw("GET", f"api/projects/{project_id}/model-versions/")
 
+    def newest_first_versions(self, project_id: int) -> list[str]:
+        """The project's model versions, the one whose latest prediction is newest first."""
+        body = self._raw("GET", f"api/projects/{project_id}/model-versions/", params={"extended": "true"})
+        versions = body.get("static", []) if isinstance(body, dict) else []
+        return [row["model_version"] for row in sorted(versions, key=_latest, reverse=True)]
+
     def delete_model_version(self, project_id: int, version: str) -> dict:
         """Delete every prediction of `version`; returns {"deleted_predictions": n}.
 
@@ -333,3 +340,12 @@ class LabelStudio:
         """Delete a webhook."""
         hooks = self.sdk.webhooks.with_raw_response
         self._call(f"DELETE /api/webhooks/{webhook_id}/", lambda: hooks.delete(webhook_id))
+
+
+def _latest(row: dict) -> datetime.datetime:
+    """When a model version's latest prediction was made, as Label Studio's extended version list says."""
+    try:
+        when = datetime.datetime.fromisoformat(str(row.get("latest")).replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.datetime.min.replace(tzinfo=datetime.UTC)
+    return when if when.tzinfo else when.replace(tzinfo=datetime.UTC)
