@@ -104,7 +104,7 @@ def random_model_folder(shape: str, tokenizer_path: str | None) -> str:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from backend.config import DEFAULT_MODEL_NAME
-    from backend.ml.encoder import resolve_model_path
+    from backend.ml.model_files import resolve_model_path
 
     if shape not in RANDOM_SHAPES:
         raise SystemExit(f"--model random:<shape>: shape must be one of {', '.join(RANDOM_SHAPES)}, got {shape!r}")

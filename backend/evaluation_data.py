@@ -83,7 +83,8 @@ def cached_embeddings(texts: list[str], model_name: str, cache_dir: Path, max_le
     The key holds the model folder's revision, as the backend's `encoder_id` does: other weights saved into the same
     `--model` folder (a fine-tuning run) are encoded again, not served the old vectors.
     """
-    from backend.ml.encoder import Encoder, model_revision, resolve_model_path
+    from backend.ml.encoder import Encoder
+    from backend.ml.model_files import model_revision, resolve_model_path
 
     identity = [model_name, model_revision(resolve_model_path(model_name)), max_length, texts]
     key = hashlib.sha1(json.dumps(identity).encode()).hexdigest()[:20]  # JSON: no two identities spell the same

@@ -17,7 +17,7 @@ rm -rf .whl .gpu
 $python -m pip download -q --no-deps --only-binary=:all: -d .whl "$(pin transformers)" "$(pin tokenizers)" "$hub"
 
 mkdir -p .gpu/minilm
-bundled=$($python -c 'from backend.ml.encoder import DEFAULT_MODEL_NAME, resolve_model_path; print(resolve_model_path(DEFAULT_MODEL_NAME))')
+bundled=$($python -c 'from backend.ml.model_files import DEFAULT_MODEL_NAME, resolve_model_path; print(resolve_model_path(DEFAULT_MODEL_NAME))')
 cp -r "$bundled"/. .gpu/minilm/
 rm -f .gpu/minilm/model.safetensors
 $python - "$bundled/model.safetensors" <<'EOF'

@@ -278,13 +278,13 @@ def test_pooling_follows_the_models_sentence_transformers_config_in_a_folder_or_
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
 
-    from backend.ml.encoder import POOLING_CONFIG, _pooling_mode
+    from backend.ml.model_files import POOLING_CONFIG, pooling_mode
 
     cls_config = tmp_path / "cls" / POOLING_CONFIG
     cls_config.parent.mkdir(parents=True)
     cls_config.write_text('{"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}')
-    assert _pooling_mode(str(tmp_path / "cls")) == "cls"
-    assert _pooling_mode(str(tmp_path)) == "mean"  # a folder without one
+    assert pooling_mode(str(tmp_path / "cls")) == "cls"
+    assert pooling_mode(str(tmp_path)) == "mean"  # a folder without one
 
     def hub(repo_id, filename):  # the hub is out of reach here: it answers as it would
         if repo_id == "org/cls-model" and filename == POOLING_CONFIG:
@@ -292,8 +292,8 @@ def test_pooling_follows_the_models_sentence_transformers_config_in_a_folder_or_
         raise EntryNotFoundError(f"{filename} not in {repo_id}")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
-    assert _pooling_mode("org/cls-model") == "cls"
-    assert _pooling_mode("org/plain-bert") == "mean"
+    assert pooling_mode("org/cls-model") == "cls"
+    assert pooling_mode("org/plain-bert") == "mean"
 
 
 @pytest.mark.parametrize(
@@ -305,11 +305,11 @@ def test_pooling_follows_the_models_sentence_transformers_config_in_a_folder_or_
     ],
 )
 def test_every_pooling_mode_the_encoder_applies_is_read(tmp_path, config, mode):
-    from backend.ml.encoder import POOLING_CONFIG, _pooling_mode
+    from backend.ml.model_files import POOLING_CONFIG, pooling_mode
 
     (tmp_path / POOLING_CONFIG).parent.mkdir(parents=True)
     (tmp_path / POOLING_CONFIG).write_text(config)
-    assert _pooling_mode(str(tmp_path)) == mode
+    assert pooling_mode(str(tmp_path)) == mode
 
 
 @pytest.mark.parametrize(
@@ -321,16 +321,16 @@ def test_every_pooling_mode_the_encoder_applies_is_read(tmp_path, config, mode):
 )
 def test_a_pooling_the_encoder_cannot_apply_is_refused_not_replaced_by_mean(tmp_path, config):
     from backend.errors import ModelUnavailable
-    from backend.ml.encoder import POOLING_CONFIG, _pooling_mode
+    from backend.ml.model_files import POOLING_CONFIG, pooling_mode
 
     (tmp_path / POOLING_CONFIG).parent.mkdir(parents=True)
     (tmp_path / POOLING_CONFIG).write_text(config)
     with pytest.raises(ModelUnavailable, match="the encoder applies one of pooling_mode_cls_token"):
-        _pooling_mode(str(tmp_path))
+        pooling_mode(str(tmp_path))
 
 
 def test_layers_after_the_pooling_that_the_encoder_skips_are_named_in_the_log(tmp_path, caplog):
-    from backend.ml.encoder import MODULES_CONFIG, POOLING_CONFIG, _pooling_mode
+    from backend.ml.model_files import MODULES_CONFIG, POOLING_CONFIG, pooling_mode
 
     (tmp_path / POOLING_CONFIG).parent.mkdir(parents=True)
     (tmp_path / POOLING_CONFIG).write_text('{"pooling_mode_cls_token": true}')
@@ -338,7 +338,7 @@ def test_layers_after_the_pooling_that_the_encoder_skips_are_named_in_the_log(tm
     (tmp_path / MODULES_CONFIG).write_text(
         str([{"type": f"sentence_transformers.models.{m}"} for m in modules]).replace("'", '"')
     )
-    assert _pooling_mode(str(tmp_path)) == "cls"
+    assert pooling_mode(str(tmp_path)) == "cls"
     assert "does not apply (sentence_transformers.models.Dense)" in caplog.text
 
 
@@ -371,7 +371,7 @@ def test_weights_copied_next_to_a_stale_fine_tuning_revision_are_another_space(t
 
     from transformers import BertModel
 
-    from backend.ml.encoder import REVISION_FILE
+    from backend.ml.model_files import REVISION_FILE
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_bert, folder)
@@ -427,7 +427,7 @@ def test_positions_a_roberta_style_model_reserves_for_padding_are_not_used(tiny_
 
 
 def test_weights_changed_only_in_the_middle_of_the_file_change_the_fingerprint(tmp_path):
-    from backend.ml.encoder import _folder_fingerprint
+    from backend.ml.model_files import _folder_fingerprint
 
     weights = bytearray(np.random.default_rng(0).bytes(4 << 20))  # 4 MiB: 64 samples, one every 64 KiB
     (tmp_path / "model.safetensors").write_bytes(weights)

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from transformers import AutoModel
 
-from backend.ml.encoder import POOLING_CONFIG, POOLING_KEYS, REVISION_FILE, Encoder, mixed_precision_dtype
+from backend.ml.encoder import Encoder, mixed_precision_dtype
 from backend.ml.head import LinearHead
+from backend.ml.model_files import POOLING_CONFIG, POOLING_KEYS, REVISION_FILE
 
 
 @dataclass(frozen=True)
