@@ -383,44 +383,35 @@ def test_weights_copied_next_to_a_stale_fine_tuning_revision_are_another_space(t
     assert Encoder(str(folder), device="cpu").encoder_id != before
 
 
-def test_an_encoder_decoder_model_is_refused_at_load_saying_why(tiny_bert, tmp_path):
+def tiny_model_of(tiny_bert: str, folder: Path, model_class, config_class, **config) -> Path:
+    """A tiny random model of another architecture in `folder`, with the tiny BERT's tokenizer files."""
     import shutil
 
+    shutil.copytree(tiny_bert, folder)
+    for weights in ("config.json", "model.safetensors"):
+        (folder / weights).unlink(missing_ok=True)
+    vocab = len((folder / "vocab.txt").read_text().splitlines())
+    model_class(config_class(vocab_size=vocab, **config)).save_pretrained(folder)
+    return folder
+
+
+def test_an_encoder_decoder_model_is_refused_at_load_saying_why(tiny_bert, tmp_path):
     from transformers import T5Config, T5Model
 
     from backend.errors import ModelUnavailable
 
-    folder = tmp_path / "t5"
-    shutil.copytree(tiny_bert, folder)
-    (folder / "config.json").unlink()
-    vocab = len((folder / "vocab.txt").read_text().splitlines())
-    config = T5Config(
-        vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, decoder_start_token_id=0
-    )
-    T5Model(config).save_pretrained(folder)
+    t5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, decoder_start_token_id=0)
+    folder = tiny_model_of(tiny_bert, tmp_path / "t5", T5Model, T5Config, **t5)
     with pytest.raises(ModelUnavailable, match="encoder-decoder model \\(t5\\)"):
         Encoder(str(folder), device="cpu")
 
 
 def test_positions_a_roberta_style_model_reserves_for_padding_are_not_used(tiny_bert, tmp_path):
-    import shutil
-
     from transformers import RobertaConfig, RobertaModel
 
-    folder = tmp_path / "roberta"
-    shutil.copytree(tiny_bert, folder)
-    (folder / "model.safetensors").unlink(missing_ok=True)
-    vocab = len((folder / "vocab.txt").read_text().splitlines())
-    config = RobertaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=66,
-        pad_token_id=1,
-    )
-    RobertaModel(config).save_pretrained(folder)
+    shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    positions = dict(max_position_embeddings=66, pad_token_id=1)
+    folder = tiny_model_of(tiny_bert, tmp_path / "roberta", RobertaModel, RobertaConfig, **shape, **positions)
     encoder = Encoder(str(folder), device="cpu", max_length=600)
     assert encoder.max_length == 64  # positions 0 and 1 are the padding's
     assert encoder.encode(["word " * 400]).shape == (1, 32)  # no "index out of range"
