@@ -370,7 +370,7 @@ def cleanup_versions(project: str, keep_version: str) -> list[str]:
         return []  # the project was deleted, and its versions with it
     prefix = rt.settings.model_version_prefix
     keep_number = version_number(keep_version, prefix)
-    ours = [v for v in rt.label_studio.newest_first_versions(int(project)) if is_our_version(v, prefix)]
+    ours = [v for v in rt.label_studio.model_versions(int(project)) if is_our_version(v, prefix)]  # newest first
     answered = [version for version in ours if version.endswith(INTERACTIVE_SUFFIX)]
     rankings = [version for version in ours if not version.endswith(INTERACTIVE_SUFFIX)]
     stale = answered[1:] + [

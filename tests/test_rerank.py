@@ -111,15 +111,13 @@ class FakeLabelStudio:
         self.writes.append("single")
         self.predictions.extend(predictions)
 
-    def model_versions(self, project_id):
-        versions: dict[str, int] = {}
-        for prediction in self.predictions:
-            versions[prediction["model_version"]] = versions.get(prediction["model_version"], 0) + 1
-        return versions
-
-    def newest_first_versions(self, project_id):
-        newest = {prediction["model_version"]: i for i, prediction in enumerate(self.predictions)}  # the last one's
-        return sorted(newest, key=newest.get, reverse=True)
+    def model_versions(self, project_id):  # newest first: by the position of each version's last prediction
+        counts: dict[str, int] = {}
+        newest: dict[str, int] = {}
+        for i, prediction in enumerate(self.predictions):
+            counts[prediction["model_version"]] = counts.get(prediction["model_version"], 0) + 1
+            newest[prediction["model_version"]] = i
+        return {version: counts[version] for version in sorted(newest, key=newest.get, reverse=True)}
 
     def delete_model_version(self, project_id, version):
         self.predictions = [p for p in self.predictions if p["model_version"] != version]

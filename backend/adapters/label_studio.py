@@ -288,14 +288,11 @@ class LabelStudio:
         )
 
     def model_versions(self, project_id: int) -> dict[str, int]:
-        """Label Studio's `{model_version: number of predictions}` for the project (iterating it gives versions)."""
-        return self._raw("GET", f"api/projects/{project_id}/model-versions/")
-
-    def newest_first_versions(self, project_id: int) -> list[str]:
-        """The project's model versions, the one whose latest prediction is newest first."""
+        """`{model_version: number of predictions}` of the project's predictions, in one grouped query, the version
+        whose latest prediction is newest first (iterating it gives versions in that order)."""
         body = self._raw("GET", f"api/projects/{project_id}/model-versions/", params={"extended": "true"})
-        versions = body.get("static", []) if isinstance(body, dict) else []
-        return [row["model_version"] for row in sorted(versions, key=_latest, reverse=True)]
+        rows = body.get("static", []) if isinstance(body, dict) else []
+        return {row["model_version"]: int(row["count"]) for row in sorted(rows, key=_latest, reverse=True)}
 
     def delete_model_version(self, project_id: int, version: str) -> dict:
         """Delete every prediction of `version`; returns {"deleted_predictions": n}.

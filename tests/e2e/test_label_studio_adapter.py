@@ -65,7 +65,7 @@ def test_next_task_follows_the_lowest_score_of_the_current_version(ls, project):
     assert served["id"] == lowest, f"served {served['id']} (score {scores[served['id']]}), lowest is {lowest}"
     assert [p["model_version"] for p in served["predictions"]].count("rank-new") == 1
 
-    assert ls.newest_first_versions(project_id) == ["rank-new", "rank-old"]  # what cleanup keeps answer sets by
+    assert list(ls.model_versions(project_id)) == ["rank-new", "rank-old"]  # newest first: cleanup keeps by it
     assert ls.delete_model_version(project_id, "rank-old") == {"deleted_predictions": N_TASKS}
     assert ls.model_versions(project_id) == {"rank-new": N_TASKS}
     assert ls.get_project(project_id)["model_version"] == "rank-new"
