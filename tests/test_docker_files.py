@@ -1,10 +1,13 @@
 """No Docker engine runs here: check the compose files as far as a parser can."""
 
+import importlib.util
+import re
+from dataclasses import fields
 from pathlib import Path
 
 import yaml
 
-from backend.config import SETTING_NAMES
+from backend.config import SETTING_NAMES, Settings
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 
@@ -35,3 +38,36 @@ def test_the_build_context_holds_exactly_what_the_dockerfile_copies():
     ignore = [line for line in (DOCKER.parent / ".dockerignore").read_text().splitlines() if line.strip()]
     assert "*" in ignore
     assert {line[1:].rstrip("/") for line in ignore if line.startswith("!")} == copied
+
+
+README = DOCKER.parent / "README.md"
+
+
+def test_the_readme_settings_table_names_every_setting_with_its_default():
+    section = README.read_text().split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    documented = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            name_cell, default_cell = [cell.strip() for cell in line.strip("|").split("|")][:2]
+            names = re.findall(r"`([A-Z_]+)`", name_cell)
+            defaults = re.findall(r"`([^`]*)`", default_cell) or [""] * len(names)  # "–": empty
+            documented.update(zip(names, defaults, strict=True))
+    default = Settings()
+    assert documented == {f.name.upper(): str(getattr(default, f.name)) for f in fields(Settings)}
+
+
+def test_the_readme_names_the_settings_the_compose_file_takes_from_the_shell():
+    compose = (DOCKER / "docker-compose.yml").read_text()
+    from_shell = set(re.findall(r"\$\{([A-Z_]+)", compose))
+    sentence = README.read_text().split(" pass through from the shell", 1)[0].rsplit("\n\n", 1)[-1]
+    listed = set(re.findall(r"`([A-Z_]+)`", sentence.rsplit(".", 1)[-1]))
+    # the API key and the basic-auth pair are given in the README's `docker compose up` line
+    assert listed | {"LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"} == from_shell
+    assert from_shell <= {name.upper() for name in SETTING_NAMES}
+
+
+def test_the_modules_the_docker_files_run_exist():
+    commands = (DOCKER / "Dockerfile").read_text() + (DOCKER / "docker-compose.yml").read_text()
+    modules = set(re.findall(r'"-m", "([\w.]+)"', commands)) | set(re.findall(r"\b(\w+):app\b", commands))
+    assert {"backend.healthcheck", "backend.worker", "_wsgi"} <= modules
+    assert all(importlib.util.find_spec(module) for module in modules)
