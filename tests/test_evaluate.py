@@ -253,7 +253,10 @@ def test_resummarise_keeps_random_beyond_the_budget(tmp_path):
         "fast": [{"accuracy": [0.7, 0.9], "macro_f1": [0, 0]}],
     }
     before = summarise(runs, [100, 200], full_accuracy=0.8 / 0.95, baseline_budgets=[100, 200, 300, 400])
-    (tmp_path / "results.json").write_text(json.dumps(before))
+    stale = json.loads(json.dumps(before))
+    assert stale["strategies"]["fast"]["labels_saved"] == pytest.approx(350 / 150)  # needs random's 300 and 400
+    stale["strategies"]["fast"]["labels_saved"] = 99.0  # a figure derived the old way: recomputed, not copied
+    (tmp_path / "results.json").write_text(json.dumps(stale))
     assert resummarise(tmp_path) == json.loads(json.dumps(before))
 
 
@@ -303,10 +306,12 @@ def test_stopping_compares_successive_models_on_unlabelled_rows(tiny_bert, tmp_p
     import backend.evaluate as evaluate
 
     compared: list[int] = []
+    changes: list[float] = []  # how far each comparison's two models' probabilities are apart
     stability = evaluate.prediction_stability
 
     def recording(previous, current, multi_label):
         compared.append(len(previous))
+        changes.append(float(np.abs(previous - current).max()))
         return stability(previous, current, multi_label)
 
     monkeypatch.setattr(evaluate, "prediction_stability", recording)
@@ -316,6 +321,7 @@ def test_stopping_compares_successive_models_on_unlabelled_rows(tiny_bert, tmp_p
     # budgets 20, 40, 60 on a 300-row pool: the model at 40 vs the one at 20 on the 260 rows still unlabelled,
     # then 60 vs 40 on 240 (zero-shot is never compared), for random and margin
     assert compared == [260, 240, 260, 240]
+    assert min(changes) > 1e-4  # two models trained on other labels, never one model compared with itself
     assert margin["stop_budget_per_seed"] == [60]
     assert margin["accuracy_at_stop_per_seed"] == [margin["accuracy_per_seed"][0][2]]
 

@@ -151,8 +151,10 @@ def test_one_standard_error_rule_by_hand():
 
 
 def test_choose_l2_needs_two_rows_per_fold():
-    x, targets = fine_grained_classes(5)
-    assert choose_l2(x, targets, False) == DEFAULT_L2
+    x, targets = fine_grained_classes(6)
+    grid = (1e-1, 1e-5)  # without DEFAULT_L2 (L2_GRID starts with it): only the fallback can answer it
+    assert choose_l2(x[:5], targets[:5], False, grid=grid) == DEFAULT_L2
+    assert choose_l2(x, targets, False, grid=grid) in grid  # two rows per fold: cross-validated
 
 
 def test_l2_is_chosen_again_only_when_the_labels_changed_by_a_quarter():

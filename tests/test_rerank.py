@@ -18,6 +18,7 @@ from backend.adapters.label_studio import ACTIVE_LEARNING_SETTINGS, LabelStudioN
 from backend.adapters.queue import encoding_follow_up_key, generation_key
 from backend.errors import LabelStudioUnavailable
 from backend.protocol import SetupRequest
+from backend.scoring.stopping import prediction_stability
 from backend.scoring.strategies import uncertainty_scores
 from backend.services import pool as pool_module
 from backend.services import project_state
@@ -808,6 +809,15 @@ def test_rounds_report_a_stopping_signal(runtime, label_studio, pools_built):
     pool = pools_built[-1]  # margin uncertainty of the rows still unlabelled, averaged
     expected = uncertainty_scores(pool.probs[~pool.labeled], pool.multi_label).mean()
     assert third["stopping"]["mean_uncertainty"] == pytest.approx(expected, abs=1e-5) and expected > 0.01
+    for task_id in range(9, 21):  # most new labels "World": the bias of the tiny model's head moves to it
+        label_studio.annotate(task_id, "World")
+    fourth = rerank("1", runtime, generation=4)  # another head, compared with the third round's
+    previous = runtime.artifacts.load("1", runtime.artifacts.versions("1")[-2])
+    pool, rows = pools_built[-1], np.flatnonzero(~pools_built[-1].labeled)
+    expected = prediction_stability(previous.head.predict_proba(pool.embeddings[rows]), pool.probs[rows], False)
+    assert expected < 0.9  # the two heads disagree: a head compared with itself would give 1.0
+    assert fourth["stopping"]["stability_kappa"] == pytest.approx(expected, abs=1e-5)
+    assert fourth["stopping"]["history"] == [1.0, fourth["stopping"]["stability_kappa"]]
 
 
 def test_zero_shot_rounds_do_not_count_towards_the_stopping_signal(runtime, label_studio):

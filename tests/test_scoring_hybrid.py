@@ -108,8 +108,13 @@ def test_rare_class_picks_hand_computed():
     assert rare_class_picks(probs, uncertainty, counts, 3, 1, np.random.default_rng(0)).tolist() == [3]
     # row 3, already taken, leaves class 2 without a member
     assert rare_class_picks(probs, uncertainty, counts, 3, 5, np.random.default_rng(0), excluded=[3]).tolist() == [1]
-    # multi-label: "predicted" means p > 0.5
-    assert rare_class_picks(probs, uncertainty, counts, 3, 5, np.random.default_rng(0), True).tolist() == [3, 1]
+    # multi-label: "predicted" means p > 0.5, not the argmax. Class 2's members are rows 0 (0.7) and 2 (0.6), whose
+    # argmax is another class; row 2 is the more uncertain. Class 1's are rows 1 and 2, and 2 is taken: row 1.
+    # (By argmax class 2 would have no member and the answer would be [1].)
+    multi = np.array([[0.9, 0.2, 0.7], [0.1, 0.6, 0.3], [0.1, 0.8, 0.6], [0.45, 0.2, 0.4], [0.6, 0.3, 0.1]])
+    given = np.array([0.2, 0.7, 0.3, 0.9, 0.5])
+    assert rare_class_picks(multi, given, counts, 3, 5, np.random.default_rng(0), True).tolist() == [2, 1]
+    assert rare_class_picks(multi, given, counts, 3, 5, np.random.default_rng(0), False).tolist() == [1]
 
 
 def test_class_counts():

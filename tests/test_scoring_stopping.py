@@ -32,6 +32,14 @@ def test_stop_only_after_enough_stable_rounds():
     assert not should_stop([0.999, 0.999])
     assert not should_stop([0.999, 0.95, 0.999, 0.999])
     assert should_stop([0.5, 0.995, 0.999, 0.991])
+    assert should_stop([0.99, 0.99, 0.99])  # the threshold itself counts as stable
+    assert not should_stop([0.99, 0.99, 0.9899])
+
+
+def test_two_models_predicting_one_and_the_same_class_agree_fully():
+    # expected agreement is 1, so kappa's formula would divide by zero; identical predictions are agreement
+    assert cohen_kappa(np.array([1, 1, 1]), np.array([1, 1, 1]), 3) == 1.0
+    assert cohen_kappa(np.array([1, 1, 1]), np.array([2, 2, 2]), 3) == 0.0
 
 
 def test_the_stop_set_is_the_unlabelled_rows_evenly_spread_up_to_a_limit():

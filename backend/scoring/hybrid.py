@@ -61,7 +61,7 @@ def rare_class_picks(
         uncertainty: (c,) their uncertainty; within a class the most uncertain predicted member is taken.
         counts: (k,) labelled rows per class; classes with fewer than `min_labels` are rare.
         n: the most rows to return.
-        multi_label: a row is "predicted as" label j when p_j > 0.5 (else: when j is its argmax).
+        multi_label: a row is "predicted as" label j when p_j >= 0.5 (else: when j is its argmax).
         excluded: positions never to return (already picked by something else).
 
     Returns:
