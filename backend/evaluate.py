@@ -164,7 +164,8 @@ def run_one(
         labeled = labeled.copy()
         labeled[picks] = True
         was_trained = trained
-        trained = labeled.sum() >= MIN_ANNOTATIONS_TO_TRAIN
+        # as rounds do (services.train): zero-shot until the labels hold two classes to tell apart
+        trained = labeled.sum() >= MIN_ANNOTATIONS_TO_TRAIN and len(np.unique(pool.labels[labeled])) > 1
         if trained:
             x, y = pool.embeddings[labeled], one_hot_indices(pool.labels[labeled], k)
             l2 = l2_for(x, y, False, l2)

@@ -395,3 +395,16 @@ def test_a_rerank_that_ended_without_moving_the_generation_does_not_swallow_even
     job.set_status(JobStatus(status))  # failed before it began, or finished and the counter was lost since
     assert runtime.queue.request_rerank("3", "another annotation") == "enqueued"
     assert "rerank-3-1" in runtime.queue.queue.get_job_ids()
+
+
+def test_predictions_of_aliased_choices_are_what_label_studio_validates(client):
+    # Label Studio stores a <Choice>'s alias in results, and its prediction validation takes the aliases only
+    from label_studio_sdk.label_interface import LabelInterface
+
+    config = AG_NEWS_CONFIG.replace('choice="single"', 'choice="multiple" showInline="true"')
+    config = config.replace('<Choice value="World"/>', '<Choice value="World news" alias="World" hint="Global"/>')
+    tasks = [ls_task(i, text) for i, text in enumerate(TEXTS, start=1)] + [{"id": 9, "data": {"text": None}}]
+    results = client.post("/predict", json=predict_payload(tasks, config)).json["results"]
+    assert len(results) == len(tasks) and results[-1]["result"] == []
+    for task, prediction in zip(tasks, results, strict=True):
+        assert LabelInterface(config).validate_prediction(prediction | {"task": task["id"]}, return_errors=True) == []

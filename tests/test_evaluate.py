@@ -3,9 +3,10 @@ import json
 
 import numpy as np
 import pytest
+from tqdm import tqdm
 
-from backend.evaluate import baseline_replay_budgets, macro_f1, main, replay_budgets
-from backend.evaluation_data import read_labelled_csv
+from backend.evaluate import baseline_replay_budgets, macro_f1, main, replay_budgets, run_one
+from backend.evaluation_data import Dataset, read_labelled_csv
 from backend.evaluation_summary import labels_to_reach
 from backend.scoring.registry import get_strategy
 from tests.conftest import read_csv
@@ -38,6 +39,20 @@ def test_random_replayed_further_is_scored_at_the_strategies_budgets_first():
     assert baseline_replay_budgets([20, 40, 60], 100, 20, 1000) == [20, 40, 60, 80, 100]
     assert baseline_replay_budgets([20, 40, 60], 60, 20, 1000) == [20, 40, 60]  # no further
     assert baseline_replay_budgets([20, 30], 100, 20, 30) == [20, 30]  # the pool ends it
+
+
+def test_labels_of_one_class_keep_the_zero_shot_head_as_rounds_do():
+    # two classes whose label embeddings are the test rows: zero-shot is always right; a head fit on class 0
+    # alone would answer 0 for every row and score 0.5
+    rng = np.random.default_rng(0)
+    label_embeddings = np.eye(2, 8, dtype=np.float32)
+    test = Dataset(np.repeat(label_embeddings, 5, axis=0), np.repeat([0, 1], 5), ("a", "b"), [""] * 10)
+    pool_embeddings = rng.normal(size=(60, 8)).astype(np.float32)
+    pool = Dataset(pool_embeddings, np.zeros(60, dtype=int), ("a", "b"), [""] * 60)  # every pool row is "a"
+    with tqdm(disable=True) as progress:
+        run = run_one("random", pool, test, label_embeddings, [20, 40], seed=0, progress=progress)
+    assert run["accuracy"] == [1.0, 1.0]
+    assert run["stability"] == []  # zero-shot heads are never compared
 
 
 def write_csv(path, rows):

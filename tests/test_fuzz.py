@@ -62,3 +62,17 @@ def test_any_text_gets_a_prediction(client, texts):
         assert len(result["result"]) == 1 and len(result["result"][0]["value"]["choices"]) == 1
         assert result["result"][0]["value"]["choices"][0] in AG_NEWS_LABELS
         assert 0.0 <= result["score"] <= 1.0
+
+
+@FUZZ
+@given(values=st.lists(json_values, min_size=1, max_size=5))
+def test_any_json_value_as_the_text_gets_a_prediction_in_order(client, values):
+    """Numbers, null, lists or objects where the text belongs: one prediction per task, in order, never a 5xx."""
+    tasks = [{"id": i, "data": {"text": value}} for i, value in enumerate(values)]
+    response = client.post("/predict", json=predict_payload(tasks, AG_NEWS_CONFIG))
+    assert response.status_code == 200
+    results = response.json["results"]
+    assert len(results) == len(values)
+    for value, result in zip(values, results, strict=True):
+        assert (result["result"] == []) == (value is None)  # no text, no label: an empty prediction
+        assert 0.0 <= result["score"] <= 1.0

@@ -1,4 +1,7 @@
-"""Which label each annotated task teaches: the newest annotation that holds one, skips left out."""
+"""Which label each annotated task teaches: the newest annotation that holds one (a ground-truth one first), skips left
+out; and when the labels taught leave the head zero-shot."""
+
+import pytest
 
 from backend.label_config import parse_label_config
 from backend.services.train import labelled_tasks
@@ -51,3 +54,29 @@ def test_single_choice_an_annotation_without_a_choice_teaches_nothing():
         task(2, annotation(20, "2026-01-01", "Sports"), annotation(21, "2026-01-05")),
     ]
     assert taught(tasks, SINGLE) == {2: ("Sports",)}
+
+
+def test_a_ground_truth_annotation_teaches_over_newer_ones():
+    # overlap > 1: the reviewer marked one annotation as the correct one; another annotator's later one disagrees
+    truth = annotation(10, "2026-01-01", "Sports") | {"ground_truth": True}
+    tasks = [
+        task(1, truth, annotation(11, "2026-01-05", "World")),
+        task(2, truth | {"id": 20, "was_cancelled": True}, annotation(21, "2026-01-05", "World")),  # skipped: no
+    ]
+    assert taught(tasks, SINGLE) == {1: ("Sports",), 2: ("World",)}
+
+
+@pytest.mark.parametrize(("config", "choices"), [(SINGLE, ("Sports",)), (MULTI, ()), (MULTI, ("World", "Sports"))])
+def test_annotations_that_all_teach_the_same_labels_keep_the_zero_shot_head(tiny_bert, config, choices):
+    # a head fit on one class alone answers that class for any text, with a confidence of 1: every score of the
+    # ranking the same, and the next round's head agreeing with it perfectly, as if labels had stopped paying off
+    from backend.ml.encoder import Encoder
+    from backend.services.train import LabelledTask, train_artifact
+
+    encoder = Encoder(tiny_bert, max_length=32, batch_tokens=128, dtype="fp32")
+    examples = [LabelledTask(i, text, choices) for i, text in enumerate(["stocks fell", "a goal", "new chip", "rain"])]
+    artifact = train_artifact(examples, config, encoder, None, committee_size=2, min_annotations=2)
+    assert artifact.meta["kind"] == "zero-shot" and not artifact.committee
+    examples[0] = LabelledTask(0, "stocks fell", ("Business",))  # one other label: something to learn from
+    artifact = train_artifact(examples, config, encoder, None, committee_size=2, min_annotations=2)
+    assert artifact.meta["kind"] == "trained"

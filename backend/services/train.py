@@ -39,12 +39,14 @@ class LabelledTask:
 
 def latest_choices(task: dict, config: ClassificationConfig) -> tuple[str, ...] | None:
     """The choices of the newest non-skipped annotation of `task` (Label Studio's task JSON) that holds a label,
-    or None. Multi-label, an annotation that ticks none says that no label applies: (), a row with every label
-    negative. Single choice, it holds no label, and neither does one whose choices the config no longer has, nor one
-    with several (made while the config was `choice="multiple"`)."""
+    a ground-truth one before any other, or None. Multi-label, an annotation that ticks none says that no label
+    applies: (), a row with every label negative. Single choice, it holds no label, and neither does one whose choices
+    the config no longer has, nor one with several (made while the config was `choice="multiple"`)."""
     annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
     for annotation in sorted(
-        annotations, key=lambda a: (str(a.get("updated_at") or ""), a.get("id") or 0), reverse=True
+        annotations,
+        key=lambda a: (bool(a.get("ground_truth")), str(a.get("updated_at") or ""), a.get("id") or 0),
+        reverse=True,
     ):
         result = annotation.get("result")
         known = config.choices_in(result)
@@ -96,12 +98,16 @@ def train_artifact(
     min_annotations: int = 2,
     previous: HeadArtifact | None = None,
 ) -> HeadArtifact:
-    """Fit the head (and its committee) on `examples`; zero-shot when there are fewer than `min_annotations`.
+    """Fit the head (and its committee) on `examples`; zero-shot when there are fewer than `min_annotations`, or
+    when they all teach the same labels (a head fit on one class answers it for any text, with a confidence of 1).
 
     The l2 penalty is chosen by cross-validation, or kept from `previous` (the project's last version) while the
     annotations have grown little since it was chosen (`backend.ml.head.l2_for`).
     """
     if len(examples) < min_annotations:
+        return zero_shot_artifact(config, encoder, cache)
+    if len({frozenset(example.choices) for example in examples}) < 2:
+        log.info("all %d annotations teach %s: nothing to tell labels apart by yet", len(examples), examples[0].choices)
         return zero_shot_artifact(config, encoder, cache)
     started = time.perf_counter()
     embeddings = embed_texts([example.text for example in examples], encoder, cache)
