@@ -35,6 +35,7 @@ def test_messages_tracebacks_and_derived_forms_of_secrets_are_redacted():
 
     def emit(logger):
         logger.info("calling with %s and Basic %s", settings.label_studio_api_key, header)
+        logger.warning("basic auth refused for %s:%s", settings.basic_auth_user, settings.basic_auth_pass)
         try:
             raise ConnectionError(f"cannot reach {settings.redis_url} with token key-123456")
         except ConnectionError:
@@ -42,6 +43,7 @@ def test_messages_tracebacks_and_derived_forms_of_secrets_are_redacted():
 
     output = log_output(settings, emit)
     assert "calling with ***" in output and "Traceback" in output and "ConnectionError" in output
+    assert "basic auth refused for ls:***" in output
     for secret in ("key-123456", "pa55word", header, "redispw"):
         assert secret not in output
 

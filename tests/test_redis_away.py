@@ -23,7 +23,10 @@ def test_predict_keeps_answering(client_without_redis):
 
 
 def test_setup_keeps_answering(client_without_redis):
-    assert client_without_redis.post("/setup", json=setup_payload()).status_code == 200
+    response = client_without_redis.post("/setup", json=setup_payload())
+    assert response.status_code == 200
+    # Label Studio reads the model version from the answer (it is what "Retrieve Predictions" compares against)
+    assert response.json["model_version"].startswith("al-") and response.json["model_version"].endswith("-predict")
 
 
 def test_webhook_is_a_503_that_names_redis(client_without_redis):

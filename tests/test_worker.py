@@ -5,6 +5,8 @@ import threading
 
 import redis
 import torch
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from backend import jobs, worker
 from tests.conftest import free_port
@@ -69,7 +71,9 @@ def test_a_worker_waiting_for_redis_stops_when_told_to(runtime, monkeypatch):
     # Redis went away during a job: the worker waits for it, and a SIGTERM then (rq's handler, still installed,
     # only records it while the worker counts as busy) must end the wait rather than go unheard
     monkeypatch.setattr(jobs, "_runtime", runtime)
-    monkeypatch.setattr(runtime, "redis", redis.Redis(port=free_port(), socket_connect_timeout=0.2))
+    # no client retries: redis-py's default three, with back-off, make each ping to a closed port take ~3 s
+    unreachable = redis.Redis(port=free_port(), socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
+    monkeypatch.setattr(runtime, "redis", unreachable)
     runs = []
 
     class WorkerLosingRedisMidJob:
@@ -87,6 +91,6 @@ def test_a_worker_waiting_for_redis_stops_when_told_to(runtime, monkeypatch):
     monkeypatch.setattr(worker, "worker_class_for", lambda device: WorkerLosingRedisMidJob)
     waiting = threading.Thread(target=worker.main, args=(["--no-preload"],), daemon=True)
     waiting.start()
-    waiting.join(timeout=10)
+    waiting.join(timeout=20)
     assert not waiting.is_alive(), "the worker went on waiting for Redis after it was told to stop"
     assert len(runs) == 1
