@@ -33,7 +33,16 @@ from tqdm import tqdm
 from backend.config import DEFAULT_MODEL_NAME, Settings
 from backend.evaluation_data import Dataset, cached_embeddings, read_labelled_csv
 from backend.evaluation_summary import plot, summarise, write_results
-from backend.ml.head import LinearHead, choose_l2, fit_committee, fit_head, l2_for, proba_of_heads, zero_shot_head
+from backend.ml.head import (
+    LinearHead,
+    choose_l2,
+    fit_committee,
+    fit_head,
+    l2_for,
+    proba_of_heads,
+    tells_labels_apart,
+    zero_shot_head,
+)
 from backend.scoring.base import Pool
 from backend.scoring.registry import STRATEGIES, get_strategy
 from backend.scoring.stopping import prediction_stability, should_stop, stop_set_rows
@@ -164,10 +173,9 @@ def run_one(
         labeled = labeled.copy()
         labeled[picks] = True
         was_trained = trained
-        # as rounds do (services.train): zero-shot until the labels hold two classes to tell apart
-        trained = labeled.sum() >= MIN_ANNOTATIONS_TO_TRAIN and len(np.unique(pool.labels[labeled])) > 1
+        x, y = pool.embeddings[labeled], one_hot_indices(pool.labels[labeled], k)
+        trained = len(y) >= MIN_ANNOTATIONS_TO_TRAIN and tells_labels_apart(y)  # as rounds decide (services.train)
         if trained:
-            x, y = pool.embeddings[labeled], one_hot_indices(pool.labels[labeled], k)
             l2 = l2_for(x, y, False, l2)
             heads = [fit_head(x, y, False, l2=l2[0]), *fit_committee(x, y, False, COMMITTEE_SIZE, rng, l2=l2[0])]
         if was_trained:  # stability of the new model against the previous one, both trained, as in rounds

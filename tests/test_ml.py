@@ -16,6 +16,7 @@ from backend.ml.head import (
     l2_for,
     one_hot,
     one_standard_error_choice,
+    tells_labels_apart,
     zero_shot_head,
 )
 from tests.conftest import read_csv
@@ -544,3 +545,11 @@ def test_a_forked_child_encodes_after_the_parent_loaded_a_bf16_encoder(tiny_bert
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_targets_tell_labels_apart_once_two_rows_differ():
+    assert not tells_labels_apart(np.array([[0, 1, 0], [0, 1, 0]]))  # one class only
+    assert not tells_labels_apart(np.array([[1, 1, 0], [1, 1, 0]]))  # multi-label: one label set only
+    assert not tells_labels_apart(np.zeros((3, 2)))  # multi-label: "no label applies" every time
+    assert tells_labels_apart(np.array([[1, 1, 0], [1, 0, 0]]))
+    assert tells_labels_apart(np.array([[0, 1], [1, 0], [0, 1]]))

@@ -214,6 +214,13 @@ def proba_of_heads(heads: list[LinearHead], embeddings: np.ndarray) -> np.ndarra
     )
 
 
+def tells_labels_apart(targets: np.ndarray) -> bool:
+    """Whether (n, k) 0/1 targets hold two different rows. A head fit on one class (or one label set) alone answers
+    it for any text, with a confidence of 1: a flat ranking, and successive heads that agree as if labels had
+    stopped paying off. Until then the zero-shot head serves."""
+    return len(np.unique(np.asarray(targets), axis=0)) > 1
+
+
 def one_hot(label_lists: list[list[str]], labels: tuple[str, ...]) -> np.ndarray:
     """Label names per row -> (n, k) 0/1 matrix in the column order of `labels` (unknown names ignored)."""
     column = {label: j for j, label in enumerate(labels)}

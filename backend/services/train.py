@@ -15,7 +15,7 @@ from backend.adapters.embedding_cache import RedisEmbeddingCache
 from backend.label_config import ClassificationConfig
 from backend.ml.artifacts import ArtifactStore, HeadArtifact
 from backend.ml.encoder import Encoder
-from backend.ml.head import fit_committee, fit_head, l2_for, one_hot, zero_shot_head
+from backend.ml.head import fit_committee, fit_head, l2_for, one_hot, tells_labels_apart, zero_shot_head
 from backend.services.embeddings import embed_texts
 
 log = logging.getLogger(__name__)
@@ -106,13 +106,13 @@ def train_artifact(
     """
     if len(examples) < min_annotations:
         return zero_shot_artifact(config, encoder, cache)
-    if len({frozenset(example.choices) for example in examples}) < 2:
+    targets = one_hot([list(example.choices) for example in examples], config.labels)
+    if not tells_labels_apart(targets):
         log.info("all %d annotations teach %s: nothing to tell labels apart by yet", len(examples), examples[0].choices)
         return zero_shot_artifact(config, encoder, cache)
     started = time.perf_counter()
     embeddings = embed_texts([example.text for example in examples], encoder, cache)
     encoded = time.perf_counter()
-    targets = one_hot([list(example.choices) for example in examples], config.labels)
     l2, chosen_at = l2_for(embeddings, targets, config.multi_label, previous_l2(previous))
     chosen = time.perf_counter()
     head = fit_head(embeddings, targets, config.multi_label, l2=l2)
