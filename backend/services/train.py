@@ -39,13 +39,14 @@ class LabelledTask:
 
 def latest_choices(task: dict, config: ClassificationConfig) -> tuple[str, ...] | None:
     """The choices of the newest non-skipped annotation of `task` (Label Studio's task JSON) that holds a label,
-    a ground-truth one before any other, or None. Multi-label, an annotation that ticks none says that no label
-    applies: (), a row with every label negative. Single choice, it holds no label, and neither does one whose choices
-    the config no longer has, nor one with several (made while the config was `choice="multiple"`)."""
+    or None. Multi-label, an annotation that ticks none says that no label applies: (), a row with every label
+    negative. Single choice, it holds no label, and neither does one whose choices the config no longer has, nor one
+    with several (made while the config was `choice="multiple"`). Newest, not ground truth: Label Studio marks every
+    annotation imported with its task as ground truth, so that flag would let an import outrank later corrections."""
     annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
     for annotation in sorted(
         annotations,
-        key=lambda a: (bool(a.get("ground_truth")), str(a.get("updated_at") or ""), a.get("id") or 0),
+        key=lambda a: (str(a.get("updated_at") or ""), a.get("id") or 0),
         reverse=True,
     ):
         result = annotation.get("result")
