@@ -830,6 +830,22 @@ def test_zero_shot_rounds_do_not_count_towards_the_stopping_signal(runtime, labe
     assert summary["stopping"]["history"] == [] and summary["stopping"]["suggest_stop"] is False
 
 
+def test_a_project_back_at_zero_shot_is_no_longer_suggested_to_stop(runtime, label_studio):
+    rerank("1", runtime, generation=1)
+    for task_id in range(1, 9):
+        label_studio.annotate(task_id, label_studio.truth[task_id])
+    for generation in (2, 3, 4, 5):  # the same labels: every trained head agrees with the one before
+        stable = rerank("1", runtime, generation=generation)
+    assert stable["stopping"]["history"] == [1.0, 1.0, 1.0] and stable["stopping"]["suggest_stop"] is True
+    kept = label_studio.truth[1]
+    for task_id in range(2, 9):  # annotations deleted until one class is left: the head is zero-shot again
+        if label_studio.truth[task_id] != kept:
+            label_studio.tasks[task_id]["annotations"] = []
+    back = rerank("1", runtime, generation=6)
+    assert runtime.artifacts.load("1", runtime.artifacts.versions("1")[-1]).meta["kind"] == "zero-shot"
+    assert back["stopping"]["history"] == [] and back["stopping"]["suggest_stop"] is False
+
+
 def test_cleanup_deletes_older_versions_only_never_one_a_newer_round_is_writing(runtime, label_studio, monkeypatch):
     monkeypatch.setattr(jobs, "_runtime", runtime)
     first, second = (rerank("1", runtime, generation=g)["model_version"] for g in (1, 2))

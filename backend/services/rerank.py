@@ -71,12 +71,15 @@ def priority_predictions(state: ProjectState, pool: Pool, picks: np.ndarray, ver
 
 def stopping_signal(runtime, project: str, artifact: HeadArtifact, pool: Pool, previous: HeadArtifact | None) -> dict:
     """Kappa between this version's and `previous`'s predictions on the unlabelled rows (both trained: zero-shot
-    heads before `MIN_ANNOTATIONS_TO_TRAIN` say nothing about labels paying off), their mean uncertainty, and
-    whether the last rounds were stable enough to suggest that more labels pay off little.
+    heads, before `MIN_ANNOTATIONS_TO_TRAIN` or while the labels hold one class, say nothing about labels paying
+    off), their mean uncertainty, and whether the last rounds were stable enough to suggest that more labels pay
+    off little. A zero-shot round (annotations deleted down to one class) ends the run of stable rounds.
 
     `previous` is the version the round trained after (the newest readable one for the same labels and encoder),
     or None."""
     history = ((runtime.registry.last_round(project) or {}).get("stopping") or {}).get("history", [])
+    if artifact.meta.get("kind") != "trained":
+        history = []
     stability = None
     unlabelled = ~pool.labeled
     stop_set = stop_set_rows(unlabelled)
