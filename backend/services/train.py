@@ -45,9 +45,7 @@ def latest_choices(task: dict, config: ClassificationConfig) -> tuple[str, ...] 
     annotation imported with its task as ground truth, so that flag would let an import outrank later corrections."""
     annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
     for annotation in sorted(
-        annotations,
-        key=lambda a: (str(a.get("updated_at") or ""), a.get("id") or 0),
-        reverse=True,
+        annotations, key=lambda a: (str(a.get("updated_at") or ""), a.get("id") or 0), reverse=True
     ):
         result = annotation.get("result")
         known = config.choices_in(result)
