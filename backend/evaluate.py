@@ -173,9 +173,10 @@ def run_one(
         labeled = labeled.copy()
         labeled[picks] = True
         was_trained = trained
-        x, y = pool.embeddings[labeled], one_hot_indices(pool.labels[labeled], k)
+        y = one_hot_indices(pool.labels[labeled], k)
         trained = len(y) >= MIN_ANNOTATIONS_TO_TRAIN and tells_labels_apart(y)  # as rounds decide (services.train)
         if trained:
+            x = pool.embeddings[labeled]
             l2 = l2_for(x, y, False, l2)
             heads = [fit_head(x, y, False, l2=l2[0]), *fit_committee(x, y, False, COMMITTEE_SIZE, rng, l2=l2[0])]
         if was_trained:  # stability of the new model against the previous one, both trained, as in rounds

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from backend.scoring.uncertainty import labels_predicted
+
 DEFAULT_L2 = 1e-3
 """The l2 penalty the strategies were developed with, and the one `choose_l2` keeps unless a weaker one is clearly
 better (and when there are too few labels to tell)."""
@@ -157,7 +159,7 @@ def _row_errors(probs: np.ndarray, targets: np.ndarray, multi_label: bool) -> np
     """(n,) per row: 1 if its top choice is wrong (single choice), or the share of its labels on the wrong side of
     0.5 (multiple)."""
     if multi_label:
-        return np.mean((probs >= 0.5) != (targets >= 0.5), axis=1)
+        return np.mean(labels_predicted(probs) != (targets >= 0.5), axis=1)
     return (probs.argmax(axis=1) != targets.argmax(axis=1)).astype(np.float64)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from backend.scoring.diversity import argmax_tie_random
+from backend.scoring.uncertainty import labels_predicted
 
 
 def hypothetical_residuals(probs: np.ndarray, multi_label: bool = False) -> np.ndarray:
@@ -20,7 +21,7 @@ def hypothetical_residuals(probs: np.ndarray, multi_label: bool = False) -> np.n
     (n, k) -> (n, k) float32"""
     probs = np.asarray(probs, dtype=np.float32)
     if multi_label:
-        return probs - (probs >= 0.5)
+        return probs - labels_predicted(probs)
     residuals = probs.copy()
     residuals[np.arange(len(probs)), probs.argmax(axis=1)] -= 1.0
     return residuals

@@ -26,7 +26,7 @@ import numpy as np
 from backend.scoring.diversity import cluster_picks
 from backend.scoring.gradient import gradient_kmeanspp, hypothetical_residuals
 from backend.scoring.strategies import QueryStrategy, check_choice, check_range, top_indices, uncertainty_scores
-from backend.scoring.uncertainty import margin
+from backend.scoring.uncertainty import labels_predicted, margin
 
 
 def diversity_share(n_labeled: int, n_classes: int, cold_start: float, warm: float) -> float:
@@ -75,7 +75,7 @@ def rare_class_picks(
     for label in rare:
         if len(picks) >= n:
             break
-        members = np.flatnonzero(probs[:, label] >= 0.5 if multi_label else predicted == label)
+        members = np.flatnonzero(labels_predicted(probs[:, label]) if multi_label else predicted == label)
         members = members[~np.isin(members, np.concatenate([taken, picks]))]
         if len(members):
             picks.append(int(members[top_indices(uncertainty[members], 1, rng)[0]]))

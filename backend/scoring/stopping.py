@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from backend.scoring.uncertainty import labels_predicted
+
 KAPPA_THRESHOLD = 0.99
 PATIENCE = 3
 STOP_SET_ROWS = 10_000
@@ -39,14 +41,8 @@ def cohen_kappa(labels_a: np.ndarray, labels_b: np.ndarray, n_classes: int) -> f
 def prediction_stability(previous_probs: np.ndarray, current_probs: np.ndarray, multi_label: bool) -> float:
     """Kappa between two models' predictions on the same rows (multi-label: mean over labels). (n,k),(n,k)->float"""
     if multi_label:
-        return float(
-            np.mean(
-                [
-                    cohen_kappa(previous_probs[:, j] >= 0.5, current_probs[:, j] >= 0.5, 2)
-                    for j in range(previous_probs.shape[1])
-                ]
-            )
-        )
+        previous, current = labels_predicted(previous_probs), labels_predicted(current_probs)
+        return float(np.mean([cohen_kappa(previous[:, j], current[:, j], 2) for j in range(previous.shape[1])]))
     return cohen_kappa(previous_probs.argmax(axis=1), current_probs.argmax(axis=1), previous_probs.shape[1])
 
 

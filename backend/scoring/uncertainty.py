@@ -14,6 +14,14 @@ import numpy as np
 EPS = 1e-12
 
 
+def labels_predicted(probs: np.ndarray) -> np.ndarray:
+    """The labels a multi-label head predicts: those with p >= 0.5. (n, k) -> (n, k) bool
+
+    The one decision rule for pre-annotations, rare-class picks, BADGE's hypothetical labels, the stopping signal
+    and the head's validation errors, so that they all mean the same by "predicted"."""
+    return np.asarray(probs) >= 0.5
+
+
 def _as_probs(probs: np.ndarray) -> np.ndarray:
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or probs.shape[1] < 2:

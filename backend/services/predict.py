@@ -13,7 +13,7 @@ from backend.adapters.embedding_cache import RedisEmbeddingCache
 from backend.label_config import ClassificationConfig
 from backend.ml.artifacts import ArtifactStore, HeadArtifact
 from backend.ml.encoder import Encoder
-from backend.scoring.uncertainty import confidence
+from backend.scoring.uncertainty import confidence, labels_predicted
 from backend.services.embeddings import embed_texts
 from backend.services.train import zero_shot_artifact
 
@@ -53,7 +53,7 @@ def predicted_labels(probs: np.ndarray, labels: tuple[str, ...], multi_label: bo
     """(n, k) probabilities -> chosen label names per row: the argmax, or every label with p >= 0.5."""
     if not multi_label:
         return [[labels[j]] for j in probs.argmax(axis=1)]
-    return [[labels[j] for j in np.flatnonzero(row >= 0.5)] for row in probs]
+    return [[labels[j] for j in np.flatnonzero(row)] for row in labels_predicted(probs)]
 
 
 @dataclass
