@@ -277,15 +277,25 @@ def test_another_model_saved_into_the_same_folder_is_another_embedding_space(tin
     assert Encoder(str(folder), device="cpu").encoder_id != before
 
 
+def write_pooling_config(folder: Path, config: str) -> Path:
+    """A sentence-transformers pooling config in `folder`, as such a model ships it."""
+    from backend.ml.model_files import POOLING_CONFIG
+
+    path = folder / POOLING_CONFIG
+    path.parent.mkdir(parents=True)
+    path.write_text(config)
+    return path
+
+
 def test_pooling_follows_the_models_sentence_transformers_config_in_a_folder_or_on_the_hub(tmp_path, monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
 
     from backend.ml.model_files import POOLING_CONFIG, pooling_mode
 
-    cls_config = tmp_path / "cls" / POOLING_CONFIG
-    cls_config.parent.mkdir(parents=True)
-    cls_config.write_text('{"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}')
+    cls_config = write_pooling_config(
+        tmp_path / "cls", '{"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}'
+    )
     assert pooling_mode(str(tmp_path / "cls")) == "cls"
     assert pooling_mode(str(tmp_path)) == "mean"  # a folder without one
 
@@ -308,10 +318,9 @@ def test_pooling_follows_the_models_sentence_transformers_config_in_a_folder_or_
     ],
 )
 def test_every_pooling_mode_the_encoder_applies_is_read(tmp_path, config, mode):
-    from backend.ml.model_files import POOLING_CONFIG, pooling_mode
+    from backend.ml.model_files import pooling_mode
 
-    (tmp_path / POOLING_CONFIG).parent.mkdir(parents=True)
-    (tmp_path / POOLING_CONFIG).write_text(config)
+    write_pooling_config(tmp_path, config)
     assert pooling_mode(str(tmp_path)) == mode
 
 
@@ -324,19 +333,17 @@ def test_every_pooling_mode_the_encoder_applies_is_read(tmp_path, config, mode):
 )
 def test_a_pooling_the_encoder_cannot_apply_is_refused_not_replaced_by_mean(tmp_path, config):
     from backend.errors import ModelUnavailable
-    from backend.ml.model_files import POOLING_CONFIG, pooling_mode
+    from backend.ml.model_files import pooling_mode
 
-    (tmp_path / POOLING_CONFIG).parent.mkdir(parents=True)
-    (tmp_path / POOLING_CONFIG).write_text(config)
+    write_pooling_config(tmp_path, config)
     with pytest.raises(ModelUnavailable, match="the encoder applies one of pooling_mode_cls_token"):
         pooling_mode(str(tmp_path))
 
 
 def test_layers_after_the_pooling_that_the_encoder_skips_are_named_in_the_log(tmp_path, caplog):
-    from backend.ml.model_files import MODULES_CONFIG, POOLING_CONFIG, pooling_mode
+    from backend.ml.model_files import MODULES_CONFIG, pooling_mode
 
-    (tmp_path / POOLING_CONFIG).parent.mkdir(parents=True)
-    (tmp_path / POOLING_CONFIG).write_text('{"pooling_mode_cls_token": true}')
+    write_pooling_config(tmp_path, '{"pooling_mode_cls_token": true}')
     modules = ["Transformer", "Pooling", "Dense", "Normalize"]
     (tmp_path / MODULES_CONFIG).write_text(
         str([{"type": f"sentence_transformers.models.{m}"} for m in modules]).replace("'", '"')
