@@ -28,6 +28,15 @@ def test_multi_label_stability_compares_each_label_at_one_half():
     assert prediction_stability(before, after, False) == 1.0  # what comparing top labels would miss
 
 
+def test_multi_label_stability_leaves_out_labels_neither_model_ever_changes():
+    before = np.array([[0.9, 0.1, 0.9, 0.1], [0.2, 0.1, 0.9, 0.1], [0.6, 0.1, 0.9, 0.1]])
+    after = before.copy()
+    after[1, 0] = 0.7  # label 0: T,F,T then T,T,T: observed 2/3, expected 2/3, kappa 0
+    # labels 1 (never ticked) and 2 (always ticked) agree trivially and would lift the mean to 3/4
+    assert prediction_stability(before, after, True) == pytest.approx(0.0)
+    assert prediction_stability(before[:, 1:], after[:, 1:], True) == 1.0
+
+
 def test_stop_only_after_enough_stable_rounds():
     assert not should_stop([0.999, 0.999])
     assert not should_stop([0.999, 0.95, 0.999, 0.999])

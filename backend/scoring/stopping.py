@@ -39,11 +39,21 @@ def cohen_kappa(labels_a: np.ndarray, labels_b: np.ndarray, n_classes: int) -> f
 
 
 def prediction_stability(previous_probs: np.ndarray, current_probs: np.ndarray, multi_label: bool) -> float:
-    """Kappa between two models' predictions on the same rows (multi-label: mean over labels). (n,k),(n,k)->float"""
+    """Kappa between two models' predictions on the same rows. (n,k),(n,k)->float
+
+    Multi-label: mean over the labels either model ticks on some rows and not on others. A label both models
+    tick everywhere, or nowhere (one no annotation has used yet), agrees trivially and would pull the mean
+    towards 1 as if predictions had settled; with no other label, the models agree fully."""
     if multi_label:
         previous, current = labels_predicted(previous_probs), labels_predicted(current_probs)
-        return float(np.mean([cohen_kappa(previous[:, j], current[:, j], 2) for j in range(previous.shape[1])]))
+        informative = [j for j in range(previous.shape[1]) if not _same_constant(previous[:, j], current[:, j])]
+        return float(np.mean([cohen_kappa(previous[:, j], current[:, j], 2) for j in informative] or [1.0]))
     return cohen_kappa(previous_probs.argmax(axis=1), current_probs.argmax(axis=1), previous_probs.shape[1])
+
+
+def _same_constant(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label vectors hold one and the same value on every row."""
+    return len(np.unique(np.concatenate([a, b]))) <= 1
 
 
 def should_stop(stabilities: list[float], threshold: float = KAPPA_THRESHOLD, patience: int = PATIENCE) -> bool:
