@@ -10,7 +10,6 @@ from backend.ml.head import (
     DEFAULT_L2,
     L2_GRID,
     LinearHead,
-    bootstrap_rows,
     choose_l2,
     fit_committee,
     fit_head,
@@ -561,24 +560,3 @@ def test_targets_tell_labels_apart_once_two_rows_differ():
     assert not tells_labels_apart(np.zeros((3, 2)))  # multi-label: "no label applies" every time
     assert tells_labels_apart(np.array([[1, 1, 0], [1, 0, 0]]))
     assert tells_labels_apart(np.array([[0, 1], [1, 0], [0, 1]]))
-
-
-def test_every_committee_member_has_seen_a_class_met_once():
-    # 19 texts of one class and 1 of another: a plain bootstrap resample leaves the rare one out of about a third
-    # of the members, which would then call it the common class with certainty
-    x = np.vstack([np.array([[1.0, 0.0]] * 19), [[0.0, 1.0]]]) + 0.05 * np.random.default_rng(0).normal(size=(20, 2))
-    targets = np.array([[1, 0]] * 19 + [[0, 1]], dtype=np.float32)
-    committee = fit_committee(x, targets, False, size=10, rng=np.random.default_rng(3))
-    assert all(member.predict_proba(np.array([[0.0, 1.0]])).argmax() == 1 for member in committee)
-
-
-def test_bootstrap_rows_keep_both_values_of_every_multi_label_column():
-    targets = np.zeros((30, 3), dtype=np.float32)
-    targets[0, 0] = 1  # label 0 ticked once
-    targets[1:, 1] = 1  # label 1 left out once
-    # label 2 never ticked: stays never ticked
-    for seed in range(20):
-        rows = bootstrap_rows(targets, np.random.default_rng(seed))
-        assert set(targets[rows, 0]) == {0.0, 1.0} and set(targets[rows, 1]) == {0.0, 1.0}
-        assert set(targets[rows, 2]) == {0.0}
-        assert len(rows) >= 30

@@ -172,27 +172,12 @@ def fit_committee(
     l2: float = DEFAULT_L2,
 ) -> list[LinearHead]:
     """`size` heads, each fit on a bootstrap resample of the training rows (for disagreement scores)."""
+    n = len(embeddings)
     heads = []
     for _ in range(size):
-        rows = bootstrap_rows(targets, rng)
+        rows = rng.integers(0, n, size=n)
         heads.append(fit_head(embeddings[rows], targets[rows], multi_label, l2=l2, max_iter=50))
     return heads
-
-
-def bootstrap_rows(targets: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Row indices of a bootstrap resample of (n, k) 0/1 targets that keeps both values of every label that has
-    both in `targets`: a plain resample misses a class seen once with chance (1 - 1/n)^n, about 0.37, and the head
-    fit on it is certain the class never occurs, a disagreement that says nothing about the task. For each value
-    missing from the resample, one row that holds it is added."""
-    targets = np.asarray(targets) >= 0.5
-    n = len(targets)
-    rows = rng.integers(0, n, size=n)
-    for j in range(targets.shape[1]):
-        for value in (True, False):
-            holders = np.flatnonzero(targets[:, j] == value)
-            if len(holders) and not (targets[rows, j] == value).any():
-                rows = np.append(rows, rng.choice(holders))
-    return rows
 
 
 def zero_shot_head(label_embeddings: np.ndarray, multi_label: bool, scale: float = ZERO_SHOT_SCALE) -> LinearHead:
