@@ -32,8 +32,8 @@ from tests.processes import BackendProcesses
 
 def measure_project(ls: LabelStudio, backend: BackendProcesses, n_tasks: int, rounds: int) -> dict:
     rows = read_csv("ag_news/pool.csv")
-    project, _ = ag_news_project(ls, f"bench-{n_tasks}", n_tasks)
-    truth = {}
+    project, task_ids = ag_news_project(ls, f"bench-{n_tasks}", n_tasks)
+    row_of = {task_id: i % len(rows) for i, task_id in enumerate(task_ids)}  # ids continue across projects
     started = time.time()
     ls.connect_ml_backend(project, backend.url, "al-backend")
     cold = backend.wait_for_round(project, annotations=0, timeout=900)
@@ -43,12 +43,12 @@ def measure_project(ls: LabelStudio, backend: BackendProcesses, n_tasks: int, ro
     for round_number in range(1, rounds + 1):
         task = ls.next_task(project)
         assert task["id"] == top, f"served {task['id']}, expected {top}"
-        label = truth.setdefault(task["id"], rows[(task["id"] - 1) % len(rows)]["label"])
+        label = rows[row_of[task["id"]]]["label"]
         t0 = time.perf_counter()
         ls.create_annotation(
             task["id"], [{"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]
         )
-        last = backend.wait_for_round(project, annotations=round_number, timeout=300)
+        last = backend.wait_for_round(project, annotations=round_number, timeout=300, poll=0.01)
         published.append(time.perf_counter() - t0)
         top = last["top_task"]
         assert ls.next_task(project)["id"] == top

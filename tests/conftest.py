@@ -80,8 +80,11 @@ class RedisServer:
                 client.ping()
                 return
             except redis.ConnectionError:
+                if self.process.poll() is not None:
+                    break  # exited: the port was taken, or redis-server refused its arguments
                 time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        self.stop(kill=True)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
 
     def stop(self, kill: bool = False) -> None:
         if self.process and self.process.poll() is None:

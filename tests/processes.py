@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -75,27 +76,38 @@ class BackendProcesses:
         return (self.metrics(auth)["projects"].get(str(project)) or {}).get("last_round") or {}
 
     def wait_for_round(
-        self, project: int, annotations: int, timeout: float = 120, auth: tuple[str, str] | None = None
+        self,
+        project: int,
+        annotations: int,
+        timeout: float = 120,
+        auth: tuple[str, str] | None = None,
+        poll: float = 0.2,
     ) -> dict:
-        """Wait until a published round has used at least `annotations` annotations; return its summary."""
-        deadline = time.time() + timeout
+        """Wait until a published round has used at least `annotations` annotations; return its summary.
+
+        `poll` seconds between reads of /metrics (a benchmark timing the round polls often). A read that fails
+        (a slow answer, or Redis briefly away) is retried until the deadline."""
+        deadline, last = time.time() + timeout, {}
         while time.time() < deadline:
-            last = self.last_round(project, auth)
+            try:
+                last = self.last_round(project, auth)
+            except (requests.RequestException, KeyError, ValueError):
+                last = {}
             if last.get("published") and last.get("annotations", -1) >= annotations:
                 return last
-            time.sleep(0.2)
-        raise AssertionError(
-            f"no published round with {annotations} annotations; last: {self.last_round(project, auth)}\n"
-            f"{self.logs('worker0')}"
-        )
+            time.sleep(poll)
+        raise AssertionError(f"no published round with {annotations} annotations; last: {last}\n{self.logs('worker0')}")
 
     def stop(self) -> None:
-        for process in [*self.workers, self.server]:
-            if process is not None and process.poll() is None:
+        """SIGTERM every process, then SIGKILL what is left of each one's process group: a work-horse or scheduler
+        child outlives a worker whose warm shutdown did not finish in time, and would go on writing."""
+        processes = [process for process in [*self.workers, self.server] if process is not None]
+        for process in processes:
+            if process.poll() is None:
                 process.terminate()
-        for process in [*self.workers, self.server]:
-            if process is not None:
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+        for process in processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=15)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
