@@ -16,6 +16,7 @@ import csv
 import os
 import platform
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -111,10 +112,15 @@ def random_model_folder(shape: str, tokenizer_path: str | None) -> str:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or resolve_model_path(DEFAULT_MODEL_NAME))
     dims = "-".join(str(value) for value in RANDOM_SHAPES[shape].values())
     folder = Path(tempfile.gettempdir()) / f"al-backend-random-{shape}-{dims}-{tokenizer.vocab_size}"
-    if not (folder / "config.json").is_file():
+    if not folder.is_dir():  # saved aside and renamed: an interrupted save leaves no folder that looks whole
         config = BertConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=512, **RANDOM_SHAPES[shape])
-        BertModel(config).save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        partial = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+        BertModel(config).save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        try:
+            partial.rename(folder)
+        except OSError:  # another run saved it first
+            shutil.rmtree(partial, ignore_errors=True)
     return str(folder)
 
 
@@ -184,6 +190,14 @@ def bench_encode(args: argparse.Namespace) -> None:
     print(f"texts_per_second={best.texts / best.seconds:.1f}")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="backend benchmarks")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -194,12 +208,12 @@ def main(argv: list[str] | None = None) -> None:
         help=f"a model name or folder, or random:<shape> ({', '.join(RANDOM_SHAPES)})",
     )
     encode.add_argument("--csv", default=str(DEFAULT_TEXTS), help="CSV with a 'text' column")
-    encode.add_argument("--texts", type=int, default=2000)
+    encode.add_argument("--texts", type=positive_int, default=2000)
     encode.add_argument("--max-length", type=int, default=256)
     encode.add_argument("--batch-tokens", type=int, default=0, help="0 = auto")
     encode.add_argument("--device", default="auto")
     encode.add_argument("--dtype", choices=ENCODER_DTYPES, default="auto", help="as ENCODER_DTYPE (see the README)")
-    encode.add_argument("--repeat", type=int, default=2)
+    encode.add_argument("--repeat", type=positive_int, default=2)
     encode.add_argument(
         "--tokenizer", help="tokenizer folder for --model random:<shape> (default: the bundled MiniLM's)"
     )
@@ -208,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     encode.set_defaults(run=bench_encode)
     rerank = commands.add_parser("rerank", help="a full re-rank of N unlabelled tasks from cached embeddings")
-    rerank.add_argument("--tasks", type=int, default=1_000_000)
+    rerank.add_argument("--tasks", type=positive_int, default=1_000_000)
     rerank.add_argument("--dim", type=int, default=384)
     rerank.add_argument("--classes", type=int, default=4)
     rerank.add_argument("--labelled", type=int, default=500)

@@ -12,72 +12,76 @@
 #   .gpu/pool.csv.gz, .gpu/test.csv.gz  ../shared/data/ag_news (which does not travel).
 # Logs go to $OUT; the last lines printed are the summary. TEXTS, BUDGET and SEEDS shrink it for a dry run on a CPU.
 set -u
+cd "$(dirname "$0")/.."
+WORK=$(mktemp -d)  # the wheels' install, the model, the data, per-run logs; removed on exit
+trap 'rm -rf "$WORK"' EXIT
+export WORK
 TEXTS=${TEXTS:-100000} BUDGET=${BUDGET:-500} SEEDS=${SEEDS:-3}
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $WORK/site .whl/*.whl
+export PYTHONPATH=$WORK/site:$PWD
 if ! python3 -c "import transformers.models.bert"; then
     echo "the carried wheels do not import here: the device's own transformers instead"
     export PYTHONPATH=$PWD
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit,driver_version --format=csv
-python3 -c "import torch, transformers, tokenizers; print("torch", torch.__version__, "transformers", transformers.__version__, "tokenizers", tokenizers.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())" || exit 1
+python3 -c "import torch, transformers, tokenizers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'tokenizers', tokenizers.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())" || exit 1
 nproc
 
-mkdir -p /tmp/minilm && cp -r .gpu/minilm/. /tmp/minilm/ && rm /tmp/minilm/model16.safetensors
+mkdir -p $WORK/minilm && cp -r .gpu/minilm/. $WORK/minilm/ && rm $WORK/minilm/model16.safetensors
 python3 - <<'EOF' || exit 1
-import csv, gzip
+import csv, gzip, os
 from safetensors.torch import load_file, save_file
 weights = load_file(".gpu/minilm/model16.safetensors")
-save_file({k: (v.float() if v.is_floating_point() else v) for k, v in weights.items()}, "/tmp/minilm/model.safetensors", metadata={"format": "pt"})
+save_file({k: (v.float() if v.is_floating_point() else v) for k, v in weights.items()}, os.environ["WORK"] + "/minilm/model.safetensors", metadata={"format": "pt"})
 texts = []
 for name in ("pool", "test"):
     rows = list(csv.DictReader(gzip.open(f".gpu/{name}.csv.gz", "rt", encoding="utf-8", newline="")))
-    with open(f"/tmp/{name}.csv", "w", newline="", encoding="utf-8") as handle:
+    with open(f"{os.environ['WORK']}/{name}.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     texts += [row["text"] for row in rows]
-with open("/tmp/texts.csv", "w", newline="", encoding="utf-8") as handle:  # 6 x the 17,600 AG News texts
+with open(os.environ["WORK"] + "/texts.csv", "w", newline="", encoding="utf-8") as handle:  # 6 x the 17,600 AG News texts
     writer = csv.writer(handle)
     writer.writerow(["text"])
     writer.writerows([text] for _ in range(6) for text in texts)
-print(f"{len(texts)} texts, x6 in /tmp/texts.csv")
+print(f"{len(texts)} texts, x6 in texts.csv")
 EOF
 
 echo "== gpu_check"
-timeout 120 python3 -m benchmarks.gpu_check --model /tmp/minilm --csv /tmp/test.csv 2>&1 | tee "$OUT/gpu_check.log" | grep -v Warning
+timeout 120 python3 -m benchmarks.gpu_check --model $WORK/minilm --csv $WORK/test.csv 2>&1 | tee "$OUT/gpu_check.log" | grep -v Warning
 
-mkdir -p /tmp/encode_logs
-encode() {  # one log per run under /tmp, all of them appended to $OUT/encode.log (the call returns 8 files at most)
+mkdir -p $WORK/encode_logs
+encode() {  # one log per run under $WORK, all of them appended to $OUT/encode.log (the call returns 8 files at most)
     local label=$1
     shift
     echo "== encode $label: $*" | tee -a "$OUT/encode.log"
-    timeout 90 python3 -m backend.bench encode --csv /tmp/texts.csv --texts "$TEXTS" --repeat 3 "$@" >"/tmp/encode_logs/$label.log" 2>&1
-    echo "rc=$?" >>"/tmp/encode_logs/$label.log"
-    cat "/tmp/encode_logs/$label.log" >>"$OUT/encode.log"
-    grep -E "^(model|texts=|batch_tokens|seconds|tokenize|peak|linear|end_to_end|model_only|texts_per|rc=)" "/tmp/encode_logs/$label.log"
+    timeout 90 python3 -m backend.bench encode --csv $WORK/texts.csv --texts "$TEXTS" --repeat 3 "$@" >"$WORK/encode_logs/$label.log" 2>&1
+    echo "rc=$?" >>"$WORK/encode_logs/$label.log"
+    cat "$WORK/encode_logs/$label.log" >>"$OUT/encode.log"
+    grep -E "^(model|texts=|batch_tokens|seconds|tokenize|peak|linear|end_to_end|model_only|texts_per|rc=)" "$WORK/encode_logs/$label.log"
 }
-encode minilm --model /tmp/minilm
-encode minilm_bf16 --model /tmp/minilm --dtype bf16
-encode minilm_16k --model /tmp/minilm --batch-tokens 16384
-encode minilm_256k --model /tmp/minilm --batch-tokens 262144
-encode bertbase --model random:bert-base --tokenizer /tmp/minilm
-encode bertbase_bf16 --model random:bert-base --tokenizer /tmp/minilm --dtype bf16
-encode bertbase_256k --model random:bert-base --tokenizer /tmp/minilm --batch-tokens 262144
+encode minilm --model $WORK/minilm
+encode minilm_bf16 --model $WORK/minilm --dtype bf16
+encode minilm_16k --model $WORK/minilm --batch-tokens 16384
+encode minilm_256k --model $WORK/minilm --batch-tokens 262144
+encode bertbase --model random:bert-base --tokenizer $WORK/minilm
+encode bertbase_bf16 --model random:bert-base --tokenizer $WORK/minilm --dtype bf16
+encode bertbase_256k --model random:bert-base --tokenizer $WORK/minilm --batch-tokens 262144
 
 echo "== evaluate: AG News, hybrid, fine-tuned at $BUDGET labels, $SEEDS seeds"
 started=$(date +%s)
-timeout 300 python3 -m backend.evaluate --pool /tmp/pool.csv --test /tmp/test.csv --strategy hybrid --budget "$BUDGET" \
-    --batch-size 20 --seeds "$SEEDS" --finetune-at "$BUDGET" --model /tmp/minilm --cache-dir /tmp/cache \
+timeout 300 python3 -m backend.evaluate --pool $WORK/pool.csv --test $WORK/test.csv --strategy hybrid --budget "$BUDGET" \
+    --batch-size 20 --seeds "$SEEDS" --finetune-at "$BUDGET" --model $WORK/minilm --cache-dir $WORK/cache \
     --out "$OUT/ag_news_finetune" >"$OUT/evaluate.log" 2>&1
 echo "evaluate rc=$? seconds=$(($(date +%s) - started))"
 tr '\r' '\n' <"$OUT/evaluate.log" | grep -E "fine-tuned|full-pool|labels saved|reaches|Error|error" | tail -20
 
 echo "== summary"
 grep -h "gpu_check=" "$OUT/gpu_check.log"
-for log in /tmp/encode_logs/*.log; do
+for log in $WORK/encode_logs/*.log; do
     echo "$(basename "$log" .log): $(grep -h -E '^(texts_per_second|model_only: share|end_to_end: share)' "$log" | tr '\n' ' ')"
 done

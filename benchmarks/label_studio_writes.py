@@ -74,6 +74,9 @@ def main() -> None:
     parser.add_argument("--predictions", type=int, default=20, help="K, the predictions a round writes")
     parser.add_argument("--repeats", type=int, default=3)
     args = parse_with_fast_prediction_import(parser)
+    smallest, needed = min(int(n) for n in args.tasks.split(",")), 2 * args.predictions * args.repeats
+    if args.predictions < 1 or args.repeats < 1 or smallest < needed:
+        parser.error(f"every --tasks must hold 2 x --predictions x --repeats = {needed} tasks (each repeat new ones)")
     binary = require_label_studio()
     with tempfile.TemporaryDirectory() as tmp:
         label_studio = start_label_studio(binary, Path(tmp), free_port())

@@ -51,6 +51,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.reads < 1:
         parser.error("--reads must be at least 1")
+    if not 0 <= args.imported < args.tasks:
+        parser.error(f"--imported must be at least 0 and below --tasks ({args.tasks}), got {args.imported}")
     with tempfile.TemporaryDirectory(prefix="matrix-load-") as folder:
         server = RedisServer(Path(folder))
         server.start()
