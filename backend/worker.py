@@ -26,6 +26,9 @@ from backend.ml.encoder import pick_device
 log = logging.getLogger(__name__)
 
 MAINTENANCE_SECONDS = 60
+WORKER_TTL_SECONDS = 30
+"""rq waits for a job at most this less 15 s at a time, and checks whether maintenance is due between waits:
+after Redis comes back, the scheduler and the reconciliations restart within about a minute, not two."""
 
 REDIS_GONE = (redis.ConnectionError, redis.TimeoutError)
 """Redis restarted, unreachable, or too slow to answer (a failover, a save under memory pressure)."""
@@ -45,13 +48,13 @@ def main(argv: list[str] | None = None) -> None:
         preload(runtime)
     log.info("worker listening on %s (queue %r)", settings.redis_url.split("@")[-1], settings.queue_name)
     while True:
-        # Maintenance every minute, not rq's ten, and a wait for jobs short enough to get to it: a dead worker's
-        # scheduler lock and abandoned jobs are taken over that much sooner.
+        # Maintenance every minute, not rq's ten, and a wait for jobs short enough to get to it on time: a dead
+        # worker's scheduler lock and abandoned jobs are taken over that much sooner.
         worker = worker_class(
             [runtime.queue.queue],
             connection=runtime.redis,
             maintenance_interval=MAINTENANCE_SECONDS,
-            worker_ttl=MAINTENANCE_SECONDS,
+            worker_ttl=WORKER_TTL_SECONDS,
         )
         try:
             worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)

@@ -385,6 +385,34 @@ def test_a_rerank_whose_worker_died_before_it_began_does_not_swallow_events(runt
     assert ("rerank-3-1" in runtime.queue.queue.get_job_ids()) == (expected == "enqueued")
 
 
+@pytest.mark.parametrize(
+    ("queued_seconds_ago", "taken_by_a_worker", "expected"),
+    [(1, True, "coalesced"), (120, True, "enqueued"), (120, False, "coalesced")],
+)
+def test_a_rerank_lost_as_redis_went_away_does_not_swallow_events(
+    runtime, queued_seconds_ago, taken_by_a_worker, expected
+):
+    from datetime import timedelta
+
+    from rq.intermediate_queue import IntermediateQueue
+    from rq.job import Job, JobStatus
+    from rq.utils import now
+
+    assert runtime.queue.request_rerank("3", "first") == "enqueued"
+    queue = runtime.queue.queue
+    intermediate = IntermediateQueue(queue.key, connection=runtime.redis)
+    if taken_by_a_worker:  # as a worker's BLMOVE does; the reply never reached it (Redis went away)
+        runtime.redis.lmove(queue.key, intermediate.key, "RIGHT", "LEFT")
+    job = Job.fetch("rerank-3-0", connection=runtime.redis)
+    job.enqueued_at = now() - timedelta(seconds=queued_seconds_ago)  # else: waiting behind other jobs that long
+    job.save()
+    assert runtime.queue.request_rerank("3", "another annotation") == expected
+    assert ("rerank-3-1" in queue.get_job_ids()) == (expected == "enqueued")
+    if expected == "enqueued":  # given up where rq keeps what was given up, not left for rq to retry later
+        assert job.get_status() == JobStatus.CANCELED and "rerank-3-0" in queue.canceled_job_registry.get_job_ids()
+        assert "rerank-3-0" not in intermediate.get_job_ids()
+
+
 @pytest.mark.parametrize("status", ["failed", "finished"])
 def test_a_rerank_that_ended_without_moving_the_generation_does_not_swallow_events(runtime, status):
     from rq.job import Job, JobStatus

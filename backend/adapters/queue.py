@@ -14,13 +14,14 @@ import contextlib
 import hashlib
 import logging
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import redis
 from rq import Queue, Retry
 from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
+from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job, JobStatus
-from rq.utils import now
+from rq.utils import now, str_to_date
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,8 @@ class JobQueue:
         """Make sure a re-rank of `project` will start after now. Returns "enqueued" or "coalesced"."""
         generation = int(self.client.get(generation_key(project)) or 0)
         job_id = f"rerank-{project}-{generation}"
-        status = self._status(job_id)
-        if status in WAITING_STATUSES:
+        status, enqueued_at = self._status_and_enqueued_at(job_id)
+        if status in WAITING_STATUSES and not self._lost_in_transit(job_id, status, enqueued_at):
             return "coalesced"  # a burst's usual path: two Redis reads
         if status is None and self._enqueue_unique("backend.jobs.rerank_project", job_id, project, reason):
             return "enqueued"
@@ -124,6 +125,31 @@ class JobQueue:
             self.client.incr(generation_key(project))
             return self.request_rerank(project, reason)
         return "coalesced"
+
+    def _lost_in_transit(self, job_id: str, status: JobStatus | None, enqueued_at: datetime | None) -> bool:
+        """A re-rank queued `STALLED_AFTER_SECONDS` ago that is neither in the queue nor started: Redis went away
+        as a worker took it (rq had moved it to its intermediate list, for a worker that never heard back), and
+        rq would give it up only after its maintenance passes (minutes), while events coalesced into it. It is
+        cancelled (left in rq's canceled registry) so that the caller queues the next generation. A job taken
+        that same instant is cancelled too, and runs anyway: one round more, never one less."""
+        if status != JobStatus.QUEUED or enqueued_at is None:
+            return False
+        if (now() - enqueued_at).total_seconds() <= STALLED_AFTER_SECONDS:
+            return False
+        if self.client.lpos(self.queue.key, job_id) is not None or job_id in self.queue.started_job_registry:
+            return False  # waiting behind other jobs, or running
+        log.warning("%s was queued %s and is neither in the queue nor started: queueing the next", job_id, enqueued_at)
+        IntermediateQueue(self.queue.key, connection=self.client).remove(job_id)
+        with contextlib.suppress(InvalidJobOperation, NoSuchJobError):
+            Job.fetch(job_id, connection=self.client).cancel()
+        return True
+
+    def _status_and_enqueued_at(self, job_id: str) -> tuple[JobStatus | None, datetime | None]:
+        """The job's status and when it was queued, in one HMGET; (None, None) if there is no such job."""
+        status, enqueued_at = self.client.hmget(Job.key_for(job_id), "status", "enqueued_at")
+        if status is None:
+            return None, None
+        return JobStatus(status.decode()), str_to_date(enqueued_at) if enqueued_at else None
 
     def _stalled(self, job_id: str) -> bool:
         """A started re-rank that has not taken its generation within `STALLED_AFTER_SECONDS` lost its worker.

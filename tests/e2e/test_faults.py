@@ -61,12 +61,18 @@ def test_redis_killed_and_restarted_during_a_burst(label_studio, project, tmp_pa
         ls.connect_ml_backend(project_id, backend.url, "al-backend")
         backend.wait_for_round(project_id, annotations=0)
         task_ids = [t for t in truth if t != backend.last_round(project_id)["top_task"]][:10]
-        for task_id in task_ids[:5]:
-            annotate(ls, task_id, truth[task_id])
-        redis_server.stop(kill=True)
+        worker = backend.workers[0]
+        os.killpg(worker.pid, signal.SIGSTOP)  # hold the worker: the round for the first five is queued, not done
+        try:
+            for task_id in task_ids[:5]:
+                annotate(ls, task_id, truth[task_id])
+            assert backend.last_round(project_id)["annotations"] == 0
+            redis_server.stop(kill=True)
+        finally:
+            os.killpg(worker.pid, signal.SIGCONT)  # it wakes to a Redis that is gone
         for task_id in task_ids[5:]:  # webhooks now fail: the backend answers 503, Label Studio drops them
             annotate(ls, task_id, truth[task_id])
-        time.sleep(2)
+        time.sleep(2)  # the outage
         redis_server.start()
         last = backend.wait_for_round(project_id, annotations=10, timeout=180)
         assert last["top_task"] not in task_ids
