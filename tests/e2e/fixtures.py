@@ -68,3 +68,13 @@ def secrets_never_logged(backend, label_studio):
     for secret in (label_studio.token, backend.env.get("BASIC_AUTH_PASS")):
         if secret:
             assert secret not in logs
+
+
+def wait_until(condition, what: str, timeout: float) -> None:
+    """Poll `condition` every 0.2 s until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

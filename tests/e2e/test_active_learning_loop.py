@@ -14,7 +14,7 @@ import requests
 from rq import Queue
 from rq.job import Job
 
-from tests.e2e.fixtures import annotate
+from tests.e2e.fixtures import annotate, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -80,10 +80,8 @@ def test_a_burst_of_webhooks_is_reflected_with_few_reranks(backend, project, red
         )
     assert set(statuses) == {201}
     queue = Queue(backend.env["QUEUE_NAME"], connection=client)
-    deadline = time.time() + 120
-    while any(job_id.startswith(f"rerank-{project_id}-") for job_id in queued_or_running(queue)):
-        assert time.time() < deadline, f"rounds still queued or running: {queued_or_running(queue)}"
-        time.sleep(0.2)
+    rounds = f"rerank-{project_id}-"
+    wait_until(lambda: not any(job_id.startswith(rounds) for job_id in queued_or_running(queue)), "rounds to end", 120)
     # without coalescing, 300 rounds; with it, one queued follower, and one more if a round was running
     assert 1 <= int(client.get(generation)) - generation_after_annotations <= 2
     last = backend.last_round(project_id)
@@ -157,10 +155,7 @@ def test_removing_the_backend_stops_the_rounds_and_connecting_it_again_resumes_t
     first, second = [task_id for task_id in truth if task_id != cold["top_task"]][:2]
     annotate(ls, first, truth[first])
 
-    deadline = time.time() + 60
-    while str(project_id) not in backend.metrics()["disconnected"]:
-        assert time.time() < deadline, "the round after the removal did not notice it"
-        time.sleep(0.2)
+    wait_until(lambda: str(project_id) in backend.metrics()["disconnected"], "a round to notice the removal", 60)
     assert "no ML backend" in backend.metrics()["disconnected"][str(project_id)]["reason"]
     client = redis.Redis.from_url(redis_url)
     generation = int(client.get(f"al:rerank:generation:{project_id}") or 0)

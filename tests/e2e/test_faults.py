@@ -12,7 +12,7 @@ from rq import Queue
 from rq.registry import StartedJobRegistry
 
 from tests.conftest import AG_NEWS_CONFIG, RedisServer
-from tests.e2e.fixtures import annotate, start_backend
+from tests.e2e.fixtures import annotate, start_backend, wait_until
 
 pytestmark = pytest.mark.e2e
 FAST_RECOVERY = {"RECONCILE_INTERVAL": "3", "RERANK_LOCK_TIMEOUT": "8"}
@@ -121,15 +121,6 @@ def test_label_studio_stopped_and_started(backend, project, label_studio, redis_
     live_ranking_is_whole(ls, project_id, last["ranked"])
     assert ls.next_task(project_id)["id"] == last["top_task"] != cold["top_task"]
     assert len(queue.failed_job_registry) == 0, "the retried round should have succeeded, not failed for good"
-
-
-def wait_until(condition, what: str, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def predict_body(project_id: int, text: str) -> dict:
