@@ -127,15 +127,17 @@ class FakeLabelStudio:
         assert any(p["model_version"] == version for p in self.predictions), "switch to a version with predictions"
         self.project["model_version"] = version
 
-    def annotate(self, task_id, label):
-        self.tasks[task_id]["annotations"].append(
-            {
-                "id": task_id,
-                "updated_at": "2026-11-23T10:00:00Z",
-                "was_cancelled": False,
-                "result": [{"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": [label]}}],
-            }
-        )
+    def annotate(self, task_id, label, *, skipped=False, updated_at="2026-11-23T10:00:00Z"):
+        """Add an annotation choosing `label` to the task (None: submitted with no choice) and return it."""
+        choice = {"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": [label]}}
+        annotation = {
+            "id": sum(len(task["annotations"]) for task in self.tasks.values()) + 1,
+            "updated_at": updated_at,
+            "was_cancelled": skipped,
+            "result": [] if skipped or label is None else [choice],
+        }
+        self.tasks[task_id]["annotations"].append(annotation)
+        return annotation
 
 
 @pytest.fixture()
@@ -229,6 +231,24 @@ def test_the_next_round_uses_the_new_annotation_and_never_ranks_it(runtime, labe
     ranked = {p["task"] for p in label_studio.predictions if p["model_version"] == second["model_version"]}
     assert first["top_task"] not in ranked and 2 not in ranked
     assert label_studio.task_list_reads == 1  # the task list came from the snapshot the second time
+
+
+def test_skipped_tasks_and_single_choice_annotations_without_a_choice_teach_nothing_and_are_not_ranked(
+    runtime, label_studio
+):
+    label_studio.annotate(1, label_studio.truth[1])
+    label_studio.annotate(2, None, skipped=True)
+    label_studio.annotate(3, None)  # a single choice submitted with nothing ticked
+    summary = rerank("1", runtime, generation=1)
+    assert summary["annotations"] == 1 and summary["unlabelled"] == 57
+    assert {p["task"] for p in label_studio.predictions}.isdisjoint({1, 2, 3})
+
+
+def test_the_projects_own_strategy_and_number_of_ranked_tasks_make_its_round(runtime, label_studio):
+    runtime.registry.save_setup("1", AG_NEWS_CONFIG, {"strategy": "margin", "rank_top_k": 5})
+    summary = rerank("1", runtime, generation=1)
+    assert summary["strategy"] == "MarginSampling()" and summary["ranked"] == 5
+    assert len(label_studio.predictions) == 5
 
 
 def test_a_task_replaced_by_another_is_noticed_though_the_task_count_is_the_same(runtime, label_studio):
@@ -437,6 +457,24 @@ def test_reconciliation_requests_a_round_only_when_label_studio_changed(runtime,
     assert outcome["rerank"] == "enqueued" and outcome["reasons"] == ["annotations, tasks or the label config changed"]
     label_studio.project["model_version"] = ""  # reset from the UI
     assert "model version is ''" in jobs.reconcile_project("1")["reasons"]
+
+
+@pytest.mark.parametrize("change", ["relabelled", "deleted"])
+def test_reconciliation_notices_an_annotation_changed_or_deleted_whose_webhook_was_lost(
+    runtime, label_studio, monkeypatch, change
+):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    label_studio.annotate(3, "World")
+    assert rerank("1", runtime, generation=runtime.queue.start_rerank("1"))["published"]
+    assert jobs.reconcile_project("1") == {"rerank": "not needed"}
+    if change == "relabelled":
+        label_studio.tasks[3]["annotations"] = []
+        label_studio.annotate(3, "Sports", updated_at="2026-11-23T11:00:00Z")
+        label_studio.tasks[3]["annotations"][0]["id"] = 1  # the same annotation, changed
+    else:
+        label_studio.tasks[3]["annotations"] = []
+    outcome = jobs.reconcile_project("1")
+    assert outcome["rerank"] == "enqueued" and outcome["reasons"] == ["annotations, tasks or the label config changed"]
 
 
 def test_reconciliation_notices_ranking_predictions_deleted_from_the_data_manager(runtime, label_studio, monkeypatch):
@@ -854,6 +892,17 @@ def test_cleanup_deletes_older_versions_only_never_one_a_newer_round_is_writing(
     assert jobs.cleanup_versions("1", second) == [first]
     assert set(label_studio.model_versions(1)) == {second, "al-v000099-20991231T000000", "someone-else-v1"}
     assert label_studio.project["model_version"] == second
+
+
+def test_cleanup_keeps_five_heads_and_never_deletes_the_ranking_label_studio_serves(runtime, label_studio, monkeypatch):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    rankings = [rerank("1", runtime, generation=g)["model_version"] for g in range(1, 8)]
+    heads = runtime.artifacts.versions("1")
+    assert len(heads) == 7
+    label_studio.project["model_version"] = rankings[2]  # switched back to an older ranking in the UI
+    assert set(jobs.cleanup_versions("1", rankings[-1])) == set(rankings[:-1]) - {rankings[2]}
+    assert set(label_studio.model_versions(1)) == {rankings[2], rankings[-1]}
+    assert runtime.artifacts.versions("1") == heads[-5:]
 
 
 def test_cleanup_keeps_the_newest_retrieved_predictions_until_newer_ones_are_retrieved(
