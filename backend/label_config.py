@@ -85,7 +85,8 @@ class ClassificationConfig:
                 yield (region.get("value") or {}).get("choices") or []
 
     def text_of(self, task: dict) -> str:
-        """The text a task carries for this config; raise KeyError naming the missing (or null) data key.
+        """The text a task carries for this config; raise KeyError naming the data key when it is missing, null or
+        blank (nothing but white space, or HyperText with no visible text: there is nothing to predict from).
 
         The key may be a path into nested data, as Label Studio reads `value="$meta.text"` or `$pages[0].text`
         (a key holding the dots itself comes first); a template value (`"$title: $body"`) reads each of its fields.
@@ -97,7 +98,11 @@ class ClassificationConfig:
         else:
             text = _field_text(task, self.data_key)
         text = text.encode("utf-8", errors="replace").decode("utf-8")
-        return visible_text(text) if self.object_tag == "HyperText" else text
+        if self.object_tag == "HyperText":
+            text = visible_text(text)
+        if not text.strip():
+            raise KeyError(f"task {task.get('id')!r} has no text to read in data[{self.data_key!r}]: it is blank")
+        return text
 
 
 FIELD = re.compile(r"\$([\w\[\]]+(?:\.[\w\[\]]+)*)")
@@ -123,7 +128,7 @@ def data_value(data: object, key: str) -> object:
     for step in re.findall(r"[^.\[\]]+", key):
         if isinstance(value, dict):
             value = value.get(step)
-        elif isinstance(value, list) and step.isdigit() and int(step) < len(value):
+        elif isinstance(value, list) and step.isascii() and step.isdigit() and int(step) < len(value):
             value = value[int(step)]
         else:
             return None

@@ -110,17 +110,21 @@ def test_a_disconnected_project_is_left_alone_until_connected_again(client, runt
     assert client.get("/metrics").json["disconnected"] == {}
 
 
-def test_predict_returns_one_valid_prediction_per_task_in_order(client):
+def test_predict_returns_one_valid_prediction_per_task_in_order(client, runtime):
+    from backend.label_config import parse_label_config
+    from backend.services.train import zero_shot_artifact
+
     tasks = [ls_task(i, text) for i, text in enumerate(TEXTS, start=10)]
     response = client.post("/predict", json=predict_payload(tasks))
     assert response.status_code == 200
     results = response.json["results"]
-    assert len(results) == len(TEXTS)
-    for result in results:
+    head = zero_shot_artifact(parse_label_config(AG_NEWS_CONFIG), runtime.encoder, None).head  # no annotations yet
+    probs = head.predict_proba(runtime.encoder.encode(TEXTS))
+    for result, p in zip(results, probs, strict=True):
         (region,) = result["result"]
         assert region["from_name"] == "topic" and region["to_name"] == "text" and region["type"] == "choices"
-        assert len(region["value"]["choices"]) == 1 and region["value"]["choices"][0] in AG_NEWS_LABELS
-        assert 0.25 <= result["score"] <= 1.0  # confidence of a 4-way softmax
+        assert region["value"]["choices"] == [AG_NEWS_LABELS[int(np.argmax(p))]]  # the most likely label
+        assert result["score"] == pytest.approx(p.max(), abs=1e-4)  # its probability: >= 1/4 of a 4-way softmax
         assert re.fullmatch(r"al-zero-shot-[0-9a-f]{8}-predict", result["model_version"])  # never a ranking's
     single = client.post("/predict", json=predict_payload([tasks[1]])).json["results"][0]
     assert single["result"] == results[1]["result"]
@@ -155,9 +159,9 @@ def test_predict_multi_label_chooses_each_label_above_one_half_and_scores_the_me
 
 
 def test_a_task_without_the_text_field_gets_an_empty_prediction_not_an_error(client):
-    tasks = [ls_task(1, TEXTS[0]), {"id": 2, "data": {"other": "x"}}]
+    tasks = [ls_task(1, TEXTS[0]), {"id": 2, "data": {"other": "x"}}, ls_task(3, "  ")]
     results = client.post("/predict", json=predict_payload(tasks)).json["results"]
-    assert results[0]["result"] and results[1]["result"] == []
+    assert results[0]["result"] and results[1]["result"] == [] and results[2] == results[1]
 
 
 def test_a_lone_surrogate_in_a_text_is_predicted_not_a_500(client):
@@ -430,7 +434,9 @@ def test_predictions_of_aliased_choices_are_what_label_studio_validates(client):
     from label_studio_sdk.label_interface import LabelInterface
 
     config = AG_NEWS_CONFIG.replace('choice="single"', 'choice="multiple" showInline="true"')
-    config = config.replace('<Choice value="World"/>', '<Choice value="World news" alias="World" hint="Global"/>')
+    for label in AG_NEWS_LABELS:  # every choice aliased: whatever is predicted must be written as its alias
+        config = config.replace(f'<Choice value="{label}"/>', f'<Choice value="{label} news" alias="{label}"/>')
+    assert config.count("alias=") == len(AG_NEWS_LABELS)
     tasks = [ls_task(i, text) for i, text in enumerate(TEXTS, start=1)] + [{"id": 9, "data": {"text": None}}]
     results = client.post("/predict", json=predict_payload(tasks, config)).json["results"]
     assert len(results) == len(tasks) and results[-1]["result"] == []

@@ -1,7 +1,7 @@
 import pytest
 
 from backend.errors import UnsupportedLabelConfig
-from backend.label_config import parse_label_config
+from backend.label_config import parse_label_config, visible_text
 from tests.conftest import AG_NEWS_CONFIG
 
 MULTI = """<View><HyperText name="page" value="$html"/>
@@ -90,7 +90,14 @@ def test_a_hypertext_task_is_read_as_the_annotator_sees_it():
     ],
 )
 def test_any_hypertext_gives_its_visible_text(html, text):
-    assert parse_label_config(MULTI).text_of({"id": 1, "data": {"html": html}}) == text
+    assert visible_text(html) == text
+
+
+@pytest.mark.parametrize(("config", "data"), [(AG_NEWS_CONFIG, {"text": " \n\t"}), (MULTI, {"html": "<p> <br/></p>"})])
+def test_a_blank_text_is_missing_since_there_is_nothing_to_predict_from(config, data):
+    # a blank task ranked would be served first: the model is as unsure as it can be of nothing
+    with pytest.raises(KeyError, match="blank"):
+        parse_label_config(config).text_of({"id": 1, "data": data})
 
 
 def test_the_text_field_may_be_a_path_into_nested_data():
@@ -101,7 +108,8 @@ def test_the_text_field_may_be_a_path_into_nested_data():
     assert config("$meta.text").text_of(task) == "nested"  # as Label Studio's editor reads it (lodash get)
     assert config("$pages[0].text").text_of(task) == "first page"
     assert config("$a.b").text_of(task) == "literal key"  # a key holding the dots itself comes first
-    for missing in ("$meta.title", "$pages[1].text", "$text"):
+    assert config("$pages[²].text").text_of({"id": 2, "data": {"pages": {"²": {"text": "a key"}}}}) == "a key"
+    for missing in ("$meta.title", "$pages[1].text", "$text", "$pages[²].text"):
         with pytest.raises(KeyError, match="has no data"):
             config(missing).text_of(task)
 
