@@ -2,7 +2,7 @@
 
 The SDK sends the key (a legacy `Token` or a personal access token, which it exchanges for access tokens) and
 retries connection errors, 408/409/429 and 5xx twice. Calls the SDK lacks (`/next`, `/model-versions/`) and
-the two reads that must be cheap (task pages, the annotated export) go through the SDK's own authenticated
+the reads that must be cheap (pages of tasks, annotated or not) go through the SDK's own authenticated
 HTTP client and stay plain JSON. Every method returns Label Studio's JSON as dicts and lists. Failures raise
 `LabelStudioUnavailable` (unreachable, timeout, 5xx) or its subclass `LabelStudioRejected` (4xx; `LabelStudioNotFound`
 for 404); messages name the method, the URL path and the status, never the key.
@@ -33,6 +33,24 @@ NEWEST_FIRST = json.dumps({"ordering": ["-tasks:id"]})
 """The task list's `query` parameter (Label Studio's Data Manager query) that lists the newest task first."""
 
 
+ANNOTATED_TASKS = json.dumps(
+    {
+        "filters": {
+            "conjunction": "or",
+            "items": [
+                {"filter": f"filter:tasks:{counter}", "operator": "greater", "type": "Number", "value": 0}
+                for counter in ("total_annotations", "cancelled_annotations")
+            ],
+        },
+        "ordering": ["tasks:id"],
+    }
+)
+"""The task list's `query` that keeps the tasks with an annotation, submitted or skipped, oldest first."""
+ANNOTATED_TASK_FIELDS = "id,data,annotations,result,was_cancelled,updated_at,ground_truth"
+"""`include=` for the annotated tasks: Label Studio applies it to each annotation's fields too, so it names both
+the task's (id, data, annotations) and the annotation's (id, result, was_cancelled, updated_at, ground_truth)."""
+
+
 def ids_above(task_id: int) -> str:
     """The task list's `query` (a Data Manager filter) that keeps the tasks with an id above `task_id`, oldest
     first."""
@@ -46,7 +64,7 @@ bulk prediction import updates the counters of the imported tasks only, instead 
 predictions into a 100,000-task project then take 0.08 s instead of 6.2 s. Run the backend with
 PREDICTION_WRITES=bulk against such a Label Studio."""
 BULK_TIMEOUT = 600.0
-"""Seconds allowed to calls whose cost grows with the project: imports, the export, deleting a model version."""
+"""Seconds allowed to calls whose cost grows with the project: imports, deleting a model version."""
 
 
 class LabelStudioRejected(LabelStudioUnavailable):
@@ -184,10 +202,12 @@ class LabelStudio:
         what an import added, read without reading the tasks that were there before."""
         yield from self._task_pages(project_id, page_size, query=ids_above(task_id))
 
-    def _task_pages(self, project_id: int, page_size: int, query: str = "") -> Iterator[dict]:
+    def _task_pages(
+        self, project_id: int, page_size: int, query: str = "", include: str = TASK_FIELDS, fields: str = "task_only"
+    ) -> Iterator[dict]:
         page, seen = 1, 0
         while True:
-            params = {"project": project_id, "page": page, "page_size": page_size, "include": TASK_FIELDS}
+            params = {"project": project_id, "page": page, "page_size": page_size, "include": include, "fields": fields}
             if query:
                 params["query"] = query
             body = self._raw("GET", "api/tasks/", timeout=max(self.timeout, BULK_TIMEOUT / 5), params=params)
@@ -209,14 +229,18 @@ class LabelStudio:
         body = self._raw("GET", "api/tasks/", params=params)
         return int(body["total"]), int(body["tasks"][0]["id"]) if body["tasks"] else 0
 
-    def iter_annotated_tasks(self, project_id: int) -> Iterator[dict]:
-        """Only the tasks that have annotations (skipped ones too), each with data, annotations and predictions.
+    def iter_annotated_tasks(self, project_id: int, page_size: int = TASK_PAGE_SIZE) -> Iterator[dict]:
+        """Only the tasks that have annotations (skipped ones too), each with id, data and annotations, in id order.
 
-        One call to the JSON export, which leaves out tasks without annotations: its cost follows the number of
-        annotated tasks, not the size of the project.
+        Pages of the task list filtered on Label Studio's annotation counters: the cost follows the number of
+        annotated tasks, not the size of the project, and matches the JSON export's (10,000 annotated tasks:
+        12.6-12.9 s against 14.2-14.3 s), which this replaced because every export also writes its whole result
+        to files in Label Studio's data folder that nothing deletes: a round and a reconciliation a minute made
+        Label Studio's disk grow without end.
         """
-        path = f"api/projects/{project_id}/export"
-        yield from self._raw("GET", path, timeout=BULK_TIMEOUT, params={"exportType": "JSON"})
+        yield from self._task_pages(
+            project_id, page_size, query=ANNOTATED_TASKS, include=ANNOTATED_TASK_FIELDS, fields="all"
+        )
 
     def annotated_tasks(self, project_id: int) -> list[dict]:
         """`iter_annotated_tasks` as a list."""

@@ -151,7 +151,7 @@ class ProjectRegistry:
     def record_shown(self, project: str, shown: dict[int, tuple[str, ...]]) -> None:
         """Per task, the choices of the prediction a round wrote: the pre-annotation an annotator then sees.
 
-        (Label Studio's export lists a task's predictions by id only, and deletes them with their version.)
+        (Label Studio deletes a task's predictions with their version.)
         """
         if shown:
             mapping = {str(task_id): json.dumps(list(choices)) for task_id, choices in shown.items()}

@@ -92,16 +92,21 @@ def test_the_bulk_import_leaves_out_a_prediction_the_label_config_does_not_allow
     assert ls.model_versions(project_id) == {"v": 1}
 
 
-def test_tasks_come_with_their_annotations_and_paging_reaches_the_end(ls, project):
+def test_tasks_come_with_their_annotations_and_paging_reaches_the_end(ls, label_studio, project):
     project_id, task_ids = project
     labelled = {task_ids[3]: "World", task_ids[17]: "Business", task_ids[42]: "Sci/Tech"}
     for task_id, label in labelled.items():
         ls.create_annotation(task_id, topic(label))
     skipped = ls.sdk.annotations.create(task_ids[9], result=[], was_cancelled=True)
 
-    annotated = {task["id"]: task for task in ls.iter_annotated_tasks(project_id)}
-    assert set(annotated) == {*labelled, task_ids[9]}
-    assert annotated[task_ids[9]]["annotations"][0]["was_cancelled"] is True
+    for page_size in (3, 1000):
+        annotated = list(ls.iter_annotated_tasks(project_id, page_size=page_size))
+        assert [task["id"] for task in annotated] == sorted({*labelled, task_ids[9]})
+    by_id = {task["id"]: task for task in annotated}
+    assert by_id[task_ids[9]]["annotations"][0]["was_cancelled"] is True
+    assert by_id[task_ids[3]]["data"]["text"] and by_id[task_ids[3]]["annotations"][0]["result"] == topic("World")
+    exported = list((label_studio.data_dir / "export").glob("*.json"))
+    assert exported == [], f"reading annotations left files in Label Studio's data folder: {exported}"
     for page_size in (7, 10, 1000):  # a short last page, an exact multiple, a single page
         tasks = list(ls.iter_tasks(project_id, page_size=page_size))
         assert [task["id"] for task in tasks] == task_ids
