@@ -30,6 +30,10 @@ WORKER_TTL_SECONDS = 30
 """rq waits for a job at most this less 15 s at a time, and checks whether maintenance is due between waits:
 after Redis comes back, the scheduler and the reconciliations restart within about a minute, not two."""
 
+RESTART_SECONDS = 5
+"""A worker whose loop ended starts again this long after it started at the earliest: an error that ends it at
+once is logged every few seconds, not thousands of times a second."""
+
 REDIS_GONE = (redis.ConnectionError, redis.TimeoutError)
 """Redis restarted, unreachable, or too slow to answer (a failover, a save under memory pressure)."""
 
@@ -56,22 +60,30 @@ def main(argv: list[str] | None = None) -> None:
             maintenance_interval=MAINTENANCE_SECONDS,
             worker_ttl=WORKER_TTL_SECONDS,
         )
+        started = time.monotonic()
         try:
             worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
-            return  # burst finished, or stopped by a signal
+            if args.burst or stop_requested(worker):
+                return  # burst finished, or stopped by a signal
+            # rq's loop also quits, logging why, on a Redis timeout or on any error outside a job (a connection
+            # lost during its maintenance), and returns once its teardown gets through: that is no stop
+            log.warning("the worker's loop ended without being told to stop; starting it again")
         except REDIS_GONE as exc:
             if stop_requested(worker):  # a SIGINT/SIGTERM came first: a stop, no outage
                 log.warning("lost Redis (%s) while stopping; stopped", type(exc).__name__)
                 return
             # rq retries a lost connection while it waits for jobs, not while it watches one run: start over
             log.warning("lost Redis (%s); restarting the worker once it answers", type(exc).__name__)
-            try:
-                if wait_for_redis(runtime.redis, functools.partial(stop_requested, worker)):
-                    continue
-            except StopRequested:  # rq's handler raises it when the signal finds the worker idle
-                pass
-            log.warning("told to stop while waiting for Redis; stopped")
-            return
+        try:
+            until_stopped = functools.partial(stop_requested, worker)
+            if sleep_unless(started + RESTART_SECONDS - time.monotonic(), until_stopped) and wait_for_redis(
+                runtime.redis, until_stopped
+            ):
+                continue
+        except StopRequested:  # rq's handler raises it when the signal finds the worker idle
+            pass
+        log.warning("told to stop while waiting to start again; stopped")
+        return
 
 
 def stop_requested(worker: Worker) -> bool:
@@ -133,11 +145,17 @@ def wait_for_redis(client: redis.Redis, stop_requested: Callable[[], bool], long
             client.ping()
             return True
         except REDIS_GONE:
-            retry_at = time.monotonic() + delay
-            while time.monotonic() < retry_at and not stop_requested():
-                time.sleep(0.1)
+            sleep_unless(delay, stop_requested)
             delay = min(delay * 2, longest_wait)
     return False
+
+
+def sleep_unless(seconds: float, stop_requested: Callable[[], bool]) -> bool:
+    """Sleep `seconds` (none when not positive), waking every 0.1 s to check for a stop: True unless one came."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until and not stop_requested():
+        time.sleep(0.1)
+    return not stop_requested()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from tests.conftest import free_port
 
 def test_the_worker_starts_over_when_redis_times_out_or_drops_the_connection(runtime, monkeypatch):
     monkeypatch.setattr(jobs, "_runtime", runtime)
+    monkeypatch.setattr(worker, "RESTART_SECONDS", 0)
     failures = [redis.TimeoutError("Timeout reading from socket"), redis.ConnectionError("Connection reset")]
     runs = []
 
@@ -29,6 +30,32 @@ def test_the_worker_starts_over_when_redis_times_out_or_drops_the_connection(run
     monkeypatch.setattr(worker, "worker_class_for", lambda device: FlakyWorker)
     worker.main(["--burst", "--no-preload"])  # returns once a run ends normally
     assert len(runs) == 3 and all(run["with_scheduler"] for run in runs)
+
+
+def test_the_worker_starts_over_when_rqs_own_loop_quits_on_a_redis_timeout(runtime, monkeypatch):
+    # rq's work() catches a Redis timeout (or any error) outside a job, logs "quitting" and returns normally
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    monkeypatch.setattr(worker, "RESTART_SECONDS", 0)
+    stalls = [redis.TimeoutError("Timeout reading from socket")]
+
+    def revive_reconciliations(rt):
+        if stalls:
+            raise stalls.pop()
+
+    monkeypatch.setattr(jobs, "revive_reconciliations", revive_reconciliations)
+    runs = []
+
+    class RealWorker(worker.InProcessWorker):
+        def work(self, **kwargs):
+            runs.append(kwargs)
+            if len(runs) > 1:  # started again: stop there, as a SIGTERM would
+                self._stop_requested = True
+                return False
+            return super().work(**kwargs)  # rq's own loop, not in burst mode
+
+    monkeypatch.setattr(worker, "worker_class_for", lambda device: RealWorker)
+    worker.main(["--no-preload"])
+    assert not stalls and len(runs) == 2, "the worker exited when rq's loop quit"
 
 
 def test_a_worker_told_to_stop_stops_when_redis_goes_too(runtime, monkeypatch):
