@@ -429,6 +429,31 @@ def test_a_rerank_that_ended_without_moving_the_generation_does_not_swallow_even
     assert "rerank-3-1" in runtime.queue.queue.get_job_ids()
 
 
+def test_a_burst_that_finds_a_dead_rerank_queues_one_follower(runtime):
+    import threading
+
+    from rq.job import Job, JobStatus
+
+    assert runtime.queue.request_rerank("3", "first") == "enqueued"
+    job = Job.fetch("rerank-3-0", connection=runtime.redis)
+    runtime.queue.queue.remove(job)
+    job.set_status(JobStatus.CANCELED)
+    start, answers = threading.Barrier(16), []
+
+    def event():
+        start.wait()
+        answers.append(runtime.queue.request_rerank("3", "annotation"))
+
+    threads = [threading.Thread(target=event) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(answers) == ["coalesced"] * 15 + ["enqueued"]
+    assert runtime.queue.queue.get_job_ids() == ["rerank-3-1"]
+    assert not runtime.queue.advance_generation("3", 0)  # moved on from 0 already: a late request advances no more
+
+
 def test_predictions_of_aliased_choices_are_what_label_studio_validates(client):
     # Label Studio stores a <Choice>'s alias in results, and its prediction validation takes the aliases only
     from label_studio_sdk.label_interface import LabelInterface

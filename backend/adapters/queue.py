@@ -60,6 +60,14 @@ if generation <= published then generation = published + 1 redis.call('SET', KEY
 return generation
 """
 
+# The generation after a dead job's, only if no one moved on from it yet: a burst of requests that all found the
+# same job dead advance once, and queue one follower between them (the others find its id taken and coalesce).
+ADVANCE_FROM = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then return 0 end
+redis.call('INCR', KEYS[1])
+return 1
+"""
+
 
 def generation_key(project: str) -> str:
     return f"al:rerank:generation:{project}"
@@ -108,6 +116,7 @@ class JobQueue:
         self.job_timeout = job_timeout
         self._publish_if_newer = client.register_script(PUBLISH_IF_NEWER)
         self._next_generation = client.register_script(NEXT_GENERATION)
+        self._advance_from = client.register_script(ADVANCE_FROM)
 
     def request_rerank(self, project: str, reason: str) -> str:
         """Make sure a re-rank of `project` will start after now. Returns "enqueued" or "coalesced"."""
@@ -122,9 +131,13 @@ class JobQueue:
         if status in (*DEAD_STATUSES, JobStatus.FINISHED) or (status == JobStatus.STARTED and self._stalled(job_id)):
             # it died before it took its generation (failed, or its worker was killed), or it finished and the
             # generation counter was lost since (a job takes a new generation as it starts): start the next one
-            self.client.incr(generation_key(project))
+            self.advance_generation(project, generation)
             return self.request_rerank(project, reason)
         return "coalesced"
+
+    def advance_generation(self, project: str, dead: int) -> bool:
+        """Move the project's generation past `dead`, unless another request already did: True if this one did."""
+        return bool(self._advance_from(keys=[generation_key(project)], args=[dead]))
 
     def _lost_in_transit(self, job_id: str, status: JobStatus | None, enqueued_at: datetime | None) -> bool:
         """A re-rank queued `STALLED_AFTER_SECONDS` ago that is neither in the queue nor started: Redis went away
