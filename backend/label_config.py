@@ -68,7 +68,7 @@ class ClassificationConfig:
         """The labels a Label Studio `result` holds for this config's `<Choices>` (the inverse of `result`): those
         of its first region that has any; other controls' regions and unknown values are left out."""
         for choices in self._choice_lists(result):
-            known = tuple(choice for choice in choices if choice in self.labels)
+            known = tuple(choice for choice in choices or () if choice in self.labels)
             if known:
                 return known
         return ()
@@ -76,13 +76,17 @@ class ClassificationConfig:
     def chose_nothing(self, result: object) -> bool:
         """True when a `result` holds no choice at all for this config's `<Choices>` (known or not): with
         `choice="multiple"` that is an annotation saying that none of the labels applies."""
-        return not any(self._choice_lists(result))
+        return isinstance(result, list) and all(choices == [] for choices in self._choice_lists(result))
 
-    def _choice_lists(self, result: object) -> Iterator[list]:
-        """The `choices` list of each region of `result` that belongs to this config's `<Choices>`."""
-        for region in result or []:
+    def _choice_lists(self, result: object) -> Iterator[list[str] | None]:
+        """The `choices` list of each region of `result` that belongs to this config's `<Choices>`, or None for a
+        region of another shape, which says nothing (Label Studio stores any list as a result: an import or an
+        API call may hold `"value": ["A"]` or `"choices": "A"`)."""
+        for region in result if isinstance(result, list) else ():
             if isinstance(region, dict) and region.get("from_name") == self.from_name:
-                yield (region.get("value") or {}).get("choices") or []
+                value = region.get("value") or {}
+                choices = (value.get("choices") or []) if isinstance(value, dict) else None
+                yield [choice for choice in choices if isinstance(choice, str)] if isinstance(choices, list) else None
 
     def text_of(self, task: dict) -> str:
         """The text a task carries for this config; raise KeyError naming the data key when it is missing, null or

@@ -63,6 +63,24 @@ def test_a_newer_annotation_teaches_over_a_ground_truth_one():
     assert taught(tasks, SINGLE) == {1: ("World",)}
 
 
+@pytest.mark.parametrize("config", [SINGLE, MULTI])
+def test_annotations_of_another_shape_teach_nothing_and_fail_no_round(config):
+    # Label Studio only checks that a result is a list: an import or an API call may store any regions
+    def shaped(annotation_id, value):
+        region = {"from_name": "topic", "to_name": "text", "type": "choices", "value": value}
+        return {"id": annotation_id, "updated_at": "2026-01-05", "was_cancelled": False, "result": [region]}
+
+    tasks = [
+        task(1, annotation(10, "2026-01-01", "World"), shaped(11, ["Sports"])),  # the older, sound one teaches
+        task(2, shaped(20, {"choices": "Sports"})),  # a string, not read letter by letter
+        task(3, shaped(30, {"choices": 5})),
+        task(4, shaped(40, {"choices": [{"x": 1}, "Business"]})),
+        task(5, {"id": 50, "updated_at": 7, "result": "World"}, {"id": "51", "updated_at": "2026-01-05", "result": 5}),
+        task(6, annotation(60, "2026-01-01", "Sports")),
+    ]
+    assert taught(tasks, config) == {1: ("World",), 4: ("Business",), 6: ("Sports",)}
+
+
 @pytest.mark.parametrize(("config", "choices"), [(SINGLE, ("Sports",)), (MULTI, ()), (MULTI, ("World", "Sports"))])
 def test_annotations_that_all_teach_the_same_labels_keep_the_zero_shot_head(tiny_bert, config, choices):
     # a head fit on one class alone answers that class for any text, with a confidence of 1: every score of the

@@ -62,11 +62,10 @@ def labelled_tasks(tasks: list[dict], config: ClassificationConfig) -> list[Labe
     """Tasks (Label Studio JSON with `annotations`) carrying a usable annotation; bad tasks are logged, skipped."""
     labelled = []
     for task in tasks:
-        choices = latest_choices(task, config)
-        if choices is None:
-            continue
         try:
-            labelled.append(LabelledTask(int(task["id"]), config.text_of(task), choices))
+            choices = latest_choices(task, config)
+            if choices is not None:
+                labelled.append(LabelledTask(int(task["id"]), config.text_of(task), choices))
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("skipping annotated task: %s", exc)
     return labelled
