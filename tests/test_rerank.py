@@ -965,6 +965,17 @@ def test_a_round_overtaken_while_writing_does_not_switch_the_version(runtime, la
     assert runtime.registry.live_version("1") == first["model_version"]
 
 
+def test_a_failed_version_switch_records_no_pre_annotation_as_shown(runtime, label_studio, monkeypatch):
+    # annotators still see the old version's pre-annotations: a later annotation must not be compared with these
+    def unavailable(project_id, version):
+        raise LabelStudioUnavailable(f"Label Studio PATCH /api/projects/{project_id}/: HTTP 503")
+
+    monkeypatch.setattr(label_studio, "set_model_version", unavailable)
+    with pytest.raises(LabelStudioUnavailable):
+        rerank("1", runtime, generation=1)
+    assert runtime.registry.shown("1", list(label_studio.tasks)) == {}
+
+
 def test_interactive_predictions_never_carry_the_ranking_version(runtime, label_studio):
     from backend.label_config import parse_label_config
 

@@ -138,10 +138,11 @@ def publish(runtime, project: str, generation: int, version: str, state, pool, p
     # version as ours, not as a change from the UI (which would queue another round, for ever). If the PATCH
     # fails, reconciliation sees Label Studio's version differ from this one and re-ranks.
     runtime.registry.set_live_version(project, version)
-    # (a multi-label prediction with no label above 0.5 has no region at all: it shows no choice)
-    shown = {p["task"]: state.config.choices_in(p["result"]) for p in predictions}
-    runtime.registry.record_shown(project, shown)  # the pre-annotations annotators are about to see
     runtime.label_studio.set_model_version(int(project), version)
+    # the pre-annotations annotators see from now on (not before the switch: if it fails, they still see the old
+    # ones); a multi-label prediction with no label above 0.5 has no region at all, it shows no choice
+    shown = {p["task"]: state.config.choices_in(p["result"]) for p in predictions}
+    runtime.registry.record_shown(project, shown)
     runtime.queue.enqueue_cleanup(project, version)
     return True
 
