@@ -302,7 +302,10 @@ def test_events_of_projects_never_set_up_are_not_counted(client, runtime):
     for action in ("PROJECT_CREATED", "ANNOTATION_CREATED", "TASKS_DELETED"):
         assert client.post("/webhook", json={"action": action, "project": {"id": 41}}).status_code == 201
     assert runtime.registry.event_counts("41") == {}
-    assert not runtime.redis.keys("al:project:41*")  # any body posted to /webhook must not make Redis grow
+    assert not runtime.redis.keys("al:project:41*")  # no per-project record until /setup makes one
+    # the events still queue a round (one): it asks Label Studio whether this backend serves the project, as it
+    # does after Redis lost the backend's records, and records it as disconnected otherwise
+    assert runtime.queue.queue.get_job_ids() == ["rerank-41-0"]
 
 
 def test_an_import_keeps_the_task_list_snapshot_and_a_deletion_marks_it_stale(client, runtime):

@@ -795,7 +795,9 @@ def test_a_re_rank_waiting_for_the_lock_yields_to_a_newer_one_instead_of_holding
     outcome = {}
     waiting = threading.Thread(target=lambda: outcome.update(jobs.rerank_project("1")))
     waiting.start()
+    deadline = time.monotonic() + 30
     while runtime.queue.latest_generation("1") < 1:  # the follower started and waits for the lock
+        assert waiting.is_alive() and time.monotonic() < deadline, f"the follower never took a generation: {outcome}"
         time.sleep(0.05)
     runtime.queue.start_rerank("1")  # a newer follower starts on a third worker
     waiting.join(timeout=10)

@@ -78,9 +78,10 @@ def test_a_worker_told_to_stop_stops_when_redis_goes_too(runtime, monkeypatch):
 
 
 def test_a_workers_maintenance_restarts_reconciliations_that_a_failed_one_ended(runtime, monkeypatch):
-    from rq.registry import ScheduledJobRegistry
+    from rq.job import Job
+    from rq.registry import FinishedJobRegistry, ScheduledJobRegistry
 
-    from backend.adapters.queue import reconcile_slot
+    from backend.adapters.queue import SWEEP_KEY, reconcile_slot
 
     monkeypatch.setattr(jobs, "_runtime", runtime)
     for project in ("1", "2", "3"):
@@ -92,6 +93,10 @@ def test_a_workers_maintenance_restarts_reconciliations_that_a_failed_one_ended(
     scheduled = ScheduledJobRegistry(queue=runtime.queue.queue).get_job_ids()
     by_project = sorted(p for p in ("1", "2", "3") for job_id in scheduled if reconcile_slot(p, job_id) is not None)
     assert by_project == ["1", "2"]  # restarted, left as it was (not doubled), left alone
+    # project 3 keeps its records: the maintenance pass also queued the hourly sweep for deleted projects, which ran
+    finished = FinishedJobRegistry(queue=runtime.queue.queue).get_job_ids()
+    ran = [Job.fetch(job_id, connection=runtime.redis).func_name for job_id in finished]
+    assert ran.count("backend.jobs.forget_deleted_projects") == 1 and runtime.redis.exists(SWEEP_KEY)
 
 
 def test_a_worker_waiting_for_redis_stops_when_told_to(runtime, monkeypatch):
