@@ -235,6 +235,22 @@ def test_a_corrupt_artifact_falls_back_to_the_previous_version(tmp_path, caplog,
     assert "v000002 is unreadable" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("array", "shape"), [("weights", (8,)), ("bias", (3,)), ("committee_0_weights", (4, 3)), ("committee_0_bias", ())]
+)
+def test_an_artifact_whose_arrays_do_not_fit_together_falls_back_too(tmp_path, caplog, array, shape):
+    # a file that still reads as a valid npz would otherwise fail inside /predict (a 500), not at load
+    store = ArtifactStore(tmp_path)
+    store.save("7", _artifact(1))
+    store.save("7", _artifact(2))
+    head = store.project_dir("7") / "v000002" / "head.npz"
+    with np.load(head) as stored:
+        arrays = dict(stored)
+    np.savez(head, **(arrays | {array: np.zeros(shape)}))
+    assert store.load_latest("7", ("a", "b"), "enc", False).version == "v000001"
+    assert "v000002 is unreadable" in caplog.text
+
+
 @pytest.mark.parametrize("meta", [b"null", b"[]", b'{"labels": ["a", "b"]}'])
 def test_a_meta_file_that_is_json_but_not_the_artifacts_falls_back_too(tmp_path, caplog, meta):
     store = ArtifactStore(tmp_path)

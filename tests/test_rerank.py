@@ -998,6 +998,26 @@ def test_the_server_keeps_one_head_per_project_not_one_per_version(runtime, labe
     assert len(runtime.predictor._heads) == 1
 
 
+def test_a_head_served_in_place_of_an_unreadable_newest_version_is_replaced_once_it_reads(
+    runtime, label_studio, monkeypatch
+):
+    from backend.label_config import parse_label_config
+    from backend.services import predict as predict_module
+
+    config = parse_label_config(AG_NEWS_CONFIG)
+    first, second = (rerank("1", runtime, generation=g)["model_version"] for g in (1, 2))
+    head = runtime.artifacts.project_dir("1") / runtime.artifacts.versions("1")[-1] / "head.npz"
+    sound = head.read_bytes()
+    head.write_bytes(b"not yet all there")  # e.g. a shared folder that shows the new version half-written
+    fallback = runtime.predictor.artifact_for("1", config)
+    assert fallback.version in first
+    head.write_bytes(sound)
+    assert runtime.predictor.artifact_for("1", config) is fallback  # kept a while: no reload per request
+    later = time.monotonic() + predict_module.FALLBACK_RETRY_SECONDS + 1
+    monkeypatch.setattr(predict_module.time, "monotonic", lambda: later)
+    assert runtime.predictor.artifact_for("1", config).version in second
+
+
 def test_a_round_while_chunks_are_encoding_waits_for_them_and_requeues_a_failed_one(runtime, label_studio, monkeypatch):
     from rq.job import Job, JobStatus
 

@@ -149,3 +149,11 @@ def test_cluster_picks_with_many_clusters():
     points = np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)
     picks = cluster_picks(points, np.arange(300), 70, np.random.default_rng(0))
     assert len(set(picks.tolist())) == 70
+
+
+def test_a_row_with_nan_is_never_the_farthest_and_fails_no_pick():
+    # a broken embedding (NaN) must not end a round: greedy k-center skips it rather than crashing on an empty tie
+    x = normalize_rows(np.random.default_rng(0).normal(size=(12, 4)))
+    x[3] = np.nan
+    picks = greedy_coreset(x, np.arange(1, 12), np.array([0]), 5, np.random.default_rng(1))
+    assert len(set(picks.tolist())) == 5 and 3 not in picks.tolist()

@@ -121,8 +121,10 @@ class ArtifactStore:
         except (zipfile.BadZipFile, EOFError, NotImplementedError) as exc:  # a truncated or garbled file (a full
             # disk, a copy cut short; NotImplementedError: a damaged byte naming an unknown compression method)
             raise ValueError(f"{folder / 'head.npz'} is damaged: {exc}") from exc
-        if head.weights.shape[1] != len(meta["labels"]):
-            raise ValueError(f"head has {head.weights.shape[1]} columns for {len(meta['labels'])} labels")
+        shapes = {(member.weights.shape, member.bias.shape) for member in (head, *committee)}
+        expected = (head.weights.shape[:1] + (len(meta["labels"]),), (len(meta["labels"]),))
+        if shapes != {expected}:  # e.g. a file from another version that still reads as a valid npz
+            raise ValueError(f"head arrays of shapes {sorted(shapes)} for {len(meta['labels'])} labels")
         return HeadArtifact(head, committee, tuple(meta["labels"]), meta["encoder_id"], version, meta.get("round", {}))
 
     def delete_project(self, project: str) -> None:

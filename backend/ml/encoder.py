@@ -157,6 +157,10 @@ class Encoder:
         except (OSError, ValueError) as exc:
             raise ModelUnavailable(f"cannot load encoder MODEL_NAME={model_name!r} from {path!r}: {exc}") from exc
         self.max_length = self._usable_max_length(max_length)
+        # the first call sets the fast tokenizer's truncation and padding to ours (a model's tokenizer.json may
+        # bring others): done here, not by the first requests, which gunicorn's threads could make at once
+        # against the one shared tokenizer (the Rust side refuses: "Already borrowed")
+        self._tokenize(["warm-up"])
         self.dim = int(self.model.config.hidden_size)
         self.last_stats = EncodeStats()
         log.info(

@@ -50,6 +50,7 @@ def max_similarity(queries: np.ndarray, references: np.ndarray) -> np.ndarray:
 
 def argmax_tie_random(values: np.ndarray, rng: np.random.Generator | None = None) -> int:
     """Position of the largest value; ties broken by `rng` (None: the first), so duplicates never favour low ids."""
+    values = np.where(np.isnan(values), -np.inf, values)  # a NaN (a broken embedding) is never the best
     if rng is None:
         return int(np.argmax(values))
     best = np.flatnonzero(values == values.max())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -25,6 +26,9 @@ INTERACTIVE_SUFFIX = "-predict"
 CACHED_HEADS = 256
 """Heads a process keeps in memory (one per project, the most recently used): each is a few hundred kB at most,
 and a long-running server that sees many projects, or many label configs in `/predict` bodies, must not grow."""
+
+FALLBACK_RETRY_SECONDS = 30.0
+"""How long a head loaded in place of an unreadable newest version serves before the newest is tried again."""
 
 
 def model_version(prefix: str, artifact: HeadArtifact) -> str:
@@ -78,15 +82,20 @@ class Predictor:
         versions = self.store.versions(project) if project else []
         newest = versions[-1] if versions else None
         with self._lock:
-            cached_config, cached_version, artifact = self._heads.get(project, (None, None, None))
-            if artifact is None or cached_config != config or cached_version != newest:
+            cached_config, cached_version, artifact, retry_at = self._heads.get(project, (None, None, None, 0.0))
+            stale = cached_config != config or cached_version != newest or time.monotonic() >= retry_at
+            if artifact is None or stale:
                 trained = (
                     self.store.load_latest(project, config.labels, self.encoder.encoder_id, config.multi_label)
                     if versions
                     else None
                 )
                 artifact = trained or zero_shot_artifact(config, self.encoder, self.cache)
-                self._heads[project] = (config, newest, artifact)
+                # a fallback (the newest version unreadable, maybe only for a moment: a shared folder not yet
+                # showing a renamed version) is kept a short while, then the newest is tried again
+                fell_back = newest is not None and (trained is None or trained.version != newest)
+                retry_at = time.monotonic() + FALLBACK_RETRY_SECONDS if fell_back else float("inf")
+                self._heads[project] = (config, newest, artifact, retry_at)
             self._heads.move_to_end(project)
             while len(self._heads) > CACHED_HEADS:
                 self._heads.popitem(last=False)
