@@ -2,7 +2,8 @@
 # Idempotent set-up of a fresh machine: .venv with torch installed first (so the requirements never pull another
 # torch build), the pinned requirements, and redis-server from Debian when missing. Usage: scripts/setup.sh [dev]
 # PyPI's Linux torch bundles CUDA (gigabytes): on a machine without a GPU, TORCH_INDEX_URL=
-# https://download.pytorch.org/whl/cpu takes the CPU build instead.
+# https://download.pytorch.org/whl/cpu adds the index of the CPU build (its 2.13.0+cpu wins over PyPI's 2.13.0; torch's own
+# dependencies still come from PyPI). Leave it unset where pip already finds a CPU wheel (a find-links folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -10,7 +11,7 @@ new_enough='import sys; sys.exit(sys.version_info < (3, 11))'  # the pinned scip
 "$python" -c "$new_enough" || { echo "setup: $("$python" -V 2>&1) is too old; Python 3.11 or newer, e.g. PYTHON=python3.11" >&2; exit 1; }
 # (re)created when missing, older than 3.11, or left without pip by a first run that lacked python3-venv
 { [ -x .venv/bin/pip ] && .venv/bin/python -c "$new_enough"; } 2>/dev/null || "$python" -m venv --clear .venv
-.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
 .venv/bin/pip install -q --disable-pip-version-check -r "requirements${1:+-$1}.txt"
 if ! command -v redis-server >/dev/null; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"

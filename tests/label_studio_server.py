@@ -25,7 +25,7 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BINARIES = ("/work/ls-venv/bin/label-studio", str(ROOT / ".ls-venv/bin/label-studio"))
+DEFAULT_BINARIES = (str(ROOT / ".ls-venv/bin/label-studio"),)
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
 """The legacy API token (`Authorization: Token ...`) of the test user: 40 hex characters, as Label Studio wants."""
 USERNAME = "e2e@example.com"
@@ -34,7 +34,7 @@ START_TIMEOUT = 180.0
 
 
 def label_studio_binary() -> str | None:
-    """`LABEL_STUDIO_BIN` if set (and only it), else /work/ls-venv, else the repo's .ls-venv, else PATH.
+    """`LABEL_STUDIO_BIN` if set (and only it), else the repo's .ls-venv, else PATH.
 
     None when there is none (or `LABEL_STUDIO_BIN` is not an executable file).
     """
