@@ -110,17 +110,21 @@ def test_a_disconnected_project_is_left_alone_until_connected_again(client, runt
     assert client.get("/metrics").json["disconnected"] == {}
 
 
-def test_predict_returns_one_valid_prediction_per_task_in_order(client, runtime):
+def zero_shot_probabilities(runtime, config: str, texts: list[str]) -> np.ndarray:
+    """What the zero-shot head (no annotations yet) gives `texts`, from embeddings as the cache keeps them (fp16)."""
     from backend.label_config import parse_label_config
     from backend.services.train import zero_shot_artifact
 
+    head = zero_shot_artifact(parse_label_config(config), runtime.encoder, None).head
+    return head.predict_proba(runtime.encoder.encode(texts).astype(np.float16).astype(np.float32))
+
+
+def test_predict_returns_one_valid_prediction_per_task_in_order(client, runtime):
     tasks = [ls_task(i, text) for i, text in enumerate(TEXTS, start=10)]
     response = client.post("/predict", json=predict_payload(tasks))
     assert response.status_code == 200
     results = response.json["results"]
-    head = zero_shot_artifact(parse_label_config(AG_NEWS_CONFIG), runtime.encoder, None).head  # no annotations yet
-    cached = runtime.encoder.encode(TEXTS).astype(np.float16).astype(np.float32)  # as the cache keeps them
-    probs = head.predict_proba(cached)
+    probs = zero_shot_probabilities(runtime, AG_NEWS_CONFIG, TEXTS)
     for result, p in zip(results, probs, strict=True):
         (region,) = result["result"]
         assert region["from_name"] == "topic" and region["to_name"] == "text" and region["type"] == "choices"
@@ -146,13 +150,9 @@ def test_zero_shot_predictions_of_other_labels_carry_another_model_version(clien
 
 
 def test_predict_multi_label_chooses_each_label_above_one_half_and_scores_the_mean_certainty(client, runtime):
-    from backend.label_config import parse_label_config
-    from backend.services.train import zero_shot_artifact
-
     config = AG_NEWS_CONFIG.replace('choice="single"', 'choice="multiple"')
     results = client.post("/predict", json=predict_payload([ls_task(i, t) for i, t in enumerate(TEXTS)], config))
-    head = zero_shot_artifact(parse_label_config(config), runtime.encoder, None).head  # no annotations yet
-    probs = head.predict_proba(runtime.encoder.encode(TEXTS).astype(np.float16).astype(np.float32))  # as cached
+    probs = zero_shot_probabilities(runtime, config, TEXTS)
     for result, p in zip(results.json["results"], probs, strict=True):
         chosen = result["result"][0]["value"]["choices"] if result["result"] else []
         assert chosen == [label for label, p_j in zip(AG_NEWS_LABELS, p, strict=True) if p_j >= 0.5]

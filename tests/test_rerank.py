@@ -467,10 +467,10 @@ def test_reconciliation_notices_an_annotation_changed_or_deleted_whose_webhook_w
     label_studio.annotate(3, "World")
     assert rerank("1", runtime, generation=runtime.queue.start_rerank("1"))["published"]
     assert jobs.reconcile_project("1") == {"rerank": "not needed"}
-    if change == "relabelled":
-        label_studio.tasks[3]["annotations"] = []
-        label_studio.annotate(3, "Sports", updated_at="2026-11-23T11:00:00Z")
-        label_studio.tasks[3]["annotations"][0]["id"] = 1  # the same annotation, changed
+    if change == "relabelled":  # the same annotation, changed
+        (annotation,) = label_studio.tasks[3]["annotations"]
+        annotation["result"][0]["value"]["choices"] = ["Sports"]
+        annotation["updated_at"] = "2026-11-23T11:00:00Z"
     else:
         label_studio.tasks[3]["annotations"] = []
     outcome = jobs.reconcile_project("1")
