@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -38,6 +39,14 @@ def _choice(
     value = fold(environ.get(name, "") or default)
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def _device(environ: Mapping[str, str], default: str) -> str:
+    """DEVICE: `auto`, `cpu`, `cuda` or `cuda:N` (case-insensitive); the encoder runs on nothing else."""
+    value = (environ.get("DEVICE", "") or default).strip().lower()
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise ValueError(f"DEVICE must be auto, cpu, cuda or cuda:N (e.g. cuda:1); got {value!r}")
     return value
 
 
@@ -126,7 +135,7 @@ class Settings:
             redis_url=env.get("REDIS_URL", "") or defaults.redis_url,
             queue_name=env.get("QUEUE_NAME", "") or defaults.queue_name,
             model_name=env.get("MODEL_NAME", "") or defaults.model_name,
-            device=env.get("DEVICE", "") or defaults.device,
+            device=_device(env, defaults.device),
             max_length=_int(env, "MAX_LENGTH", defaults.max_length, minimum=8),
             batch_tokens=_int(env, "BATCH_TOKENS", defaults.batch_tokens, minimum=0),
             encoder_dtype=_choice(env, "ENCODER_DTYPE", defaults.encoder_dtype, ENCODER_DTYPES, str.lower),

@@ -136,17 +136,29 @@ def test_predict_returns_one_valid_prediction_per_task_in_order(client, runtime)
     assert single["score"] == pytest.approx(results[1]["score"], abs=1e-5)
 
 
-def test_zero_shot_predictions_of_other_labels_carry_another_model_version(client):
+def test_zero_shot_predictions_of_an_edited_config_carry_another_model_version(client):
     # Label Studio's "Retrieve Predictions" skips tasks that hold a prediction of the version /setup answers:
-    # after a label is renamed, the old labels' zero-shot predictions must not pass for current ones
-    renamed = AG_NEWS_CONFIG.replace('value="Sports"', 'value="Sport"')
+    # after a label is renamed, or the Choices or Text renamed, or the text read from another field, the old
+    # config's zero-shot predictions (other labels, a from_name/to_name the editor no longer has, another text)
+    # must not pass for current ones
+    edits = {
+        "label renamed": ('value="Sports"', 'value="Sport"'),
+        "choices renamed": ('name="topic"', 'name="category"'),
+        "text renamed": ('<Text name="text"', '<Text name="body"'),
+        "other field": ('value="$text"', 'value="$summary"'),
+    }
+    configs = {"before": AG_NEWS_CONFIG} | {name: AG_NEWS_CONFIG.replace(*edit) for name, edit in edits.items()}
+    configs["text renamed"] = configs["text renamed"].replace('toName="text"', 'toName="body"')
+    configs["again"] = AG_NEWS_CONFIG
     versions = {}
-    for name, config in (("before", AG_NEWS_CONFIG), ("renamed", renamed), ("again", AG_NEWS_CONFIG)):
+    for name, config in configs.items():
         answered = client.post("/setup", json=setup_payload(config)).json["model_version"]
-        (predicted,) = client.post("/predict", json=predict_payload([ls_task(1, TEXTS[0])], config)).json["results"]
+        task = {"id": 1, "data": {"text": TEXTS[0], "summary": TEXTS[1]}}
+        (predicted,) = client.post("/predict", json=predict_payload([task], config)).json["results"]
         assert predicted["model_version"] == answered
         versions[name] = answered
-    assert versions["before"] != versions["renamed"] and versions["again"] == versions["before"]
+    assert len({versions[name] for name in ("before", *edits)}) == 1 + len(edits)
+    assert versions["again"] == versions["before"]
 
 
 def test_predict_multi_label_chooses_each_label_above_one_half_and_scores_the_mean_certainty(client, runtime):

@@ -525,6 +525,16 @@ def test_encoder_dtype_setting_is_case_insensitive_and_names_the_choices():
         Settings.from_env({"ENCODER_DTYPE": "int8"})
 
 
+def test_device_setting_accepts_what_the_encoder_can_run_on_and_names_the_choices():
+    from backend.config import Settings
+
+    assert Settings.from_env({"DEVICE": "CUDA:1"}).device == "cuda:1"
+    assert Settings.from_env({"DEVICE": ""}).device == "auto"
+    for wrong in ("gpu", "mps", "cuda:x"):
+        with pytest.raises(ValueError, match=f"DEVICE must be auto, cpu, cuda or cuda:N .*; got '{wrong}'"):
+            Settings.from_env({"DEVICE": wrong})
+
+
 def test_bf16_weights_give_embeddings_close_to_fp32(tiny_bert):
     texts = [row["text"] for row in read_csv("ag_news/test.csv", 40)]
     full = Encoder(tiny_bert, device="cpu", max_length=64, dtype="fp32")

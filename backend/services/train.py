@@ -76,12 +76,17 @@ def zero_shot_artifact(
 ) -> HeadArtifact:
     """Cold start: a head built from the label names (or hints), before any annotation exists.
 
-    Its meta's `zero_shot_of` is a short digest of what it was built from (encoder, labels, their descriptions),
-    so that its predictions carry a model version of their own (`backend.services.predict.model_version`).
+    Its meta's `zero_shot_of` is a short digest of what it was built from (encoder, labels, their descriptions)
+    and of what its predictions name and read (the Choices and text tags, the text's field), so that they carry a
+    model version of their own (`backend.services.predict.model_version`): Label Studio re-asks for predictions
+    only under a version it has not stored, so an edited config must not answer the old config's version.
     """
     label_embeddings = embed_texts(list(config.label_descriptions), encoder, cache)
     head = zero_shot_head(label_embeddings, config.multi_label)
-    built_from = json.dumps([encoder.encoder_id, config.labels, config.label_descriptions, config.multi_label])
+    built_from = json.dumps(
+        [encoder.encoder_id, config.labels, config.label_descriptions, config.multi_label]
+        + [config.from_name, config.to_name, config.text_source]
+    )
     digest = hashlib.blake2b(built_from.encode(), digest_size=4).hexdigest()
     meta = {"kind": "zero-shot", "annotations": 0, "zero_shot_of": digest}
     return HeadArtifact(head, [], config.labels, encoder.encoder_id, meta=meta)
