@@ -11,7 +11,7 @@ import time
 
 import redis
 from flask import Flask, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from backend import __version__
 from backend.errors import BackendError, MalformedRequest, Unauthorized
@@ -167,6 +167,17 @@ def _register_errors(app: Flask) -> None:
             else "try again once Redis is back"
         )
         return jsonify(error="RedisUnavailable", message=message), 503
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def body_too_large(exc: RequestEntityTooLarge):  # e.g. Retrieve Predictions on thousands of selected tasks
+        message = (
+            f"{request.path} body is over the {MAX_BODY_BYTES // 2**20} MiB this backend reads "
+            f"({request.content_length or 'unknown'} bytes); send fewer tasks per request"
+        )
+        log.warning("%s %s: 413 %s", request.method, request.path, message)
+        response = jsonify(error="RequestEntityTooLarge", message=message)
+        response.status = f"413 {reason_phrase(message)}"
+        return response
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

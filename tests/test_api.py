@@ -239,6 +239,18 @@ def test_malformed_bodies_get_a_4xx_naming_the_problem(client, route, body, expe
     assert expected in response.json["message"]
 
 
+def test_a_body_over_the_limit_gets_a_413_naming_the_limit_in_its_reason_phrase(client, monkeypatch):
+    from backend import api
+
+    monkeypatch.setattr(api, "MAX_BODY_BYTES", 2 * 2**20)
+    client.application.config["MAX_CONTENT_LENGTH"] = api.MAX_BODY_BYTES
+    body = json.dumps(predict_payload([ls_task(i, "word " * 50_000) for i in range(10)])).encode()
+    response = client.post("/predict", data=body, content_type="application/json")
+    assert response.status_code == 413
+    assert f"over the 2 MiB this backend reads ({len(body)} bytes)" in response.json["message"]
+    assert "send fewer tasks per request" in response.status  # what Label Studio shows of a refused request
+
+
 def test_strategy_params_are_checked_against_the_backends_default_strategy(settings):
     from dataclasses import replace
 
