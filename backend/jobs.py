@@ -149,25 +149,28 @@ def stop_working_on(rt: Runtime, project: str, gone: ProjectDisconnected, setups
     nothing grows with projects that are gone, and a new project given the same id (SQLite reuses ids) starts
     clean. The generation counters stay: they fence off any job of the old project still queued.
     """
-    if gone.project_deleted:
-        forget_project(rt, project)
+    if gone.project_deleted:  # (a project connected meanwhile under the same id is another one: it starts clean)
+        forget_project_files(rt, project)
     if not rt.registry.disconnect(project, str(gone), setups_seen, forgotten=gone.project_deleted):
         log.info("project %s: connected again while this job found that %s; a round follows", project, gone)
+        if gone.project_deleted:  # the project now under this id connected: its first connection, set up anew
+            rt.registry.forget_all_but_setup(project)
+            rt.queue.enqueue_connect(project)
+            return {"connected_again": str(gone), "connect": "enqueued"}
         return {"connected_again": str(gone), "rerank": rt.queue.request_rerank(project, "connected again")}
     log.warning("project %s: stopped working on it: %s; connecting the backend again resumes", project, gone)
     return {"disconnected": str(gone)}
 
 
-def forget_project(rt: Runtime, project: str) -> None:
-    """Delete the project's task list snapshot, matrix file, head versions, registry entry and encoding
-    progress. Only a job holding the project's round lock calls it (a round, or the sweep of deleted projects): no
-    round is writing them."""
+def forget_project_files(rt: Runtime, project: str) -> None:
+    """Delete the project's task list snapshot, matrix file, head versions and encoding progress (its records in
+    the registry go with its disconnection, unless it was connected again meanwhile). Only a job holding the
+    project's round lock calls it (a round, or the sweep of deleted projects): no round is writing them."""
     rt.snapshots.delete(project)
     rt.matrix_files.delete_project(project)
     rt.artifacts.delete_project(project)
-    rt.registry.forget(project)
     rt.queue.forget_encoding(project)
-    log.info("project %s: deleted in Label Studio; its task list, head versions and records are deleted too", project)
+    log.info("project %s: deleted in Label Studio; its task list, matrix file and head versions are deleted", project)
 
 
 def secure_webhooks(rt: Runtime, project: str) -> int:

@@ -457,6 +457,26 @@ def test_a_rerank_that_ended_without_moving_the_generation_does_not_swallow_even
     assert "rerank-3-1" in runtime.queue.queue.get_job_ids()
 
 
+def test_a_lost_generation_counter_resumes_from_the_published_generation_and_never_recurses(runtime):
+    from rq.job import Job, JobStatus
+
+    from backend.adapters.queue import generation_key
+
+    finished = runtime.redis.pipeline()
+    for generation in range(1500):  # an hour of rounds keeps their job ids as finished (RESULT_TTL)
+        finished.hset(Job.key_for(f"rerank-3-{generation}"), mapping={"status": JobStatus.FINISHED.value})
+    finished.execute()
+    runtime.queue.may_publish("3", 1499)  # the last round published
+    runtime.redis.delete(generation_key("3"))  # then the counter was evicted (allkeys-lru)
+    assert runtime.queue.request_rerank("3", "annotation") == "enqueued"
+    assert runtime.queue.queue.get_job_ids() == ["rerank-3-1500"]  # straight past every finished one
+
+    runtime.queue.queue.empty()
+    runtime.redis.set(generation_key("3"), 0)  # a counter that went back (a restored old dump, say): walked, in
+    assert runtime.queue.request_rerank("3", "annotation") == "enqueued"  # a loop, not 1,500 nested calls
+    assert runtime.queue.queue.get_job_ids() == ["rerank-3-1500"]
+
+
 def test_a_burst_that_finds_a_dead_rerank_queues_one_follower(runtime):
     import threading
 

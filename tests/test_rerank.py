@@ -728,6 +728,34 @@ def test_a_connection_made_while_a_job_finds_the_project_disconnected_stands(run
     assert jobs.rerank_project("1")["published"]  # the round that follows serves the project again
 
 
+def test_a_new_project_connected_under_a_deleted_ones_id_while_a_round_finds_it_deleted_is_set_up_anew(
+    runtime, label_studio, monkeypatch
+):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    runtime.projects.setup(SetupRequest("1", AG_NEWS_CONFIG, extra_params={"rank_top_k": 5}))
+    jobs.connect_project("1")
+    assert jobs.rerank_project("1")["published"]
+    runtime.registry.count_event("1", "ANNOTATION_CREATED")
+    old_undo = runtime.registry.settings_before_connect("1")
+    ask = label_studio.get_project
+
+    def deleted_and_replaced(project_id):  # SQLite gives the next project the deleted one's id; Label Studio
+        runtime.projects.setup(SetupRequest("1", AG_NEWS_CONFIG, extra_params={"rank_top_k": 7}))  # calls /setup
+        label_studio.deleted = True  # for the new project, while the round reads the old one
+        return ask(project_id)
+
+    monkeypatch.setattr(label_studio, "get_project", deleted_and_replaced)
+    outcome = jobs.rerank_project("1")
+    assert "no longer exists" in outcome["connected_again"] and outcome["connect"] == "enqueued"
+    # the new project's /setup stands; the old project's files and records are gone
+    assert runtime.registry.is_connected("1") and not runtime.registry.is_disconnected("1")
+    assert runtime.registry.params("1") == {"rank_top_k": 7} and runtime.registry.label_config("1") == AG_NEWS_CONFIG
+    assert runtime.registry.last_round("1") is None and runtime.registry.event_counts("1") == {}
+    assert old_undo is not None and runtime.registry.settings_before_connect("1") is None  # not the old one's
+    assert runtime.artifacts.versions("1") == [] and runtime.snapshots.load("1") is None
+    assert "connect-1" in runtime.queue.queue.get_job_ids()  # configured as at any first connection
+
+
 def test_a_disconnection_recorded_late_is_undone_by_the_next_round(runtime, label_studio, monkeypatch):
     # a job read the /setup count, Label Studio answered /setup before it listed the new backend, and the job saw
     # no backend: it records the disconnection, which the connect job's round then undoes

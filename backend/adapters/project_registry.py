@@ -18,8 +18,13 @@ DISCONNECT_UNLESS_SET_UP_SINCE = """
 if tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') ~= tonumber(ARGV[2]) then return 0 end
 redis.call('SREM', KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+for i = 4, #KEYS do redis.call('DEL', KEYS[i]) end
 return 1
 """
+"""Disconnect a project unless a /setup came since the caller looked; delete KEYS[4:] (its records) with it."""
+
+SETUP_FIELDS = ("label_config", "params", "setup_at")
+"""What `/setup` stores of a project."""
 
 COUNT_EVENT_IF_CONNECTED = """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
@@ -45,10 +50,8 @@ class ProjectRegistry:
         self.client.hincrby(SETUPS_KEY, project, 1)  # first: a job that read Label Studio before this sees it
         first = bool(self.client.sadd(PROJECTS_KEY, project))
         self.client.hdel(DISCONNECTED_KEY, project)
-        self.client.hset(
-            self.key(project),
-            mapping={"label_config": label_config, "params": json.dumps(params), "setup_at": time.time()},
-        )
+        setup = dict(zip(SETUP_FIELDS, (label_config, json.dumps(params), time.time()), strict=True))
+        self.client.hset(self.key(project), mapping=setup)
         return first
 
     def projects(self) -> list[str]:
@@ -67,16 +70,24 @@ class ProjectRegistry:
         connected the backend again meanwhile, and that connection stands. -> whether the project is disconnected.
 
         Its config, rounds and the settings from before connecting stay, for inspection and for undoing, unless
-        the project was deleted and `forget` has dropped them (`forgotten`).
+        the project was deleted (`forgotten`): then they go in the same step, so that a `/setup` that came since
+        keeps what it stored.
         """
         record = json.dumps({"reason": reason, "at": time.time(), "forgotten": forgotten})
-        keys = [SETUPS_KEY, PROJECTS_KEY, DISCONNECTED_KEY]
+        keys = [SETUPS_KEY, PROJECTS_KEY, DISCONNECTED_KEY] + (self._record_keys(project) if forgotten else [])
         return bool(self._disconnect_unless_set_up_since(keys=keys, args=[project, setups_seen, record]))
 
-    def forget(self, project: str) -> None:
-        """Drop everything kept about `project` (for a project deleted in Label Studio); the `disconnected` entry
-        saying why stays."""
-        self.client.delete(self.key(project), self._events_key(project), self._shown_key(project))
+    def forget_all_but_setup(self, project: str) -> None:
+        """Keep only what `/setup` stored (config, parameters) of `project`: for a project deleted in Label Studio
+        whose id a new project, connected meanwhile, now has."""
+        stale = {field.decode() for field in self.client.hkeys(self.key(project))} - set(SETUP_FIELDS)
+        if stale:
+            self.client.hdel(self.key(project), *stale)
+        self.client.delete(self._events_key(project), self._shown_key(project))
+
+    def _record_keys(self, project: str) -> list[str]:
+        """What is kept about `project`: its config and rounds, event counts, the versions shown to annotators."""
+        return [self.key(project), self._events_key(project), self._shown_key(project)]
 
     def confirm_connected(self, project: str) -> None:
         """Label Studio shows `project` connected: undo a `disconnect` that a slower round recorded after the user

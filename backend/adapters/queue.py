@@ -120,20 +120,30 @@ class JobQueue:
 
     def request_rerank(self, project: str, reason: str) -> str:
         """Make sure a re-rank of `project` will start after now. Returns "enqueued" or "coalesced"."""
-        generation = int(self.client.get(generation_key(project)) or 0)
-        job_id = f"rerank-{project}-{generation}"
-        status, enqueued_at = self._status_and_enqueued_at(job_id)
-        if status in WAITING_STATUSES and not self._lost_in_transit(job_id, status, enqueued_at):
-            return "coalesced"  # a burst's usual path: two Redis reads
-        if status is None and self._enqueue_unique("backend.jobs.rerank_project", job_id, project, reason):
-            return "enqueued"
-        status = self._status(job_id)
-        if status in (*DEAD_STATUSES, JobStatus.FINISHED) or (status == JobStatus.STARTED and self._stalled(job_id)):
+        while True:
+            generation = self._current_generation(project)
+            job_id = f"rerank-{project}-{generation}"
+            status, enqueued_at = self._status_and_enqueued_at(job_id)
+            if status in WAITING_STATUSES and not self._lost_in_transit(job_id, status, enqueued_at):
+                return "coalesced"  # a burst's usual path: two Redis reads
+            if status is None and self._enqueue_unique("backend.jobs.rerank_project", job_id, project, reason):
+                return "enqueued"
+            status = self._status(job_id)
+            dead = status in (*DEAD_STATUSES, JobStatus.FINISHED)
+            if not dead and not (status == JobStatus.STARTED and self._stalled(job_id)):
+                return "coalesced"
             # it died before it took its generation (failed, or its worker was killed), or it finished and the
-            # generation counter was lost since (a job takes a new generation as it starts): start the next one
+            # generation counter was lost since (a job takes a new generation as it starts): try the next one
             self.advance_generation(project, generation)
-            return self.request_rerank(project, reason)
-        return "coalesced"
+
+    def _current_generation(self, project: str) -> int:
+        """The project's generation counter; one that Redis lost (evicted) starts again from the newest generation
+        that published, not from 0, below which every job id may still be kept as finished (for an hour)."""
+        generation = self.client.get(generation_key(project))
+        if generation is None:
+            self.client.set(generation_key(project), self.published_generation(project), nx=True)
+            generation = self.client.get(generation_key(project))
+        return int(generation or 0)
 
     def advance_generation(self, project: str, dead: int) -> bool:
         """Move the project's generation past `dead`, unless another request already did: True if this one did."""
