@@ -75,6 +75,10 @@ def rerank_project(project: str, reason: str = "") -> dict:
             if job is not None:  # the same project gives the same refusal: to the failed registry, no retries
                 job.retries_left = 0
             raise
+        except Exception as failed:
+            if job is None or not job.retries_left:  # its last try: reconciliation backs off (see below)
+                rt.registry.record_failed_round(project, f"{type(failed).__name__}: {failed}")
+            raise
 
 
 LOCK_POLL_SECONDS = 1.0
@@ -318,8 +322,22 @@ def reconcile_project(project: str) -> dict:
     refusal = rt.registry.refusal(project)
     if refusal and (refusal["fingerprint"], refusal["params"]) == (reading.fingerprint, rt.registry.params(project)):
         return {"rerank": "not needed", "refused": refusal["reason"]}  # a round would refuse it again, until it changes
+    failing = rt.registry.failing(project)
+    if failing and time.time() < failing["at"] + failed_round_backoff(failing["rounds"], interval):
+        return {"rerank": "not needed", "failing": failing["reason"]}  # webhooks still queue rounds meanwhile
     log.info("project %s: reconciliation found %s", project, "; ".join(reasons))
     return {"rerank": rt.queue.request_rerank(project, "reconcile: " + "; ".join(reasons)), "reasons": reasons}
+
+
+MAX_FAILED_ROUND_BACKOFF = 3600
+"""The longest reconciliation waits before it queues a round again for a project whose rounds keep failing."""
+
+
+def failed_round_backoff(failed_rounds: int, interval: int) -> float:
+    """Seconds reconciliation waits after the `failed_rounds`-th round in a row failed for good (all retries
+    spent): twice the reconcile interval, doubling with each failure, at most an hour. A round that fails the same
+    way every time (one that outlasts JOB_TIMEOUT, say) is then tried a few times an hour, not at every pass."""
+    return min(MAX_FAILED_ROUND_BACKOFF, max(interval, 1) * 2.0**failed_rounds)
 
 
 def deleted_ranking_predictions(rt: Runtime, project: str, last: dict) -> int:

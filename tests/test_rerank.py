@@ -3,6 +3,7 @@
 The end-to-end tests run the same code against a real Label Studio; these catch breakage in seconds.
 """
 
+import json
 import os
 import time
 from dataclasses import replace
@@ -1187,6 +1188,39 @@ def test_heads_kept_in_memory_are_bounded_and_follow_the_config(runtime, monkeyp
     two_labels = parse_label_config(AG_NEWS_CONFIG.replace('<Choice value="Sports"/>', ""))
     assert runtime.predictor.artifact_for("5", two_labels).labels == two_labels.labels  # not the old config's head
     assert len(runtime.predictor._heads) == 3
+
+
+def test_reconciliation_backs_off_from_a_project_whose_rounds_keep_failing(runtime, label_studio, monkeypatch):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})
+    live = jobs.rerank_project("1")["model_version"]
+
+    def fails(*args, **kwargs):  # e.g. a round that always outlasts JOB_TIMEOUT
+        raise MemoryError("the pool does not fit")
+
+    monkeypatch.setattr(rerank_module, "train_artifact", fails)
+    label_studio.annotate(3, label_studio.truth[3])  # its webhook lost
+    assert jobs.reconcile_project("1")["rerank"] == "enqueued"
+    queue = runtime.queue.queue
+    SimpleWorker([queue], connection=runtime.redis).work(burst=True)  # a first try: rq retries it later
+    assert queue.scheduled_job_registry.get_job_ids() and runtime.registry.failing("1") is None
+    for failed_rounds in (1, 2):
+        with pytest.raises(MemoryError):
+            jobs.rerank_project("1")  # its last try (no retries left)
+        failing = runtime.projects.metrics()["projects"]["1"]["failing"]
+        assert failing["rounds"] == failed_rounds and "MemoryError: the pool does not fit" in failing["reason"]
+        assert jobs.reconcile_project("1") == {"rerank": "not needed", "failing": failing["reason"]}
+        waited = jobs.failed_round_backoff(failed_rounds, runtime.settings.reconcile_interval)
+        assert waited == runtime.settings.reconcile_interval * 2**failed_rounds  # doubling
+        failing["at"] -= waited + 1  # after the back-off, reconciliation tries a round again
+        runtime.redis.hset(runtime.registry.key("1"), "failing", json.dumps(failing))
+        queue.empty()
+        assert jobs.reconcile_project("1")["rerank"] == "enqueued"
+    assert label_studio.project["model_version"] == live  # the previous ranking stayed all along
+    monkeypatch.undo()
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    assert jobs.rerank_project("1")["published"] and runtime.registry.failing("1") is None  # a round ends the run
+    assert jobs.failed_round_backoff(20, 60) == jobs.MAX_FAILED_ROUND_BACKOFF
 
 
 def test_a_label_config_made_unsupported_fails_one_round_without_retries_until_it_changes(

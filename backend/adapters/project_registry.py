@@ -115,9 +115,20 @@ class ProjectRegistry:
         return json.loads(raw) if raw else {}
 
     def record_round(self, project: str, summary: dict) -> None:
-        """The round's summary (shown in /metrics); a round that ran also ends any refusal."""
+        """The round's summary (shown in /metrics); a round that ran also ends any refusal or run of failures."""
         self.client.hset(self.key(project), "last_round", json.dumps(summary))
-        self.client.hdel(self.key(project), "refused")
+        self.client.hdel(self.key(project), "refused", "failing")
+
+    def record_failed_round(self, project: str, reason: str) -> None:
+        """A round failed for good (its retries spent): why, when, and how many in a row."""
+        rounds = (self.failing(project) or {}).get("rounds", 0) + 1
+        failing = {"reason": reason[:500], "at": time.time(), "rounds": rounds}
+        self.client.hset(self.key(project), "failing", json.dumps(failing))
+
+    def failing(self, project: str) -> dict | None:
+        """The last `record_failed_round` since the last round that ran, or None."""
+        raw = self.client.hget(self.key(project), "failing")
+        return json.loads(raw) if raw else None
 
     def record_refusal(self, project: str, reason: str, fingerprint: str) -> None:
         """A round refused the project as it is (see `RoundRefused`): why, and for which state and parameters."""

@@ -83,6 +83,7 @@ class ProjectService:
             projects[project] = {
                 "last_round": self.registry.last_round(project),
                 "refused": self.registry.refusal(project),
+                "failing": self.registry.failing(project),
                 "events": self.registry.event_counts(project),
                 "encoding": self.queue.encoding_progress(project),
             }
