@@ -276,16 +276,25 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated LABEL=NAME: the choice a CSV label stands for (zero-shot uses it), e.g. 0=negative",
     )
     args = parser.parse_args(argv)
-    for option in ("budget", "batch_size", "seeds", "rank_top_k"):
+    for option in ("budget", "batch_size", "seeds", "rank_top_k", "finetune_epochs"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be 1 or more, got {getattr(args, option)}")
     if args.baseline_budget < 0:
         parser.error(f"--baseline-budget must be 0 (the same as --budget) or more, got {args.baseline_budget}")
     if args.random_start < 0 or args.random_start % args.batch_size:
         parser.error(f"--random-start must be 0 or a multiple of --batch-size, got {args.random_start}")
+    if args.max_length < 8:
+        parser.error(f"--max-length must be 8 or more (as MAX_LENGTH), got {args.max_length}")
     names = list(dict.fromkeys(["random", *filter(None, args.strategy.split(","))]))  # each replayed once
     for name in names:
-        strategy_from_spec(name)  # fail before encoding anything
+        try:
+            strategy_from_spec(name)  # fail before encoding anything
+        except ValueError as error:
+            parser.error(f"--strategy {name}: {error}")
+    try:
+        finetune_at = frozenset(int(b) for b in args.finetune_at.split(",") if b)
+    except ValueError:
+        parser.error(f"--finetune-at must be comma-separated label counts, got {args.finetune_at!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -305,7 +314,6 @@ def main(argv: list[str] | None = None) -> None:
     if budgets[-1] < args.budget:
         print(f"the pool has {len(pool_texts)} rows: budgets stop there")
     baseline_budgets = baseline_replay_budgets(budgets, args.baseline_budget, args.batch_size, len(pool_texts))
-    finetune_at = frozenset(int(b) for b in args.finetune_at.split(",") if b)
     if finetune_at - set(budgets):
         parser.error(f"--finetune-at {sorted(finetune_at - set(budgets))} is not among the budgets {budgets}")
     # test rows whose label the pool lacks stay in, as errors: the head cannot predict them (indices past the pool's)

@@ -174,9 +174,21 @@ def test_each_round_ranks_rank_top_k_rows_and_the_annotators_label_the_first_bat
     assert margin["budgets"] == [1, 2, 3]
 
 
-def test_unknown_strategy_fails_before_encoding(tmp_path):
-    with pytest.raises(ValueError, match="known strategies"):
-        main(["--pool", "x.csv", "--test", "y.csv", "--strategy", "nope", "--out", str(tmp_path)])
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (["--strategy", "nope"], "--strategy nope: Unknown strategy 'nope'; known strategies"),
+        (["--strategy", "hybrid:rare_share=2"], "--strategy hybrid:rare_share=2: "),
+        (["--finetune-at", "abc"], "--finetune-at must be comma-separated label counts, got 'abc'"),
+        (["--finetune-epochs", "0"], "--finetune-epochs must be 1 or more, got 0"),
+        (["--max-length", "0"], "--max-length must be 8 or more (as MAX_LENGTH), got 0"),
+    ],
+)
+def test_bad_arguments_fail_with_a_usage_error_before_encoding(tmp_path, capsys, arguments, expected):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--pool", "x.csv", "--test", "y.csv", "--out", str(tmp_path), *arguments])
+    assert exit_.value.code == 2  # argparse's usage error, not a traceback
+    assert expected in capsys.readouterr().err
 
 
 def test_seeds_that_replayed_the_same_picks_count_as_one_curve():
