@@ -145,6 +145,19 @@ def test_normalize_rows_and_max_similarity():
     assert np.all(max_similarity(rows, np.empty((0, 2), np.float32)) == -np.inf)
 
 
+@pytest.mark.parametrize("broken", [np.nan, np.inf])
+def test_a_broken_row_among_the_labelled_or_the_candidates_spoils_no_distance_and_no_pick(broken):
+    # one NaN among the labelled rows made every candidate's distance NaN, and the picks repeat
+    x = np.random.default_rng(0).normal(size=(40, 8))
+    x[2, 0] = x[30, 5] = broken
+    rows = normalize_rows(x)
+    assert np.isfinite(rows).all() and not rows[2].any() and not rows[30].any()
+    picks = greedy_coreset(x, np.arange(5, 40), np.arange(5), 35, np.random.default_rng(1))
+    assert sorted(picks.tolist()) == list(range(5, 40))  # every candidate once
+    picks = cluster_picks(x, np.arange(5, 40), 10, np.random.default_rng(1))
+    assert len(set(picks.tolist())) == 10
+
+
 def test_cluster_picks_with_many_clusters():
     points = np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)
     picks = cluster_picks(points, np.arange(300), 70, np.random.default_rng(0))

@@ -21,11 +21,15 @@ PICK_MODES = ("center", "max_weight")
 
 
 def normalize_rows(embeddings: np.ndarray) -> np.ndarray:
-    """L2-normalise every row as float32; all-zero rows stay zero. (n, d) -> (n, d)"""
+    """L2-normalise every row as float32; all-zero rows stay zero, and so become rows holding a NaN or an
+    infinity, which would otherwise spread into every distance to them. (n, d) -> (n, d)"""
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must have shape (n, d), got {embeddings.shape}")
-    return embeddings * _inverse_norms(embeddings)[:, None]
+    with np.errstate(invalid="ignore"):  # inf * 0: such rows are zeroed below
+        normalized = embeddings * _inverse_norms(embeddings)[:, None]
+    normalized[~np.isfinite(normalized.sum(axis=1))] = 0.0  # (a NaN or infinite norm leaves such rows non-finite)
+    return normalized
 
 
 def _inverse_norms(rows: np.ndarray) -> np.ndarray:
@@ -55,6 +59,11 @@ def argmax_tie_random(values: np.ndarray, rng: np.random.Generator | None = None
         return int(np.argmax(values))
     best = np.flatnonzero(values == values.max())
     return int(best[0]) if len(best) == 1 else int(rng.choice(best))
+
+
+BLANK_DISTANCE = -1.0
+"""What greedy k-center takes a zero row's distance for: below every cosine distance (they lie in [0, 2]), above
+the -inf of the rows already picked."""
 
 
 def greedy_coreset(
@@ -88,12 +97,14 @@ def greedy_coreset(
     if n <= 0:
         return np.empty(0, dtype=np.intp)
     candidates = normalize_rows(embeddings[indices_unlabeled])
-    if len(indices_labeled):
+    blank = ~candidates.any(axis=1)  # a zero vector (a text the model encoded to NaN is cached as one) is no
+    if len(indices_labeled):  # farther from anything than from the rest: picked last, not first
         min_distance = 1.0 - max_similarity(candidates, normalize_rows(embeddings[indices_labeled]))
+        min_distance[blank] = BLANK_DISTANCE
         first = argmax_tie_random(min_distance, rng)
     else:
-        min_distance = np.full(len(candidates), np.inf, dtype=np.float32)
-        first = argmax_tie_random(candidates @ candidates.mean(axis=0), rng)
+        min_distance = np.where(blank, BLANK_DISTANCE, np.inf).astype(np.float32)
+        first = argmax_tie_random(np.where(blank, BLANK_DISTANCE, candidates @ candidates.mean(axis=0)), rng)
     picks = [first]
     while len(picks) < n:
         min_distance = np.minimum(min_distance, 1.0 - candidates @ candidates[picks[-1]])
@@ -128,7 +139,8 @@ def nearest_centers(embeddings: np.ndarray, indices: np.ndarray, centers: np.nda
     for start in range(0, len(indices), step):
         rows = np.asarray(embeddings[indices[start : start + step]], dtype=np.float32)
         inverse_norms = _inverse_norms(rows)
-        squared = center_norms - 2.0 * (rows @ centers.T) * inverse_norms[:, None]  # rows normalised on the fly
+        with np.errstate(invalid="ignore"):  # a broken row (NaN, inf) gets NaN distances: sorted last
+            squared = center_norms - 2.0 * (rows @ centers.T) * inverse_norms[:, None]  # rows normalised on the fly
         labels[start : start + step] = squared.argmin(axis=1)
         distances[start : start + step] = squared.min(axis=1) + (inverse_norms > 0)
     return labels, distances
