@@ -48,6 +48,15 @@ def test_seeding_starts_at_the_largest_gradient_then_samples_by_squared_distance
     assert sorted(picks) == [0, 1, 2, 3]  # once every distance is 0 the rest are drawn uniformly
 
 
+def test_a_row_with_nan_probabilities_is_never_drawn_and_leaves_the_draws_weighted():
+    # one NaN made the sum of distances NaN, and every later pick of the batch uniform
+    x = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    probs = np.array([[0.5, 0.5], [np.nan, np.nan], [1.0, 0.0], [0.6, 0.4]])
+    seconds = [gradient_kmeanspp(x, hypothetical_residuals(probs), 2, np.random.default_rng(s))[1] for s in range(400)]
+    assert 1 not in seconds  # as in the test above, without the twin: row 3 at 0.82, row 2 at 0.5
+    assert abs(np.mean(np.array(seconds) == 3) - 0.82 / 1.32) < 0.09  # 3.7 standard errors
+
+
 def test_seeding_breaks_a_tie_for_the_first_pick_at_random():
     x = np.tile([[1.0, 0.0]], (6, 1))  # six identical, equally uncertain rows
     r = hypothetical_residuals(np.full((6, 2), 0.5))

@@ -71,6 +71,9 @@ def gradient_kmeanspp(embeddings: np.ndarray, residuals: np.ndarray, n: int, rng
 
 
 def _squared_distances_to(j: int, x: np.ndarray, r: np.ndarray, norms: np.ndarray) -> np.ndarray:
-    """||g_i - g_j||² for every candidate i. -> (c,) float64, clipped at 0 against rounding."""
+    """||g_i - g_j||² for every candidate i. -> (c,) float64, clipped at 0 against rounding; 0 for a row
+    holding a NaN or infinity, so it is never drawn and does not turn every later draw uniform."""
     cross = (r @ r[j]).astype(np.float64) * (x @ x[j]).astype(np.float64)
-    return np.maximum(norms + norms[j] - 2.0 * cross, 0.0)
+    squared = norms + norms[j] - 2.0 * cross
+    squared[~np.isfinite(squared)] = 0.0
+    return np.maximum(squared, 0.0)
