@@ -83,6 +83,9 @@ def rerank_project(project: str, reason: str = "") -> dict:
 
 LOCK_POLL_SECONDS = 1.0
 """How often a re-rank waiting for its project's lock checks whether a newer re-rank has started."""
+LOCK_WAIT_SHARE = 0.5
+"""The share of JOB_TIMEOUT a re-rank waits for its project's lock before it fails (and rq retries it later): rq
+counts the timeout from the job's start, so a job that waited it all out would be killed in the middle of its round."""
 
 
 @contextlib.contextmanager
@@ -91,7 +94,7 @@ def round_lock(rt: Runtime, project: str, generation: int) -> Iterator[bool]:
     as a newer generation has started while this one waited. So a busy project ties up two workers at most (the
     round running and the newest follower), not every worker, each waiting on the lock.
 
-    Raises LockError when the lock is not free within JOB_TIMEOUT (rq then retries the job).
+    Raises LockError when the lock is not free within half of JOB_TIMEOUT (rq then retries the job).
     """
     lock = rt.redis.lock(
         f"al:rerank:lock:{project}",
@@ -99,13 +102,13 @@ def round_lock(rt: Runtime, project: str, generation: int) -> Iterator[bool]:
         blocking_timeout=LOCK_POLL_SECONDS,
         thread_local=False,  # `kept_alive` renews it from another thread
     )
-    deadline = time.monotonic() + rt.settings.job_timeout
+    deadline = time.monotonic() + rt.settings.job_timeout * LOCK_WAIT_SHARE
     while not lock.acquire():
         if rt.queue.latest_generation(project) > generation:
             yield False
             return
         if time.monotonic() >= deadline:
-            raise LockError(f"{lock.name} not free within JOB_TIMEOUT={rt.settings.job_timeout} s")
+            raise LockError(f"{lock.name} not free within half of JOB_TIMEOUT={rt.settings.job_timeout} s")
     try:
         with kept_alive(lock):
             yield True
@@ -201,13 +204,13 @@ def secure_webhooks(rt: Runtime, project: str) -> int:
 
 
 def secure_webhooks_or_warn(rt: Runtime, project: str) -> None:
-    """`secure_webhooks`, where a refusal is only logged: reconciliation tries again, and recovers the events
-    that the unsecured webhook's 401s lost meanwhile. It never holds up the project's set-up or its ranking."""
+    """`secure_webhooks`, where a refusal or a timeout is only logged: reconciliation tries again, and recovers the
+    events that the unsecured webhook's 401s lost meanwhile. It never holds up the project's set-up or its ranking."""
     try:
         secure_webhooks(rt, project)
-    except LabelStudioRejected as refused:
+    except LabelStudioUnavailable as refused:
         log.warning(
-            "project %s: Label Studio refused to add the backend's credentials to its webhook: %s", project, refused
+            "project %s: could not add the backend's credentials to its webhook in Label Studio: %s", project, refused
         )
 
 

@@ -503,14 +503,21 @@ def test_a_fully_labelled_project_whose_version_was_reset_is_not_reranked_every_
     assert jobs.reconcile_project("1")["reasons"] == ["annotations, tasks or the label config changed"]
 
 
-@pytest.fixture()
-def webhooks_refused(runtime, label_studio, monkeypatch):
-    """Basic auth on, the jobs on `runtime`, and a Label Studio that refuses (403) to show its webhooks."""
+@pytest.fixture(
+    params=[
+        LabelStudioRejected("Label Studio GET /api/webhooks/: HTTP 403"),
+        LabelStudioUnavailable("Label Studio GET /api/webhooks/ timed out"),
+    ],
+    ids=["refused", "timed out"],
+)
+def webhooks_refused(runtime, label_studio, monkeypatch, request):
+    """Basic auth on, the jobs on `runtime`, and a Label Studio that refuses (403) to show its webhooks, or does
+    not answer in time."""
     monkeypatch.setattr(jobs, "_runtime", runtime)
     runtime.settings = replace(runtime.settings, basic_auth_user="ls", basic_auth_pass="secret")
 
     def refuse(project_id):
-        raise LabelStudioRejected("Label Studio GET /api/webhooks/: HTTP 403")
+        raise request.param
 
     label_studio.webhooks = refuse
 
@@ -540,6 +547,17 @@ def test_reconciliation_configures_the_project_even_when_securing_its_webhook_is
     rerank("1", runtime, generation=runtime.queue.start_rerank("1"))  # the connect job had failed for good
     jobs.reconcile_project("1")
     assert label_studio.project["sampling"] == "Uncertainty sampling"
+
+
+def test_a_rerank_waits_for_its_projects_lock_half_of_job_timeout_then_fails_to_be_retried(runtime):
+    # rq counts JOB_TIMEOUT from the job's start: a job that waited it all out would be killed mid-round
+    runtime.settings = replace(runtime.settings, job_timeout=4)
+    runtime.redis.set("al:rerank:lock:1", "another worker's round")
+    started = time.monotonic()
+    with pytest.raises(redis.exceptions.LockError, match="not free within half of JOB_TIMEOUT=4 s"):
+        with jobs.round_lock(runtime, "1", generation=1):
+            pass
+    assert 2 <= time.monotonic() - started < 4
 
 
 def test_a_round_lock_that_expired_meanwhile_does_not_fail_the_round(runtime):
