@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable
 
@@ -20,6 +22,7 @@ from rq.exceptions import StopRequested
 from backend import jobs
 from backend.config import Settings, writable_model_dir
 from backend.errors import LabelStudioUnavailable
+from backend.local_stack import stop_with_parent
 from backend.logs import configure_logging
 from backend.ml.encoder import pick_device
 
@@ -43,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--burst", action="store_true", help="exit when the queue is empty (tests, batch runs)")
     parser.add_argument("--no-preload", action="store_true", help="do not load the encoder before the first job")
     args = parser.parse_args(argv)
+    os.register_at_fork(before=_remember_forking_process, after_in_child=_stop_with_forking_process)
     settings = Settings.from_env()
     configure_logging(settings)
     writable_model_dir(settings)
@@ -84,6 +88,24 @@ def main(argv: list[str] | None = None) -> None:
             pass
         log.warning("told to stop while waiting to start again; stopped")
         return
+
+
+_forking_pid = 0
+
+
+def _remember_forking_process() -> None:
+    global _forking_pid
+    _forking_pid = os.getpid()
+
+
+def _stop_with_forking_process() -> None:
+    """In every process the worker forks (rq's scheduler, the work-horse of a job): get SIGTERM when the worker
+    dies, even by SIGKILL. Otherwise a killed worker's scheduler lives on, holding the scheduler lock and the
+    worker's Redis connection, on which a job waited for may still be handed over and then never run (until
+    reconciliation queues the round again, a minute later)."""
+    stop_with_parent()
+    if os.getppid() != _forking_pid:  # it died before the line above: nothing would send the signal
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def stop_requested(worker: Worker) -> bool:

@@ -89,12 +89,18 @@ def test_a_worker_that_dies_is_started_again_wherever_the_server_was_started_fro
     server, redis_url, log_path = start_stack_with_worker(tiny_bert, tmp_path, cwd=elsewhere)
     try:
         time.sleep(GIVE_UP_WITHIN_SECONDS)  # a child that fails sooner after its start is left down
-        os.kill(worker_pid(log_path), signal.SIGKILL)  # e.g. the OOM killer
+        killed = worker_pid(log_path)
+        forked = child_pids(killed)  # rq's scheduler, forked at the worker's start
+        assert forked
+        os.kill(killed, signal.SIGKILL)  # e.g. the OOM killer
         deadline = time.monotonic() + 60
         while log_path.read_text().count("worker listening") < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
         output = log_path.read_text()
         assert "worker exited with code -9; starting it again" in output and output.count("worker listening") == 2
+        # the killed worker's scheduler went with it: left alive it held the scheduler lock, and the worker's
+        # Redis connection, on which a job could be handed over and never run
+        assert not [pid for pid in forked if _alive(pid)]
     finally:
         os.killpg(server.pid, signal.SIGINT)
         server.wait(timeout=60)
@@ -136,6 +142,12 @@ def test_an_unwritable_model_dir_is_named_at_start(settings, tmp_path):
     with pytest.raises(SystemExit, match=f"MODEL_DIR={tmp_path}/file/models is not a folder this process"):
         writable_model_dir(replace(settings, model_dir=str(tmp_path / "file" / "models")))
     assert writable_model_dir(replace(settings, model_dir=str(tmp_path / "new"))).is_dir()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes `pid` forked (Linux: /proc/PID/task/*/children)."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return [int(child) for task in tasks for child in (task / "children").read_text().split()]
 
 
 def worker_pid(log_path: Path) -> int:
