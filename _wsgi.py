@@ -21,6 +21,8 @@ configure_logging(settings)
 runtime = Runtime(settings)
 app = create_app(runtime)
 log = logging.getLogger("al-backend")
+if settings.reranking_unavailable:
+    log.warning("%s", settings.reranking_unavailable)
 
 if __name__ != "__main__":  # imported by gunicorn: load the encoder before this worker takes requests, so that
     runtime.encoder  # noqa: B018 - Label Studio's first /setup (3 s timeout) never waits for it

@@ -151,6 +151,17 @@ class Settings:
         )
 
     @property
+    def reranking_unavailable(self) -> str:
+        """Why the workers cannot re-rank (they reach Label Studio with LABEL_STUDIO_URL and _API_KEY); "" when
+        they can. Without them the backend only answers /predict."""
+        if self.label_studio_url and self.label_studio_api_key:
+            return ""
+        return (
+            "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set for re-ranking "
+            "(the key is in Label Studio under Account & Settings); until then the backend only answers /predict"
+        )
+
+    @property
     def basic_auth_enabled(self) -> bool:
         return bool(self.basic_auth_user and self.basic_auth_pass)
 

@@ -75,16 +75,19 @@ class Runtime:
 
     @functools.cached_property
     def projects(self) -> ProjectService:
-        return ProjectService(self.registry, self.queue, self.snapshots, self.settings.reconcile_interval)
+        return ProjectService(
+            self.registry,
+            self.queue,
+            self.snapshots,
+            self.settings.reconcile_interval,
+            self.settings.reranking_unavailable,
+        )
 
     @functools.cached_property
     def label_studio(self):
         """The Label Studio API client (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)."""
         from backend.adapters.label_studio import LabelStudio
 
-        if not (self.settings.label_studio_url and self.settings.label_studio_api_key):
-            raise LabelStudioUnavailable(
-                "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set for re-ranking "
-                "(the key is in Label Studio under Account & Settings)"
-            )
+        if self.settings.reranking_unavailable:
+            raise LabelStudioUnavailable(self.settings.reranking_unavailable)
         return LabelStudio(self.settings.label_studio_url, self.settings.label_studio_api_key)

@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_preload:
         preload(runtime)
     log.info("worker listening on %s (queue %r)", settings.redis_url.split("@")[-1], settings.queue_name)
+    if settings.reranking_unavailable:  # its jobs fail, retried and then kept in rq's failed registry
+        log.warning("%s", settings.reranking_unavailable)
     while True:
         # Maintenance every minute, not rq's ten, and a wait for jobs short enough to get to it on time: a dead
         # worker's scheduler lock and abandoned jobs are taken over that much sooner.

@@ -323,6 +323,21 @@ def test_metrics_lists_projects_and_their_events(client):
     assert body["queue_length"] >= 1
 
 
+def test_metrics_say_whether_the_workers_can_rerank(settings):
+    from dataclasses import replace
+
+    from backend.api import create_app
+    from backend.runtime import Runtime
+
+    def reranking(**changes) -> str:
+        return create_app(Runtime(replace(settings, **changes))).test_client().get("/metrics").json["reranking"]
+
+    assert reranking(label_studio_url="http://ls:8080", label_studio_api_key="key") == "on"
+    for missing in ({"label_studio_api_key": ""}, {"label_studio_url": ""}):
+        why = reranking(**({"label_studio_url": "http://ls:8080", "label_studio_api_key": "key"} | missing))
+        assert why.startswith("off: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set for re-ranking")
+
+
 def test_events_of_projects_never_set_up_are_not_counted(client, runtime):
     for action in ("PROJECT_CREATED", "ANNOTATION_CREATED", "TASKS_DELETED"):
         assert client.post("/webhook", json={"action": action, "project": {"id": 41}}).status_code == 201

@@ -26,6 +26,8 @@ class ProjectService:
     queue: JobQueue
     snapshots: TaskSnapshots
     reconcile_interval: int = 60
+    reranking_unavailable: str = ""
+    """Why the workers cannot re-rank (`Settings.reranking_unavailable`), shown in /metrics; "" when they can."""
 
     def setup(self, request: SetupRequest) -> None:
         """Remember the project's config; on first connection queue its set-up and cold-start ranking.
@@ -88,6 +90,7 @@ class ProjectService:
                 "encoding": self.queue.encoding_progress(project),
             }
         return {
+            "reranking": f"off: {self.reranking_unavailable}" if self.reranking_unavailable else "on",
             "queue_length": self.queue.length(),
             "projects": projects,
             "disconnected": self.registry.disconnected(),
