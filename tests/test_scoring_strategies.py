@@ -147,6 +147,19 @@ def test_committee_strategies_fall_back_to_margin():
         assert get_strategy(name).select(pool, 6, np.random.default_rng(1)).tolist() == margin_picks.tolist()
 
 
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_committee_strategies_score_in_blocks_as_in_one_piece(monkeypatch, multi_label):
+    from backend.scoring import strategies
+
+    pool = make_pool(n=200, multi_label=multi_label)
+    for name in ("vote_entropy", "bald"):
+        whole = get_strategy(name).select(pool, 20, np.random.default_rng(1))  # 188 unlabelled rows: one block
+        monkeypatch.setattr(strategies, "COMMITTEE_BLOCK_ROWS", 7)  # many blocks, the last one partial
+        blocks = get_strategy(name).select(pool, 20, np.random.default_rng(1))
+        monkeypatch.undo()
+        assert blocks.tolist() == whole.tolist()  # the same scores, so the same picks and ties broken alike
+
+
 def test_committee_of_the_wrong_shape_is_refused():
     pool = make_pool()
     bad = Pool(pool.embeddings, pool.probs, pool.labeled, committee_probs=np.ones((2, 5, 3)))

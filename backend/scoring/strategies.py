@@ -164,6 +164,11 @@ class EntropySampling(UncertaintySampling):
     measure = staticmethod(entropy)
 
 
+COMMITTEE_BLOCK_ROWS = 32_768
+"""Rows a committee measure scores at a time: its float64 copies of the committee's probabilities stay a few tens
+of MB (5 heads, 77 labels) whatever the pool, instead of gigabytes for a million tasks."""
+
+
 class CommitteeSampling(QueryStrategy):
     """Disagreement of the bootstrap heads in `pool.committee_probs`; margin on `pool.probs` without a committee."""
 
@@ -176,7 +181,12 @@ class CommitteeSampling(QueryStrategy):
             committee = np.asarray(pool.committee_probs)
             if committee.ndim != 3 or committee.shape[1:] != pool.probs.shape:
                 raise ValueError(f"committee_probs must have shape (m, {pool.probs.shape}), got {committee.shape}")
-            scores = committee_scores(committee[:, unlabeled], pool.multi_label, type(self).measure)
+            scores = np.concatenate(
+                [
+                    committee_scores(committee[:, block], pool.multi_label, type(self).measure)
+                    for block in np.array_split(unlabeled, max(1, -(-len(unlabeled) // COMMITTEE_BLOCK_ROWS)))
+                ]
+            )
         return unlabeled[top_indices(scores, n, rng)]
 
 
