@@ -49,7 +49,29 @@ def test_a_huge_text_is_cut_before_the_tokenizer_reads_it_with_the_same_ids(enco
 
     monkeypatch.setattr(encoder, "tokenizer", tokenizer_spy)
     assert encoder.token_ids([huge, "short"]) == [expected[0], tokenizer(["short"])["input_ids"][0]]
-    assert lengths == [encoder.max_length * 100, 5]
+    cut = encoder.max_length * 100
+    assert cut - len("markets ") < lengths[0] < cut and huge[lengths[0]] == " " and lengths[1:] == [5]  # at a space
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        ("x" * 101 + " ") * 300,  # words WordPiece makes one [UNK] of: the cut leaves too few tokens
+        ("markets " * 1000 + "y" * 120 + " ") * 30,  # the cut falls inside a long word, among the kept tokens
+        "z" * 40_000,  # one word longer than the cut
+    ],
+)
+def test_a_cut_text_gives_the_ids_of_the_whole_text(encoder, text):
+    expected = encoder.tokenizer([text], truncation=True, max_length=encoder.max_length)["input_ids"]
+    assert encoder.token_ids([text]) == expected
+
+
+def test_a_tokenizer_that_keeps_the_end_of_a_long_text_gets_it_whole(encoder, monkeypatch):
+    monkeypatch.setattr(encoder.tokenizer, "truncation_side", "left")
+    text = "markets rallied " * 2000 + "the lazy dog"  # longer than the cut
+    expected = encoder.tokenizer([text], truncation=True, max_length=encoder.max_length)["input_ids"]
+    assert encoder.token_ids([text]) == expected  # its own truncation: the end, "... the lazy dog [SEP]"
+    assert encoder.tokenizer.decode(expected[0], skip_special_tokens=True).endswith("lazy dog")
 
 
 def test_encoder_batches_respect_the_token_budget(encoder):
@@ -441,6 +463,20 @@ def test_positions_a_roberta_style_model_reserves_for_padding_are_not_used(tiny_
     encoder = Encoder(str(folder), device="cpu", max_length=600)
     assert encoder.max_length == 64  # positions 0 and 1 are the padding's
     assert encoder.encode(["word " * 400]).shape == (1, 32)  # no "index out of range"
+
+
+def test_positions_of_a_model_type_told_by_its_embeddings_not_its_name_are_not_used(tiny_bert, tmp_path):
+    from transformers import RobertaPreLayerNormConfig, RobertaPreLayerNormModel
+
+    shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    positions = dict(max_position_embeddings=66, pad_token_id=1)
+    folder = tiny_model_of(
+        tiny_bert, tmp_path / "prelayernorm", RobertaPreLayerNormModel, RobertaPreLayerNormConfig, **shape, **positions
+    )
+    encoder = Encoder(str(folder), device="cpu", max_length=600)
+    assert encoder.max_length == 64
+    assert encoder.encode(["word " * 400]).shape == (1, 32)
+    assert Encoder(tiny_bert, device="cpu", max_length=600)._padding_position() is None  # BERT: all positions
 
 
 def test_weights_changed_only_in_the_middle_of_the_file_change_the_fingerprint(tmp_path):

@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,11 +31,22 @@ AUTO_BATCH_TOKENS = {"cpu": 4096, "cuda": 65536}
 """Padded tokens per batch when BATCH_TOKENS=0: small batches waste less padding on CPU; GPUs want big ones."""
 CHARS_PER_TOKEN_BOUND = 100
 """Characters kept per token of `max_length` before tokenising: WordPiece gives up on a word longer than 100
-characters ([UNK]) and prose averages 4-6 characters a token, so the cut never reaches the tokens that are kept."""
-PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "data2vec-text", "xmod"}
-"""Model types whose position ids start after the padding id: pad_token_id + 1 of their positions are not usable."""
+characters ([UNK]) and prose averages 4-6 characters a token, so the cut rarely reaches the tokens that are kept
+(it is made at a white space, and a text cut too short is read whole: see `Encoder.token_ids`)."""
+LAST_WORD = re.compile(r"\s\S*\Z")
+"""The last white space of a text and the (maybe cut) word after it."""
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """ENCODER_DTYPE's values besides `auto`: the dtype the encoder's weights are cast to."""
+
+
+def cut_at_white_space(text: str, longest: int) -> str:
+    """`text` when it has at most `longest` characters, else its start up to the last white space there (all of
+    the `longest` when there is none: one word that long is [UNK] whole or cut)."""
+    if len(text) <= longest:
+        return text
+    piece = text[:longest]
+    last_word = LAST_WORD.search(piece)
+    return piece[: last_word.start()] if last_word else piece
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -180,13 +192,22 @@ class Encoder:
     def _usable_max_length(self, requested: int) -> int:
         """`requested`, or less when the model has fewer positions (longer inputs would fail in the forward pass)."""
         positions = getattr(self.model.config, "max_position_embeddings", None)
-        if positions and self.model.config.model_type in PADDING_OFFSET_POSITIONS:
-            positions -= (self.model.config.pad_token_id or 0) + 1
+        if positions and (padding := self._padding_position()) is not None:
+            positions -= padding + 1
         limits = (positions, self.tokenizer.model_max_length)
         usable = min([requested, *(limit for limit in limits if isinstance(limit, int) and 0 < limit < 10**6)])
         if usable < requested:
             log.warning("MAX_LENGTH=%d is more than %s takes; using %d", requested, self.model_name, usable)
         return usable
+
+    def _padding_position(self) -> int | None:
+        """The padding id, for a model whose position ids start after it (RoBERTa and its kind: XLM-R, MPNet, ...,
+        told by their position embeddings' `padding_idx`), whose first positions are then not usable; else None."""
+        embeddings = getattr(self.model, "embeddings", None)
+        padding = getattr(embeddings, "padding_idx", None)
+        if padding is None:
+            padding = getattr(getattr(embeddings, "position_embeddings", None), "padding_idx", None)
+        return padding
 
     @property
     def encoder_id(self) -> str:
@@ -222,12 +243,16 @@ class Encoder:
         """Token ids of each text, with special tokens, cut at `max_length`.
 
         The tokenizer reads a whole text before it truncates (a 5 MB document: ~4 s), so a text is first cut at
-        `CHARS_PER_TOKEN_BOUND` characters per token it may keep: the ids are the same, in a fraction of the time.
+        `CHARS_PER_TOKEN_BOUND` characters per token it may keep, at a white space (a word cut in two would make
+        other tokens): the ids are the same, in a fraction of the time. (Not for a tokenizer that keeps the end.)
         """
         longest = self.max_length * CHARS_PER_TOKEN_BOUND
-        ids = self._tokenize([text[:longest] for text in texts])
+        if getattr(self.tokenizer, "truncation_side", "right") == "left":
+            longest = max(map(len, texts), default=0)
+        ids = self._tokenize([cut_at_white_space(text, longest) for text in texts])
         # a cut text that still fills fewer than max_length tokens was mostly characters that make none (runs of
-        # spaces, zero-width or stripped accents): what follows the cut counts, so it is read whole
+        # spaces, zero-width or stripped accents) or long words that make one ([UNK]): what follows the cut
+        # counts, so it is read whole
         whole = [i for i, text in enumerate(texts) if len(text) > longest and len(ids[i]) < self.max_length]
         for i, text_ids in zip(whole, self._tokenize([texts[i] for i in whole]) if whole else [], strict=True):
             ids[i] = text_ids
