@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import os
 import platform
 import resource
@@ -111,7 +112,8 @@ def random_model_folder(shape: str, tokenizer_path: str | None) -> str:
         raise SystemExit(f"--model random:<shape>: shape must be one of {', '.join(RANDOM_SHAPES)}, got {shape!r}")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or resolve_model_path(DEFAULT_MODEL_NAME))
     dims = "-".join(str(value) for value in RANDOM_SHAPES[shape].values())
-    folder = Path(tempfile.gettempdir()) / f"al-backend-random-{shape}-{dims}-{tokenizer.vocab_size}"
+    source = hashlib.blake2b(str(tokenizer.name_or_path).encode(), digest_size=4).hexdigest()  # vocabularies
+    folder = Path(tempfile.gettempdir()) / f"al-backend-random-{shape}-{dims}-{tokenizer.vocab_size}-{source}"
     if not folder.is_dir():  # saved aside and renamed: an interrupted save leaves no folder that looks whole
         config = BertConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=512, **RANDOM_SHAPES[shape])
         partial = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
@@ -176,7 +178,7 @@ def bench_encode(args: argparse.Namespace) -> None:
     print(f"cpu={platform.processor() or platform.machine()} cores={os.cpu_count()}")
     print(
         f"texts={best.texts} tokens/text: mean={np.mean(lengths):.1f} median={np.median(lengths):.0f} "
-        f"max={max(lengths)} (max_length={args.max_length})"
+        f"max={max(lengths)} (max_length={encoder.max_length})"
     )
     print(
         f"batch_tokens={encoder.batch_tokens} batches={best.batches} padding_overhead="
