@@ -121,8 +121,12 @@ def stop_with_parent() -> None:
     """Run in a child before it starts: on Linux, the child gets SIGTERM when the server that started it dies,
     even by SIGKILL or the OOM killer, where no atexit handler runs (a later `run.sh` would find the old worker
     and Redis still there). Elsewhere it does nothing."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+"""The C library, looked up once at import: not in a child just forked from a process with threads."""
 
 
 @dataclass

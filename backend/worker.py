@@ -10,7 +10,6 @@ import argparse
 import functools
 import logging
 import os
-import signal
 import time
 from collections.abc import Callable
 
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--burst", action="store_true", help="exit when the queue is empty (tests, batch runs)")
     parser.add_argument("--no-preload", action="store_true", help="do not load the encoder before the first job")
     args = parser.parse_args(argv)
-    os.register_at_fork(before=_remember_forking_process, after_in_child=_stop_with_forking_process)
+    register_fork_hooks()
     settings = Settings.from_env()
     configure_logging(settings)
     writable_model_dir(settings)
@@ -93,6 +92,19 @@ def main(argv: list[str] | None = None) -> None:
 
 
 _forking_pid = 0
+_fork_hooks_registered = False
+
+
+def register_fork_hooks() -> None:
+    """Once per process: every process the worker forks (rq's scheduler, the work-horse of a job) gets SIGTERM
+    when the worker dies, even by SIGKILL. Otherwise a killed worker's scheduler lives on, holding the scheduler
+    lock and the worker's Redis connection, on which a job waited for may still be handed over and then never run
+    (until reconciliation queues the round again, a minute later). rq forks both from the worker's main thread,
+    whose end is what the kernel's parent-death signal watches."""
+    global _fork_hooks_registered
+    if not _fork_hooks_registered:
+        os.register_at_fork(before=_remember_forking_process, after_in_child=_stop_with_forking_process)
+        _fork_hooks_registered = True
 
 
 def _remember_forking_process() -> None:
@@ -101,13 +113,9 @@ def _remember_forking_process() -> None:
 
 
 def _stop_with_forking_process() -> None:
-    """In every process the worker forks (rq's scheduler, the work-horse of a job): get SIGTERM when the worker
-    dies, even by SIGKILL. Otherwise a killed worker's scheduler lives on, holding the scheduler lock and the
-    worker's Redis connection, on which a job waited for may still be handed over and then never run (until
-    reconciliation queues the round again, a minute later)."""
     stop_with_parent()
-    if os.getppid() != _forking_pid:  # it died before the line above: nothing would send the signal
-        os.kill(os.getpid(), signal.SIGTERM)
+    if os.getppid() != _forking_pid:  # the worker died before the line above: nothing would send the signal,
+        os._exit(1)  # and the worker's own SIGTERM handler, inherited, would only ask the child to stop
 
 
 def stop_requested(worker: Worker) -> bool:
