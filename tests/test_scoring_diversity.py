@@ -158,6 +158,15 @@ def test_a_broken_row_among_the_labelled_or_the_candidates_spoils_no_distance_an
     assert len(set(picks.tolist())) == 10
 
 
+def test_a_zero_row_is_never_a_clusters_pick_before_its_members():
+    # a text the model encoded to NaN is cached as zeros: |c|² from every center, nearer than most members of a
+    # loose cluster (here: random directions in 32 dimensions), which made it the cluster's pick
+    x = np.random.default_rng(0).normal(size=(400, 32)).astype(np.float32)
+    x[17] = 0.0
+    for seed in range(20):
+        assert 17 not in cluster_picks(x, np.arange(400), 5, np.random.default_rng(seed)).tolist()
+
+
 def test_cluster_picks_with_many_clusters():
     points = np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)
     picks = cluster_picks(points, np.arange(300), 70, np.random.default_rng(0))

@@ -131,6 +131,8 @@ def nearest_centers(embeddings: np.ndarray, indices: np.ndarray, centers: np.nda
     """Nearest center (Euclidean, on normalised rows) of each row in `indices`, in blocks.
 
     (c,) indices, (k, d) centers -> labels (c,) int, squared distances (c,) float32. Cost O(c·k·d).
+    A zero row (what a text the model encoded to NaN is cached as) is at an infinite distance from every center,
+    so it is never the one nearest a center: it would be |c|² away, nearer than most members of a loose cluster.
     """
     labels = np.empty(len(indices), dtype=np.intp)
     distances = np.empty(len(indices), dtype=np.float32)
@@ -142,7 +144,7 @@ def nearest_centers(embeddings: np.ndarray, indices: np.ndarray, centers: np.nda
         with np.errstate(invalid="ignore"):  # a broken row (NaN, inf) gets NaN distances: sorted last
             squared = center_norms - 2.0 * (rows @ centers.T) * inverse_norms[:, None]  # rows normalised on the fly
         labels[start : start + step] = squared.argmin(axis=1)
-        distances[start : start + step] = squared.min(axis=1) + (inverse_norms > 0)
+        distances[start : start + step] = np.where(inverse_norms > 0, squared.min(axis=1) + 1.0, np.inf)
     return labels, distances
 
 
