@@ -153,8 +153,9 @@ def stop_working_on(rt: Runtime, project: str, gone: ProjectDisconnected, setups
     A new `/setup` (connecting the backend to the project again) undoes this; one that came while this job read
     Label Studio (`setups_seen`, read before) wins over it, and a round follows. For a project deleted in Label
     Studio, what the backend kept about it goes too (its task list, head versions, last round, event counts), so
-    nothing grows with projects that are gone, and a new project given the same id (SQLite reuses ids) starts
-    clean. The generation counters stay: they fence off any job of the old project still queued.
+    nothing grows with projects that are gone, and a new project given the same id (by a Label Studio started
+    on a new database) starts clean. The generation counters stay: they fence off any job of the old project
+    still queued.
     """
     if gone.project_deleted:  # (a project connected meanwhile under the same id is another one: it starts clean)
         forget_project_files(rt, project)
@@ -326,7 +327,11 @@ def reconcile_project(project: str) -> dict:
     if refusal and (refusal["fingerprint"], refusal["params"]) == (reading.fingerprint, rt.registry.params(project)):
         return {"rerank": "not needed", "refused": refusal["reason"]}  # a round would refuse it again, until it changes
     failing = rt.registry.failing(project)
-    if failing and time.time() < failing["at"] + failed_round_backoff(failing["rounds"], interval):
+    if (
+        failing
+        and failing.get("params") == rt.registry.params(project)  # new parameters: try them at once
+        and time.time() < failing["at"] + failed_round_backoff(failing["rounds"], interval)
+    ):
         return {"rerank": "not needed", "failing": failing["reason"]}  # webhooks still queue rounds meanwhile
     log.info("project %s: reconciliation found %s", project, "; ".join(reasons))
     return {"rerank": rt.queue.request_rerank(project, "reconcile: " + "; ".join(reasons)), "reasons": reasons}

@@ -1234,6 +1234,12 @@ def test_reconciliation_backs_off_from_a_project_whose_rounds_keep_failing(runti
         runtime.redis.hset(runtime.registry.key("1"), "failing", json.dumps(failing))
         queue.empty()
         assert jobs.reconcile_project("1")["rerank"] == "enqueued"
+    with pytest.raises(MemoryError):
+        jobs.rerank_project("1")
+    assert jobs.reconcile_project("1")["rerank"] == "not needed"  # backing off, until...
+    runtime.registry.save_setup("1", AG_NEWS_CONFIG, {"rank_top_k": 5})  # ...the project gets new parameters
+    queue.empty()
+    assert jobs.reconcile_project("1")["rerank"] == "enqueued"
     assert label_studio.project["model_version"] == live  # the previous ranking stayed all along
     monkeypatch.undo()
     monkeypatch.setattr(jobs, "_runtime", runtime)

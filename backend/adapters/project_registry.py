@@ -120,9 +120,9 @@ class ProjectRegistry:
         self.client.hdel(self.key(project), "refused", "failing")
 
     def record_failed_round(self, project: str, reason: str) -> None:
-        """A round failed for good (its retries spent): why, when, and how many in a row."""
+        """A round failed for good (its retries spent): why, when, how many in a row, and with which parameters."""
         rounds = (self.failing(project) or {}).get("rounds", 0) + 1
-        failing = {"reason": reason[:500], "at": time.time(), "rounds": rounds}
+        failing = {"reason": reason[:500], "at": time.time(), "rounds": rounds, "params": self.params(project)}
         self.client.hset(self.key(project), "failing", json.dumps(failing))
 
     def failing(self, project: str) -> dict | None:

@@ -137,11 +137,14 @@ class JobQueue:
             self.advance_generation(project, generation)
 
     def _current_generation(self, project: str) -> int:
-        """The project's generation counter; one that Redis lost (evicted) starts again from the newest generation
-        that published, not from 0, below which every job id may still be kept as finished (for an hour)."""
+        """The project's generation counter; one that Redis lost (evicted) starts again past the newest generation
+        that published, not from 0, below which every job id may still be kept as finished (for an hour), and not
+        at the job of a round that may be running (which took its generation, one past its job's, as it started).
+        """
         generation = self.client.get(generation_key(project))
         if generation is None:
-            self.client.set(generation_key(project), self.published_generation(project), nx=True)
+            published = self.published_generation(project)
+            self.client.set(generation_key(project), published + 1 if published else 0, nx=True)
             generation = self.client.get(generation_key(project))
         return int(generation or 0)
 
