@@ -81,6 +81,12 @@ def rerank_project(project: str, reason: str = "") -> dict:
             raise
 
 
+def record_killed_round(job, reason: str) -> None:
+    """A re-rank job whose process died on its last try: recorded as a failed round (see `rerank_project`)."""
+    if job.func_name == f"{__name__}.{rerank_project.__name__}" and not job.should_retry:
+        runtime().registry.record_failed_round(str(job.args[0]), reason)
+
+
 LOCK_POLL_SECONDS = 1.0
 """How often a re-rank waiting for its project's lock checks whether a newer re-rank has started."""
 LOCK_WAIT_SHARE = 0.5

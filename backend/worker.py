@@ -141,7 +141,15 @@ class RevivesReconciliations:
 
 
 class ForkingWorker(RevivesReconciliations, Worker):
-    pass
+    def handle_work_horse_killed(self, job, retpid, ret_val, rusage) -> None:
+        """A work-horse that died without raising (the OOM killer, a job past its timeout stuck in C code) never
+        got to record a failed round: record it here, where rq hands the job on to its retries or its failure."""
+        super().handle_work_horse_killed(job, retpid, ret_val, rusage)
+        how = f"signal {os.WTERMSIG(ret_val)}" if ret_val and os.WIFSIGNALED(ret_val) else f"status {ret_val}"
+        try:
+            jobs.record_killed_round(job, f"the work-horse running it died ({how})")
+        except REDIS_GONE:
+            log.warning("could not record that %s's work-horse died: Redis unavailable", job.id)
 
 
 class InProcessWorker(RevivesReconciliations, SimpleWorker):

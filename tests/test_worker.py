@@ -126,3 +126,26 @@ def test_a_worker_waiting_for_redis_stops_when_told_to(runtime, monkeypatch):
     waiting.join(timeout=20)
     assert not waiting.is_alive(), "the worker went on waiting for Redis after it was told to stop"
     assert len(runs) == 1
+
+
+def test_a_rounds_work_horse_killed_on_its_last_try_is_recorded_as_a_failed_round(runtime, monkeypatch):
+    import os
+    import signal
+
+    from rq.job import Job
+
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    monkeypatch.setattr(jobs, "rerank", lambda *args: os.kill(os.getpid(), signal.SIGKILL))  # the OOM killer
+    queue = runtime.queue.queue
+    for retries_left, recorded in ((3, None), (0, "the work-horse running it died (signal 9)")):
+        queue.empty()
+        runtime.redis.delete("al:rerank:lock:1")  # the killed round's lock, left to expire (RERANK_LOCK_TIMEOUT)
+        runtime.queue.request_rerank("1", "annotation")
+        [job_id] = queue.get_job_ids()
+        job = Job.fetch(job_id, connection=runtime.redis)
+        job.retries_left = retries_left
+        job.save()
+        worker.ForkingWorker([queue], connection=runtime.redis).work(burst=True)  # the horse dies mid-round
+        assert (runtime.registry.failing("1") or {}).get("reason") == recorded  # retried first: nothing yet
+    assert job_id in queue.failed_job_registry.get_job_ids()
+    assert runtime.registry.failing("1")["rounds"] == 1  # reconciliation backs off from it (test_rerank)
