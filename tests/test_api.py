@@ -169,6 +169,7 @@ def test_predict_multi_label_chooses_each_label_above_one_half_and_scores_the_me
         chosen = result["result"][0]["value"]["choices"] if result["result"] else []
         assert chosen == [label for label, p_j in zip(AG_NEWS_LABELS, p, strict=True) if p_j >= 0.5]
         assert result["score"] == pytest.approx(np.maximum(p, 1 - p).mean(), abs=1e-4)
+    assert any(result["result"] for result in results.json["results"])  # the case of labels chosen is exercised
 
 
 def test_a_task_without_the_text_field_gets_an_empty_prediction_not_an_error(client):
@@ -530,3 +531,5 @@ def test_predictions_of_aliased_choices_are_what_label_studio_validates(client):
     assert len(results) == len(tasks) and results[-1]["result"] == []
     for task, prediction in zip(tasks, results, strict=True):
         assert LabelInterface(config).validate_prediction(prediction | {"task": task["id"]}, return_errors=True) == []
+    chosen = {label for result in results for region in result["result"] for label in region["value"]["choices"]}
+    assert chosen and chosen <= set(AG_NEWS_LABELS)  # something was predicted, and written as aliases

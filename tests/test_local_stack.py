@@ -61,6 +61,7 @@ def start_stack_with_worker(tiny_bert: str, tmp_path, cwd: Path = ROOT) -> tuple
         while "worker listening" not in log_path.read_text() and time.monotonic() < deadline:
             assert server.poll() is None, log_path.read_text()
             time.sleep(0.2)
+        assert "worker listening" in log_path.read_text(), log_path.read_text()  # not a silent time-out
     except BaseException:
         os.killpg(server.pid, signal.SIGKILL)
         raise

@@ -787,14 +787,14 @@ def test_a_disconnection_recorded_late_is_undone_by_the_next_round(runtime, labe
 
 
 def test_a_round_longer_than_the_lock_timeout_keeps_its_lock(runtime, label_studio, monkeypatch):
-    runtime.settings = replace(runtime.settings, rerank_lock_timeout=1)
+    runtime.settings = replace(runtime.settings, rerank_lock_timeout=2)  # renewed every 0.67 s
     monkeypatch.setattr(jobs, "_runtime", runtime)
     lock_key = "al:rerank:lock:1"
     held = []
 
     def a_long_round(project, rt, generation, timing):
-        for _ in range(6):  # 3 s, three lock timeouts
-            time.sleep(0.5)
+        for _ in range(6):  # 6 s, three lock timeouts
+            time.sleep(1.0)
             held.append(rt.redis.exists(lock_key) and rt.redis.pttl(lock_key) > 0)
         return {"published": True}
 
@@ -807,7 +807,7 @@ def test_a_round_longer_than_the_lock_timeout_keeps_its_lock(runtime, label_stud
 def test_a_renewal_that_fails_once_does_not_stop_the_renewals(runtime, label_studio, monkeypatch):
     from redis.lock import Lock
 
-    runtime.settings = replace(runtime.settings, rerank_lock_timeout=1)
+    runtime.settings = replace(runtime.settings, rerank_lock_timeout=2)
     monkeypatch.setattr(jobs, "_runtime", runtime)
     renew, failures = Lock.reacquire, []
 
@@ -821,8 +821,8 @@ def test_a_renewal_that_fails_once_does_not_stop_the_renewals(runtime, label_stu
     held = []
 
     def a_long_round(project, rt, generation, timing):
-        for _ in range(6):  # 3 s: the first renewal (at 0.33 s) fails, the ones after keep the lock
-            time.sleep(0.5)
+        for _ in range(6):  # 6 s: the first renewal (at 0.67 s) fails, the ones after (from 1.33 s) keep the lock
+            time.sleep(1.0)
             held.append(bool(rt.redis.exists("al:rerank:lock:1")))
         return {"published": True}
 

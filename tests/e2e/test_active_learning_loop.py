@@ -90,7 +90,8 @@ def test_a_burst_of_webhooks_is_reflected_with_few_reranks(backend, project, red
 
 
 def queued_or_running(queue: Queue) -> list[str]:
-    return [*queue.get_job_ids(), *queue.started_job_registry.get_job_ids()]
+    """Jobs waiting, being handed to a worker (rq moves a job to its intermediate list first), or running."""
+    return [*queue.get_job_ids(), *queue.intermediate_queue.get_job_ids(), *queue.started_job_registry.get_job_ids()]
 
 
 @pytest.mark.parametrize("backend", [{"RECONCILE_INTERVAL": "3"}], indirect=True)
