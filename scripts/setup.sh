@@ -9,11 +9,16 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 new_enough='import sys; sys.exit(sys.version_info < (3, 11))'  # the pinned scipy, scikit-learn, matplotlib need it
 "$python" -c "$new_enough" || { echo "setup: $("$python" -V 2>&1) is too old; Python 3.11 or newer, e.g. PYTHON=python3.11" >&2; exit 1; }
+sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+if ! "$python" -c 'import ensurepip' 2>/dev/null && command -v apt-get >/dev/null; then
+  # Debian's and Ubuntu's python3 makes a venv without pip until python3.X-venv is installed
+  venv_package="python$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv"
+  $sudo apt-get install -y -q "$venv_package" >/dev/null || { $sudo apt-get update -q && $sudo apt-get install -y -q "$venv_package"; }
+fi
 # (re)created when missing, older than 3.11, or left without pip by a first run that lacked python3-venv
 { [ -x .venv/bin/pip ] && .venv/bin/python -c "$new_enough"; } 2>/dev/null || "$python" -m venv --clear .venv
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
 .venv/bin/pip install -q --disable-pip-version-check -r "requirements${1:+-$1}.txt"
 if ! command -v redis-server >/dev/null; then
-  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   $sudo apt-get install -y -q redis-server >/dev/null || { $sudo apt-get update -q && $sudo apt-get install -y -q redis-server; }
 fi
