@@ -19,6 +19,7 @@ from backend.adapters.label_studio import ACTIVE_LEARNING_SETTINGS, LabelStudioN
 from backend.adapters.queue import encoding_follow_up_key, generation_key
 from backend.errors import LabelStudioUnavailable
 from backend.protocol import SetupRequest
+from backend.round_lock import round_lock
 from backend.scoring.stopping import prediction_stability
 from backend.scoring.strategies import uncertainty_scores
 from backend.services import pool as pool_module
@@ -555,13 +556,13 @@ def test_a_rerank_waits_for_its_projects_lock_half_of_job_timeout_then_fails_to_
     runtime.redis.set("al:rerank:lock:1", "another worker's round")
     started = time.monotonic()
     with pytest.raises(redis.exceptions.LockError, match="not free within half of JOB_TIMEOUT=4 s"):
-        with jobs.round_lock(runtime, "1", generation=1):
+        with round_lock(runtime, "1", generation=1):
             pass
     assert 2 <= time.monotonic() - started < 4
 
 
 def test_a_round_lock_that_expired_meanwhile_does_not_fail_the_round(runtime):
-    with jobs.round_lock(runtime, "1", generation=1) as held:
+    with round_lock(runtime, "1", generation=1) as held:
         assert held
         runtime.redis.delete("al:rerank:lock:1")  # expired while Redis was away longer than its timeout
     # no LockNotOwnedError: the round's work stands
