@@ -21,8 +21,8 @@ PICK_MODES = ("center", "max_weight")
 
 
 def normalize_rows(embeddings: np.ndarray) -> np.ndarray:
-    """L2-normalise every row as float32; all-zero rows stay zero, and so become rows holding a NaN or an
-    infinity, which would otherwise spread into every distance to them. (n, d) -> (n, d)"""
+    """L2-normalise every row as float32; all-zero rows stay zero, and a row holding a NaN or an infinity becomes
+    zero too (it would otherwise spread into every distance to it). (n, d) -> (n, d)"""
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must have shape (n, d), got {embeddings.shape}")
@@ -131,8 +131,9 @@ def nearest_centers(embeddings: np.ndarray, indices: np.ndarray, centers: np.nda
     """Nearest center (Euclidean, on normalised rows) of each row in `indices`, in blocks.
 
     (c,) indices, (k, d) centers -> labels (c,) int, squared distances (c,) float32. Cost O(c·k·d).
-    A zero row (what a text the model encoded to NaN is cached as) is at an infinite distance from every center,
-    so it is never the one nearest a center: it would be |c|² away, nearer than most members of a loose cluster.
+    A zero row (what a text the model encoded to NaN is cached as), or one holding a NaN or an infinity, is at an
+    infinite distance from every center, so it is never the one nearest a center: a zero row would be |c|² away,
+    nearer than most members of a loose cluster.
     """
     labels = np.empty(len(indices), dtype=np.intp)
     distances = np.empty(len(indices), dtype=np.float32)
@@ -141,7 +142,7 @@ def nearest_centers(embeddings: np.ndarray, indices: np.ndarray, centers: np.nda
     for start in range(0, len(indices), step):
         rows = np.asarray(embeddings[indices[start : start + step]], dtype=np.float32)
         inverse_norms = _inverse_norms(rows)
-        with np.errstate(invalid="ignore"):  # a broken row (NaN, inf) gets NaN distances: sorted last
+        with np.errstate(invalid="ignore"):  # a broken row (NaN, inf) has no norm either: infinitely far, below
             squared = center_norms - 2.0 * (rows @ centers.T) * inverse_norms[:, None]  # rows normalised on the fly
         labels[start : start + step] = squared.argmin(axis=1)
         distances[start : start + step] = np.where(inverse_norms > 0, squared.min(axis=1) + 1.0, np.inf)
