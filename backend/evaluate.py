@@ -145,7 +145,6 @@ def run_one(
     rng = np.random.default_rng(seed)
     strategy = strategy_from_spec(strategy_name)
     start_strategy = get_strategy("random")
-    k = len(pool.classes)
     labeled = np.zeros(len(pool.labels), dtype=bool)
     shown = np.full(len(pool.labels), -1)  # the class predicted for each row when it was picked, as Label Studio shows
     heads, trained = [zero_shot_head(label_embeddings, False)], False
@@ -154,31 +153,14 @@ def run_one(
     finetuned: dict[int, float] = {}
     for budget in budgets:
         all_probs = proba_of_heads(heads, pool.embeddings)
-        targets = np.zeros((len(labeled), k), dtype=np.float32)
-        targets[labeled] = one_hot_indices(pool.labels[labeled], k)
-        state = Pool(
-            pool.embeddings,
-            all_probs[0],
-            labeled,
-            all_probs[1:] if len(heads) > 1 else None,
-            False,
-            targets,
-            heads[0].weights,
-            labeled & (shown != pool.labels),  # annotations that corrected the pre-annotation
-        )
         picker = start_strategy if budget <= random_start else strategy
         batch = budget - int(labeled.sum())
-        picks = picker.select(state, max(batch, rank_top_k), rng)[:batch]
+        picks = picker.select(round_pool(pool, all_probs, heads, labeled, shown), max(batch, rank_top_k), rng)[:batch]
         shown[picks] = all_probs[0][picks].argmax(axis=1)
         labeled = labeled.copy()
         labeled[picks] = True
         was_trained = trained
-        y = one_hot_indices(pool.labels[labeled], k)
-        trained = len(y) >= MIN_ANNOTATIONS_TO_TRAIN and tells_labels_apart(y)  # as rounds decide (services.train)
-        if trained:
-            x = pool.embeddings[labeled]
-            l2 = l2_for(x, y, False, l2)
-            heads = [fit_head(x, y, False, l2=l2[0]), *fit_committee(x, y, False, COMMITTEE_SIZE, rng, l2=l2[0])]
+        heads, trained, l2 = retrained(pool, labeled, heads, l2, rng)
         if was_trained:  # stability of the new model against the previous one, both trained, as in rounds
             stop_set = stop_set_rows(~labeled)
             previous, current = all_probs[0][stop_set], heads[0].predict_proba(pool.embeddings[stop_set])
@@ -198,6 +180,42 @@ def run_one(
         "stop_budget": stop_budget,
         "finetuned_accuracy": finetuned,
     }
+
+
+def round_pool(
+    pool: Dataset, all_probs: np.ndarray, heads: list[LinearHead], labeled: np.ndarray, shown: np.ndarray
+) -> Pool:
+    """What a strategy sees in a round: the head's and the committee's probabilities (`all_probs`, head first),
+    the labels so far, and which annotations corrected the class shown to the annotator."""
+    targets = np.zeros((len(labeled), len(pool.classes)), dtype=np.float32)
+    targets[labeled] = one_hot_indices(pool.labels[labeled], len(pool.classes))
+    return Pool(
+        pool.embeddings,
+        all_probs[0],
+        labeled,
+        all_probs[1:] if len(heads) > 1 else None,
+        False,
+        targets,
+        heads[0].weights,
+        labeled & (shown != pool.labels),
+    )
+
+
+def retrained(
+    pool: Dataset,
+    labeled: np.ndarray,
+    heads: list[LinearHead],
+    l2: tuple[float, int] | None,
+    rng: np.random.Generator,
+) -> tuple[list[LinearHead], bool, tuple[float, int] | None]:
+    """(heads, trained, l2) after a round's labels: the head and committee retrained as rounds decide
+    (services.train: enough labels, and more than one class among them), else the `heads` so far."""
+    y = one_hot_indices(pool.labels[labeled], len(pool.classes))
+    if len(y) < MIN_ANNOTATIONS_TO_TRAIN or not tells_labels_apart(y):
+        return heads, False, l2
+    x = pool.embeddings[labeled]
+    l2 = l2_for(x, y, False, l2)
+    return [fit_head(x, y, False, l2=l2[0]), *fit_committee(x, y, False, COMMITTEE_SIZE, rng, l2=l2[0])], True, l2
 
 
 def finetuned_accuracy_on(pool: Dataset, test: Dataset, model_name: str, max_length: int, config_overrides: dict):
@@ -224,7 +242,7 @@ def finetuned_accuracy_on(pool: Dataset, test: Dataset, model_name: str, max_len
     return finetune
 
 
-def main(argv: list[str] | None = None) -> None:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pool", required=True)
     parser.add_argument("--test", required=True)
@@ -275,7 +293,11 @@ def main(argv: list[str] | None = None) -> None:
         default="",
         help="comma-separated LABEL=NAME: the choice a CSV label stands for (zero-shot uses it), e.g. 0=negative",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A usage error (exit 2) for a count or length out of range, before anything is read or encoded."""
     for option in ("budget", "batch_size", "seeds", "rank_top_k", "finetune_epochs"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be 1 or more, got {getattr(args, option)}")
@@ -285,16 +307,87 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--random-start must be 0 or a multiple of --batch-size, got {args.random_start}")
     if args.max_length < 8:
         parser.error(f"--max-length must be 8 or more (as MAX_LENGTH), got {args.max_length}")
-    names = list(dict.fromkeys(["random", *filter(None, args.strategy.split(","))]))  # each replayed once
+
+
+def strategies_to_replay(parser: argparse.ArgumentParser, spec: str) -> list[str]:
+    """Random first, then each strategy of the comma-separated `spec` once; a usage error names a bad one."""
+    names = list(dict.fromkeys(["random", *filter(None, spec.split(","))]))
     for name in names:
         try:
-            strategy_from_spec(name)  # fail before encoding anything
+            strategy_from_spec(name)
         except ValueError as error:
             parser.error(f"--strategy {name}: {error}")
+    return names
+
+
+def finetune_budgets(parser: argparse.ArgumentParser, spec: str) -> frozenset[int]:
+    """The label counts of the comma-separated `--finetune-at`; a usage error for anything else."""
     try:
-        finetune_at = frozenset(int(b) for b in args.finetune_at.split(",") if b)
+        return frozenset(int(b) for b in spec.split(",") if b)
     except ValueError:
-        parser.error(f"--finetune-at must be comma-separated label counts, got {args.finetune_at!r}")
+        parser.error(f"--finetune-at must be comma-separated label counts, got {spec!r}")
+
+
+def class_indices(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, classes: tuple[str, ...], test_labels: list[str]
+) -> dict[str, int]:
+    """Label -> class index: the pool's classes in order, then the test set's labels the pool lacks. Their rows stay
+    in the test set, as errors (the head cannot predict an index past the pool's); none shared is a usage error."""
+    index = {label: i for i, label in enumerate(classes)}
+    unseen = sorted(set(test_labels) - set(index))
+    index.update({label: len(classes) + i for i, label in enumerate(unseen)})
+    if unseen:
+        count = sum(label in unseen for label in test_labels)
+        if count == len(test_labels):  # e.g. ids in one file and names in the other: every score would be 0
+            parser.error(
+                f"--test: none of the labels of {args.test} {unseen[:5]} is among the pool's {list(classes[:5])}"
+            )
+        print(f"{args.test}: {count} of {len(test_labels)} rows have labels the pool lacks {unseen[:5]}: errors")
+    return index
+
+
+def full_pool_accuracy(pool: Dataset, test: Dataset) -> float:
+    """Test accuracy of the head trained on every pool label: what "95% of the full pool" is 95% of."""
+    targets = one_hot_indices(pool.labels, len(pool.classes))
+    full = fit_head(pool.embeddings, targets, False, l2=choose_l2(pool.embeddings, targets, False))
+    return float(np.mean(full.predict_proba(test.embeddings).argmax(axis=1) == test.labels))
+
+
+def print_report(summary: dict, budgets: list[int], baseline_budgets: list[int], seeds: int) -> None:
+    """The summary's headline figures: the target, when random reaches it, and per strategy labels saved and AUC."""
+    print(f"full-pool accuracy {summary['full_pool_accuracy']:.4f}; target {summary['target_accuracy']:.4f}")
+    needs = summary["strategies"]["random"]["labels_to_target_per_seed"]
+    print(
+        f"random reaches the target after {[round(n) if n else None for n in needs]} labels (None: not by "
+        f"{baseline_budgets[-1]})"
+    )
+    for name, result in summary["strategies"].items():
+        at = {
+            b: round(a, 4)
+            for b, a in zip(budgets, result["accuracy_mean"], strict=True)
+            if b in (100, 200, 500, budgets[-1])
+        }
+        saved = result["labels_saved"] or result["labels_saved_at_least"]
+        saved_text = f"{'' if result['labels_saved'] else '>='}{saved:.2f}x" if saved else "n/a"
+        at_budget = result["labels_saved_at_budget"]
+        at_budget_text = f"{at_budget:.2f}x" if at_budget else f"n/a (random not there by {baseline_budgets[-1]})"
+        print(
+            f"{name:>24}: labels saved {saved_text}, at {budgets[-1]} labels {at_budget_text}, "
+            f"AUC {result['area_under_curve']:.4f}, {at}"
+        )
+        if result["distinct_seed_curves"] == 1 < seeds:
+            print(f"{'':>24}  the same curve under every seed (deterministic picks): --random-start N gives it a band")
+        if result["finetuned_accuracy_mean"]:
+            tuned = {b: round(a, 4) for b, a in result["finetuned_accuracy_mean"].items()}
+            print(f"{'':>24}  fine-tuned encoder: {tuned}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argument_parser()
+    args = parser.parse_args(argv)
+    check_numbers(parser, args)
+    names = strategies_to_replay(parser, args.strategy)  # fails before anything is encoded
+    finetune_at = finetune_budgets(parser, args.finetune_at)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -316,35 +409,15 @@ def main(argv: list[str] | None = None) -> None:
     baseline_budgets = baseline_replay_budgets(budgets, args.baseline_budget, args.batch_size, len(pool_texts))
     if finetune_at - set(budgets):
         parser.error(f"--finetune-at {sorted(finetune_at - set(budgets))} is not among the budgets {budgets}")
-    # test rows whose label the pool lacks stay in, as errors: the head cannot predict them (indices past the pool's)
-    index = {label: i for i, label in enumerate(classes)}
-    unseen = sorted(set(test_labels) - set(index))
-    index.update({label: len(classes) + i for i, label in enumerate(unseen)})
-    if unseen:
-        count = sum(label in unseen for label in test_labels)
-        if count == len(test_labels):  # e.g. ids in one file and names in the other: every score would be 0
-            parser.error(
-                f"--test: none of the labels of {args.test} {unseen[:5]} is among the pool's {list(classes[:5])}"
-            )
-        print(f"{args.test}: {count} of {len(test_labels)} rows have labels the pool lacks {unseen[:5]}: errors")
+    index = class_indices(parser, args, classes, test_labels)
 
-    cache = Path(args.cache_dir)
-    pool = Dataset(
-        cached_embeddings(pool_texts, args.model, cache, args.max_length),
-        np.array([index[label] for label in pool_labels]),
-        classes,
-        pool_texts,
-    )
-    test = Dataset(
-        cached_embeddings(test_texts, args.model, cache, args.max_length),
-        np.array([index[label] for label in test_labels]),
-        classes,
-        test_texts,
-    )
-    label_embeddings = cached_embeddings(names_of_choices, args.model, cache, args.max_length)
-    all_targets = one_hot_indices(pool.labels, len(classes))
-    full = fit_head(pool.embeddings, all_targets, False, l2=choose_l2(pool.embeddings, all_targets, False))
-    full_accuracy = float(np.mean(full.predict_proba(test.embeddings).argmax(axis=1) == test.labels))
+    def dataset(texts: list[str], labels: list[str]) -> Dataset:
+        embeddings = cached_embeddings(texts, args.model, Path(args.cache_dir), args.max_length)
+        return Dataset(embeddings, np.array([index[label] for label in labels]), classes, texts)
+
+    pool, test = dataset(pool_texts, pool_labels), dataset(test_texts, test_labels)
+    label_embeddings = cached_embeddings(names_of_choices, args.model, Path(args.cache_dir), args.max_length)
+    full_accuracy = full_pool_accuracy(pool, test)
     finetune = None
     if finetune_at:
         overrides = {"epochs": args.finetune_epochs}
@@ -374,31 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     summary["seconds"] = round(time.time() - started, 1)
     write_results(out, summary)
     plot(summary, out / "learning_curve.png", Path(args.pool).parent.name or args.pool)
-    print(f"full-pool accuracy {full_accuracy:.4f}; target {summary['target_accuracy']:.4f}")
-    needs = summary["strategies"]["random"]["labels_to_target_per_seed"]
-    print(
-        f"random reaches the target after {[round(n) if n else None for n in needs]} labels (None: not by "
-        f"{baseline_budgets[-1]})"
-    )
-    for name, result in summary["strategies"].items():
-        at = {
-            b: round(a, 4)
-            for b, a in zip(budgets, result["accuracy_mean"], strict=True)
-            if b in (100, 200, 500, budgets[-1])
-        }
-        saved = result["labels_saved"] or result["labels_saved_at_least"]
-        saved_text = f"{'' if result['labels_saved'] else '>='}{saved:.2f}x" if saved else "n/a"
-        at_budget = result["labels_saved_at_budget"]
-        at_budget_text = f"{at_budget:.2f}x" if at_budget else f"n/a (random not there by {baseline_budgets[-1]})"
-        print(
-            f"{name:>24}: labels saved {saved_text}, at {budgets[-1]} labels {at_budget_text}, "
-            f"AUC {result['area_under_curve']:.4f}, {at}"
-        )
-        if result["distinct_seed_curves"] == 1 < args.seeds:
-            print(f"{'':>24}  the same curve under every seed (deterministic picks): --random-start N gives it a band")
-        if result["finetuned_accuracy_mean"]:
-            tuned = {b: round(a, 4) for b, a in result["finetuned_accuracy_mean"].items()}
-            print(f"{'':>24}  fine-tuned encoder: {tuned}")
+    print_report(summary, budgets, baseline_budgets, args.seeds)
 
 
 if __name__ == "__main__":
