@@ -51,7 +51,7 @@ def test_a_file_for_another_task_list_encoder_or_project_is_not_used(tmp_path, c
     assert files.read("7", cache, keys[::-1], np.arange(10)) is None  # same texts, another order
     assert files.read("7", cache, keys[:9], np.arange(9)) is None  # a task deleted
     files.write("7-2", cache, keys[:9])  # another project, whose id starts like this one's
-    assert files.read("7", cache, keys, np.arange(10)) is not None
+    assert np.array_equal(files.read("7", cache, keys, np.arange(10)), vectors)
     other_encoder = RedisEmbeddingCache(redis.Redis.from_url(redis_url), "encoder-b", DIM)
     assert files.read("7", other_encoder, keys, np.arange(10)) is None
     other_encoder.put_many(keys, vectors)
@@ -129,13 +129,13 @@ def test_files_are_readable_by_workers_running_as_other_users(tmp_path, cache, s
 
 
 def test_project_ids_are_checked_before_any_file_is_touched(tmp_path, cache, stored):
-    keys, _ = stored
+    keys, vectors = stored
     files = MatrixFiles(tmp_path)
     files.write("7", cache, keys)
     for project in ("*", "../7", ""):
         with pytest.raises(ValueError, match="project id"):
             files.delete_project(project)
-    assert files.read("7", cache, keys, np.arange(10)) is not None
+    assert np.array_equal(files.read("7", cache, keys, np.arange(10)), vectors)
 
 
 def test_after_an_import_the_previous_rows_are_copied_and_only_the_new_ones_read_from_redis(tmp_path, cache, stored):

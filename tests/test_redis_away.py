@@ -6,7 +6,7 @@ import pytest
 
 from backend.api import create_app
 from backend.runtime import Runtime
-from tests.conftest import free_port
+from tests.conftest import AG_NEWS_LABELS, free_port
 from tests.test_api import ls_task, predict_payload, setup_payload
 
 
@@ -19,7 +19,8 @@ def client_without_redis(settings):
 def test_predict_keeps_answering(client_without_redis):
     response = client_without_redis.post("/predict", json=predict_payload([ls_task(1, "Stocks rallied")]))
     assert response.status_code == 200
-    assert response.json["results"][0]["result"][0]["value"]["choices"]
+    (result,) = response.json["results"]
+    assert result["result"][0]["value"]["choices"][0] in AG_NEWS_LABELS and 0 <= result["score"] <= 1
 
 
 def test_setup_keeps_answering(client_without_redis):

@@ -181,8 +181,9 @@ def test_a_multi_label_annotation_that_ticks_nothing_is_trained_on_and_leaves_th
     label_studio.annotate(9, "World")
     label_studio.tasks[9]["annotations"][0]["result"] = []  # submitted with no label ticked: none applies
     summary = rerank("1", runtime, generation=1)
-    assert summary["annotations"] == 9
-    assert 9 not in {p["task"] for p in label_studio.predictions}
+    assert summary["annotations"] == 9 and summary["published"]
+    ranked = {p["task"] for p in label_studio.predictions if p["model_version"] == summary["model_version"]}
+    assert len(ranked) == 20 and 9 not in ranked
 
 
 def test_large_projects_get_single_writes_instead_of_a_bulk_import(runtime, label_studio, monkeypatch):
@@ -231,7 +232,7 @@ def test_the_next_round_uses_the_new_annotation_and_never_ranks_it(runtime, labe
     second = rerank("1", runtime, generation=2)
     assert second["annotations"] == 2 and second["model_version"] != first["model_version"]
     ranked = {p["task"] for p in label_studio.predictions if p["model_version"] == second["model_version"]}
-    assert first["top_task"] not in ranked and 2 not in ranked
+    assert len(ranked) == 20 and first["top_task"] not in ranked and 2 not in ranked
     assert label_studio.task_list_reads == 1  # the task list came from the snapshot the second time
 
 
@@ -243,7 +244,8 @@ def test_skipped_tasks_and_single_choice_annotations_without_a_choice_teach_noth
     label_studio.annotate(3, None)  # a single choice submitted with nothing ticked
     summary = rerank("1", runtime, generation=1)
     assert summary["annotations"] == 1 and summary["unlabelled"] == 57
-    assert {p["task"] for p in label_studio.predictions}.isdisjoint({1, 2, 3})
+    ranked = {p["task"] for p in label_studio.predictions}
+    assert len(ranked) == 20 and ranked.isdisjoint({1, 2, 3})
 
 
 def test_the_projects_own_strategy_and_number_of_ranked_tasks_make_its_round(runtime, label_studio):
@@ -639,6 +641,8 @@ def test_a_project_switched_to_another_ml_backend_is_left_alone(runtime, label_s
 def test_removing_the_backend_or_deleting_the_project_stops_the_work_on_it(runtime, label_studio, monkeypatch):
     monkeypatch.setattr(jobs, "_runtime", runtime)
     live = jobs.rerank_project("1")["model_version"]
+    known = (runtime.snapshots.load("1").task_ids.tolist(), runtime.artifacts.versions("1"))
+    known_round, known_shown = runtime.registry.last_round("1"), runtime.registry.shown("1", list(label_studio.tasks))
     label_studio.backends = []  # "Delete" in the project's Model settings; its webhook keeps posting
     label_studio.annotate(3, label_studio.truth[3])
     outcome = jobs.rerank_project("1")
@@ -650,9 +654,10 @@ def test_removing_the_backend_or_deleting_the_project_stops_the_work_on_it(runti
     assert jobs.reconcile_project("1") == {"rerank": "not needed", "disconnected": True}
     assert scheduled.get_job_ids() == []  # the chain of reconciliations ends
     # removed from the project, not deleted: what the backend knows of it stays, for connecting it again
-    assert runtime.snapshots.load("1") is not None and runtime.artifacts.versions("1")
-    assert list(runtime.matrix_files.folder.glob("1-*.f16"))
-    assert runtime.registry.last_round("1") is not None and runtime.registry.shown("1", list(label_studio.tasks))
+    assert (runtime.snapshots.load("1").task_ids.tolist(), runtime.artifacts.versions("1")) == known
+    assert known[1] and list(runtime.matrix_files.folder.glob("1-*.f16"))
+    assert runtime.registry.last_round("1") == known_round
+    assert runtime.registry.shown("1", list(label_studio.tasks)) == known_shown and known_shown
 
     runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})  # connected again, then the project is deleted
     label_studio.backends = [{"id": 2, "url": "http://backend:9090", "project": 1}]

@@ -1,5 +1,7 @@
 """Basic auth end to end: every route guarded, and Label Studio's own webhook secured by the backend."""
 
+import base64
+
 import pytest
 import requests
 
@@ -26,7 +28,8 @@ def test_secured_backend_keeps_receiving_label_studio_webhooks(backend, project,
     cold = backend.wait_for_round(project_id, annotations=0, auth=(AUTH["BASIC_AUTH_USER"], AUTH["BASIC_AUTH_PASS"]))
 
     (webhook,) = [w for w in ls.webhooks(project_id) if w["url"].startswith(backend.url)]
-    assert webhook["headers"]["Authorization"].startswith("Basic ")
+    credentials = f"{AUTH['BASIC_AUTH_USER']}:{AUTH['BASIC_AUTH_PASS']}".encode()
+    assert webhook["headers"]["Authorization"] == "Basic " + base64.b64encode(credentials).decode()
     top = cold["top_task"]
     annotate(ls, top, truth[top])  # reaches the backend only through the now-authenticated webhook
     last = backend.wait_for_round(
