@@ -24,7 +24,7 @@ from benchmarks.common import (
     parse_with_fast_prediction_import,
     require_label_studio,
 )
-from tests.conftest import free_port
+from tests.helpers import choices_result, free_port
 from tests.label_studio_server import start_label_studio
 
 
@@ -41,7 +41,7 @@ def predictions_for(task_ids: list[int], version: str) -> list[dict]:
             "task": task_id,
             "model_version": version,
             "score": rank / len(task_ids),
-            "result": [{"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": ["World"]}}],
+            "result": choices_result("World"),
         }
         for rank, task_id in enumerate(task_ids)
     ]

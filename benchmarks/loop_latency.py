@@ -25,7 +25,8 @@ import requests
 
 from backend.adapters.label_studio import LabelStudio
 from benchmarks.common import ag_news_project, parse_with_fast_prediction_import, require_label_studio
-from tests.conftest import RedisServer, free_port, read_csv
+from tests.conftest import RedisServer, read_csv
+from tests.helpers import choices_result, free_port
 from tests.label_studio_server import start_label_studio
 from tests.processes import BackendProcesses
 
@@ -45,9 +46,7 @@ def measure_project(ls: LabelStudio, backend: BackendProcesses, n_tasks: int, ro
         assert task["id"] == top, f"served {task['id']}, expected {top}"
         label = rows[row_of[task["id"]]]["label"]
         t0 = time.perf_counter()
-        ls.create_annotation(
-            task["id"], [{"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]
-        )
+        ls.create_annotation(task["id"], choices_result(label))
         last = backend.wait_for_round(project, annotations=round_number, timeout=300, poll=0.01)
         published.append(time.perf_counter() - t0)
         top = last["top_task"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from backend.adapters.label_studio import LabelStudio
 from benchmarks.common import ag_news_project, median_and_spread, require_label_studio
-from tests.conftest import free_port
+from tests.helpers import free_port
 from tests.label_studio_server import start_label_studio
 
 

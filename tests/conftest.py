@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import redis
+
+from tests.helpers import free_port
 
 pytest_plugins = ["tests.e2e.fixtures"]  # the e2e tests' backend/project fixtures (conftest.py there has label_studio)
 
@@ -36,12 +37,6 @@ def read_csv(name: str, limit: int | None = None) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     return rows[:limit] if limit else rows
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RedisServer:

@@ -12,6 +12,7 @@ from backend.ml.encoder import Encoder
 from backend.ml.finetune import FineTuneConfig, finetune_encoder
 from backend.ml.head import fit_head
 from tests.conftest import read_csv
+from tests.helpers import choices_result
 
 FAST = FineTuneConfig(epochs=12, batch_size=8, learning_rate=1e-3, head_learning_rate=1e-2)
 """A tiny random BERT needs a larger step than a pretrained one to move in a few epochs."""
@@ -82,8 +83,7 @@ def test_mismatched_texts_and_targets_are_refused(encoder, sports_or_business):
 
 def annotated_task(task_id: int, text: str, label: str) -> dict:
     """A task as Label Studio's export returns it, with one submitted annotation."""
-    region = {"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": [label]}}
-    return {"id": task_id, "data": {"text": text}, "annotations": [{"id": task_id, "result": [region]}]}
+    return {"id": task_id, "data": {"text": text}, "annotations": [{"id": task_id, "result": choices_result(label)}]}
 
 
 def test_project_finetuning_writes_a_model_folder_that_loads_as_the_encoder(encoder, sports_or_business, tmp_path):

@@ -14,7 +14,7 @@ import redis
 
 from backend import local_stack
 from backend.local_stack import start_redis
-from tests.conftest import free_port
+from tests.helpers import free_port
 from tests.processes import ROOT
 
 

@@ -495,10 +495,11 @@ def test_training_records_its_penalty_and_keeps_it_until_the_annotations_grow(en
     from backend.label_config import parse_label_config
     from backend.services.train import train_project
     from tests.conftest import AG_NEWS_CONFIG, read_csv
+    from tests.helpers import choices_result
 
     def annotated(task_id: int, row: dict) -> dict:
-        region = {"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": [row["label"]]}}
-        return {"id": task_id, "data": {"text": row["text"]}, "annotations": [{"id": task_id, "result": [region]}]}
+        annotation = {"id": task_id, "result": choices_result(row["label"])}
+        return {"id": task_id, "data": {"text": row["text"]}, "annotations": [annotation]}
 
     tasks = [annotated(i, row) for i, row in enumerate(read_csv("ag_news/pool.csv", 25))]
     config, store = parse_label_config(AG_NEWS_CONFIG), ArtifactStore(tmp_path)

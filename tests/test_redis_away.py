@@ -6,7 +6,8 @@ import pytest
 
 from backend.api import create_app
 from backend.runtime import Runtime
-from tests.conftest import AG_NEWS_LABELS, free_port
+from tests.conftest import AG_NEWS_LABELS
+from tests.helpers import free_port
 from tests.test_api import ls_task, predict_payload, setup_payload
 
 

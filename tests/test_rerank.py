@@ -28,6 +28,7 @@ from backend.services import rerank as rerank_module
 from backend.services.project_state import RoundRefused
 from backend.services.rerank import rerank
 from tests.conftest import AG_NEWS_CONFIG, read_csv
+from tests.helpers import choices_result
 
 
 class FakeLabelStudio:
@@ -131,12 +132,11 @@ class FakeLabelStudio:
 
     def annotate(self, task_id, label, *, skipped=False, updated_at="2026-11-23T10:00:00Z"):
         """Add an annotation choosing `label` to the task (None: submitted with no choice) and return it."""
-        choice = {"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": [label]}}
         annotation = {
             "id": sum(len(task["annotations"]) for task in self.tasks.values()) + 1,
             "updated_at": updated_at,
             "was_cancelled": skipped,
-            "result": [] if skipped or label is None else [choice],
+            "result": [] if skipped or label is None else choices_result(label),
         }
         self.tasks[task_id]["annotations"].append(annotation)
         return annotation

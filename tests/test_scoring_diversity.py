@@ -6,12 +6,7 @@ import numpy as np
 import pytest
 
 from backend.scoring.diversity import cluster_picks, greedy_coreset, knn_density, max_similarity, normalize_rows
-
-
-def unit(*degrees: float) -> np.ndarray:
-    """Unit vectors at the given angles: cosine distance between rows i, j is 1 - cos(angle_i - angle_j)."""
-    radians = np.deg2rad(degrees)
-    return np.stack([np.cos(radians), np.sin(radians)], axis=1).astype(np.float32)
+from tests.helpers import unit
 
 
 def test_coreset_breaks_ties_with_the_rng_not_by_row_order():

@@ -9,11 +9,7 @@ from backend.scoring.base import Pool
 from backend.scoring.hybrid import Hybrid, class_counts, diversity_share, rare_class_picks
 from backend.scoring.registry import get_strategy
 from backend.scoring.uncertainty import margin
-
-
-def unit(*degrees: float) -> np.ndarray:
-    radians = np.deg2rad(degrees)
-    return np.stack([np.cos(radians), np.sin(radians)], axis=1).astype(np.float32)
+from tests.helpers import unit
 
 
 @pytest.mark.parametrize(

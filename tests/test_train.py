@@ -6,18 +6,18 @@ import pytest
 from backend.label_config import parse_label_config
 from backend.services.train import labelled_tasks
 from tests.conftest import AG_NEWS_CONFIG
+from tests.helpers import choices_result
 
 MULTI = parse_label_config(AG_NEWS_CONFIG.replace('choice="single"', 'choice="multiple"'))
 SINGLE = parse_label_config(AG_NEWS_CONFIG)
 
 
 def annotation(annotation_id, updated_at, *choices, cancelled=False):
-    regions = [{"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": list(choices)}}]
     return {
         "id": annotation_id,
         "updated_at": updated_at,
         "was_cancelled": cancelled,
-        "result": regions if choices else [],
+        "result": choices_result(*choices) if choices else [],
     }
 
 

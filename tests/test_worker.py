@@ -9,7 +9,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from backend import jobs, worker
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 
 def test_the_worker_starts_over_when_redis_times_out_or_drops_the_connection(runtime, monkeypatch):

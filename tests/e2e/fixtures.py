@@ -8,7 +8,8 @@ import time
 import pytest
 
 from backend.adapters.label_studio import LabelStudio
-from tests.conftest import AG_NEWS_CONFIG, free_port, read_csv
+from tests.conftest import AG_NEWS_CONFIG, read_csv
+from tests.helpers import choices_result, free_port
 from tests.processes import BackendProcesses
 
 N_TASKS = 300
@@ -55,8 +56,7 @@ def project(label_studio):
 
 
 def annotate(ls: LabelStudio, task_id: int, label: str) -> None:
-    result = [{"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]
-    ls.create_annotation(task_id, result)
+    ls.create_annotation(task_id, choices_result(label))
 
 
 @pytest.fixture()

@@ -10,14 +10,11 @@ import pytest
 from backend.adapters.label_studio import LabelStudio, LabelStudioNotFound, LabelStudioRejected
 from backend.errors import LabelStudioUnavailable
 from tests.conftest import AG_NEWS_CONFIG, read_csv
+from tests.helpers import choices_result
 
 pytestmark = pytest.mark.e2e
 
 N_TASKS = 50
-
-
-def topic(label: str) -> list[dict]:
-    return [{"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]
 
 
 @pytest.fixture()
@@ -38,7 +35,8 @@ def project(ls) -> tuple[int, list[int]]:
 def test_next_task_follows_the_lowest_score_of_the_current_version(ls, project):
     project_id, task_ids = project
     old = ls.import_predictions(
-        project_id, [{"task": t, "result": topic("World"), "score": 0.5, "model_version": "rank-old"} for t in task_ids]
+        project_id,
+        [{"task": t, "result": choices_result("World"), "score": 0.5, "model_version": "rank-old"} for t in task_ids],
     )
     assert old["created"] == N_TASKS
     ls.set_model_version(project_id, "rank-old")
@@ -50,7 +48,7 @@ def test_next_task_follows_the_lowest_score_of_the_current_version(ls, project):
     assert lowest not in (task_ids[0], task_ids[-1])  # neither sequential nor reversed order would pick it
     created = ls.create_predictions(
         [
-            {"task": t, "result": topic("Sports"), "score": scores[t] / 100, "model_version": "rank-new"}
+            {"task": t, "result": choices_result("Sports"), "score": scores[t] / 100, "model_version": "rank-new"}
             for t in task_ids
         ]
     )
@@ -69,7 +67,7 @@ def test_next_task_follows_the_lowest_score_of_the_current_version(ls, project):
     assert ls.delete_model_version(project_id, "rank-old") == {"deleted_predictions": N_TASKS}
     assert ls.model_versions(project_id) == {"rank-new": N_TASKS}
     assert ls.get_project(project_id)["model_version"] == "rank-new"
-    ls.create_annotation(lowest, topic("Sports"))
+    ls.create_annotation(lowest, choices_result("Sports"))
     assert ls.next_task(project_id)["id"] == second
 
 
@@ -85,7 +83,7 @@ def test_the_bulk_import_leaves_out_a_prediction_the_label_config_does_not_allow
     # what PredictionsDropped rests on: a 201 all the same, with the count of those stored
     project_id, task_ids = project
     fits, misfit = (
-        {"task": task_ids[i], "result": topic(c), "score": 0.1, "model_version": "v"}
+        {"task": task_ids[i], "result": choices_result(c), "score": 0.1, "model_version": "v"}
         for i, c in ((0, "World"), (1, "Cooking"))
     )
     assert ls.import_predictions(project_id, [fits, misfit]) == {"created": 1}
@@ -96,7 +94,7 @@ def test_tasks_come_with_their_annotations_and_paging_reaches_the_end(ls, label_
     project_id, task_ids = project
     labelled = {task_ids[3]: "World", task_ids[17]: "Business", task_ids[42]: "Sci/Tech"}
     for task_id, label in labelled.items():
-        ls.create_annotation(task_id, topic(label))
+        ls.create_annotation(task_id, choices_result(label))
     skipped = ls.sdk.annotations.create(task_ids[9], result=[], was_cancelled=True)
 
     for page_size in (3, 1000):
@@ -104,7 +102,9 @@ def test_tasks_come_with_their_annotations_and_paging_reaches_the_end(ls, label_
         assert [task["id"] for task in annotated] == sorted({*labelled, task_ids[9]})
     by_id = {task["id"]: task for task in annotated}
     assert by_id[task_ids[9]]["annotations"][0]["was_cancelled"] is True
-    assert by_id[task_ids[3]]["data"]["text"] and by_id[task_ids[3]]["annotations"][0]["result"] == topic("World")
+    assert by_id[task_ids[3]]["data"]["text"] and by_id[task_ids[3]]["annotations"][0]["result"] == choices_result(
+        "World"
+    )
     exported = list((label_studio.data_dir / "export").glob("*.json"))
     assert exported == [], f"reading annotations left files in Label Studio's data folder: {exported}"
     for page_size in (7, 10, 1000):  # a short last page, an exact multiple, a single page
@@ -140,7 +140,7 @@ def test_the_task_list_stamp_changes_when_a_task_is_replaced_and_predictions_for
     (new_task,) = ls.import_tasks(project_id, [{"text": "One more task, imported after a deletion"}])["task_ids"]
     assert new_task > task_ids[-1]
     assert ls.task_list_stamp(project_id) == (N_TASKS, new_task)  # the same count, a newer newest task
-    stale = [{"task": t, "result": topic("World"), "score": 0.1, "model_version": "v1"} for t in task_ids[:2]]
+    stale = [{"task": t, "result": choices_result("World"), "score": 0.1, "model_version": "v1"} for t in task_ids[:2]]
     with pytest.raises(LabelStudioRejected, match="HTTP 400"):  # the whole import: no partial ranking
         ls.import_predictions(project_id, stale)
     assert ls.model_versions(project_id) == {}
