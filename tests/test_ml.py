@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import numpy as np
@@ -623,3 +624,37 @@ def test_targets_tell_labels_apart_once_two_rows_differ():
     assert not tells_labels_apart(np.zeros((3, 2)))  # multi-label: "no label applies" every time
     assert tells_labels_apart(np.array([[1, 1, 0], [1, 0, 0]]))
     assert tells_labels_apart(np.array([[0, 1], [1, 0], [0, 1]]))
+
+
+def test_a_hub_model_is_named_by_its_commit_so_an_update_on_the_hub_is_another_space(tiny_bert, tmp_path):
+    # a hub cache laid out as huggingface_hub keeps it, read offline: two commits of one model, refs/main moved
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--acme--tiny-bert"
+    commits = ["a" * 40, "b" * 40]
+    for commit in commits:
+        shutil.copytree(tiny_bert, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    load_twice = (
+        "import pathlib, sys\n"
+        "from backend.ml.encoder import Encoder\n"
+        "ref = pathlib.Path(sys.argv[1])\n"
+        "print(Encoder('acme/tiny-bert', device='cpu').encoder_id)\n"
+        "ref.write_text(sys.argv[2])\n"
+        "print(Encoder('acme/tiny-bert', device='cpu').encoder_id)\n"
+    )
+    (repo / "refs" / "main").write_text(commits[0])
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", load_twice, str(repo / "refs" / "main"), commits[1]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, second = done.stdout.split()
+    assert first.startswith(f"acme/tiny-bert@commit-{'a' * 12}|")
+    assert second.startswith(f"acme/tiny-bert@commit-{'b' * 12}|")

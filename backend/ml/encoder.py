@@ -77,9 +77,19 @@ def _load_unchanging(path: str) -> tuple[PreTrainedTokenizerBase, PreTrainedMode
             )
         pooling = pooling_mode(path)
         if model_revision(path) == revision:
-            return tokenizer, model, pooling, revision
+            return tokenizer, model, pooling, revision or hub_commit(model)
         log.warning("model folder %s changed while it loaded (fine-tuned into meanwhile?); loading it again", path)
     raise OSError(f"the model folder changed during each of {LOAD_ATTEMPTS} attempts to load it")
+
+
+def hub_commit(model: PreTrainedModel) -> str:
+    """The hub commit a model named by its hub id was loaded at, as `commit-<12 hex digits>`; "" for a local folder.
+
+    A model updated on the hub is another embedding space: its texts are encoded again, not mixed with the old
+    commit's vectors under one name.
+    """
+    commit = getattr(model.config, "_commit_hash", None)
+    return f"commit-{commit[:12]}" if commit else ""
 
 
 @contextlib.contextmanager
@@ -213,7 +223,8 @@ class Encoder:
     def encoder_id(self) -> str:
         """Identifies the embedding space: cached vectors are only reused under the same id.
 
-        A fine-tuned folder carries its weights' revision, so tuning again into the same folder is a new space.
+        A fine-tuned folder carries its weights' revision, so tuning again into the same folder is a new space; a
+        hub model carries its commit, so an update on the hub is one too.
         The precision is not part of it: bf16 and fp32 embeddings of a text agree to a cosine of 0.9998, so workers
         on a GPU, on a CPU with bf16 and on one without share one cache.
         """

@@ -136,6 +136,6 @@ def _folder_fingerprint(model_path: str, samples: int = 64, sample_bytes: int = 
 
 def model_revision(model_path: str) -> str:
     """Which weights a model folder holds: its fine-tuning revision (if any) and a fingerprint of its files, so
-    that other weights copied next to a stale revision file are another space too; "" for a hub name (the name is
-    the identity there)."""
+    that other weights copied next to a stale revision file are another space too; "" for a hub name (the encoder
+    names it by the commit it loaded, `encoder.hub_commit`)."""
     return "-".join(filter(None, (_saved_revision(model_path), _folder_fingerprint(model_path))))
