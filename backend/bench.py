@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     encode.add_argument("--csv", default=str(DEFAULT_TEXTS), help="CSV with a 'text' column")
     encode.add_argument("--texts", type=positive_int, default=2000)
-    encode.add_argument("--max-length", type=int, default=256)
+    encode.add_argument("--max-length", type=int, default=0, help="as MAX_LENGTH; 0 = the model's own (256 for MiniLM)")
     encode.add_argument("--batch-tokens", type=int, default=0, help="0 = auto")
     encode.add_argument("--device", default="auto")
     encode.add_argument("--dtype", choices=ENCODER_DTYPES, default="auto", help="as ENCODER_DTYPE (see the README)")

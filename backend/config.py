@@ -32,6 +32,14 @@ def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 0) 
     return value
 
 
+def _max_length(environ: Mapping[str, str], default: int) -> int:
+    """MAX_LENGTH: 0 (auto) or at least 8 tokens (a [CLS], a [SEP] and a few words)."""
+    value = _int(environ, "MAX_LENGTH", default)
+    if 0 < value < 8:
+        raise ValueError(f"MAX_LENGTH must be 0 (auto: the model's own) or >= 8, got {value}")
+    return value
+
+
 def _choice(
     environ: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...], fold: Callable[[str], str] = str
 ) -> str:
@@ -86,8 +94,9 @@ class Settings:
     """MODEL_NAME: Hugging Face model name or local path of the sentence encoder."""
     device: str = "auto"
     """DEVICE: auto (CUDA when present), cpu, cuda, or cuda:N."""
-    max_length: int = 256
-    """MAX_LENGTH: tokens kept per text; longer texts are truncated."""
+    max_length: int = 0
+    """MAX_LENGTH: tokens kept per text, longer texts are truncated; 0 = auto (what a sentence-transformers model
+    was trained with, its max_seq_length; else 256), always at most the model's positions."""
     batch_tokens: int = 0
     """BATCH_TOKENS: padded tokens per encoder batch, after sorting by length; 0 = auto (4096 CPU, 65536 GPU)."""
     encoder_dtype: str = "auto"
@@ -136,7 +145,7 @@ class Settings:
             queue_name=env.get("QUEUE_NAME", "") or defaults.queue_name,
             model_name=env.get("MODEL_NAME", "") or defaults.model_name,
             device=_device(env, defaults.device),
-            max_length=_int(env, "MAX_LENGTH", defaults.max_length, minimum=8),
+            max_length=_max_length(env, defaults.max_length),
             batch_tokens=_int(env, "BATCH_TOKENS", defaults.batch_tokens, minimum=0),
             encoder_dtype=_choice(env, "ENCODER_DTYPE", defaults.encoder_dtype, ENCODER_DTYPES, str.lower),
             committee_size=_int(env, "COMMITTEE_SIZE", defaults.committee_size, minimum=0),

@@ -272,7 +272,12 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--model", default=DEFAULT_MODEL_NAME)
-    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=0,
+        help="tokens kept per text, as MAX_LENGTH; default 0: the model's own (256 for MiniLM)",
+    )
     parser.add_argument("--cache-dir", default=".cache/embeddings")
     parser.add_argument(
         "--finetune-at",
@@ -305,8 +310,8 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--baseline-budget must be 0 (the same as --budget) or more, got {args.baseline_budget}")
     if args.random_start < 0 or args.random_start % args.batch_size:
         parser.error(f"--random-start must be 0 or a multiple of --batch-size, got {args.random_start}")
-    if args.max_length < 8:
-        parser.error(f"--max-length must be 8 or more (as MAX_LENGTH), got {args.max_length}")
+    if args.max_length < 0 or 0 < args.max_length < 8:
+        parser.error(f"--max-length must be 0 (the model's own) or 8 or more (as MAX_LENGTH), got {args.max_length}")
 
 
 def strategies_to_replay(parser: argparse.ArgumentParser, spec: str) -> list[str]:

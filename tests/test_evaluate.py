@@ -181,7 +181,7 @@ def test_each_round_ranks_rank_top_k_rows_and_the_annotators_label_the_first_bat
         (["--strategy", "hybrid:rare_share=2"], "--strategy hybrid:rare_share=2: "),
         (["--finetune-at", "abc"], "--finetune-at must be comma-separated label counts, got 'abc'"),
         (["--finetune-epochs", "0"], "--finetune-epochs must be 1 or more, got 0"),
-        (["--max-length", "0"], "--max-length must be 8 or more (as MAX_LENGTH), got 0"),
+        (["--max-length", "3"], "--max-length must be 0 (the model's own) or 8 or more (as MAX_LENGTH), got 3"),
     ],
 )
 def test_bad_arguments_fail_with_a_usage_error_before_encoding(tmp_path, capsys, arguments, expected):

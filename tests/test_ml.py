@@ -296,6 +296,43 @@ def test_project_ids_cannot_escape_model_dir(tmp_path):
         ArtifactStore(tmp_path).project_dir("../etc")
 
 
+def test_max_length_auto_is_what_the_sentence_transformers_model_was_trained_with(tiny_bert, tmp_path):
+    import shutil
+
+    from backend.ml.model_files import SENTENCE_CONFIG
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_bert, folder)
+    assert Encoder(str(folder), device="cpu").max_length == 128  # says nothing: 256, cut to its 128 positions
+    (folder / SENTENCE_CONFIG).write_text('{"max_seq_length": 64, "do_lower_case": false}')
+    auto = Encoder(str(folder), device="cpu")
+    assert auto.max_length == 64 and auto.encoder_id.endswith("|64")
+    assert Encoder(str(folder), device="cpu", max_length=32).max_length == 32  # MAX_LENGTH set: it wins
+    (folder / SENTENCE_CONFIG).write_text('{"max_seq_length": 512}')
+    assert Encoder(str(folder), device="cpu").max_length == 128  # never past the positions
+    (folder / SENTENCE_CONFIG).write_text("{not json")
+    assert Encoder(str(folder), device="cpu").max_length == 128  # unreadable: as if it said nothing
+
+
+def test_the_default_model_keeps_its_256_tokens():
+    from backend.ml.model_files import resolve_model_path, trained_max_length
+
+    assert trained_max_length(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2")) == 256
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("", 0), ("0", 0), ("8", 8), ("384", 384), ("3", "MAX_LENGTH must be 0 \\(auto")]
+)
+def test_max_length_setting_is_auto_or_at_least_8(value, expected):
+    from backend.config import Settings
+
+    if isinstance(expected, int):
+        assert Settings.from_env({"MAX_LENGTH": value}).max_length == expected
+    else:
+        with pytest.raises(ValueError, match=expected):
+            Settings.from_env({"MAX_LENGTH": value})
+
+
 def test_max_length_above_the_models_positions_is_cut_to_them(tiny_bert):
     encoder = Encoder(tiny_bert, device="cpu", max_length=600)  # the tiny BERT has 128 positions
     assert encoder.max_length == 128 and encoder.encoder_id.endswith("|128")

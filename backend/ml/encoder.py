@@ -23,7 +23,13 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 
 from backend.config import DEFAULT_MODEL_NAME
 from backend.errors import ModelUnavailable
-from backend.ml.model_files import model_revision, pooling_mode, resolve_model_path
+from backend.ml.model_files import (
+    DEFAULT_MAX_LENGTH,
+    model_revision,
+    pooling_mode,
+    resolve_model_path,
+    trained_max_length,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +168,7 @@ class Encoder:
         self,
         model_name: str = DEFAULT_MODEL_NAME,
         device: str = "auto",
-        max_length: int = 256,
+        max_length: int = 0,
         batch_tokens: int = 0,
         dtype: str = "auto",
     ):
@@ -178,7 +184,7 @@ class Encoder:
                 self.model = model.to(self.device, weights_dtype).eval()
         except (OSError, ValueError) as exc:
             raise ModelUnavailable(f"cannot load encoder MODEL_NAME={model_name!r} from {path!r}: {exc}") from exc
-        self.max_length = self._usable_max_length(max_length)
+        self.max_length = self._usable_max_length(max_length) if max_length else self._own_max_length()
         # the first call sets the fast tokenizer's truncation and padding to ours (a model's tokenizer.json may
         # bring others): done here, not by the first requests, which gunicorn's threads could make at once
         # against the one shared tokenizer (the Rust side refuses: "Already borrowed")
@@ -199,16 +205,27 @@ class Encoder:
     def weights_dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def _own_max_length(self) -> int:
+        """For MAX_LENGTH auto (0): the tokens per text the model was trained with (a sentence-transformers model's
+        `max_seq_length`: 256 for MiniLM, 384 for all-mpnet-base-v2, 128 for the paraphrase models), else
+        `DEFAULT_MAX_LENGTH`; at most the model's positions."""
+        own = trained_max_length(self.path) or DEFAULT_MAX_LENGTH
+        return min(own, self._position_limit() or own)
+
     def _usable_max_length(self, requested: int) -> int:
         """`requested`, or less when the model has fewer positions (longer inputs would fail in the forward pass)."""
-        positions = getattr(self.model.config, "max_position_embeddings", None)
-        if positions and (padding := self._padding_position()) is not None:
-            positions -= padding + 1
-        limits = (positions, self.tokenizer.model_max_length)
-        usable = min([requested, *(limit for limit in limits if isinstance(limit, int) and 0 < limit < 10**6)])
+        usable = min(requested, self._position_limit() or requested)
         if usable < requested:
             log.warning("MAX_LENGTH=%d is more than %s takes; using %d", requested, self.model_name, usable)
         return usable
+
+    def _position_limit(self) -> int | None:
+        """The most tokens per text the model takes (its positions, its tokenizer's limit), or None if it says none."""
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if positions and (padding := self._padding_position()) is not None:
+            positions -= padding + 1
+        limits = [limit for limit in (positions, self.tokenizer.model_max_length) if isinstance(limit, int)]
+        return min((limit for limit in limits if 0 < limit < 10**6), default=None)
 
     def _padding_position(self) -> int | None:
         """The padding id, for a model whose position ids start after it (RoBERTa and its kind: XLM-R, MPNet, ...,
@@ -342,7 +359,7 @@ _ENCODERS: dict[tuple, Encoder] = {}
 
 
 def get_encoder(
-    model_name: str, device: str = "auto", max_length: int = 256, batch_tokens: int = 0, dtype: str = "auto"
+    model_name: str, device: str = "auto", max_length: int = 0, batch_tokens: int = 0, dtype: str = "auto"
 ) -> Encoder:
     """The process-wide encoder for these settings, loaded on first use."""
     key = (model_name, device, max_length, batch_tokens, dtype, os.getpid())

@@ -61,6 +61,25 @@ def _sentence_transformers_file(model_path: str, name: str) -> Path | None:
         return None
 
 
+SENTENCE_CONFIG = "sentence_bert_config.json"
+"""Where a sentence-transformers model says how many tokens per text it was trained on (`max_seq_length`)."""
+DEFAULT_MAX_LENGTH = 256
+"""Tokens kept per text for a model that does not say (MiniLM's own `max_seq_length`)."""
+
+
+def trained_max_length(model_path: str) -> int | None:
+    """The `max_seq_length` a sentence-transformers model was trained with, from its own config; None when it ships
+    none (or an unreadable one)."""
+    config = _sentence_transformers_file(model_path, SENTENCE_CONFIG)
+    if config is None:
+        return None
+    try:
+        value = json.loads(config.read_text()).get("max_seq_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def pooling_mode(model_path: str) -> str:
     """How to pool token vectors, from the model's sentence-transformers pooling config: `cls`, `mean`, `max` or
     `lasttoken`; mean, with a warning, when the model ships none. ModelUnavailable for a mode the encoder cannot
