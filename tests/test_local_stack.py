@@ -71,13 +71,18 @@ def start_stack_with_worker(tiny_bert: str, tmp_path, cwd: Path = ROOT) -> tuple
 def test_ctrl_c_stops_the_worker_before_the_redis_it_needs_to_shut_down(tiny_bert, tmp_path):
     server, redis_url, log_path = start_stack_with_worker(tiny_bert, tmp_path)
     try:
+        deadline = time.monotonic() + 30  # settled: a Ctrl-C in the middle of forking the scheduler prints a traceback
+        while "Scheduler for al-backend started" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
         os.killpg(server.pid, signal.SIGINT)  # Ctrl-C reaches every process of the terminal's group
         server.wait(timeout=60)
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
     output = log_path.read_text()
+    assert "warm shut down requested" in output and "Scheduler with PID" in output, output  # both stopped cleanly
     assert "lost Redis" not in output and "could not connect to Redis" not in output, output
+    assert "Traceback" not in output, output
     with pytest.raises(redis.ConnectionError):  # and Redis went too, after the worker
         redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()
 
