@@ -200,6 +200,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def max_length_arg(text: str) -> int:
+    """argparse type: a MAX_LENGTH, 0 (the model's own) or at least 8 tokens."""
+    value = int(text)
+    if value < 0 or 0 < value < 8:
+        raise argparse.ArgumentTypeError(f"must be 0 (the model's own) or 8 or more, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="backend benchmarks")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -211,7 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     encode.add_argument("--csv", default=str(DEFAULT_TEXTS), help="CSV with a 'text' column")
     encode.add_argument("--texts", type=positive_int, default=2000)
-    encode.add_argument("--max-length", type=int, default=0, help="as MAX_LENGTH; 0 = the model's own (256 for MiniLM)")
+    encode.add_argument(
+        "--max-length", type=max_length_arg, default=0, help="as MAX_LENGTH; 0 = the model's own (256 for MiniLM)"
+    )
     encode.add_argument("--batch-tokens", type=int, default=0, help="0 = auto")
     encode.add_argument("--device", default="auto")
     encode.add_argument("--dtype", choices=ENCODER_DTYPES, default="auto", help="as ENCODER_DTYPE (see the README)")

@@ -43,6 +43,7 @@ from backend.ml.head import (
     tells_labels_apart,
     zero_shot_head,
 )
+from backend.ml.model_files import max_length_asked, resolve_model_path
 from backend.scoring.base import Pool
 from backend.scoring.registry import STRATEGIES, get_strategy
 from backend.scoring.stopping import prediction_stability, should_stop, stop_set_rows
@@ -392,6 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     check_numbers(parser, args)
     names = strategies_to_replay(parser, args.strategy)  # fails before anything is encoded
+    args.max_length = max_length_asked(resolve_model_path(args.model), args.max_length)  # recorded as used
     finetune_at = finetune_budgets(parser, args.finetune_at)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -81,12 +81,15 @@ def cached_embeddings(texts: list[str], model_name: str, cache_dir: Path, max_le
     """Embeddings of `texts`, from an .npy file keyed by encoder and texts, or encoded (and saved) now.
 
     The key holds the model folder's revision, as the backend's `encoder_id` does: other weights saved into the same
-    `--model` folder (a fine-tuning run) are encoded again, not served the old vectors.
+    `--model` folder (a fine-tuning run) are encoded again, not served the old vectors. (A hub name is keyed by the
+    name alone: these are development caches, `--cache-dir`, to delete when the model changes.) It holds the length
+    asked for, auto (0) resolved, so that `--max-length 0` and the model's own length share one file.
     """
     from backend.ml.encoder import Encoder
-    from backend.ml.model_files import model_revision, resolve_model_path
+    from backend.ml.model_files import max_length_asked, model_revision, resolve_model_path
 
-    identity = [model_name, model_revision(resolve_model_path(model_name)), max_length, texts]
+    model_path = resolve_model_path(model_name)
+    identity = [model_name, model_revision(model_path), max_length_asked(model_path, max_length), texts]
     key = hashlib.sha1(json.dumps(identity).encode()).hexdigest()[:20]  # JSON: no two identities spell the same
     path = cache_dir / f"{key}.npy"
     if path.exists():

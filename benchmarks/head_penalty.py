@@ -27,7 +27,7 @@ def labelled_matrix(path: str, model: str, cache: Path, classes: list[str] | Non
     texts, labels = read_labelled_csv(path, "text", "label")
     classes = classes or sorted(set(labels))
     index = {label: i for i, label in enumerate(classes)}
-    return cached_embeddings(texts, model, cache, 256), np.array([index.get(label, -1) for label in labels]), classes
+    return cached_embeddings(texts, model, cache, 0), np.array([index.get(label, -1) for label in labels]), classes
 
 
 def main() -> None:

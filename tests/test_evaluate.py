@@ -481,6 +481,14 @@ def test_the_embedding_cache_keeps_max_length_and_texts_apart(tiny_bert, tmp_pat
     assert len(list(tmp_path.glob("*.npy"))) == 2
 
 
+def test_the_models_own_max_length_and_auto_share_one_cache_file(tiny_bert, tmp_path):
+    from backend.evaluation_data import cached_embeddings
+
+    auto = cached_embeddings(["a storm hit the coast"], tiny_bert, tmp_path, 0)  # says nothing: 256
+    assert np.array_equal(cached_embeddings(["a storm hit the coast"], tiny_bert, tmp_path, 256), auto)
+    assert len(list(tmp_path.glob("*.npy"))) == 1
+
+
 def test_a_strategy_named_twice_is_replayed_once(tiny_bert, tmp_path, monkeypatch):
     import backend.evaluate as evaluate
 

@@ -102,6 +102,7 @@ def test_project_finetuning_writes_a_model_folder_that_loads_as_the_encoder(enco
     assert summary["annotations"] == len(texts)
     loaded = Encoder(out, max_length=32)
     assert loaded.pooling == encoder.pooling and loaded.dim == encoder.dim
+    assert Encoder(out).max_length == encoder.max_length == 32  # MAX_LENGTH auto: the length it was tuned at
     assert loaded.encoder_id != encoder.encoder_id
     assert not np.allclose(loaded.encode(texts[:4]), encoder.encode(texts[:4]))
     finetune_on_tasks(tasks[:20], parse_label_config(AG_NEWS_CONFIG), encoder, out, FineTuneConfig(epochs=1))

@@ -687,6 +687,7 @@ def test_a_hub_model_is_named_by_its_commit_so_an_update_on_the_hub_is_another_s
     done = subprocess.run(
         [sys.executable, "-c", load_twice, str(repo / "refs" / "main"), commits[1]],
         env=env,
+        cwd=Path(__file__).resolve().parent.parent,  # the checkout, whose backend package it imports
         capture_output=True,
         text=True,
         timeout=120,

@@ -24,11 +24,10 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from backend.config import DEFAULT_MODEL_NAME
 from backend.errors import ModelUnavailable
 from backend.ml.model_files import (
-    DEFAULT_MAX_LENGTH,
+    max_length_asked,
     model_revision,
     pooling_mode,
     resolve_model_path,
-    trained_max_length,
 )
 
 log = logging.getLogger(__name__)
@@ -192,11 +191,12 @@ class Encoder:
         self.dim = int(self.model.config.hidden_size)
         self.last_stats = EncodeStats()
         log.info(
-            "encoder %s loaded on %s (%s pooling, dim %d, weights %s, autocast %s)",
+            "encoder %s loaded on %s (%s pooling, dim %d, max_length %d, weights %s, autocast %s)",
             model_name,
             self.device,
             self.pooling,
             self.dim,
+            self.max_length,
             self.weights_dtype,
             self.autocast_dtype,
         )
@@ -209,7 +209,7 @@ class Encoder:
         """For MAX_LENGTH auto (0): the tokens per text the model was trained with (a sentence-transformers model's
         `max_seq_length`: 256 for MiniLM, 384 for all-mpnet-base-v2, 128 for the paraphrase models), else
         `DEFAULT_MAX_LENGTH`; at most the model's positions."""
-        own = trained_max_length(self.path) or DEFAULT_MAX_LENGTH
+        own = max_length_asked(self.path, 0)
         return min(own, self._position_limit() or own)
 
     def _usable_max_length(self, requested: int) -> int:

@@ -27,7 +27,7 @@ from transformers import AutoModel
 
 from backend.ml.encoder import Encoder, mixed_precision_dtype
 from backend.ml.head import LinearHead
-from backend.ml.model_files import POOLING_CONFIG, POOLING_KEYS, REVISION_FILE
+from backend.ml.model_files import POOLING_CONFIG, POOLING_KEYS, REVISION_FILE, SENTENCE_CONFIG
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,8 @@ def _fingerprint(base_id: str, texts: list[str], targets: np.ndarray, config: Fi
 
 
 def save_encoder(encoder: Encoder, folder: str) -> None:
-    """Write `encoder` as a model folder that `Encoder(folder)` (MODEL_NAME=folder) loads with the same pooling.
+    """Write `encoder` as a model folder that `Encoder(folder)` (MODEL_NAME=folder) loads with the same pooling and,
+    under MAX_LENGTH auto, the same max length (its `max_seq_length`).
 
     The folder may be one that servers and workers load from (tuned again into the same folder): the files are
     written aside, the old revision file is removed, each file is renamed into place, and the new revision file
@@ -153,6 +154,7 @@ def save_encoder(encoder: Encoder, folder: str) -> None:
         encoder.model.save_pretrained(staging)
         encoder.tokenizer.save_pretrained(staging)
         _write_pooling_config(encoder, staging / POOLING_CONFIG)
+        (staging / SENTENCE_CONFIG).write_text(json.dumps({"max_seq_length": encoder.max_length}))  # tuned at it
         (target / REVISION_FILE).unlink(missing_ok=True)
         for file in sorted(path for path in staging.rglob("*") if path.is_file()):
             destination = target / file.relative_to(staging)

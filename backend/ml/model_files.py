@@ -80,6 +80,12 @@ def trained_max_length(model_path: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+def max_length_asked(model_path: str, requested: int) -> int:
+    """The tokens per text MAX_LENGTH (`requested`) asks of this model: itself when set, for auto (0) the model's
+    trained length or `DEFAULT_MAX_LENGTH`. The encoder then caps it at the model's positions."""
+    return requested or trained_max_length(model_path) or DEFAULT_MAX_LENGTH
+
+
 def pooling_mode(model_path: str) -> str:
     """How to pool token vectors, from the model's sentence-transformers pooling config: `cls`, `mean`, `max` or
     `lasttoken`; mean, with a warning, when the model ships none. ModelUnavailable for a mode the encoder cannot
