@@ -1,4 +1,5 @@
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from backend.ml.head import (
     l2_for,
     one_hot,
     one_standard_error_choice,
+    proba_of_heads,
     tells_labels_apart,
     zero_shot_head,
 )
@@ -107,6 +109,32 @@ def test_sigmoid_head_predicts_each_label_independently():
     x = np.array([[1, 0], [0, 1], [1, 1], [0, 0]] * 10, dtype=np.float32)
     head = fit_head(x, x.copy(), multi_label=True, l2=1e-4)
     assert ((head.predict_proba(x) > 0.5) == (x > 0.5)).all()
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_all_heads_scored_in_one_pass_match_each_heads_own_probabilities(multi_label):
+    from backend.ml.head import CHUNK_ROWS
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2 * CHUNK_ROWS + 3, 8)).astype(np.float16)  # chunks of every size, the last a partial one
+    heads = [LinearHead(rng.normal(size=(8, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32), multi_label)]
+    heads.append(LinearHead(50 * heads[0].weights, heads[0].bias, multi_label))  # logits past exp's fp32 range
+    x.flags.writeable = False  # a matrix handed over read-only is read, not refused
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow, nor torch's warning about read-only arrays
+        together = proba_of_heads(heads, x)
+        alone = [head.predict_proba(x) for head in heads]
+    assert together.shape == (2, len(x), 3) and np.isfinite(together).all()
+    for probs, own in zip(together, alone, strict=True):
+        np.testing.assert_allclose(probs, own, atol=1e-6)
+    logits = x.astype(np.float64) @ heads[0].weights + heads[0].bias  # by hand, in float64
+    if multi_label:
+        expected = 1 / (1 + np.exp(-logits))
+    else:
+        expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+        expected /= expected.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(together[0], expected, atol=1e-5)
+    assert proba_of_heads(heads, x[:0]).shape == (2, 0, 3)
 
 
 def test_committee_members_differ_but_agree_on_easy_points():
