@@ -6,6 +6,7 @@ L-BFGS fit takes milliseconds. A committee of heads fit on bootstrap resamples g
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,12 +44,9 @@ class LinearHead:
 
     def logits(self, embeddings: np.ndarray) -> np.ndarray:
         """(n, d) float16 or float32 -> (n, k) float32, in chunks so an fp16 matrix is never copied whole."""
-        weights = torch.from_numpy(np.ascontiguousarray(self.weights, dtype=np.float32))
-        bias = torch.from_numpy(np.ascontiguousarray(self.bias, dtype=np.float32))
-        logits = torch.empty((len(embeddings), weights.shape[1]), dtype=torch.float32)
-        for start in range(0, len(embeddings), CHUNK_ROWS):
-            chunk = _tensor_of(embeddings[start : start + CHUNK_ROWS]).float()
-            torch.addmm(bias, chunk, weights, out=logits[start : start + CHUNK_ROWS])
+        logits = torch.empty((len(embeddings), self.weights.shape[1]), dtype=torch.float32)
+        for rows, chunk in _logits_in_chunks(embeddings, self.weights, self.bias):
+            logits[rows] = chunk
         return logits.numpy()
 
     def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
@@ -59,6 +57,17 @@ class LinearHead:
     def probs_from_logits(logits: np.ndarray, multi_label: bool) -> np.ndarray:
         """(n, k) logits -> probabilities: sigmoid per label, or softmax per row."""
         return _probabilities(torch.from_numpy(np.ascontiguousarray(logits)), multi_label).numpy()
+
+
+def _logits_in_chunks(
+    embeddings: np.ndarray, weights: np.ndarray, bias: np.ndarray
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows, their fp32 logits) for each chunk of `CHUNK_ROWS` rows of (n, d) `embeddings`, fp16 or fp32."""
+    weights_tensor = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
+    bias_tensor = torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32))
+    for start in range(0, len(embeddings), CHUNK_ROWS):
+        chunk = _tensor_of(embeddings[start : start + CHUNK_ROWS]).float()
+        yield slice(start, start + len(chunk)), torch.addmm(bias_tensor, chunk, weights_tensor)
 
 
 def _tensor_of(rows: np.ndarray) -> torch.Tensor:
@@ -211,14 +220,12 @@ def proba_of_heads(heads: list[LinearHead], embeddings: np.ndarray) -> np.ndarra
     a large fp16 matrix is read and converted once, not once per head, and each chunk of rows becomes probabilities
     while it is in the CPU's caches (see `CHUNK_ROWS`)."""
     m, k = len(heads), heads[0].weights.shape[1]
-    weights = torch.from_numpy(np.concatenate([h.weights for h in heads], axis=1).astype(np.float32))
-    bias = torch.from_numpy(np.concatenate([h.bias for h in heads]).astype(np.float32))
+    weights = np.concatenate([head.weights for head in heads], axis=1)
+    bias = np.concatenate([head.bias for head in heads])
     probs = torch.empty((m, len(embeddings), k), dtype=torch.float32)
-    for start in range(0, len(embeddings), CHUNK_ROWS):
-        rows = _tensor_of(embeddings[start : start + CHUNK_ROWS]).float()
-        logits = torch.addmm(bias, rows, weights).view(len(rows), m, k)
+    for rows, logits in _logits_in_chunks(embeddings, weights, bias):
         for j, head in enumerate(heads):
-            probs[j, start : start + len(rows)] = _probabilities(logits[:, j], head.multi_label)
+            probs[j, rows] = _probabilities(logits.view(-1, m, k)[:, j], head.multi_label)
     return probs.numpy()
 
 
