@@ -10,6 +10,7 @@ import argparse
 import functools
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 
@@ -113,9 +114,15 @@ def _remember_forking_process() -> None:
 
 
 def _stop_with_forking_process() -> None:
+    # Until the child installs its own handlers (rq's scheduler: a stop request it reads; a work-horse: the
+    # defaults), SIGTERM and SIGINT end it. The worker's handlers it inherits would only flag a stop on the
+    # worker's copy, which nothing in the child reads: a scheduler that the worker stops right after starting it
+    # (rq's loop quitting at once, on a Redis timeout) would then run on, and rq's teardown waits for it forever.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     stop_with_parent()
-    if os.getppid() != _forking_pid:  # the worker died before the line above: nothing would send the signal,
-        os._exit(1)  # and the worker's own SIGTERM handler, inherited, would only ask the child to stop
+    if os.getppid() != _forking_pid:  # the worker died before the line above: nothing would send the signal
+        os._exit(1)
 
 
 def stop_requested(worker: Worker) -> bool:

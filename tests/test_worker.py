@@ -149,3 +149,27 @@ def test_a_rounds_work_horse_killed_on_its_last_try_is_recorded_as_a_failed_roun
         assert (runtime.registry.failing("1") or {}).get("reason") == recorded  # retried first: nothing yet
     assert job_id in queue.failed_job_registry.get_job_ids()
     assert runtime.registry.failing("1")["rounds"] == 1  # reconciliation backs off from it (test_rerank)
+
+
+def test_a_child_the_worker_forks_stops_on_sigterm_before_it_has_its_own_handlers():
+    # rq's scheduler installs its handlers once it runs; a SIGTERM before that (the worker stopping the scheduler it
+    # has just started) must end it, not run the worker's inherited handler, after which rq would wait forever
+    import os
+    import signal
+    import time
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # the worker's: flags a stop, no more
+    try:
+        worker.register_fork_hooks()
+        pid = os.fork()
+        if pid == 0:  # a child that has not installed handlers of its own yet
+            try:
+                time.sleep(20)
+            finally:
+                os._exit(0)
+        time.sleep(0.5)  # past the fork hooks
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
