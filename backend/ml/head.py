@@ -224,8 +224,9 @@ def proba_of_heads(heads: list[LinearHead], embeddings: np.ndarray) -> np.ndarra
     bias = np.concatenate([head.bias for head in heads])
     probs = torch.empty((m, len(embeddings), k), dtype=torch.float32)
     for rows, logits in _logits_in_chunks(embeddings, weights, bias):
+        per_head = logits.view(-1, m, k)
         for j, head in enumerate(heads):
-            probs[j, rows] = _probabilities(logits.view(-1, m, k)[:, j], head.multi_label)
+            probs[j, rows] = _probabilities(per_head[:, j], head.multi_label)
     return probs.numpy()
 
 
