@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from backend.config import DEFAULT_MODEL_NAME
-from backend.evaluate import one_hot_indices
 from backend.evaluation_data import cached_embeddings, read_labelled_csv
+from backend.evaluation_replay import one_hot_indices
 from backend.ml.head import choose_l2, fit_head
 
 

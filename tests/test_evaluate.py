@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from tqdm import tqdm
 
-from backend.evaluate import baseline_replay_budgets, macro_f1, main, replay_budgets, run_one
+from backend.evaluate import main
 from backend.evaluation_data import Dataset, read_labelled_csv
+from backend.evaluation_replay import baseline_replay_budgets, macro_f1, replay_budgets, run_one
 from backend.evaluation_summary import labels_to_reach
 from backend.scoring.registry import get_strategy
 from tests.conftest import read_csv
@@ -300,7 +301,7 @@ def test_harness_replays_random_past_the_budget_when_asked(tiny_bert, tmp_path, 
 
 
 def test_strategy_specs_carry_parameters():
-    from backend.evaluate import strategy_from_spec
+    from backend.evaluation_replay import strategy_from_spec
 
     hybrid = strategy_from_spec("hybrid:uncertainty=badge:candidate_factor=1")
     assert hybrid.uncertainty == "badge" and hybrid.candidate_factor == 1
@@ -330,19 +331,19 @@ def test_bad_label_names_are_a_usage_error(tiny_bert, tmp_path, capsys):
 
 
 def test_stopping_compares_successive_models_on_unlabelled_rows(tiny_bert, tmp_path, monkeypatch):
-    import backend.evaluate as evaluate
+    import backend.evaluation_replay as replay
 
     compared: list[int] = []
     changes: list[float] = []  # how far each comparison's two models' probabilities are apart
-    stability = evaluate.prediction_stability
+    stability = replay.prediction_stability
 
     def recording(previous, current, multi_label):
         compared.append(len(previous))
         changes.append(float(np.abs(previous - current).max()))
         return stability(previous, current, multi_label)
 
-    monkeypatch.setattr(evaluate, "prediction_stability", recording)
-    monkeypatch.setattr(evaluate, "should_stop", lambda history: len(history) >= 2)  # stable after two comparisons
+    monkeypatch.setattr(replay, "prediction_stability", recording)
+    monkeypatch.setattr(replay, "should_stop", lambda history: len(history) >= 2)  # stable after two comparisons
     main(harness_arguments(tmp_path, tiny_bert, "--seeds", "1", "--strategy", "margin"))
     margin = json.loads((tmp_path / "out" / "results.json").read_text())["strategies"]["margin"]
     # budgets 20, 40, 60 on a 300-row pool: the model at 40 vs the one at 20 on the 260 rows still unlabelled,
