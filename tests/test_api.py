@@ -367,6 +367,21 @@ def test_an_import_keeps_the_task_list_snapshot_and_a_deletion_marks_it_stale(cl
     assert runtime.snapshots.load("3") is None
 
 
+def test_start_training_has_the_next_round_read_every_tasks_data_again(client, runtime):
+    # an edit of a task's data sends no webhook and leaves the stamp alone; "Start Training" is how a user has it read
+    import numpy as np
+
+    from backend.adapters.task_snapshot import TaskSnapshot
+
+    client.post("/setup", json=setup_payload())
+    runtime.snapshots.save("3", TaskSnapshot(np.array([1, 2]), [b"k" * 16, b"l" * 16], (2, 2), "text"))
+    client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": 9}})
+    assert runtime.snapshots.load("3") is not None
+    response = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 3}})
+    assert response.status_code == 201 and response.json["rerank"] == "coalesced"  # behind the annotation's round
+    assert runtime.snapshots.load("3") is None
+
+
 def test_basic_auth_guards_every_route(settings, tmp_path):
     from dataclasses import replace
 

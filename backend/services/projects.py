@@ -19,6 +19,12 @@ from backend.protocol import IGNORED_WEBHOOK_ACTIONS, SetupRequest, WebhookEvent
 
 log = logging.getLogger(__name__)
 
+TASK_LIST_REREAD_ACTIONS = ("TASKS_DELETED", "START_TRAINING")
+"""Events after which the next round reads the whole task list again instead of its snapshot: a deletion, which
+the task list stamp can miss, and "Start Training", the user's way to have every task's data read afresh (an edit
+of a task's data sends no webhook). An import needs neither: it always changes the stamp, and the round then reads
+the imported tasks alone (see extend_snapshot)."""
+
 
 @dataclass
 class ProjectService:
@@ -60,8 +66,8 @@ class ProjectService:
         if self.registry.is_disconnected(event.project):
             # Label Studio keeps the webhook of a removed ML backend: its events must not bring the backend back
             return {"rerank": "not needed", "disconnected": True}
-        if event.action == "TASKS_DELETED":  # (an import always changes the task list stamp, and the round reads
-            self.snapshots.mark_stale(event.project)  # only the imported tasks; see extend_snapshot)
+        if event.action in TASK_LIST_REREAD_ACTIONS:
+            self.snapshots.mark_stale(event.project)
         if event.action in IGNORED_WEBHOOK_ACTIONS or not self._changes_ranking(event):
             return {"rerank": "not needed"}
         return {"rerank": self.queue.request_rerank(event.project, event.action)}
