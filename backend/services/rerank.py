@@ -147,6 +147,67 @@ def publish(runtime, project: str, generation: int, version: str, state, pool, p
     return True
 
 
+def state_and_matrix(runtime, project: str, watch: Stopwatch):
+    """(state, matrix, matrix source) for a round, or None when chunk jobs are still encoding the pool (the round
+    queued after them ranks it). Embeddings missing otherwise (Redis lost them) make it re-read and re-encode.
+    Raises EncodingQueued when this round queued the chunk jobs."""
+    state = read_project_state(runtime, project, watch)
+    try:
+        return state, *pool_matrix(runtime, project, state)
+    except EmbeddingsMissing as exc:
+        if runtime.queue.encoding_pending(project):
+            log.info("project %s: %s; encoding under way, the round after it ranks", project, exc)
+            return None
+        log.warning("project %s: %s", project, exc)
+        runtime.snapshots.mark_stale(project)
+        state = read_project_state(runtime, project, watch)
+        return state, *pool_matrix(runtime, project, state)
+
+
+def project_strategy(params: dict, default: str, fingerprint: str):
+    """The strategy the project's parameters (from /setup) name, else `default` (STRATEGY). Read before training,
+    so that a bad one refuses the round (RoundRefused) without saving a version."""
+    try:
+        return get_strategy(params.get("strategy", default), **(params.get("strategy_params") or {}))
+    except (ValueError, TypeError) as unfit:  # e.g. parameters given for another STRATEGY than the one now set
+        raise RoundRefused(f"the project's strategy parameters {params}: {unfit}", fingerprint) from None
+
+
+def trained_version(runtime, project: str, state: ProjectState) -> tuple[HeadArtifact, HeadArtifact | None]:
+    """(new, previous): the head trained on the state's labels, saved as the project's newest version, and the
+    newest readable version before it for the same labels and encoder (None at first), which the stopping signal
+    compares it with."""
+    settings, encoder, config = runtime.settings, runtime.encoder, state.config
+    previous = runtime.artifacts.load_latest(project, config.labels, encoder.encoder_id, config.multi_label)
+    artifact = train_artifact(
+        state.labelled,
+        config,
+        encoder,
+        runtime.embedding_cache,
+        settings.committee_size,
+        settings.min_annotations_to_train,
+        previous,
+    )
+    return save_version(project, artifact, runtime.artifacts), previous
+
+
+def record(runtime, project: str, summary: dict, ranked: bool) -> None:
+    """Keep the round's summary for /metrics and reconciliation, and log it. A round that ranked but did not
+    publish was overtaken: a newer round claimed the right to publish, so the live ranking is that round's, and
+    so is the record (whose fingerprint reconciliation compares with Label Studio)."""
+    if ranked and not summary["published"]:
+        summary["overtaken"] = True
+    else:
+        runtime.registry.record_round(project, summary)
+    log.info(
+        "project %s: round %s %s",
+        project,
+        summary["model_version"],
+        {k: summary[k] for k in ("annotations", "unlabelled", "top_task", "published", "seconds_total")}
+        | {"stages": summary["seconds"]},
+    )
+
+
 def rerank(project: str, runtime, generation: int, timing: dict | None = None) -> dict:
     """Run one round for `project` and return its summary (also recorded for /metrics).
 
@@ -157,38 +218,18 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
     encoder, cache = runtime.encoder, runtime.embedding_cache
     cache.touch()  # in use: it does not expire while rounds rank from it
     try:
-        state = read_project_state(runtime, project, watch)
-        try:
-            matrix, matrix_source = pool_matrix(runtime, project, state)
-        except EmbeddingsMissing as exc:  # still being encoded, or Redis lost them: re-read, re-encode
-            if runtime.queue.encoding_pending(project):  # unless the round queued after the chunk jobs will
-                log.info("project %s: %s; encoding under way, the round after it ranks", project, exc)
-                return {"generation": generation, "published": False, "encoding": "under way"}
-            log.warning("project %s: %s", project, exc)
-            runtime.snapshots.mark_stale(project)
-            state = read_project_state(runtime, project, watch)
-            matrix, matrix_source = pool_matrix(runtime, project, state)
+        reading = state_and_matrix(runtime, project, watch)
     except EncodingQueued as queued:
         log.info("project %s: %s; a new round follows them", project, queued)
         return {"generation": generation, "published": False, "encoding": str(queued)}
+    if reading is None:
+        return {"generation": generation, "published": False, "encoding": "under way"}
+    state, matrix, matrix_source = reading
     labelled_embeddings = embed_texts([example.text for example in state.labelled], encoder, cache)
     watch.lap("load_embeddings")
-    params = runtime.registry.params(project)  # before training: a bad strategy fails without saving a version
-    try:
-        strategy = get_strategy(params.get("strategy", settings.strategy), **(params.get("strategy_params") or {}))
-    except (ValueError, TypeError) as unfit:  # e.g. parameters given for another STRATEGY than the one now set
-        raise RoundRefused(f"the project's strategy parameters {params}: {unfit}", state.fingerprint) from None
-    previous = runtime.artifacts.load_latest(project, state.config.labels, encoder.encoder_id, state.config.multi_label)
-    artifact = train_artifact(
-        state.labelled,
-        state.config,
-        encoder,
-        cache,
-        settings.committee_size,
-        settings.min_annotations_to_train,
-        previous,
-    )
-    artifact = save_version(project, artifact, runtime.artifacts)
+    params = runtime.registry.params(project)
+    strategy = project_strategy(params, settings.strategy, state.fingerprint)
+    artifact, previous = trained_version(runtime, project, state)
     version = model_version(settings.model_version_prefix, artifact)
     watch.lap("train")
     pool = build_pool(state, artifact, matrix, labelled_embeddings)
@@ -217,16 +258,5 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
     summary["seconds"] = watch.stages
     summary["job"] = timing or {}
     summary["seconds_total"] = round(sum(watch.stages.values()), 4)
-    if len(picks) and not summary["published"]:  # overtaken: a newer round claimed the right to publish, so the
-        # live ranking is its: keep its record, whose fingerprint reconciliation compares with Label Studio
-        summary["overtaken"] = True
-    else:
-        runtime.registry.record_round(project, summary)
-    log.info(
-        "project %s: round %s %s",
-        project,
-        version,
-        {k: summary[k] for k in ("annotations", "unlabelled", "top_task", "published", "seconds_total")}
-        | {"stages": watch.stages},
-    )
+    record(runtime, project, summary, ranked=bool(len(picks)))
     return summary
