@@ -206,52 +206,55 @@ def print_report(summary: dict, budgets: list[int], baseline_budgets: list[int],
             print(f"{'':>24}  fine-tuned encoder: {tuned}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argument_parser()
-    args = parser.parse_args(argv)
-    check_numbers(parser, args)
-    names = strategies_to_replay(parser, args.strategy)  # fails before anything is encoded
-    args.max_length = max_length_asked(resolve_model_path(args.model), args.max_length)  # recorded as used
-    finetune_at = finetune_budgets(parser, args.finetune_at)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    started = time.time()
-    pool_texts, pool_labels = read_labelled_csv(args.pool, args.text_column, args.label_column)
-    test_texts, test_labels = read_labelled_csv(args.test, args.text_column, args.label_column)
+def classes_and_names(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, pool_labels: list[str], test_rows: int
+) -> tuple[tuple[str, ...], list[str]]:
+    """(classes, the choice name zero-shot embeds for each) of the pool; a usage error for a pool of fewer than two
+    labels, an empty test set or bad --label-names."""
     classes = tuple(sorted(set(pool_labels)))
     if len(classes) < 2:
         parser.error(f"--pool: classification needs at least two labels; {args.pool} has {list(classes) or 'none'}")
-    if not test_texts:
+    if not test_rows:
         parser.error(f"--test: {args.test} has no labelled rows")
     try:
-        names_of_choices = choice_names(classes, args.label_names)
+        return classes, choice_names(classes, args.label_names)
     except ValueError as error:
         parser.error(f"--label-names: {error}")
-    budgets = replay_budgets(args.budget, args.batch_size, len(pool_texts))
+
+
+def budgets_of(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, pool_size: int, finetune_at: frozenset[int]
+) -> tuple[list[int], list[int]]:
+    """(the strategies' budgets, random's) for a pool of `pool_size` rows; a usage error for a --finetune-at that is
+    not among them."""
+    budgets = replay_budgets(args.budget, args.batch_size, pool_size)
     if budgets[-1] < args.budget:
-        print(f"the pool has {len(pool_texts)} rows: budgets stop there")
-    baseline_budgets = baseline_replay_budgets(budgets, args.baseline_budget, args.batch_size, len(pool_texts))
+        print(f"the pool has {pool_size} rows: budgets stop there")
     if finetune_at - set(budgets):
         parser.error(f"--finetune-at {sorted(finetune_at - set(budgets))} is not among the budgets {budgets}")
-    index = class_indices(parser, args, classes, test_labels)
+    return budgets, baseline_replay_budgets(budgets, args.baseline_budget, args.batch_size, pool_size)
 
-    def dataset(texts: list[str], labels: list[str]) -> Dataset:
-        embeddings = cached_embeddings(texts, args.model, Path(args.cache_dir), args.max_length)
-        return Dataset(embeddings, np.array([index[label] for label in labels]), classes, texts)
 
-    pool, test = dataset(pool_texts, pool_labels), dataset(test_texts, test_labels)
-    label_embeddings = cached_embeddings(names_of_choices, args.model, Path(args.cache_dir), args.max_length)
-    full_accuracy = full_pool_accuracy(pool, test)
+def replay_all(
+    names: list[str],
+    pool: Dataset,
+    test: Dataset,
+    label_embeddings: np.ndarray,
+    budgets: list[int],
+    baseline_budgets: list[int],
+    args: argparse.Namespace,
+    finetune_at: frozenset[int],
+) -> dict[str, list[dict]]:
+    """Every strategy of `names` under every seed (random to its own, longer, budgets), with one progress bar; the
+    encoder is also fine-tuned and scored at the budgets of --finetune-at."""
     finetune = None
     if finetune_at:
         overrides = {"epochs": args.finetune_epochs}
         finetune = finetuned_accuracy_on(pool, test, args.model, args.max_length, overrides)
-    runs: dict[str, list[dict]] = {}
     rounds = args.seeds * ((len(names) - 1) * len(budgets) + len(baseline_budgets))
     with tqdm(total=rounds, desc="rounds") as progress:
-        for name in names:
-            runs[name] = [
+        return {
+            name: [
                 run_one(
                     name,
                     pool,
@@ -267,6 +270,35 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 for seed in range(args.seeds)
             ]
+            for name in names
+        }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argument_parser()
+    args = parser.parse_args(argv)
+    check_numbers(parser, args)
+    names = strategies_to_replay(parser, args.strategy)  # every usage error comes before anything is encoded
+    args.max_length = max_length_asked(resolve_model_path(args.model), args.max_length)  # recorded as used
+    finetune_at = finetune_budgets(parser, args.finetune_at)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    started = time.time()
+    pool_texts, pool_labels = read_labelled_csv(args.pool, args.text_column, args.label_column)
+    test_texts, test_labels = read_labelled_csv(args.test, args.text_column, args.label_column)
+    classes, names_of_choices = classes_and_names(parser, args, pool_labels, len(test_texts))
+    budgets, baseline_budgets = budgets_of(parser, args, len(pool_texts), finetune_at)
+    index = class_indices(parser, args, classes, test_labels)
+
+    def dataset(texts: list[str], labels: list[str]) -> Dataset:
+        embeddings = cached_embeddings(texts, args.model, Path(args.cache_dir), args.max_length)
+        return Dataset(embeddings, np.array([index[label] for label in labels]), classes, texts)
+
+    pool, test = dataset(pool_texts, pool_labels), dataset(test_texts, test_labels)
+    label_embeddings = cached_embeddings(names_of_choices, args.model, Path(args.cache_dir), args.max_length)
+    runs = replay_all(names, pool, test, label_embeddings, budgets, baseline_budgets, args, finetune_at)
+    full_accuracy = full_pool_accuracy(pool, test)
     summary = summarise(runs, budgets, full_accuracy, baseline_budgets, paired_seeds=args.random_start > 0)
     summary["arguments"] = vars(args)
     summary["seconds"] = round(time.time() - started, 1)
