@@ -85,6 +85,12 @@ def test_a_hypertext_task_is_read_as_the_annotator_sees_it():
         ('<meta charset="latin-1"><p>café</p>', "café"),  # the text is already decoded: its own charset is moot
         ("before <!-- a comment --> after", "before after"),
         ("<p>a</p><p>b</p>", "a b"),
+        # in the order a browser shows it: the text after a closing tag comes after that element's text
+        ("<div><p>The food was <b>not</b> good</p> Overall: great</div>", "The food was not good Overall: great"),
+        ("<ul><li><b>Pros:</b> fast</li></ul>Cons: none", "Pros: fast Cons: none"),
+        ("un<b>believ</b>able, <td>cell</td><td>next</td>", "unbelievable, cell next"),  # inline vs block elements
+        ("<title>tab</title><p>page</p>x<script>var a;</script> y<!-- note -->z", "page x yz"),
+        ("intro <p>para</p>" + "<div>" * 300 + "deep" + "</div>" * 300 + " outro", "intro para deep outro"),
         ("<!--" * 25_000, ""),  # 100 KB of unclosed comments: html.parser took 9 s, quadratic
         ("", ""),
     ],
