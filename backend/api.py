@@ -43,8 +43,8 @@ def _json_body() -> object:
         raise MalformedRequest(f"{request.path} needs a JSON body, got an empty one")
     try:
         return json.loads(raw)
-    except ValueError:
-        raise MalformedRequest(f"{request.path} body is not valid UTF-8 JSON ({len(raw)} bytes)") from None
+    except ValueError as error:  # (json's own errors say where; Python's limit on integer digits says which)
+        raise MalformedRequest(f"{request.path} body is not valid UTF-8 JSON ({len(raw)} bytes): {error}") from None
     except RecursionError:  # nesting deeper than the parser's stack
         raise MalformedRequest(f"{request.path} body is JSON nested too deeply to read ({len(raw)} bytes)") from None
 

@@ -201,11 +201,16 @@ def parse_label_config(label_config: str) -> ClassificationConfig:
 
     controls = list(interface.controls)
     choices = [control for control in controls if control.tag == "Choices"]
+    tree = _xml_tree(label_config)
     if not choices:
+        unlinked = [element.get("name", "") for element in tree.iter("Choices")] if tree is not None else []
+        if unlinked:  # the SDK counts as a control only a tag with a toName
+            raise UnsupportedLabelConfig(
+                f"<Choices name={unlinked[0]!r}> has no toName: it must name the <Text> or <HyperText> it labels"
+            )
         tags = sorted({control.tag for control in controls}) or ["none"]
         case = " (tag names are case-sensitive: <Choices>, <Choice>, <Text>)" if "choices" in tags else ""
         raise UnsupportedLabelConfig(f"found control tags {', '.join(tags)} but no <Choices>{case}")
-    tree = _xml_tree(label_config)
     # the document's class: a <Choices> shown for the whole text before one shown only on a condition
     conditional = _conditional_choices(tree, choices)
     reasons = []

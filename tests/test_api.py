@@ -216,6 +216,7 @@ def test_the_reason_phrase_is_one_line_of_latin_1():
         ("/predict", b"{not json", "not valid UTF-8 JSON"),
         ("/predict", b"", "empty"),
         ("/predict", b"\xff\xfe\x00garbage", "not valid UTF-8 JSON"),
+        ("/predict", b'{"tasks": [], "project": ' + b"1" * 5000 + b"}", "Exceeds the limit (4300 digits)"),
         ("/webhook", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),  # deeper than the parser's stack
         ("/predict", b"[1, 2]", "JSON object"),
         ("/predict", b'{"tasks": "abc"}', "'tasks'"),

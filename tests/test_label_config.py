@@ -205,6 +205,12 @@ def test_result_has_label_studio_shape():
             "</choices></View>",
             "tag names are case-sensitive",
         ),
+        (
+            # the SDK does not count a tag without toName as a control: the message must not say "no <Choices>"
+            '<View><Text name="t" value="$t"/><Choices name="c"><Choice value="a"/><Choice value="b"/>'
+            "</Choices></View>",
+            "<Choices name='c'> has no toName",
+        ),
     ],
 )
 def test_unsupported_configs_say_why_and_name_the_supported_tags(xml, named):
