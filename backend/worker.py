@@ -74,12 +74,13 @@ def main(argv: list[str] | None = None) -> None:
             # rq's loop also quits, logging why, on a Redis timeout or on any error outside a job (a connection
             # lost during its maintenance), and returns once its teardown gets through: that is no stop
             log.warning("the worker's loop ended without being told to stop; starting it again")
-        except REDIS_GONE as exc:
+        except redis.RedisError as exc:  # gone, or refusing writes (a replica after a failover, out of memory)
             if stop_requested(worker):  # a SIGINT/SIGTERM came first: a stop, no outage
                 log.warning("lost Redis (%s) while stopping; stopped", type(exc).__name__)
                 return
-            # rq retries a lost connection while it waits for jobs, not while it watches one run: start over
-            log.warning("lost Redis (%s); restarting the worker once it answers", type(exc).__name__)
+            # rq retries a lost connection while it waits for jobs, not while it watches one run, and registers
+            # the worker's birth and death outside its loop: start over
+            log.warning("lost Redis (%s: %s); restarting the worker once it answers", type(exc).__name__, exc)
         try:
             until_stopped = functools.partial(stop_requested, worker)
             if sleep_unless(started + RESTART_SECONDS - time.monotonic(), until_stopped) and wait_for_redis(
@@ -155,8 +156,8 @@ class ForkingWorker(RevivesReconciliations, Worker):
         how = f"signal {os.WTERMSIG(ret_val)}" if ret_val and os.WIFSIGNALED(ret_val) else f"status {ret_val}"
         try:
             jobs.record_killed_round(job, f"the work-horse running it died ({how})")
-        except REDIS_GONE:
-            log.warning("could not record that %s's work-horse died: Redis unavailable", job.id)
+        except redis.RedisError as exc:  # rq hands the job on to its retries or its failure all the same
+            log.warning("could not record that %s's work-horse died: Redis unavailable (%s)", job.id, exc)
 
 
 class InProcessWorker(RevivesReconciliations, SimpleWorker):

@@ -12,10 +12,16 @@ from backend import jobs, worker
 from tests.helpers import free_port
 
 
-def test_the_worker_starts_over_when_redis_times_out_or_drops_the_connection(runtime, monkeypatch):
+def test_the_worker_starts_over_when_redis_times_out_drops_the_connection_or_refuses_writes(runtime, monkeypatch):
     monkeypatch.setattr(jobs, "_runtime", runtime)
     monkeypatch.setattr(worker, "RESTART_SECONDS", 0)
-    failures = [redis.TimeoutError("Timeout reading from socket"), redis.ConnectionError("Connection reset")]
+    failures = [
+        redis.TimeoutError("Timeout reading from socket"),
+        redis.ConnectionError("Connection reset"),
+        # raised by rq's registration of the worker's birth or death, outside its own loop
+        redis.exceptions.ReadOnlyError("You can't write against a read only replica."),  # after a failover
+        redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+    ]
     runs = []
 
     class FlakyWorker:
@@ -29,7 +35,7 @@ def test_the_worker_starts_over_when_redis_times_out_or_drops_the_connection(run
 
     monkeypatch.setattr(worker, "worker_class_for", lambda device: FlakyWorker)
     worker.main(["--burst", "--no-preload"])  # returns once a run ends normally
-    assert len(runs) == 3 and all(run["with_scheduler"] for run in runs)
+    assert len(runs) == 5 and all(run["with_scheduler"] for run in runs)
 
 
 def test_the_worker_starts_over_when_rqs_own_loop_quits_on_a_redis_timeout(runtime, monkeypatch):
@@ -173,3 +179,25 @@ def test_a_child_the_worker_forks_stops_on_sigterm_before_it_has_its_own_handler
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+
+
+def test_a_killed_work_horses_job_still_fails_when_redis_refuses_to_record_it(runtime, monkeypatch):
+    import os
+    import signal
+
+    from rq.job import Job
+
+    def refused(job, reason):
+        raise redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    monkeypatch.setattr(jobs, "rerank", lambda *args: os.kill(os.getpid(), signal.SIGKILL))
+    monkeypatch.setattr(jobs, "record_killed_round", refused)
+    queue = runtime.queue.queue
+    runtime.queue.request_rerank("1", "annotation")
+    [job_id] = queue.get_job_ids()
+    job = Job.fetch(job_id, connection=runtime.redis)
+    job.retries_left = 0
+    job.save()
+    worker.ForkingWorker([queue], connection=runtime.redis).work(burst=True)  # the hook's error does not escape
+    assert job_id in queue.failed_job_registry.get_job_ids()  # rq's failure handling ran after the hook
