@@ -1071,6 +1071,39 @@ def test_a_head_served_in_place_of_an_unreadable_newest_version_is_replaced_once
     assert runtime.predictor.artifact_for("1", config).version in second
 
 
+def test_a_project_deleted_and_connected_again_under_its_id_is_not_served_the_old_head(runtime, label_studio):
+    from backend.label_config import parse_label_config
+    from backend.ml.head import LinearHead
+    from backend.services.train import save_version
+
+    config = parse_label_config(AG_NEWS_CONFIG)
+    rerank("1", runtime, generation=1)
+    old = runtime.predictor.artifact_for("1", config)  # now cached by the server
+    runtime.artifacts.delete_project("1")  # as jobs.forget_project_files does for a deleted project
+    other = LinearHead(-old.head.weights, old.head.bias, False)  # the new project's own head
+    new = replace(old, head=other, version="", meta={"kind": "trained", "annotations": 10})
+    save_version("1", new, runtime.artifacts)
+    assert runtime.artifacts.versions("1") == [old.version]  # numbered from 1 again: the same name
+    served = runtime.predictor.artifact_for("1", config)
+    assert np.array_equal(served.head.weights, other.weights) and served.meta["kind"] == "trained"
+
+
+def test_a_saved_zero_shot_version_is_not_served_once_the_hints_it_was_built_from_are_edited(runtime, label_studio):
+    from backend.label_config import parse_label_config
+
+    config = parse_label_config(AG_NEWS_CONFIG)
+    version = rerank("1", runtime, generation=1)["model_version"]  # no annotation yet: a zero-shot version
+    assert runtime.predictor.artifact_for("1", config).version in version
+    hinted = parse_label_config(AG_NEWS_CONFIG.replace('value="Sports"', 'value="Sports" hint="football, tennis"'))
+    served = runtime.predictor.artifact_for("1", hinted)  # before the round the edit queues has run
+    assert served.version == "" and served.meta["kind"] == "zero-shot"  # built from the hints as they are now
+    assert (
+        served.meta["zero_shot_of"]
+        != runtime.artifacts.load("1", runtime.artifacts.versions("1")[-1]).meta["zero_shot_of"]
+    )
+    assert runtime.predictor.artifact_for("1", config).version in version  # the unedited config: the saved one
+
+
 def test_a_round_while_chunks_are_encoding_waits_for_them_and_requeues_a_failed_one(runtime, label_studio, monkeypatch):
     from rq.job import Job, JobStatus
 

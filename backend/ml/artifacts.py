@@ -58,6 +58,14 @@ class ArtifactStore:
             return []
         return sorted(name for name in os.listdir(folder) if VERSION_PATTERN.match(name))
 
+    def identity(self, project: str, version: str) -> str:
+        """`version` and when its folder was written: a project deleted and then connected again under the same id
+        numbers its versions from 1 again, and a process that cached the old project's v000001 must see another."""
+        try:
+            return f"{version}@{(self.project_dir(project) / version).stat().st_mtime_ns}"
+        except OSError:  # pruned meanwhile: the next look finds the newer one
+            return version
+
     def save(self, project: str, artifact: HeadArtifact) -> str:
         """Write `artifact` as the project's next version and return the version name."""
         folder = self.project_dir(project)

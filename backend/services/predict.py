@@ -77,10 +77,11 @@ class Predictor:
         """The project's newest trained artifact for this config, else a zero-shot one.
 
         Cached per process, one entry per project (the `CACHED_HEADS` most recently used): a newer version on
-        disk, or another config, replaces it.
+        disk (or one written anew under the same name, see ArtifactStore.identity), or another config, replaces it.
+        A saved zero-shot version built from other label descriptions (hints edited since) is not served.
         """
         versions = self.store.versions(project) if project else []
-        newest = versions[-1] if versions else None
+        newest = self.store.identity(project, versions[-1]) if versions else None
         with self._lock:
             cached_config, cached_version, artifact, retry_at = self._heads.get(project, (None, None, None, 0.0))
             stale = cached_config != config or cached_version != newest or time.monotonic() >= retry_at
@@ -90,10 +91,15 @@ class Predictor:
                     if versions
                     else None
                 )
-                artifact = trained or zero_shot_artifact(config, self.encoder, self.cache)
+                zero_shot = None
+                if trained is None or trained.meta.get("kind") == "zero-shot":
+                    zero_shot = zero_shot_artifact(config, self.encoder, self.cache)
+                    if trained is not None and trained.meta.get("zero_shot_of") != zero_shot.meta["zero_shot_of"]:
+                        trained = None  # a round's zero-shot version, built from hints edited since
+                artifact = trained or zero_shot
                 # a fallback (the newest version unreadable, maybe only for a moment: a shared folder not yet
                 # showing a renamed version) is kept a short while, then the newest is tried again
-                fell_back = newest is not None and (trained is None or trained.version != newest)
+                fell_back = newest is not None and (trained is None or trained.version != versions[-1])
                 retry_at = time.monotonic() + FALLBACK_RETRY_SECONDS if fell_back else float("inf")
                 self._heads[project] = (config, newest, artifact, retry_at)
             self._heads.move_to_end(project)
