@@ -85,6 +85,12 @@ def test_per_label_averages_binary_margins():
     np.testing.assert_allclose(uncertainty_scores(PROBS_3X3, multi_label=False), [1.0, 0.7, 0.95])
 
 
+def test_per_label_reads_float32_and_a_single_label_as_the_head_gives_them():
+    # a multi-label head's probabilities come as float32; one label is a yes/no question of its own
+    np.testing.assert_allclose(per_label(entropy, np.array([[0.5], [1.0]], dtype=np.float32)), [1.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(per_label(margin, np.array([[0.5, 0.9]], dtype=np.float32)), [0.6], rtol=1e-6)
+
+
 def test_multi_label_committee_scores_per_label():
     # 2 heads, 1 task, 2 labels: label 0 split (0.9 vs 0.1 -> votes 1:1), label 1 unanimous.
     committee = np.array([[[0.9, 0.8]], [[0.1, 0.7]]])
