@@ -7,6 +7,7 @@ import pytest
 import redis
 from rq import SimpleWorker, Worker
 from rq.job import Job, JobStatus
+from rq.worker import WorkerStatus
 
 from backend.adapters.embedding_cache import text_key
 from backend.adapters.queue import RETRY
@@ -29,16 +30,18 @@ def test_two_workers_encode_each_chunk_once(runtime, settings, tmp_path):
     try:
         for _ in range(2):
             processes.start_worker()
-        # both listening before any chunk is queued, so a worker that starts sooner cannot take every chunk
+        # both listening (rq marks a worker idle as it starts waiting for jobs, after its scheduler has started)
+        # before any chunk is queued, so a worker that starts sooner cannot take every chunk
         deadline = time.time() + 120
-        while Worker.count(queue=runtime.queue.queue) < 2:
+        while sum(w.get_state() == WorkerStatus.IDLE for w in Worker.all(queue=runtime.queue.queue)) < 2:
             assert time.time() < deadline, "the workers did not start"
             time.sleep(0.2)
         first = runtime.queue.enqueue_encoding("5", chunks, then_rerank=False)
         second = runtime.queue.enqueue_encoding("5", chunks, then_rerank=False)  # a racing round asks again
         assert first == second and len(set(first)) == 8
         deadline = time.time() + 120
-        while time.time() < deadline and int(client.hget("al:encoding:5", "done") or 0) < len(chunks):
+        while int(client.hget("al:encoding:5", "done") or 0) < len(chunks):
+            assert time.time() < deadline, f"{client.hget('al:encoding:5', 'done')} of {len(chunks)} chunks done"
             time.sleep(0.2)
     finally:
         processes.stop()

@@ -167,13 +167,16 @@ def test_a_child_the_worker_forks_stops_on_sigterm_before_it_has_its_own_handler
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # the worker's: flags a stop, no more
     try:
         worker.register_fork_hooks()
+        forked, told = os.pipe()
         pid = os.fork()
         if pid == 0:  # a child that has not installed handlers of its own yet
             try:
+                os.write(told, b"!")  # the fork hooks have run (they run before fork() returns)
                 time.sleep(20)
             finally:
                 os._exit(0)
-        time.sleep(0.5)  # past the fork hooks
+        os.read(forked, 1)
+        os.close(forked), os.close(told)
         os.kill(pid, signal.SIGTERM)
         _, status = os.waitpid(pid, 0)
     finally:
