@@ -16,7 +16,7 @@ from backend.config import Settings
 from backend.logs import configure_logging
 from backend.runtime import Runtime
 
-settings = Settings.from_env()
+settings = Settings.from_env_or_exit()
 configure_logging(settings)
 runtime = Runtime(settings)
 app = create_app(runtime)

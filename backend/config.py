@@ -19,7 +19,7 @@ from backend.scoring.names import DEFAULT_STRATEGY, STRATEGY_NAMES
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     raw = environ.get(name, "")
     if raw == "":
         return default
@@ -29,7 +29,27 @@ def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 0) 
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _redis_url(environ: Mapping[str, str], default: str) -> str:
+    """REDIS_URL as redis-py reads it (redis://[:password@]host[:port][/db], rediss://, unix://); the error shows
+    only the part after any credentials."""
+    url = environ.get("REDIS_URL", "") or default
+    shown = url.rsplit("@", 1)[-1]
+    parts = urlsplit(url)
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ValueError(f"REDIS_URL must start with redis://, rediss:// or unix://, got ...{shown!r}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
+    except ValueError:
+        raise ValueError(f"REDIS_URL has a port that is not a number in 0-65535: ...{shown!r}") from None
+    return url
 
 
 def _max_length(environ: Mapping[str, str], default: int) -> int:
@@ -126,6 +146,15 @@ class Settings:
     over a newer one)."""
 
     @classmethod
+    def from_env_or_exit(cls) -> Settings:
+        """`from_env` for a command's start: a bad setting ends the process with its message (SystemExit), not a
+        traceback."""
+        try:
+            return cls.from_env()
+        except ValueError as bad:
+            raise SystemExit(f"bad setting: {bad}") from None
+
+    @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from `environ` (default: the process environment); raise ValueError naming a bad one."""
         env = os.environ if environ is None else environ
@@ -138,10 +167,10 @@ class Settings:
             basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
             log_level=_choice(env, "LOG_LEVEL", defaults.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"), str.upper),
             host=env.get("HOST", "") or defaults.host,
-            port=_int(env, "PORT", defaults.port, minimum=1),
+            port=_int(env, "PORT", defaults.port, minimum=1, maximum=65535),
             workers=_int(env, "WORKERS", defaults.workers, minimum=1),
             threads=_int(env, "THREADS", defaults.threads, minimum=1),
-            redis_url=env.get("REDIS_URL", "") or defaults.redis_url,
+            redis_url=_redis_url(env, defaults.redis_url),
             queue_name=env.get("QUEUE_NAME", "") or defaults.queue_name,
             model_name=env.get("MODEL_NAME", "") or defaults.model_name,
             device=_device(env, defaults.device),

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=FineTuneConfig.batch_size)
     parser.add_argument("--learning-rate", type=float, default=FineTuneConfig.learning_rate)
     args = parser.parse_args(argv)
-    settings = Settings.from_env()
+    settings = Settings.from_env_or_exit()
     configure_logging(settings)
     from backend.adapters.label_studio import LabelStudio
 

@@ -43,7 +43,7 @@ def worker_registered(redis_url: str, hostname: str | None = None) -> bool:
 
 
 if __name__ == "__main__":
-    settings = Settings.from_env()
+    settings = Settings.from_env_or_exit()
     if sys.argv[1:] == ["--worker"]:
         sys.exit(0 if worker_registered(settings.redis_url) else 1)
     sys.exit(0 if healthy(settings) else 1)

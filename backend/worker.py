@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-preload", action="store_true", help="do not load the encoder before the first job")
     args = parser.parse_args(argv)
     register_fork_hooks()
-    settings = Settings.from_env()
+    settings = Settings.from_env_or_exit()
     configure_logging(settings)
     writable_model_dir(settings)
     runtime = jobs.runtime()

@@ -1,4 +1,4 @@
-"""The production entry point: gunicorn serving `_wsgi:app`."""
+"""The entry points: gunicorn serving `_wsgi:app`, and how the server and the worker start on bad settings."""
 
 import os
 import subprocess
@@ -51,3 +51,30 @@ def test_gunicorn_workers_load_the_encoder_before_they_answer(tiny_bert, redis_u
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PORT": "abc"}, "PORT must be an integer, got 'abc'"),
+        ({"PORT": "70000"}, "PORT must be <= 65535, got 70000"),
+        ({"REDIS_URL": "localhost:6379"}, "REDIS_URL must start with redis://, rediss:// or unix://"),
+        ({"REDIS_URL": "redis://:s3cret@localhost:abc/0"}, "not a number in 0-65535: ...'localhost:abc/0'"),
+    ],
+)
+def test_a_bad_setting_is_named_without_the_credentials_in_it(env, message):
+    from backend.config import Settings
+
+    with pytest.raises(ValueError) as bad:
+        Settings.from_env(env)
+    assert message in str(bad.value) and "s3cret" not in str(bad.value)
+
+
+@pytest.mark.parametrize(
+    ("command", "env"),
+    [(["_wsgi.py"], {"PORT": "abc"}), (["-m", "backend.worker"], {"REDIS_URL": "redis://:s3cret@h:x"})],
+)
+def test_a_bad_setting_stops_the_server_or_the_worker_with_its_message_not_a_traceback(command, env):
+    done = subprocess.run([sys.executable, *command], env=os.environ | env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "bad setting: " in done.stderr
+    assert list(env)[0] in done.stderr and "Traceback" not in done.stderr and "s3cret" not in done.stderr
