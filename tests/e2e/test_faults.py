@@ -37,7 +37,8 @@ def test_worker_killed_mid_round(backend, project, redis_url):
     while not any(job_id.startswith(f"rerank-{project_id}-") for job_id in started.get_job_ids()):
         assert time.time() < deadline, "the round for the annotation never started"
         time.sleep(0.01)
-    backend.kill_worker(0)  # while that round runs
+    os.killpg(backend.workers[0].pid, signal.SIGSTOP)  # hold it mid-round, so the round cannot finish meanwhile
+    backend.kill_worker(0)  # while that round runs (SIGKILL ends stopped processes too)
     assert backend.last_round(project_id)["annotations"] == 0, "the round finished before the kill"
     live_ranking_is_whole(ls, project_id, cold["ranked"])
 
