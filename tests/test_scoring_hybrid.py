@@ -122,5 +122,5 @@ def test_class_counts():
 def test_repr_and_defaults_are_exposed():
     assert repr(Hybrid()) == (
         "Hybrid(cold_start_labels_per_class=1.0, warm_labels_per_class=3.0, candidate_factor=3.0, "
-        "rare_share=0.2, rare_min_labels=3, max_candidates=5000, uncertainty='margin', random_share=0.0)"
+        "rare_share=0.2, rare_min_labels=3, max_candidates=5000, uncertainty='margin')"
     )

@@ -108,7 +108,6 @@ class Hybrid(QueryStrategy):
         rare_min_labels: int = 3,
         max_candidates: int = 5_000,
         uncertainty: str = "margin",
-        random_share: float = 0.0,
     ):
         check_range("cold_start_labels_per_class", cold_start_labels_per_class, 0.0, 1e6)
         check_range("warm_labels_per_class", warm_labels_per_class, cold_start_labels_per_class, 1e6)
@@ -124,8 +123,6 @@ class Hybrid(QueryStrategy):
         self.max_candidates = max_candidates
         check_choice("uncertainty", uncertainty, ("margin", "badge"))
         self.uncertainty = uncertainty
-        check_range("random_share", random_share, 0.0, 1.0)
-        self.random_share = random_share
 
     def _select(self, pool, unlabeled, n, rng):
         labeled = pool.indices_labeled
@@ -140,12 +137,8 @@ class Hybrid(QueryStrategy):
         n_rare = min(n - len(diverse), math.floor(self.rare_share * n))
         rare = self._rare_picks(pool, probs, uncertainty, n_rare, available, rng)
         available[rare] = False
-        n_random = min(n - len(diverse) - len(rare), math.floor(self.random_share * n))
-        drawn = rng.choice(np.flatnonzero(available), size=n_random, replace=False)
-        available[drawn] = False
-        n_uncertain = n - len(diverse) - len(rare) - len(drawn)
-        uncertain = self._uncertainty_picks(pool, unlabeled, uncertainty, n_uncertain, available, rng)
-        blocks = [uncertain, rare, diverse, drawn] if share < 0.5 else [diverse, rare, uncertain, drawn]
+        uncertain = self._uncertainty_picks(pool, unlabeled, uncertainty, n - len(diverse) - len(rare), available, rng)
+        blocks = [uncertain, rare, diverse] if share < 0.5 else [diverse, rare, uncertain]
         return unlabeled[np.concatenate(blocks).astype(np.intp)]
 
     def _diversity_picks(self, pool, unlabeled, n, rng):
