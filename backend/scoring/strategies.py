@@ -39,8 +39,9 @@ def committee_scores(committee_probs: np.ndarray, multi_label: bool, measure: Ca
     committee_probs = np.asarray(committee_probs, dtype=np.float64)
     if not multi_label:
         return measure(committee_probs)
-    binary = [np.stack([column, 1.0 - column], axis=-1) for column in np.moveaxis(committee_probs, 2, 0)]
-    return np.mean([measure(label) for label in binary], axis=0)
+    m, n, k = committee_probs.shape
+    yes = committee_probs.reshape(m, n * k)  # every (row, label) pair one binary question, measured in one call
+    return measure(np.stack([yes, 1.0 - yes], axis=-1)).reshape(n, k).mean(axis=1)
 
 
 def row_norms(embeddings: np.ndarray) -> np.ndarray:

@@ -54,8 +54,7 @@ def vote_entropy(committee_probs: np.ndarray) -> np.ndarray:
     committee_probs = np.asarray(committee_probs, dtype=np.float64)
     m, n, k = committee_probs.shape
     votes = committee_probs.argmax(axis=2)  # (m, n)
-    counts = np.zeros((n, k))
-    np.add.at(counts, (np.tile(np.arange(n), m), votes.ravel()), 1.0)
+    counts = np.bincount((np.arange(n) * k + votes).ravel(), minlength=n * k).reshape(n, k)
     return _entropy_rows(counts / m) / np.log(k)
 
 
