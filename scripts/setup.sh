@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
+command -v "$python" >/dev/null || { echo "setup: no $python on PATH; PYTHON names the interpreter, e.g. PYTHON=python3.11" >&2; exit 1; }
 new_enough='import sys; sys.exit(sys.version_info < (3, 11))'  # the pinned scipy, scikit-learn, matplotlib need it
 "$python" -c "$new_enough" || { echo "setup: $("$python" -V 2>&1) is too old; Python 3.11 or newer, e.g. PYTHON=python3.11" >&2; exit 1; }
 sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
