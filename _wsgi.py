@@ -16,7 +16,9 @@ from backend.config import Settings
 from backend.logs import configure_logging
 from backend.runtime import Runtime
 
-settings = Settings.from_env_or_exit()
+# a bad setting: its message alone when run as a command; an error under gunicorn, which then stops (exit 3) rather
+# than start worker after worker (it restarts one that exits)
+settings = Settings.from_env_or_exit() if __name__ == "__main__" else Settings.from_env()
 configure_logging(settings)
 runtime = Runtime(settings)
 app = create_app(runtime)

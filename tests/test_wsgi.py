@@ -58,8 +58,10 @@ def test_gunicorn_workers_load_the_encoder_before_they_answer(tiny_bert, redis_u
     [
         ({"PORT": "abc"}, "PORT must be an integer, got 'abc'"),
         ({"PORT": "70000"}, "PORT must be <= 65535, got 70000"),
-        ({"REDIS_URL": "localhost:6379"}, "REDIS_URL must start with redis://, rediss:// or unix://"),
-        ({"REDIS_URL": "redis://:s3cret@localhost:abc/0"}, "not a number in 0-65535: ...'localhost:abc/0'"),
+        ({"REDIS_URL": "localhost:6379"}, "one of the following schemes (redis://, rediss://, unix://)"),
+        ({"REDIS_URL": "redis://:s3cret@localhost:abc/0"}, "REDIS_URL ...'localhost:abc/0' is not a Redis URL (Port"),
+        ({"REDIS_URL": "redis://h:abc/0?password=s3cret"}, "REDIS_URL ...'redis://h:abc/0' is not a Redis URL"),
+        ({"REDIS_URL": "redis://:s3cret@[::1:6379"}, "REDIS_URL ...'[::1:6379' is not a Redis URL (Invalid IPv6 URL)"),
     ],
 )
 def test_a_bad_setting_is_named_without_the_credentials_in_it(env, message):
@@ -78,3 +80,12 @@ def test_a_bad_setting_stops_the_server_or_the_worker_with_its_message_not_a_tra
     done = subprocess.run([sys.executable, *command], env=os.environ | env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "bad setting: " in done.stderr
     assert list(env)[0] in done.stderr and "Traceback" not in done.stderr and "s3cret" not in done.stderr
+
+
+def test_gunicorn_stops_on_a_bad_setting_instead_of_restarting_its_workers():
+    # gunicorn restarts a worker that exits (SystemExit) but stops, exit status 3, when one fails to boot
+    command = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{free_port()}", "--workers", "1", "_wsgi:app"]
+    done = subprocess.run(
+        command, cwd=ROOT, env=os.environ | {"PORT": "abc"}, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 3 and "PORT must be an integer, got 'abc'" in done.stderr
