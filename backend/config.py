@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import unquote, unquote_plus, urlsplit
 
+from redis.connection import parse_url as parse_redis_url
+
 from backend.scoring.names import DEFAULT_STRATEGY, STRATEGY_NAMES
 
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -34,21 +36,15 @@ def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 0, 
     return value
 
 
-REDIS_SCHEMES = ("redis", "rediss", "unix")
-
-
 def _redis_url(environ: Mapping[str, str], default: str) -> str:
-    """REDIS_URL as redis-py reads it (redis://[:password@]host[:port][/db], rediss://, unix://); the error shows
-    only the part after any credentials."""
+    """REDIS_URL, checked as redis-py reads it (redis://[[user]:password@]host[:port][/db], rediss://, unix://); the
+    error shows the URL without its credentials and query (which may hold a password)."""
     url = environ.get("REDIS_URL", "") or default
-    shown = url.rsplit("@", 1)[-1]
-    parts = urlsplit(url)
-    if parts.scheme not in REDIS_SCHEMES:
-        raise ValueError(f"REDIS_URL must start with redis://, rediss:// or unix://, got ...{shown!r}")
     try:
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
-    except ValueError:
-        raise ValueError(f"REDIS_URL has a port that is not a number in 0-65535: ...{shown!r}") from None
+        parse_redis_url(url)
+    except ValueError as bad:
+        shown = url.rsplit("@", 1)[-1].split("?", 1)[0]
+        raise ValueError(f"REDIS_URL ...{shown!r} is not a Redis URL ({bad}); e.g. redis://localhost:6379/0") from None
     return url
 
 
