@@ -39,9 +39,10 @@ def committee_scores(committee_probs: np.ndarray, multi_label: bool, measure: Ca
     committee_probs = np.asarray(committee_probs, dtype=np.float64)
     if not multi_label:
         return measure(committee_probs)
-    m, n, k = committee_probs.shape
-    yes = committee_probs.reshape(m, n * k)  # every (row, label) pair one binary question, measured in one call
-    return measure(np.stack([yes, 1.0 - yes], axis=-1)).reshape(n, k).mean(axis=1)
+    total = np.zeros(committee_probs.shape[1])
+    for column in np.moveaxis(committee_probs, 2, 0):  # one label at a time: memory O(m·n), not O(m·n·k)
+        total += measure(np.stack([column, 1.0 - column], axis=-1))
+    return total / committee_probs.shape[2]
 
 
 def row_norms(embeddings: np.ndarray) -> np.ndarray:
