@@ -144,11 +144,12 @@ HIDDEN_TAGS = frozenset({"script", "style", "template", "title"})
 """Elements whose text a page does not show (a <title> goes to the browser's tab, not into the page)."""
 
 BLOCK_TAGS = frozenset(
-    "address article aside blockquote br caption dd details div dl dt fieldset figcaption figure footer form h1 h2 "
-    "h3 h4 h5 h6 header hr li main nav ol option p pre section summary table tbody td tfoot th thead tr ul".split()
+    "address article aside blockquote br button caption center dd details dialog div dl dt fieldset figcaption "
+    "figure footer form h1 h2 h3 h4 h5 h6 header hr iframe img input legend li main menu nav ol option p pre "
+    "section select summary table tbody td textarea tfoot th thead tr ul".split()
 )
-"""Elements a browser sets apart from the text around them (a line break, a cell): their text is a word of its
-own. Inline elements (<b>, <a>, <span>...) are not: `un<b>believ</b>able` reads `unbelievable`."""
+"""Elements a browser sets apart from the text around them (a line break, a cell, a control, an image): their text
+is a word of its own. Inline elements (<b>, <a>, <span>...) are not: `un<b>believ</b>able` reads `unbelievable`."""
 
 HYPERTEXT_READING = 2
 """Bumped whenever `visible_text` reads a page differently, so that task lists read before (their texts keyed the
@@ -161,8 +162,9 @@ def visible_text(html: str) -> str:
     not: `<p>Fish &amp; <b>chips</b></p>Peas` -> `Fish & chips Peas`.
 
     libxml2's HTML parser (through lxml) takes any markup, broken or hostile, in linear time; Python's
-    `html.parser` fails on some (`<![ ]]>`) and is quadratic on others (100 KB of `<!--`: 9 s). `huge_tree` lifts
-    libxml2's limits (256 levels of nesting, 10 MB text nodes), past which it would drop the rest of the page.
+    `html.parser` fails on some (`<![ ]]>`) and is quadratic on others (100 KB of `<!--`: 9 s). `huge_tree` raises
+    libxml2's limits, past which it drops the rest of the page, from 256 levels of nesting to 2,048 and lifts the
+    10 MB limit on a text node.
     """
     parser = lxml.html.HTMLParser(encoding="utf-8", huge_tree=True)
     try:
@@ -203,11 +205,14 @@ def parse_label_config(label_config: str) -> ClassificationConfig:
     choices = [control for control in controls if control.tag == "Choices"]
     tree = _xml_tree(label_config)
     if not choices:
-        unlinked = [element.get("name", "") for element in tree.iter("Choices")] if tree is not None else []
-        if unlinked:  # the SDK counts as a control only a tag with a toName
-            raise UnsupportedLabelConfig(
-                f"<Choices name={unlinked[0]!r}> has no toName: it must name the <Text> or <HyperText> it labels"
-            )
+        for element in tree.iter("Choices") if tree is not None else ():  # the SDK counts only a tag with both
+            if not element.get("toName"):
+                raise UnsupportedLabelConfig(
+                    f"<Choices name={element.get('name', '')!r}> has no toName: it must name the <Text> or "
+                    "<HyperText> it labels"
+                )
+            if not element.get("name"):
+                raise UnsupportedLabelConfig(f"<Choices toName={element.get('toName')!r}> has no name")
         tags = sorted({control.tag for control in controls}) or ["none"]
         case = " (tag names are case-sensitive: <Choices>, <Choice>, <Text>)" if "choices" in tags else ""
         raise UnsupportedLabelConfig(f"found control tags {', '.join(tags)} but no <Choices>{case}")

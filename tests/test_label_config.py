@@ -89,6 +89,7 @@ def test_a_hypertext_task_is_read_as_the_annotator_sees_it():
         ("<div><p>The food was <b>not</b> good</p> Overall: great</div>", "The food was not good Overall: great"),
         ("<ul><li><b>Pros:</b> fast</li></ul>Cons: none", "Pros: fast Cons: none"),
         ("un<b>believ</b>able, <td>cell</td><td>next</td>", "unbelievable, cell next"),  # inline vs block elements
+        ("<button>Yes</button><button>No</button>Price:<input value=3>USD<center>.</center>", "Yes No Price: USD ."),
         ("<title>tab</title><p>page</p>x<script>var a;</script> y<!-- note -->z", "page x yz"),
         ("intro <p>para</p>" + "<div>" * 300 + "deep" + "</div>" * 300 + " outro", "intro para deep outro"),
         ("<!--" * 25_000, ""),  # 100 KB of unclosed comments: html.parser took 9 s, quadratic
@@ -210,6 +211,11 @@ def test_result_has_label_studio_shape():
             '<View><Text name="t" value="$t"/><Choices name="c"><Choice value="a"/><Choice value="b"/>'
             "</Choices></View>",
             "<Choices name='c'> has no toName",
+        ),
+        (
+            '<View><Text name="t" value="$t"/><Choices toName="t"><Choice value="a"/><Choice value="b"/>'
+            "</Choices></View>",
+            "<Choices toName='t'> has no name",
         ),
     ],
 )
