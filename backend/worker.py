@@ -144,6 +144,8 @@ class RevivesReconciliations:
             jobs.sweep_disconnected_projects(jobs.runtime())
         except REDIS_GONE:
             raise  # the loop in main() waits for Redis and starts over
+        except StopRequested:  # a SIGTERM or SIGINT while idle here: rq's loop stops on it (it records no stop
+            raise  # for an idle worker, so swallowed it would go on waiting for jobs, also for a Redis gone for good)
         except Exception:  # noqa: BLE001 - a bug here must not stop the worker from taking jobs
             log.exception("could not restart the reconciliations of connected projects")
 

@@ -105,6 +105,22 @@ def test_a_workers_maintenance_restarts_reconciliations_that_a_failed_one_ended(
     assert ran.count("backend.jobs.forget_deleted_projects") == 1 and runtime.redis.exists(SWEEP_KEY)
 
 
+def test_a_stop_signalled_during_the_maintenance_pass_stops_the_worker(runtime, monkeypatch):
+    # rq's handler raises StopRequested wherever the signal finds an idle worker, e.g. in the reconciliations'
+    # revival, and records nothing else: caught there, the worker would go on waiting for jobs (seen in CI, with
+    # Redis killed at the same moment: for ever)
+    from rq.exceptions import StopRequested
+
+    def signalled(rt):
+        raise StopRequested()
+
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    monkeypatch.setattr(jobs, "revive_reconciliations", signalled)
+    job = runtime.queue.queue.enqueue("os.getpid")
+    worker.ForkingWorker([runtime.queue.queue], connection=runtime.redis).work(burst=True)
+    assert job.get_status() == "queued", "the worker went on taking jobs after the stop"
+
+
 def test_a_worker_waiting_for_redis_stops_when_told_to(runtime, monkeypatch):
     # Redis went away during a job: the worker waits for it, and a SIGTERM then (rq's handler, still installed,
     # only records it while the worker counts as busy) must end the wait rather than go unheard
