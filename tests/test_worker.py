@@ -150,11 +150,21 @@ def test_a_worker_waiting_for_redis_stops_when_told_to(runtime, monkeypatch):
     assert len(runs) == 1
 
 
+def queued_rerank(runtime, retries_left: int) -> str:
+    """Queue project 1's round, as a webhook would, with `retries_left` tries after this one; its job id."""
+    from rq.job import Job
+
+    runtime.queue.request_rerank("1", "annotation")
+    [job_id] = runtime.queue.queue.get_job_ids()
+    job = Job.fetch(job_id, connection=runtime.redis)
+    job.retries_left = retries_left
+    job.save()
+    return job_id
+
+
 def test_a_rounds_work_horse_killed_on_its_last_try_is_recorded_as_a_failed_round(runtime, monkeypatch):
     import os
     import signal
-
-    from rq.job import Job
 
     monkeypatch.setattr(jobs, "_runtime", runtime)
     monkeypatch.setattr(jobs, "rerank", lambda *args: os.kill(os.getpid(), signal.SIGKILL))  # the OOM killer
@@ -162,11 +172,7 @@ def test_a_rounds_work_horse_killed_on_its_last_try_is_recorded_as_a_failed_roun
     for retries_left, recorded in ((3, None), (0, "the work-horse running it died (signal 9)")):
         queue.empty()
         runtime.redis.delete("al:rerank:lock:1")  # the killed round's lock, left to expire (RERANK_LOCK_TIMEOUT)
-        runtime.queue.request_rerank("1", "annotation")
-        [job_id] = queue.get_job_ids()
-        job = Job.fetch(job_id, connection=runtime.redis)
-        job.retries_left = retries_left
-        job.save()
+        job_id = queued_rerank(runtime, retries_left)
         worker.ForkingWorker([queue], connection=runtime.redis).work(burst=True)  # the horse dies mid-round
         assert (runtime.registry.failing("1") or {}).get("reason") == recorded  # retried first: nothing yet
     assert job_id in queue.failed_job_registry.get_job_ids()
@@ -192,7 +198,8 @@ def test_a_child_the_worker_forks_stops_on_sigterm_before_it_has_its_own_handler
             finally:
                 os._exit(0)
         os.read(forked, 1)
-        os.close(forked), os.close(told)
+        os.close(forked)
+        os.close(told)
         os.kill(pid, signal.SIGTERM)
         _, status = os.waitpid(pid, 0)
     finally:
@@ -204,8 +211,6 @@ def test_a_killed_work_horses_job_still_fails_when_redis_refuses_to_record_it(ru
     import os
     import signal
 
-    from rq.job import Job
-
     def refused(job, reason):
         raise redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
 
@@ -213,10 +218,6 @@ def test_a_killed_work_horses_job_still_fails_when_redis_refuses_to_record_it(ru
     monkeypatch.setattr(jobs, "rerank", lambda *args: os.kill(os.getpid(), signal.SIGKILL))
     monkeypatch.setattr(jobs, "record_killed_round", refused)
     queue = runtime.queue.queue
-    runtime.queue.request_rerank("1", "annotation")
-    [job_id] = queue.get_job_ids()
-    job = Job.fetch(job_id, connection=runtime.redis)
-    job.retries_left = 0
-    job.save()
+    job_id = queued_rerank(runtime, retries_left=0)
     worker.ForkingWorker([queue], connection=runtime.redis).work(burst=True)  # the hook's error does not escape
     assert job_id in queue.failed_job_registry.get_job_ids()  # rq's failure handling ran after the hook
