@@ -136,6 +136,17 @@ def test_predict_returns_one_valid_prediction_per_task_in_order(client, runtime)
     assert single["score"] == pytest.approx(results[1]["score"], abs=1e-5)
 
 
+def test_zero_shot_gives_each_text_the_label_whose_hint_it_is(client):
+    # an independent check of the zero-shot direction: a text is most similar to itself, so when every choice's
+    # hint is one of the texts, each text must get the choice it is the hint of (a head that ranked the labels
+    # backwards, or ignored the hints, would not)
+    choices = "".join(f'<Choice value="L{i}" hint="{text}"/>' for i, text in enumerate(TEXTS))
+    config = f'<View><Text name="text" value="$text"/><Choices name="c" toName="text">{choices}</Choices></View>'
+    tasks = [ls_task(i, text) for i, text in enumerate(TEXTS)]
+    results = client.post("/predict", json=predict_payload(tasks, config)).json["results"]
+    assert [result["result"][0]["value"]["choices"] for result in results] == [["L0"], ["L1"], ["L2"]]
+
+
 def test_zero_shot_predictions_of_an_edited_config_carry_another_model_version(client):
     # Label Studio's "Retrieve Predictions" skips tasks that hold a prediction of the version /setup answers:
     # after a label is renamed, or the Choices or Text renamed, or the text read from another field, the old
@@ -326,6 +337,14 @@ def test_metrics_lists_projects_and_their_events(client, settings, redis_url):
     assert body["projects"]["3"]["events"] == {"TASKS_CREATED": 1}
     queued = Queue(settings.queue_name, connection=redis.Redis.from_url(redis_url)).count
     assert queued >= 1 and body["queue_length"] == queued  # no worker runs here: what /setup queued is still there
+
+
+def test_metrics_show_a_projects_encoding_progress(client, runtime):
+    client.post("/setup", json=setup_payload())
+    assert client.get("/metrics").json["projects"]["3"]["encoding"] == {}  # nothing being encoded
+    runtime.queue.enqueue_encoding("3", [["one text", "another"], ["a third"]], then_rerank=False)
+    # no worker runs here: the two chunks wait, none done
+    assert client.get("/metrics").json["projects"]["3"]["encoding"] == {"chunks": 2, "done": 0, "texts": 3}
 
 
 def test_metrics_say_whether_the_workers_can_rerank(settings):

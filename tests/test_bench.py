@@ -33,9 +33,23 @@ def test_encode_on_a_random_shape_states_its_share_of_the_peak(tiny_bert, monkey
         timing, _, rest = line.partition(": share_of_peak=")
         if rest:
             shares[timing] = float(rest.split("%")[0])
+    assert lines["texts"].startswith("40 ") and int(re.search(r"batches=(\d+)", out)[1]) >= 1
     tokenize, model = map(float, re.search(r"tokenize_seconds=([\d.]+) model_seconds=([\d.]+)", out).groups())
-    assert tokenize > 0 and model > 0 and float(lines["seconds"].split()[0]) >= model
-    assert set(shares) == {"end_to_end", "model_only"} and shares["model_only"] >= shares["end_to_end"]
+    assert model > 0 and tokenize + model == pytest.approx(float(lines["seconds"].split()[0]), abs=2e-3)
+    assert set(shares) == {"end_to_end", "model_only"} and shares["end_to_end"] > 0
+
+
+def test_rerank_times_each_stage_and_ends_with_their_sum(capsys):
+    bench.main(["rerank", "--tasks", "3000", "--labelled", "60", "--top-k", "10"])
+    lines = capsys.readouterr().out.splitlines()
+    stages = dict(re.fullmatch(r"\s*(\w+):\s+([\d.]+) s", line).groups() for line in lines if line.endswith(" s"))
+    assert list(stages) == ["synthesise", "choose_l2", "train_head_and_committee", "proba_head_and_committee"] + [
+        "select_hybrid"
+    ]
+    last = re.fullmatch(r"rerank_seconds=([\d.]+)", lines[-1])
+    timed = sum(float(seconds) for name, seconds in stages.items() if name != "synthesise")
+    assert last and float(last[1]) == pytest.approx(timed, abs=3e-3)  # synthesising the embeddings is not timed
+    assert lines[0].startswith("tasks=3000 ") and int(re.search(r"peak_rss_mb=(\d+)", "\n".join(lines))[1]) > 0
 
 
 def test_an_unknown_random_shape_names_the_known_ones():
