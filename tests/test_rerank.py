@@ -295,6 +295,22 @@ def test_predictions_refused_for_a_deleted_task_make_the_retry_reread_the_task_l
     assert first["top_task"] not in ranked
 
 
+def test_predictions_refused_to_the_api_key_keep_the_task_list_snapshot(runtime, label_studio, monkeypatch):
+    from backend.adapters.label_studio import LabelStudioForbidden
+
+    first = rerank("1", runtime, generation=1)
+
+    def forbidden(project_id, predictions):
+        raise LabelStudioForbidden("Label Studio POST /api/projects/1/import/predictions: HTTP 403 no permission")
+
+    monkeypatch.setattr(label_studio, "import_predictions", forbidden)
+    with pytest.raises(LabelStudioForbidden, match="HTTP 403"):
+        rerank("1", runtime, generation=2)
+    assert label_studio.project["model_version"] == first["model_version"]  # the previous ranking stays live
+    # a refused key is not an outdated task list: retries must not re-read every task for it
+    assert runtime.redis.hget(runtime.snapshots.key("1"), "stale") == b"0" and label_studio.task_list_reads == 1
+
+
 def test_predictions_label_studio_leaves_out_keep_the_previous_ranking_live(runtime, label_studio, monkeypatch):
     first = rerank("1", runtime, generation=1)
     label_studio.annotate(first["top_task"], label_studio.truth[first["top_task"]])
@@ -612,6 +628,20 @@ def test_the_users_settings_are_kept_when_a_reconciliation_records_the_backends_
         "1", {"sampling": "Uniform sampling"}, ours=ACTIVE_LEARNING_SETTINGS
     )
     assert runtime.registry.settings_before_connect("1") == before
+
+
+def test_a_config_edit_label_studio_could_not_tell_setup_about_does_not_make_rounds_queue_rounds(runtime, label_studio):
+    from backend.protocol import WebhookEvent
+
+    runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})
+    edited = AG_NEWS_CONFIG.replace('value="Sports"', 'value="Sport"')
+    label_studio.project["label_config"] = edited  # and /setup unreachable (say, stale basic-auth credentials)
+    first = rerank("1", runtime, generation=runtime.queue.start_rerank("1"))
+    # the PROJECT_UPDATED that the round's own version switch makes Label Studio post
+    switch = WebhookEvent("PROJECT_UPDATED", "1", {"project": {"model_version": first["model_version"]}})
+    switch.payload["project"]["label_config"] = edited
+    assert runtime.projects.on_event(switch) == {"rerank": "not needed"}  # not one more round after each round
+    assert runtime.registry.label_config("1") == edited  # and /predict without a config reads the current one
 
 
 def test_reconciliation_notices_tasks_replaced_with_the_count_unchanged(runtime, label_studio, monkeypatch):

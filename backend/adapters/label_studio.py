@@ -75,9 +75,15 @@ class LabelStudioNotFound(LabelStudioRejected):
     """Label Studio answered 404: the object (a project, a task) does not exist, or no longer does."""
 
 
+class LabelStudioForbidden(LabelStudioRejected):
+    """Label Studio answered 401 or 403: the API key is refused, or may not do this (say, write predictions)."""
+
+
 def _error_for(status: int | None) -> type[LabelStudioUnavailable]:
     if status == 404:
         return LabelStudioNotFound
+    if status in (401, 403):
+        return LabelStudioForbidden
     return LabelStudioRejected if status and 400 <= status < 500 else LabelStudioUnavailable
 
 
@@ -222,8 +228,8 @@ class LabelStudio:
         """(number of tasks, newest task id): one small read that changes whenever tasks are imported or deleted.
 
         The count alone misses an import and a deletion of as many tasks; the newest id catches it, since an
-        import gets ids above every existing one. (SQLite reuses the ids of the newest tasks once they are
-        deleted: deleting the newest tasks and importing as many is the one change it misses there.)
+        import gets ids above every existing one (never a deleted task's: Django creates Label Studio's keys with
+        AUTOINCREMENT on SQLite too).
         """
         params = {"project": project_id, "page_size": 1, "include": "id", "query": NEWEST_FIRST}
         body = self._raw("GET", "api/tasks/", params=params)

@@ -106,6 +106,11 @@ class ProjectRegistry:
     def is_disconnected(self, project: str) -> bool:
         return bool(self.client.hexists(DISCONNECTED_KEY, project))
 
+    def save_label_config(self, project: str, label_config: str) -> None:
+        """The label config a round read from Label Studio: newer than /setup's when Label Studio could not reach
+        `/setup` since the config was edited."""
+        self.client.hset(self.key(project), "label_config", label_config)
+
     def label_config(self, project: str) -> str | None:
         raw = self.client.hget(self.key(project), "label_config")
         return raw.decode() if raw else None

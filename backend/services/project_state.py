@@ -222,6 +222,9 @@ def read_project_state(runtime, project: str, watch: Stopwatch) -> ProjectState:
     """Project header and annotated tasks from Label Studio (~0.2 s); the task list from the snapshot."""
     reading = read_connected_project(runtime.label_studio, project, runtime.settings.model_version_prefix)
     runtime.registry.confirm_connected(project)
+    # what /webhook compares PROJECT_UPDATED's config with: kept current when Label Studio cannot reach /setup
+    if isinstance(reading.info.get("label_config"), str):
+        runtime.registry.save_label_config(project, reading.info["label_config"])
     try:
         config = parse_label_config(reading.info["label_config"])
     except UnsupportedLabelConfig as unsupported:

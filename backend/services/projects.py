@@ -77,7 +77,10 @@ class ProjectService:
         if event.action != "PROJECT_UPDATED":
             return True
         project = event.payload.get("project") if isinstance(event.payload.get("project"), dict) else {}
-        changed_version = project.get("model_version") not in (None, self.registry.live_version(event.project))
+        # null too: Label Studio clears the version when the live one is deleted (Settings -> Predictions)
+        changed_version = "model_version" in project and (project["model_version"] or None) != (
+            self.registry.live_version(event.project) or None
+        )
         changed_config = "label_config" in project and project["label_config"] != self.registry.label_config(
             event.project
         )

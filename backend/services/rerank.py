@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from backend.adapters.embedding_cache import EmbeddingsMissing
-from backend.adapters.label_studio import LabelStudioRejected
+from backend.adapters.label_studio import LabelStudioForbidden, LabelStudioRejected
 from backend.ml.artifacts import HeadArtifact
 from backend.scoring.base import Pool
 from backend.scoring.registry import get_strategy
@@ -127,6 +127,8 @@ def publish(runtime, project: str, generation: int, version: str, state, pool, p
     how = runtime.settings.prediction_writes
     try:
         summary["writes"] = write_predictions(runtime.label_studio, int(project), predictions, project_tasks, how)
+    except LabelStudioForbidden:  # the key may not write: re-reading the task list would not help
+        raise
     except LabelStudioRejected as rejected:  # e.g. "Invalid pk": a task deleted with no TASKS_DELETED heard
         runtime.snapshots.mark_stale(project)
         message = f"project {project}: Label Studio refused the predictions; the retry re-reads the task list"
