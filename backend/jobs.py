@@ -158,6 +158,20 @@ def connect_project(project: str) -> dict:
     return {"previous": previous, "rerank": rt.queue.request_rerank(project, "connected")}
 
 
+def start_anew(project: str) -> dict:
+    """Another project has this id now (Label Studio on a new database, and the backend's Redis and MODEL_DIR
+    kept): forget the old project's task list, head versions, rounds and the settings from before connecting,
+    then connect the new one as at a first `/setup`. Under the project's round lock, as every deletion of its
+    files; a round that holds it makes this job fail, and rq's retry comes back after it."""
+    rt = runtime()
+    with round_lock(rt, project, rt.queue.latest_generation(project)) as held:
+        if not held:
+            raise RuntimeError(f"project {project}: a round started meanwhile; forgetting the old project waits")
+        forget_project_files(rt, project)
+        rt.registry.forget_all_but_setup(project)
+    return connect_project(project)
+
+
 def configure_project(rt: Runtime, project: str) -> dict:
     """Switch the project to Uncertainty sampling with visible predictions; keep the values from before the first
     time (a reconnection finds the backend's own values, which must not replace the ones a user undoes to)."""

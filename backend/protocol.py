@@ -42,6 +42,10 @@ class SetupRequest:
     label_config: str
     model_version: str | None = None
     extra_params: dict = field(default_factory=dict)
+    created: str | None = None
+    """When Label Studio created the project (the "timestamp" of its "id.timestamp" uid): a project given the
+    id of one the backend still keeps records of (a Label Studio started on a new database) tells itself apart
+    by it. None when Label Studio sends the bare id."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,18 @@ def parse_setup(body: object, default_strategy: str = "hybrid") -> SetupRequest:
     extra = {key: value for key, value in extra.items() if not (key in PROJECT_PARAMS and value is None)}
     _check_strategy_params(extra, default_strategy)
     version = body.get("model_version")
-    return SetupRequest(project_id(body.get("project")), schema, version if isinstance(version, str) else None, extra)
+    project = body.get("project")
+    return SetupRequest(
+        project_id(project), schema, version if isinstance(version, str) else None, extra, project_created(project)
+    )
+
+
+def project_created(value: object) -> str | None:
+    """The "timestamp" of Label Studio's "id.timestamp" project uid (`project_id` checked the id), else None."""
+    if not isinstance(value, str) or "." not in value:
+        return None
+    created = value.split(".", 1)[1]
+    return created if PROJECT_ID.fullmatch(created) else None
 
 
 def parse_predict(body: object) -> PredictRequest:

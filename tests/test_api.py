@@ -64,6 +64,11 @@ def test_setup_records_the_project_and_queues_its_connection(client, redis_url, 
     assert queue.job_ids == ["connect-3"]
     client.post("/setup", json=setup_payload())  # Label Studio calls /setup before every /predict
     assert queue.job_ids == ["connect-3"]
+    # another project under id 3 (a Label Studio on a new database): its uid's creation time differs
+    client.post("/setup", json=setup_payload() | {"project": "3.1800000000"})
+    assert queue.job_ids == ["connect-3", "anew-3-1800000000"]
+    client.post("/setup", json=setup_payload() | {"project": 3})  # a bare id tells nothing either way
+    assert queue.job_ids == ["connect-3", "anew-3-1800000000"]
 
 
 def test_setup_restarts_a_reconciliation_chain_that_broke(client, redis_url, settings):

@@ -808,7 +808,7 @@ def test_a_new_project_connected_under_a_deleted_ones_id_while_a_round_finds_it_
     old_undo = runtime.registry.settings_before_connect("1")
     ask = label_studio.get_project
 
-    def deleted_and_replaced(project_id):  # SQLite gives the next project the deleted one's id; Label Studio
+    def deleted_and_replaced(project_id):  # a Label Studio on a new database gives a new project this id; it
         runtime.projects.setup(SetupRequest("1", AG_NEWS_CONFIG, extra_params={"rank_top_k": 7}))  # calls /setup
         label_studio.deleted = True  # for the new project, while the round reads the old one
         return ask(project_id)
@@ -823,6 +823,32 @@ def test_a_new_project_connected_under_a_deleted_ones_id_while_a_round_finds_it_
     assert old_undo is not None and runtime.registry.settings_before_connect("1") is None  # not the old one's
     assert runtime.artifacts.versions("1") == [] and runtime.snapshots.load("1") is None
     assert "connect-1" in runtime.queue.queue.get_job_ids()  # configured as at any first connection
+
+
+def test_another_project_set_up_under_a_known_id_starts_anew(runtime, label_studio, monkeypatch):
+    # Label Studio started on a new database, the backend's Redis and MODEL_DIR kept: project 1 is another one,
+    # and only the creation time in the "id.timestamp" uid of its /setup tells
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    runtime.projects.setup(SetupRequest("1", AG_NEWS_CONFIG, created="1732356000"))
+    jobs.connect_project("1")
+    assert jobs.rerank_project("1")["published"]
+    runtime.projects.setup(SetupRequest("1", AG_NEWS_CONFIG, created="1732356000"))  # the same one: nothing queued
+    assert "anew-1-1732356000" not in runtime.queue.queue.get_job_ids()
+
+    label_studio.project.update(sampling="Sequential sampling", show_collab_predictions=False)  # the new project's
+    runtime.projects.setup(SetupRequest("1", AG_NEWS_CONFIG, created="1800000000"))
+    runtime.projects.setup(SetupRequest("1", AG_NEWS_CONFIG, created="1800000000"))  # before every /predict
+    assert runtime.queue.queue.get_job_ids().count("anew-1-1800000000") == 1
+    outcome = jobs.start_anew("1")
+    assert outcome["rerank"] == "enqueued" and label_studio.project["sampling"] == "Uncertainty sampling"
+    assert runtime.registry.last_round("1") is None and runtime.registry.live_version("1") is None
+    assert runtime.artifacts.versions("1") == [] and runtime.snapshots.load("1") is None
+    # undoing restores the new project's settings, not the old one's
+    assert runtime.registry.settings_before_connect("1") == {
+        "sampling": "Sequential sampling",
+        "show_collab_predictions": False,
+    }
+    assert runtime.registry.created("1") == "1800000000" and runtime.registry.label_config("1") == AG_NEWS_CONFIG
 
 
 def test_a_disconnection_recorded_late_is_undone_by_the_next_round(runtime, label_studio, monkeypatch):

@@ -23,7 +23,7 @@ return 1
 """
 """Disconnect a project unless a /setup came since the caller looked; delete KEYS[4:] (its records) with it."""
 
-SETUP_FIELDS = ("label_config", "params", "setup_at")
+SETUP_FIELDS = ("label_config", "params", "setup_at", "created")
 """What `/setup` stores of a project."""
 
 COUNT_EVENT_IF_CONNECTED = """
@@ -45,14 +45,20 @@ class ProjectRegistry:
     def key(project: str) -> str:
         return f"al:project:{project}"
 
-    def save_setup(self, project: str, label_config: str, params: dict) -> bool:
-        """Store the project's config; True when the project is connected for the first time."""
+    def save_setup(self, project: str, label_config: str, params: dict, created: str | None = None) -> bool:
+        """Store the project's config (and when Label Studio created it, if known); True when the project is
+        connected for the first time."""
         self.client.hincrby(SETUPS_KEY, project, 1)  # first: a job that read Label Studio before this sees it
         first = bool(self.client.sadd(PROJECTS_KEY, project))
         self.client.hdel(DISCONNECTED_KEY, project)
-        setup = dict(zip(SETUP_FIELDS, (label_config, json.dumps(params), time.time()), strict=True))
-        self.client.hset(self.key(project), mapping=setup)
+        setup = {"label_config": label_config, "params": json.dumps(params), "setup_at": time.time()}
+        self.client.hset(self.key(project), mapping=setup | ({"created": created} if created else {}))
         return first
+
+    def created(self, project: str) -> str | None:
+        """When Label Studio created the project set up under this id, as its last `/setup` said; None if unknown."""
+        raw = self.client.hget(self.key(project), "created")
+        return raw.decode() if raw else None
 
     def projects(self) -> list[str]:
         return sorted((p.decode() for p in self.client.smembers(PROJECTS_KEY)), key=lambda p: int(p))

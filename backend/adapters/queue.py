@@ -261,6 +261,10 @@ class JobQueue:
                 Job.fetch(job_id, connection=self.client).delete()
             self._enqueue_unique("backend.jobs.connect_project", job_id, project)
 
+    def enqueue_start_anew(self, project: str, created: str) -> None:
+        """Another project now has `project`'s id (`backend.jobs.start_anew`): one job per new project."""
+        self._enqueue_unique("backend.jobs.start_anew", f"anew-{project}-{created}", project)
+
     def enqueue_cleanup(self, project: str, keep_version: str) -> None:
         self.queue.enqueue_call(
             "backend.jobs.cleanup_versions",

@@ -42,8 +42,13 @@ class ProjectService:
         away it still answers: the next /setup or the reconciliation pass catches up.
         """
         try:
-            first = self.registry.save_setup(request.project, request.label_config, request.extra_params)
-            if first:
+            known = self.registry.created(request.project)
+            first = self.registry.save_setup(
+                request.project, request.label_config, request.extra_params, request.created
+            )
+            if known and request.created and known != request.created:
+                self._start_anew(request, known, first)
+            elif first:
                 log.info("project %s connected: queueing set-up and cold-start ranking", request.project)
                 self.queue.enqueue_connect(request.project)
                 self.queue.schedule_reconcile(request.project, self.reconcile_interval)
@@ -52,6 +57,20 @@ class ProjectService:
                 log.info("project %s: reconciliation was not scheduled; restarted it", request.project)
         except redis.RedisError as exc:
             log.warning("project %s: /setup not recorded, Redis unavailable (%s)", request.project, type(exc).__name__)
+
+    def _start_anew(self, request: SetupRequest, known_created: str, first: bool) -> None:
+        """Another project has this id now (Label Studio started on a new database): a job forgets the old one
+        and connects the new one."""
+        log.warning(
+            "project %s: Label Studio has another project under this id (created at %s, not %s): forgetting the "
+            "old one's files and records, setting the new one up",
+            request.project,
+            request.created,
+            known_created,
+        )
+        self.queue.enqueue_start_anew(request.project, request.created)
+        if first:  # it had been disconnected
+            self.queue.schedule_reconcile(request.project, self.reconcile_interval)
 
     def label_config(self, project: str) -> str:
         """The config stored at /setup, for /predict requests that do not carry one."""
