@@ -11,10 +11,10 @@ import time
 
 import redis
 from flask import Flask, jsonify, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from backend import __version__
-from backend.errors import BackendError, MalformedRequest, Unauthorized
+from backend.errors import BackendError, MalformedRequest, Unauthorized, UnsupportedEncoding
 from backend.label_config import parse_label_config
 from backend.protocol import parse_predict, parse_setup, parse_webhook
 from backend.runtime import Runtime
@@ -38,7 +38,14 @@ def create_app(runtime: Runtime) -> Flask:
 
 
 def _json_body() -> object:
+    if request.content_encoding not in (None, "", "identity"):
+        raise UnsupportedEncoding(
+            f"{request.path} reads plain JSON; a body with Content-Encoding {request.content_encoding!r:.40} is not "
+            "supported"
+        )
     raw = request.get_data(cache=True)
+    if request.content_length is None and len(raw) >= MAX_BODY_BYTES:  # a chunked body, cut at the limit
+        raise RequestEntityTooLarge()
     if not raw:
         raise MalformedRequest(f"{request.path} needs a JSON body, got an empty one")
     try:
@@ -115,7 +122,7 @@ def _credential_encodings(user: str, password: str) -> list[bytes]:
     """ "user:password" as UTF-8 (browsers, curl, this backend's own webhook header) and as Latin-1 where it
     encodes (Label Studio calls backends through requests' HTTPBasicAuth, which encodes Latin-1)."""
     credentials = f"{user}:{password}"
-    encodings = [credentials.encode("utf-8", "surrogatepass")]
+    encodings = [credentials.encode("utf-8")]  # Settings.from_env refuses credentials that are not UTF-8
     try:
         encodings.append(credentials.encode("latin-1"))
     except UnicodeEncodeError:
@@ -177,6 +184,15 @@ def _register_errors(app: Flask) -> None:
         log.warning("%s %s: 413 %s", request.method, request.path, message)
         response = jsonify(error="RequestEntityTooLarge", message=message)
         response.status = f"413 {reason_phrase(message)}"
+        return response
+
+    @app.errorhandler(MethodNotAllowed)
+    def method_not_allowed(exc: MethodNotAllowed):
+        allowed = [method for method in exc.valid_methods or [] if method not in ("HEAD", "OPTIONS")]
+        message = f"{request.path} takes {' or '.join(allowed)}, not {request.method}"
+        response = jsonify(error=exc.name, message=message)
+        response.status_code = 405
+        response.headers["Allow"] = ", ".join(exc.valid_methods or [])
         return response
 
     @app.errorhandler(HTTPException)

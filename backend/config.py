@@ -66,6 +66,19 @@ def _choice(
     return value
 
 
+def _credential(environ: Mapping[str, str], name: str) -> str:
+    """A key, user name or password: text that encodes to UTF-8 (an environment holding other bytes gives Python
+    str with lone surrogates, which no client's header could match). Never shown in the error."""
+    value = environ.get(name, "")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{name} is not valid UTF-8 (check the locale or the encoding of the file that sets it)"
+        ) from None
+    return value
+
+
 def _device(environ: Mapping[str, str], default: str) -> str:
     """DEVICE: `auto`, `cpu`, `cuda` or `cuda:N` (case-insensitive); the encoder runs on nothing else."""
     value = (environ.get("DEVICE", "") or default).strip().lower()
@@ -157,10 +170,10 @@ class Settings:
         defaults = cls()
         return cls(
             label_studio_url=env.get("LABEL_STUDIO_URL", defaults.label_studio_url).rstrip("/"),
-            label_studio_api_key=env.get("LABEL_STUDIO_API_KEY", ""),
+            label_studio_api_key=_credential(env, "LABEL_STUDIO_API_KEY"),
             model_dir=env.get("MODEL_DIR", "") or defaults.model_dir,
-            basic_auth_user=env.get("BASIC_AUTH_USER", ""),
-            basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
+            basic_auth_user=_credential(env, "BASIC_AUTH_USER"),
+            basic_auth_pass=_credential(env, "BASIC_AUTH_PASS"),
             log_level=_choice(env, "LOG_LEVEL", defaults.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"), str.upper),
             host=env.get("HOST", "") or defaults.host,
             port=_int(env, "PORT", defaults.port, minimum=1, maximum=65535),

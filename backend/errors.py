@@ -23,6 +23,12 @@ class MalformedRequest(BackendError):
     status_code = 400
 
 
+class UnsupportedEncoding(BackendError):
+    """The request body is compressed (Content-Encoding); Label Studio sends plain JSON."""
+
+    status_code = 415
+
+
 class UnsupportedLabelConfig(BackendError):
     """The project's labeling config is not a text classification this backend can serve."""
 

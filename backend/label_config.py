@@ -6,8 +6,10 @@ classification and reads out what the rest of the backend needs.
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -188,13 +190,35 @@ def visible_text(html: str) -> str:
     return " ".join("".join(parts).split())
 
 
-@functools.lru_cache(maxsize=256)
+PARSED_CONFIGS = 256
+"""How many parsed configs `parse_label_config` keeps (the most recently used)."""
+_parsed: OrderedDict[bytes, ClassificationConfig] = OrderedDict()
+_parsed_lock = threading.Lock()
+
+
 def parse_label_config(label_config: str) -> ClassificationConfig:
     """Parse `label_config` XML into a `ClassificationConfig`, or raise `UnsupportedLabelConfig` saying why.
 
-    Cached: Label Studio sends the same config with every `/setup` and `/predict`.
+    Cached: Label Studio sends the same config with every `/setup` and `/predict`. Keyed by a digest, not by the
+    text, so that the cache holds parsed configs only, not up to 256 request bodies' worth of XML.
     """
-    if not isinstance(label_config, str) or not label_config.strip():
+    if not isinstance(label_config, str):
+        raise UnsupportedLabelConfig(f"the label config must be XML text, got {type(label_config).__name__}")
+    key = hashlib.blake2b(label_config.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    with _parsed_lock:
+        if key in _parsed:
+            _parsed.move_to_end(key)
+            return _parsed[key]
+    config = _parse_label_config(label_config)
+    with _parsed_lock:
+        _parsed[key] = config
+        while len(_parsed) > PARSED_CONFIGS:
+            _parsed.popitem(last=False)
+    return config
+
+
+def _parse_label_config(label_config: str) -> ClassificationConfig:
+    if not label_config.strip():
         raise UnsupportedLabelConfig("the label config is empty")
     try:
         interface = LabelInterface(label_config)
@@ -213,7 +237,9 @@ def parse_label_config(label_config: str) -> ClassificationConfig:
                 )
             if not element.get("name"):
                 raise UnsupportedLabelConfig(f"<Choices toName={element.get('toName')!r}> has no name")
-        tags = sorted({control.tag for control in controls}) or ["none"]
+        tags = sorted({control.tag for control in controls})
+        if not tags:
+            raise UnsupportedLabelConfig("it has no control tag (no <Choices>, nothing to label with)")
         case = " (tag names are case-sensitive: <Choices>, <Choice>, <Text>)" if "choices" in tags else ""
         raise UnsupportedLabelConfig(f"found control tags {', '.join(tags)} but no <Choices>{case}")
     # the document's class: a <Choices> shown for the whole text before one shown only on a condition

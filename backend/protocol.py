@@ -96,7 +96,8 @@ def parse_setup(body: object, default_strategy: str = "hybrid") -> SetupRequest:
     schema = body.get("schema", body.get("label_config"))
     if not isinstance(schema, str) or not schema.strip():
         raise MalformedRequest(f"/setup needs 'schema' (the project's label config XML), got {schema!r:.80}")
-    extra = body.get("extra_params") or {}
+    extra = body.get("extra_params")
+    extra = {} if extra in (None, "") else extra
     if isinstance(extra, str):  # a blank field in the form is no extra params, not malformed JSON
         extra = _json_object(extra, "extra_params") if extra.strip() else {}
     if not isinstance(extra, dict):
@@ -140,7 +141,7 @@ def parse_webhook(body: object) -> WebhookEvent:
     if not isinstance(action, str):
         raise MalformedRequest(f"/webhook needs 'action' (a Label Studio event name), got {action!r:.80}")
     if action not in WEBHOOK_ACTIONS and action not in IGNORED_WEBHOOK_ACTIONS:
-        raise MalformedRequest(f"unknown webhook action {action!r}; handled: {', '.join(WEBHOOK_ACTIONS)}")
+        raise MalformedRequest(f"unknown webhook action {action!r:.80}; handled: {', '.join(WEBHOOK_ACTIONS)}")
     project = body.get("project")
     if project is None and isinstance(body.get("task"), dict):
         project = body["task"].get("project")

@@ -188,10 +188,13 @@ def test_predict_multi_label_chooses_each_label_above_one_half_and_scores_the_me
     assert any(result["result"] for result in results.json["results"])  # the case of labels chosen is exercised
 
 
-def test_a_task_without_the_text_field_gets_an_empty_prediction_not_an_error(client):
+def test_a_task_without_the_text_field_gets_an_empty_prediction_not_an_error(client, caplog):
     tasks = [ls_task(1, TEXTS[0]), {"id": 2, "data": {"other": "x"}}, ls_task(3, "  ")]
-    results = client.post("/predict", json=predict_payload(tasks)).json["results"]
+    with caplog.at_level("WARNING", logger="backend"):
+        results = client.post("/predict", json=predict_payload(tasks)).json["results"]
     assert results[0]["result"] and results[1]["result"] == [] and results[2] == results[1]
+    (logged,) = [record.getMessage() for record in caplog.records if "cannot predict" in record.getMessage()]
+    assert "cannot predict 2 of 3 tasks, e.g. task 2 has no data['text']" in logged  # one line, however many
 
 
 def test_a_lone_surrogate_in_a_text_is_predicted_not_a_500(client):
@@ -244,6 +247,8 @@ def test_the_reason_phrase_is_one_line_of_latin_1():
         ("/webhook", b'{"action": "ANNOTATION_CREATED", "project": {"id": 1.5}}', "numeric project id"),
         ("/setup", b'{"project": 1}', "'schema'"),
         ("/setup", b'{"project": 1, "schema": "<View/>", "extra_params": "{bad"}', "extra_params"),
+        ("/setup", b'{"project": 1, "schema": "<View/>", "extra_params": 0}', "'extra_params' must be a JSON object"),
+        ("/predict", b'{"tasks": []}', "needs 'label_config', or the 'project' of a project set up by /setup"),
         ("/setup", b'{"project": 1, "schema": "<View/>", "extra_params": "' + b"[" * 100_000 + b'"}', "extra_params"),
         ("/setup", b'{"project": {"x": 1}, "schema": "<View/>"}', "{'x': 1}"),
         ("/setup", b'{"project": 1, "schema": "<View/>", "extra_params": {"strategy": "nope"}}', "known strategies"),
@@ -269,6 +274,39 @@ def test_a_body_over_the_limit_gets_a_413_naming_the_limit_in_its_reason_phrase(
     assert response.status_code == 413
     assert f"over the 2 MiB this backend reads ({len(body)} bytes)" in response.json["message"]
     assert "send fewer tasks per request" in response.status  # what Label Studio shows of a refused request
+
+
+def test_a_chunked_body_over_the_limit_gets_the_413_too_not_a_400_about_its_cut_json(client, monkeypatch):
+    import io
+
+    from backend import api
+
+    monkeypatch.setattr(api, "MAX_BODY_BYTES", 2**20)
+    client.application.config["MAX_CONTENT_LENGTH"] = api.MAX_BODY_BYTES
+    body = json.dumps(predict_payload([ls_task(i, "word " * 50_000) for i in range(10)])).encode()
+    response = client.post(  # no Content-Length: the server reads up to the limit and stops there
+        "/predict",
+        input_stream=io.BytesIO(body),
+        headers={"Transfer-Encoding": "chunked", "Content-Type": "application/json"},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+    assert response.status_code == 413 and "over the 1 MiB" in response.json["message"]
+
+
+def test_a_compressed_body_gets_a_415_saying_so(client):
+    import gzip
+
+    body = gzip.compress(json.dumps(predict_payload([ls_task(1, TEXTS[0])])).encode())
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    response = client.post("/predict", data=body, headers=headers)
+    assert response.status_code == 415 and "Content-Encoding 'gzip' is not supported" in response.json["message"]
+
+
+def test_a_wrong_method_gets_a_405_naming_the_right_one(client):
+    response = client.get("/predict")
+    assert response.status_code == 405 and response.json["message"] == "/predict takes POST, not GET"
+    assert "POST" in response.headers["Allow"]
+    assert client.post("/metrics").json["message"] == "/metrics takes GET, not POST"
 
 
 def test_strategy_params_are_checked_against_the_backends_default_strategy(settings):

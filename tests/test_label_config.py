@@ -259,3 +259,24 @@ def test_a_lower_case_condition_or_choice_attribute_counts_too():
         assert parse_label_config(f"<View>{text}{condition}{sentiment}</View>").from_name == "sentiment", condition
     multiple = sentiment.replace('toName="text">', 'toName="text" CHOICE="multiple">')
     assert parse_label_config(f"<View>{text}{multiple}</View>").multi_label is True
+
+
+def test_a_config_without_any_control_tag_says_so():
+    with pytest.raises(UnsupportedLabelConfig, match=r"it has no control tag \(no <Choices>"):
+        parse_label_config('<View><Text name="text" value="$text"/></View>')
+
+
+def test_parsed_configs_are_kept_by_digest_most_recently_used_first(monkeypatch):
+    from backend import label_config
+
+    monkeypatch.setattr(label_config, "PARSED_CONFIGS", 2)
+    monkeypatch.setattr(label_config, "_parsed", type(label_config._parsed)())
+    configs = [AG_NEWS_CONFIG.replace('value="World"', f'value="World {i}"') for i in range(3)]
+    first = parse_label_config(configs[0])
+    assert parse_label_config(configs[0]) is first  # parsed once
+    second = parse_label_config(configs[1])
+    parse_label_config(configs[0])  # used again: the oldest is now configs[1]
+    parse_label_config(configs[2])
+    assert parse_label_config(configs[0]) is first and len(label_config._parsed) == 2
+    assert all(isinstance(key, bytes) and len(key) == 16 for key in label_config._parsed)  # digests, not the XML
+    assert parse_label_config(configs[1]) is not second  # it was dropped, and is parsed again

@@ -62,6 +62,8 @@ def test_gunicorn_workers_load_the_encoder_before_they_answer(tiny_bert, redis_u
         ({"REDIS_URL": "redis://:s3cret@localhost:abc/0"}, "REDIS_URL ...'localhost:abc/0' is not a Redis URL (Port"),
         ({"REDIS_URL": "redis://h:abc/0?password=s3cret"}, "REDIS_URL ...'redis://h:abc/0' is not a Redis URL"),
         ({"REDIS_URL": "redis://:s3cret@[::1:6379"}, "REDIS_URL ...'[::1:6379' is not a Redis URL (Invalid IPv6 URL)"),
+        # a byte that is not UTF-8 in the environment (b"s3cret\xe9"): Python holds it as a lone surrogate
+        ({"BASIC_AUTH_PASS": "s3cret\udce9"}, "BASIC_AUTH_PASS is not valid UTF-8"),
     ],
 )
 def test_a_bad_setting_is_named_without_the_credentials_in_it(env, message):

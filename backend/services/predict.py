@@ -110,17 +110,21 @@ class Predictor:
     def predict(self, project: str, config: ClassificationConfig, tasks: list[dict]) -> list[dict]:
         """One Label Studio prediction per task, in order: predicted choice(s) and the confidence as `score`.
 
-        A task without the config's text field gets an empty prediction (and a log line), not an error for all.
+        A task without the config's text field gets an empty prediction, not an error for all (and one log line
+        per request that counts such tasks).
         """
         artifact = self.artifact_for(project, config)
         version = interactive_version(self.version_prefix, artifact)
-        texts, rows = [], []
+        texts, rows, unreadable = [], [], []
         for row, task in enumerate(tasks):
             try:
                 texts.append(config.text_of(task))
                 rows.append(row)
             except KeyError as exc:
-                log.warning("project %s: cannot predict: %s", project or "?", exc)
+                unreadable.append(exc.args[0])
+        if unreadable:
+            count = f"{len(unreadable)} of {len(tasks)}"
+            log.warning("project %s: cannot predict %s tasks, e.g. %s", project or "?", count, unreadable[0])
         results: list[dict] = [{"result": [], "score": 0.0, "model_version": version} for _ in tasks]
         if not texts:
             return results

@@ -195,14 +195,17 @@ def save_snapshot(
 
 
 def texts_of(tasks, config: ClassificationConfig, project: str) -> tuple[list[int], list[str]]:
-    """Ids and texts of `tasks` whose text the label config can read; the others are left out, with a warning."""
-    task_ids, texts = [], []
+    """Ids and texts of `tasks` whose text the label config can read; the others are left out, with one warning
+    that counts them (a config reading a field the tasks lack would otherwise log a line per task)."""
+    task_ids, texts, unreadable = [], [], []
     for task in tasks:
         try:
             texts.append(config.text_of(task))
             task_ids.append(int(task["id"]))
         except KeyError as exc:
-            log.warning("project %s: task left out of the ranking: %s", project, exc)
+            unreadable.append(exc.args[0])
+    if unreadable:
+        log.warning("project %s: %d tasks left out of the ranking, e.g. %s", project, len(unreadable), unreadable[0])
     return task_ids, texts
 
 

@@ -74,7 +74,9 @@ class ProjectService:
 
     def label_config(self, project: str) -> str:
         """The config stored at /setup, for /predict requests that do not carry one."""
-        config = self.registry.label_config(project) if project else None
+        if not project:
+            raise MalformedRequest("/predict needs 'label_config', or the 'project' of a project set up by /setup")
+        config = self.registry.label_config(project)
         if not config:
             raise MalformedRequest(f"/predict has no 'label_config' and project {project!r} was never set up")
         return config
