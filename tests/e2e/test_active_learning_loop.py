@@ -39,6 +39,14 @@ def test_next_task_is_our_top_task_after_every_round(backend, project, secrets_n
         assert ls.get_project(project_id)["model_version"] == last["model_version"]
         top = last["top_task"]
     assert ls.next_task(project_id)["id"] == top
+    # each round's clean-up job deletes the rankings before it; the live one stays, whole
+    live = ls.get_project(project_id)["model_version"]
+
+    def rankings() -> list[str]:  # not the sets of /predict answers (Retrieve Predictions)
+        return [version for version in ls.model_versions(project_id) if not version.endswith("-predict")]
+
+    wait_until(lambda: rankings() == [live], "the older rankings to be deleted", 60)
+    assert ls.model_versions(project_id)[live] == last["ranked"]
 
 
 def test_our_own_version_switch_does_not_start_another_round(backend, project, redis_url):
