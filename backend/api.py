@@ -38,7 +38,7 @@ def create_app(runtime: Runtime) -> Flask:
 
 
 def _json_body() -> object:
-    if request.content_encoding not in (None, "", "identity"):
+    if (request.content_encoding or "identity").lower() != "identity":
         raise UnsupportedEncoding(
             f"{request.path} reads plain JSON; a body with Content-Encoding {request.content_encoding!r:.40} is not "
             "supported"

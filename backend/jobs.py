@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
 
 from rq import get_current_job
@@ -158,17 +159,21 @@ def connect_project(project: str) -> dict:
     return {"previous": previous, "rerank": rt.queue.request_rerank(project, "connected")}
 
 
-def start_anew(project: str) -> dict:
-    """Another project has this id now (Label Studio on a new database, and the backend's Redis and MODEL_DIR
-    kept): forget the old project's task list, head versions, rounds and the settings from before connecting,
-    then connect the new one as at a first `/setup`. Under the project's round lock, as every deletion of its
-    files; a round that holds it makes this job fail, and rq's retry comes back after it."""
+def start_anew(project: str, created: str) -> dict:
+    """Another project, created at `created`, has this id now (Label Studio on a new database, and the backend's
+    Redis and MODEL_DIR kept): forget the old project's task list, head versions, rounds and the settings from
+    before connecting, record the new creation time, then connect the new one as at a first `/setup`.
+
+    Under the project's round lock, as every deletion of its files, and without giving way to newer rounds (their
+    generation is ignored: they run after, on the new project); a lock held past half of JOB_TIMEOUT fails the
+    job, and rq retries it.
+    """
     rt = runtime()
-    with round_lock(rt, project, rt.queue.latest_generation(project)) as held:
-        if not held:
-            raise RuntimeError(f"project {project}: a round started meanwhile; forgetting the old project waits")
+    with round_lock(rt, project, generation=sys.maxsize) as held:
+        assert held  # no generation is newer than sys.maxsize
         forget_project_files(rt, project)
         rt.registry.forget_all_but_setup(project)
+        rt.registry.set_created(project, created)
     return connect_project(project)
 
 

@@ -371,7 +371,8 @@ def test_project_updated_re_ranks_only_for_a_change_we_did_not_make(client, redi
     assert project_updated(model_version="al-v000002-x")["rerank"] == "not needed"  # our own switch
     assert project_updated(title="renamed")["rerank"] == "not needed"
     assert project_updated(model_version="")["rerank"] == "enqueued"  # reset from the UI
-    # Label Studio sets the version to null when the live one is deleted (Settings -> Predictions)
+    # Label Studio sets the version to null when the live one is deleted (Settings -> Predictions): the next
+    # PROJECT_UPDATED (an edit of the settings) carries it
     assert project_updated(model_version=None)["rerank"] == "coalesced"  # a round follows: the one queued above
     registry.hset("al:project:3", "live_version", "")
     assert project_updated(model_version=None)["rerank"] == "not needed"  # no live version of ours: no change

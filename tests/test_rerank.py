@@ -828,20 +828,36 @@ def test_a_new_project_connected_under_a_deleted_ones_id_while_a_round_finds_it_
 def test_another_project_set_up_under_a_known_id_starts_anew(runtime, label_studio, monkeypatch):
     # Label Studio started on a new database, the backend's Redis and MODEL_DIR kept: project 1 is another one,
     # and only the creation time in the "id.timestamp" uid of its /setup tells
+    from rq.job import Job, JobStatus
+
     monkeypatch.setattr(jobs, "_runtime", runtime)
     runtime.projects.setup(SetupRequest("1", AG_NEWS_CONFIG, created="1732356000"))
     jobs.connect_project("1")
     assert jobs.rerank_project("1")["published"]
+    runtime.registry.count_event("1", "ANNOTATION_CREATED")
     runtime.projects.setup(SetupRequest("1", AG_NEWS_CONFIG, created="1732356000"))  # the same one: nothing queued
-    assert "anew-1-1732356000" not in runtime.queue.queue.get_job_ids()
+    assert not [job_id for job_id in runtime.queue.queue.get_job_ids() if job_id.startswith("anew-")]
 
     label_studio.project.update(sampling="Sequential sampling", show_collab_predictions=False)  # the new project's
+    anew = "anew-1-1800000000"
     runtime.projects.setup(SetupRequest("1", AG_NEWS_CONFIG, created="1800000000"))
     runtime.projects.setup(SetupRequest("1", AG_NEWS_CONFIG, created="1800000000"))  # before every /predict
-    assert runtime.queue.queue.get_job_ids().count("anew-1-1800000000") == 1
-    outcome = jobs.start_anew("1")
-    assert outcome["rerank"] == "enqueued" and label_studio.project["sampling"] == "Uncertainty sampling"
+    assert runtime.queue.queue.get_job_ids().count(anew) == 1
+    runtime.queue.queue.remove(anew)  # the job failed for good (say, its lock never came free)
+    Job.fetch(anew, connection=runtime.redis).set_status(JobStatus.FAILED)
+    assert runtime.registry.created("1") == "1732356000"  # the old project's records are still there...
+    runtime.projects.setup(SetupRequest("1", AG_NEWS_CONFIG, created="1800000000"))
+    assert anew in runtime.queue.queue.get_job_ids()  # ...so the next /setup asks again
+
+    import threading
+
+    # another worker's round holds the lock, and a newer round starts while the job waits: it does not give way
+    runtime.redis.set("al:rerank:lock:1", "another worker's round", px=1500)
+    threading.Timer(0.3, runtime.queue.start_rerank, args=("1",)).start()
+    outcome = jobs.start_anew("1", "1800000000")
+    assert outcome["rerank"] in ("enqueued", "coalesced") and label_studio.project["sampling"] == "Uncertainty sampling"
     assert runtime.registry.last_round("1") is None and runtime.registry.live_version("1") is None
+    assert runtime.registry.event_counts("1") == {} and runtime.registry.shown("1", [1, 2, 3]) == {}
     assert runtime.artifacts.versions("1") == [] and runtime.snapshots.load("1") is None
     # undoing restores the new project's settings, not the old one's
     assert runtime.registry.settings_before_connect("1") == {
@@ -849,6 +865,9 @@ def test_another_project_set_up_under_a_known_id_starts_anew(runtime, label_stud
         "show_collab_predictions": False,
     }
     assert runtime.registry.created("1") == "1800000000" and runtime.registry.label_config("1") == AG_NEWS_CONFIG
+    runtime.queue.queue.remove(anew)
+    runtime.projects.setup(SetupRequest("1", AG_NEWS_CONFIG, created="1800000000"))
+    assert anew not in runtime.queue.queue.get_job_ids()  # done: the creation time is the new project's now
 
 
 def test_a_disconnection_recorded_late_is_undone_by_the_next_round(runtime, label_studio, monkeypatch):

@@ -23,7 +23,7 @@ return 1
 """
 """Disconnect a project unless a /setup came since the caller looked; delete KEYS[4:] (its records) with it."""
 
-SETUP_FIELDS = ("label_config", "params", "setup_at", "created")
+SETUP_FIELDS = ("label_config", "params", "setup_at")
 """What `/setup` stores of a project."""
 
 COUNT_EVENT_IF_CONNECTED = """
@@ -52,13 +52,18 @@ class ProjectRegistry:
         first = bool(self.client.sadd(PROJECTS_KEY, project))
         self.client.hdel(DISCONNECTED_KEY, project)
         setup = {"label_config": label_config, "params": json.dumps(params), "setup_at": time.time()}
-        self.client.hset(self.key(project), mapping=setup | ({"created": created} if created else {}))
+        self.client.hset(self.key(project), mapping=setup)
+        if created:  # the project's, whose records these are: replaced only once they are forgotten (start_anew)
+            self.client.hsetnx(self.key(project), "created", created)
         return first
 
     def created(self, project: str) -> str | None:
-        """When Label Studio created the project set up under this id, as its last `/setup` said; None if unknown."""
+        """When Label Studio created the project whose records the backend keeps under this id; None if unknown."""
         raw = self.client.hget(self.key(project), "created")
         return raw.decode() if raw else None
+
+    def set_created(self, project: str, created: str) -> None:
+        self.client.hset(self.key(project), "created", created)
 
     def projects(self) -> list[str]:
         return sorted((p.decode() for p in self.client.smembers(PROJECTS_KEY)), key=lambda p: int(p))

@@ -253,17 +253,21 @@ class JobQueue:
 
         One connect job per project at a time; one kept from an earlier connection (finished or failed) gives way.
         """
-        job_id = f"connect-{project}"
-        if self._enqueue_unique("backend.jobs.connect_project", job_id, project):
-            return
-        if self._status(job_id) not in (*WAITING_STATUSES, JobStatus.STARTED):
-            with contextlib.suppress(NoSuchJobError):
-                Job.fetch(job_id, connection=self.client).delete()
-            self._enqueue_unique("backend.jobs.connect_project", job_id, project)
+        self._enqueue_one_at_a_time("backend.jobs.connect_project", f"connect-{project}", project)
 
-    def enqueue_start_anew(self, project: str, created: str) -> None:
-        """Another project now has `project`'s id (`backend.jobs.start_anew`): one job per new project."""
-        self._enqueue_unique("backend.jobs.start_anew", f"anew-{project}-{created}", project)
+    def enqueue_start_anew(self, project: str, created: str) -> bool:
+        """Another project now has `project`'s id (`backend.jobs.start_anew`); True unless one such job is already
+        waiting or running. One that ended (failed for good, or done and asked for again) gives way."""
+        return self._enqueue_one_at_a_time("backend.jobs.start_anew", f"anew-{project}-{created}", project, created)
+
+    def _enqueue_one_at_a_time(self, func: str, job_id: str, *args) -> bool:
+        if self._enqueue_unique(func, job_id, *args):
+            return True
+        if self._status(job_id) in (*WAITING_STATUSES, JobStatus.STARTED):
+            return False
+        with contextlib.suppress(NoSuchJobError):
+            Job.fetch(job_id, connection=self.client).delete()
+        return self._enqueue_unique(func, job_id, *args)
 
     def enqueue_cleanup(self, project: str, keep_version: str) -> None:
         self.queue.enqueue_call(

@@ -42,10 +42,10 @@ class ProjectService:
         away it still answers: the next /setup or the reconciliation pass catches up.
         """
         try:
-            known = self.registry.created(request.project)
             first = self.registry.save_setup(
                 request.project, request.label_config, request.extra_params, request.created
             )
+            known = self.registry.created(request.project)
             if known and request.created and known != request.created:
                 self._start_anew(request, known, first)
             elif first:
@@ -60,15 +60,16 @@ class ProjectService:
 
     def _start_anew(self, request: SetupRequest, known_created: str, first: bool) -> None:
         """Another project has this id now (Label Studio started on a new database): a job forgets the old one
-        and connects the new one."""
-        log.warning(
-            "project %s: Label Studio has another project under this id (created at %s, not %s): forgetting the "
-            "old one's files and records, setting the new one up",
-            request.project,
-            request.created,
-            known_created,
-        )
-        self.queue.enqueue_start_anew(request.project, request.created)
+        and connects the new one. Until it has, every `/setup` sees the old creation time and asks again (a job
+        that failed for good is queued anew)."""
+        if self.queue.enqueue_start_anew(request.project, request.created):
+            log.warning(
+                "project %s: Label Studio has another project under this id (created at %s, not %s): forgetting "
+                "the old one's files and records, setting the new one up",
+                request.project,
+                request.created,
+                known_created,
+            )
         if first:  # it had been disconnected
             self.queue.schedule_reconcile(request.project, self.reconcile_interval)
 
@@ -98,7 +99,8 @@ class ProjectService:
         if event.action != "PROJECT_UPDATED":
             return True
         project = event.payload.get("project") if isinstance(event.payload.get("project"), dict) else {}
-        # null too: Label Studio clears the version when the live one is deleted (Settings -> Predictions)
+        # null too: Label Studio clears the version when the live one is deleted (Settings -> Predictions); it posts
+        # no event then, so reconciliation repairs that first, or any later edit of the project's settings
         changed_version = "model_version" in project and (project["model_version"] or None) != (
             self.registry.live_version(event.project) or None
         )
