@@ -38,6 +38,25 @@ def test_the_worker_starts_over_when_redis_times_out_drops_the_connection_or_ref
     assert len(runs) == 5 and all(run["with_scheduler"] for run in runs)
 
 
+def test_the_worker_starts_over_when_a_real_redis_is_out_of_memory(runtime, monkeypatch, capfd):
+    # the real fault: Redis under its maxmemory with the noeviction policy refuses every write, rq's registration
+    # of the worker's birth first; once memory is freed, the worker started again takes the job
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    monkeypatch.setattr(worker, "RESTART_SECONDS", 0.5)
+    job = runtime.queue.queue.enqueue("os.getpid")
+    assert runtime.redis.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+    runtime.redis.config_set("maxmemory", 1)  # below what Redis already holds
+    freed = threading.Timer(2.0, runtime.redis.config_set, args=("maxmemory", 0))
+    freed.start()
+    try:
+        worker.main(["--burst", "--no-preload"])  # returns once a run ends normally
+    finally:
+        freed.join()
+        runtime.redis.config_set("maxmemory", 0)
+    assert job.get_status(refresh=True) == "finished"
+    assert "lost Redis (OutOfMemoryError" in capfd.readouterr().err  # (main's logging writes to stderr)
+
+
 def test_the_worker_starts_over_when_rqs_own_loop_quits_on_a_redis_timeout(runtime, monkeypatch):
     # rq's work() catches a Redis timeout (or any error) outside a job, logs "quitting" and returns normally
     monkeypatch.setattr(jobs, "_runtime", runtime)
