@@ -97,7 +97,8 @@ def parse_setup(body: object, default_strategy: str = "hybrid") -> SetupRequest:
     if not isinstance(schema, str) or not schema.strip():
         raise MalformedRequest(f"/setup needs 'schema' (the project's label config XML), got {schema!r:.80}")
     extra = body.get("extra_params")
-    extra = {} if extra in (None, "") else extra
+    if extra is None:
+        extra = {}
     if isinstance(extra, str):  # a blank field in the form is no extra params, not malformed JSON
         extra = _json_object(extra, "extra_params") if extra.strip() else {}
     if not isinstance(extra, dict):
