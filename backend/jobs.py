@@ -22,7 +22,12 @@ from backend.round_lock import round_lock
 from backend.runtime import Runtime
 from backend.services.embeddings import embed_texts
 from backend.services.predict import INTERACTIVE_SUFFIX, ZERO_SHOT_VERSION
-from backend.services.project_state import ProjectDisconnected, RoundRefused, read_connected_project
+from backend.services.project_state import (
+    ProjectDisconnected,
+    RoundRefused,
+    may_be_this_backend,
+    read_connected_project,
+)
 from backend.services.rerank import rerank
 
 log = logging.getLogger(__name__)
@@ -120,6 +125,9 @@ def forget_project_files(rt: Runtime, project: str) -> None:
 def secure_webhooks(rt: Runtime, project: str) -> int:
     """With basic auth on, add our credentials to the webhooks Label Studio created for this backend.
 
+    Only the webhooks of ML backends that may be this one (`may_be_this_backend`): another vendor's backend in the
+    same project must never receive our credentials.
+
     Label Studio creates `<backend url>/webhook` without auth headers, so until this runs its events get a
     401 (and reconciliation recovers what they said). Returns the number of webhooks updated.
     """
@@ -127,7 +135,9 @@ def secure_webhooks(rt: Runtime, project: str) -> int:
     if not settings.basic_auth_enabled:
         return 0
     header = "Basic " + settings.basic_auth_token
-    backend_urls = {b["url"].rstrip("/") + "/webhook" for b in rt.label_studio.ml_backends(int(project))}
+    backends = rt.label_studio.ml_backends(int(project))
+    ours = [b for b in backends if may_be_this_backend(b, settings.model_version_prefix)]
+    backend_urls = {b["url"].rstrip("/") + "/webhook" for b in ours}
     updated = 0
     for webhook in rt.label_studio.webhooks(int(project)):
         if webhook["url"].rstrip("/") in backend_urls and (webhook.get("headers") or {}).get("Authorization") != header:

@@ -574,6 +574,28 @@ def test_a_webhook_label_studio_refuses_to_secure_holds_up_neither_the_set_up_no
     }
 
 
+def test_only_the_webhook_of_this_backend_gets_its_credentials_never_another_backends(
+    runtime, label_studio, monkeypatch
+):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    runtime.settings = replace(runtime.settings, basic_auth_user="ls", basic_auth_pass="secret")
+    label_studio.backends = [
+        {"id": 1, "url": "http://backend:9090", "model_version": "al-1-2-3"},
+        {"id": 2, "url": "http://other-vendor:9090/", "model_version": "their-model-7"},
+    ]
+    hooks = {
+        10: {"id": 10, "url": "http://backend:9090/webhook", "headers": {}},
+        11: {"id": 11, "url": "http://other-vendor:9090/webhook", "headers": {"X-Theirs": "1"}},
+    }
+    label_studio.webhooks = lambda project_id: [dict(hook) for hook in hooks.values()]
+    label_studio.update_webhook = lambda hook_id, headers: hooks[hook_id].update(headers=headers)
+
+    assert jobs.secure_webhooks(runtime, "1") == 1
+    assert hooks[10]["headers"] == {"Authorization": "Basic bHM6c2VjcmV0"}  # base64 of ls:secret
+    assert hooks[11]["headers"] == {"X-Theirs": "1"}
+    assert jobs.secure_webhooks(runtime, "1") == 0  # already secured: nothing written again
+
+
 def test_reconciliation_configures_the_project_even_when_securing_its_webhook_is_refused(
     runtime, label_studio, webhooks_refused
 ):
