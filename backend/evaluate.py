@@ -37,7 +37,7 @@ from backend.evaluation_replay import (
     run_one,
     strategy_from_spec,
 )
-from backend.evaluation_summary import plot, summarise, write_results
+from backend.evaluation_summary import labels_saved_text, plot, summarise, write_results
 from backend.ml.head import choose_l2, fit_head
 from backend.ml.model_files import max_length_asked, resolve_model_path
 from backend.scoring.registry import STRATEGIES
@@ -191,10 +191,8 @@ def print_report(summary: dict, budgets: list[int], baseline_budgets: list[int],
             for b, a in zip(budgets, result["accuracy_mean"], strict=True)
             if b in (100, 200, 500, budgets[-1])
         }
-        saved = result["labels_saved"] or result["labels_saved_at_least"]
-        saved_text = f"{'' if result['labels_saved'] else '>='}{saved:.2f}x" if saved else "n/a"
-        at_budget = result["labels_saved_at_budget"]
-        at_budget_text = f"{at_budget:.2f}x" if at_budget else f"n/a (random not there by {baseline_budgets[-1]})"
+        saved_text = labels_saved_text(result)
+        at_budget_text = labels_saved_text(result, "labels_saved_at_budget")
         print(
             f"{name:>24}: labels saved {saved_text}, at {budgets[-1]} labels {at_budget_text}, "
             f"AUC {result['area_under_curve']:.4f}, {at}"

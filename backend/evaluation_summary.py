@@ -36,7 +36,11 @@ def area_under_curve(budgets: list[int], curve: np.ndarray) -> float:
 
 
 def labels_saved_per_seed(
-    random_needs: list[float | None], needs: list[float | None], paired: bool, random_budget: float | None = None
+    random_needs: list[float | None],
+    needs: list[float | None],
+    paired: bool,
+    random_budget: float | None = None,
+    own_budget: float | None = None,
 ) -> list[float | None]:
     """Per seed of a strategy: the labels random needs to reach the target ÷ the labels this seed needed.
 
@@ -44,11 +48,13 @@ def labels_saved_per_seed(
     two replays of seed i share nothing, so pairing them by number would be arbitrary (on TREC-6 the six ways to
     pair three seeds give 2.52-2.66x): each seed is compared with every seed of random, and the ratios averaged.
     A seed of random that never reached the target counts as needing `random_budget` (the figure is then a lower
-    bound), or, without it, makes the figure None; so does a seed of the strategy that never reached it.
+    bound), or, without it, makes the figure None; a seed of the strategy that never reached it counts as needing
+    `own_budget` (an upper bound), or, without it, makes its figure None.
     """
     random_labels = [r if r else random_budget for r in random_needs]
+    own_labels = [n if n else own_budget for n in needs]
     saved = []
-    for seed, labels in enumerate(needs):
+    for seed, labels in enumerate(own_labels):
         compared = [random_labels[seed]] if paired else random_labels
         saved.append(float(np.mean([r / labels for r in compared])) if labels and all(compared) else None)
     return saved
@@ -83,8 +89,11 @@ def summarise(
         saved = labels_saved_per_seed(random_needs, needs, paired)
         # where random never reached the target within its budget, its budget / labels needed is a lower bound
         at_least = labels_saved_per_seed(random_needs, needs, paired, random_budget=baseline_budgets[-1])
+        # where this strategy never reached it within its budget, random's labels / its budget is an upper bound
+        at_most = labels_saved_per_seed(random_needs, needs, paired, own_budget=own_budgets[-1])
         # the same question at the end of the budget, on mean curves (seeds of random and of a strategy are not
-        # pairs): the labels random needs for the accuracy this strategy has there, per label it used
+        # pairs): the labels random needs for the accuracy this strategy has there, per label it used; when random
+        # never gets there, at least all of random's budget per label used
         matched = labels_to_reach(baseline_budgets, random_mean, float(accuracy[:, -1].mean()))
         results[name] = {
             "budgets": budgets,
@@ -97,7 +106,9 @@ def summarise(
             "labels_saved_per_seed": saved,
             "labels_saved": _mean_if_all(saved),
             "labels_saved_at_least": _mean_if_all(at_least),
+            "labels_saved_at_most": _mean_if_all(at_most) if None in needs else None,
             "labels_saved_at_budget": matched / budgets[-1] if matched else None,
+            "labels_saved_at_budget_at_least": None if matched else baseline_budgets[-1] / budgets[-1],
             "area_under_curve": area_under_curve(budgets, accuracy.mean(axis=0)),
             "stop_budget_per_seed": [run.get("stop_budget") for run in seed_runs],
             "finetuned_accuracy_per_seed": [run.get("finetuned_accuracy") or {} for run in seed_runs],
@@ -116,6 +127,18 @@ def summarise(
             "macro_f1_per_seed": [run["macro_f1"][shared:] for run in runs["random"]],
         }
     return {"full_pool_accuracy": full_accuracy, "target_accuracy": target, "strategies": results}
+
+
+def labels_saved_text(result: dict, figure: str = "labels_saved", times: str = "x", missing: str = "n/a") -> str:
+    """One strategy's labels-saved `figure` for a report: "2.31x", or the bound results.json has where a curve never
+    reached the target in its budget (">=1.80x": random did not; "<=0.90x": the strategy did not), or `missing`."""
+    if result.get(figure):
+        return f"{result[figure]:.2f}{times}"
+    if result.get(f"{figure}_at_least"):
+        return f">={result[f'{figure}_at_least']:.2f}{times}"
+    if result.get(f"{figure}_at_most"):
+        return f"<={result[f'{figure}_at_most']:.2f}{times}"
+    return missing
 
 
 def _mean_if_all(values: list[float | None]) -> float | None:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.evaluation_summary import labels_saved_text
+
 
 def data_set_key(results: dict, folder: Path) -> tuple[str, str]:
     """(pool file, test file) of a run; a results.json without its arguments is a data set of its own."""
@@ -84,14 +86,8 @@ def rows(name: str, results: dict) -> list[str]:
     lines = []
     for strategy, result in strategies.items():
         curve = np.array(result["accuracy_mean"])
-        saved = result["labels_saved"]
-        saved_text = (
-            f"{saved:.2f}×"
-            if saved
-            else (f"≥ {result['labels_saved_at_least']:.2f}×" if result.get("labels_saved_at_least") else "–")
-        )
-        at_budget = result.get("labels_saved_at_budget")
-        at_budget_text = f"{at_budget:.2f}×" if at_budget else "–"
+        saved_text = labels_saved_text(result, times="×", missing="–")
+        at_budget_text = labels_saved_text(result, "labels_saved_at_budget", times="×", missing="–")
         gaps = (curve - random_curve)[budgets >= 100]
         worst = f"{float(np.min(gaps)):+.3f}" if len(gaps) else "–"  # (no budget of 100 or more)
         # the README's budgets and the last (a small pool, or batches of 30, may have none of the others)

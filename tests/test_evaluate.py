@@ -219,6 +219,30 @@ def test_labels_saved_is_exact_or_a_lower_bound():
     assert bound["strategies"]["slow"]["labels_saved_at_least"] == pytest.approx(400 / (300 + 100 * 0.105 / 0.11))
 
 
+def test_a_strategy_that_never_reaches_the_target_or_ends_past_random_gets_a_bound():
+    from backend.evaluation_summary import labels_saved_text, summarise
+
+    budgets = [100, 200, 300, 400]
+    runs = {
+        "random": [{"accuracy": [0.5, 0.6, 0.8, 0.85], "macro_f1": [0] * 4}],
+        "stuck": [{"accuracy": [0.5, 0.6, 0.7, 0.75], "macro_f1": [0] * 4}],
+        "fast": [{"accuracy": [0.5, 0.9, 0.95, 0.96], "macro_f1": [0] * 4}],
+    }
+    summary = summarise(runs, budgets, full_accuracy=0.8 / 0.95)["strategies"]
+    stuck, fast = summary["stuck"], summary["fast"]
+    # target 0.8: random needs 300; stuck needs more than its 400, so saves at most 300 / 400
+    assert stuck["labels_saved"] is None and stuck["labels_saved_at_most"] == pytest.approx(0.75)
+    assert labels_saved_text(stuck) == "<=0.75x"
+    # stuck ends at 0.75, which random has after 200 + 100 * 0.15 / 0.2 = 275 labels
+    assert stuck["labels_saved_at_budget"] == pytest.approx(275 / 400)
+    # fast ends at 0.96, which random never reaches in its 400: at least 400 / 400
+    assert fast["labels_saved_at_budget"] is None and fast["labels_saved_at_budget_at_least"] == 1.0
+    assert labels_saved_text(fast, "labels_saved_at_budget") == ">=1.00x"
+    assert fast["labels_saved_at_most"] is None  # fast reached the target: its figure is exact
+    assert labels_saved_text(fast) == f"{300 / (100 + 100 * 0.3 / 0.4):.2f}x"
+    assert labels_saved_text({"labels_saved": None}, missing="–") == "–"
+
+
 def test_unpaired_seeds_are_compared_with_every_seed_of_random():
     from backend.evaluation_summary import labels_saved_per_seed, summarise
 
