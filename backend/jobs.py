@@ -66,6 +66,7 @@ def rerank_project(project: str, reason: str = "") -> dict:
         if rt.queue.overtaken(project, generation):  # with several workers, a newer round got the lock first
             log.info("project %s: generation %d skipped, a newer round already published", project, generation)
             return {"generation": generation, "published": False, "overtaken": True, "timing": timing}
+        forget_an_older_project(rt, project)  # before start_anew got the lock: this round ranks the new project
         try:
             return rerank(project, rt, generation, timing)
         except ProjectDisconnected as gone:
@@ -111,15 +112,31 @@ def stop_working_on(rt: Runtime, project: str, gone: ProjectDisconnected, setups
     return {"disconnected": str(gone)}
 
 
-def forget_project_files(rt: Runtime, project: str) -> None:
+def forget_project_files(rt: Runtime, project: str, why: str = "deleted in Label Studio") -> None:
     """Delete the project's task list snapshot, matrix file, head versions and encoding progress (its records in
     the registry go with its disconnection, unless it was connected again meanwhile). Only a job holding the
-    project's round lock calls it (a round, or the sweep of deleted projects): no round is writing them."""
+    project's round lock calls it (a round, start_anew, or the sweep of deleted projects): no round is writing
+    them."""
     rt.snapshots.delete(project)
     rt.matrix_files.delete_project(project)
     rt.artifacts.delete_project(project)
     rt.queue.forget_encoding(project)
-    log.info("project %s: deleted in Label Studio; its task list, matrix file and head versions are deleted", project)
+    log.info("project %s: %s; its task list, matrix file and head versions are deleted", project, why)
+
+
+def forget_an_older_project(rt: Runtime, project: str) -> bool:
+    """When the latest `/setup` came from another project than the one whose records the backend keeps under this
+    id (see `start_anew`), forget the old one's files and records and keep the new one's creation time -> whether
+    it did. Under the project's round lock: `start_anew`, and every round, so that a round that gets the lock
+    first never ranks the new project with the old one's task list or heads. Done once: the creation times then
+    agree, and a second call (a retried job) keeps what the new project has gained since."""
+    created = rt.registry.another_project_set_up(project)
+    if created is None:
+        return False
+    forget_project_files(rt, project, why=f"another project, created at {created}, has this id now")
+    rt.registry.forget_all_but_setup(project)
+    rt.registry.set_created(project, created)
+    return True
 
 
 def secure_webhooks(rt: Runtime, project: str) -> int:
@@ -172,18 +189,17 @@ def connect_project(project: str) -> dict:
 def start_anew(project: str, created: str) -> dict:
     """Another project, created at `created`, has this id now (Label Studio on a new database, and the backend's
     Redis and MODEL_DIR kept): forget the old project's task list, head versions, rounds and the settings from
-    before connecting, record the new creation time, then connect the new one as at a first `/setup`.
+    before connecting, record the new creation time (`forget_an_older_project`; a round that got the lock first
+    has done it already), then connect the new one as at a first `/setup`.
 
     Under the project's round lock, as every deletion of its files, and without giving way to newer rounds (their
-    generation is ignored: they run after, on the new project); a lock held past half of JOB_TIMEOUT fails the
-    job, and rq retries it.
+    generation is ignored); a lock held past half of JOB_TIMEOUT fails the job, and rq retries it. `created` names
+    the job (one per new project).
     """
     rt = runtime()
     with round_lock(rt, project, generation=sys.maxsize) as held:
         assert held  # no generation is newer than sys.maxsize
-        forget_project_files(rt, project)
-        rt.registry.forget_all_but_setup(project)
-        rt.registry.set_created(project, created)
+        forget_an_older_project(rt, project)
     return connect_project(project)
 
 

@@ -892,6 +892,58 @@ def test_another_project_set_up_under_a_known_id_starts_anew(runtime, label_stud
     assert anew not in runtime.queue.queue.get_job_ids()  # done: the creation time is the new project's now
 
 
+def new_database_under_project_1(runtime, label_studio) -> dict[int, str]:
+    """Project 1 connected and ranked once; then Label Studio on a new database, whose project 1 (created later)
+    has more tasks, other texts, ids from 1 again, and the user's own settings -> the new project's texts by id."""
+    runtime.projects.setup(SetupRequest("1", AG_NEWS_CONFIG, created="1732356000"))
+    jobs.connect_project("1")
+    assert jobs.rerank_project("1")["published"]
+    texts = {i: row["text"] for i, row in enumerate(read_csv("ag_news/pool.csv", 140)[60:], 1)}
+    label_studio.tasks = {i: {"id": i, "data": {"text": text}, "annotations": []} for i, text in texts.items()}
+    label_studio.predictions.clear()
+    label_studio.project.update(model_version=None, sampling="Sequential sampling", show_collab_predictions=False)
+    runtime.projects.setup(SetupRequest("1", AG_NEWS_CONFIG, created="1800000000"))  # queues start_anew
+    return texts
+
+
+def test_a_round_that_gets_the_lock_before_start_anew_ranks_the_new_project_not_the_old_one(
+    runtime, label_studio, monkeypatch
+):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    texts = new_database_under_project_1(runtime, label_studio)
+    reads = label_studio.task_list_reads
+    assert jobs.rerank_project("1", "ANNOTATION_CREATED")["published"]  # got the lock before start_anew
+    # the whole new task list, not the old project's snapshot extended by the ids above its newest
+    assert label_studio.task_list_reads == reads + 1
+    snapshot = runtime.snapshots.load("1")
+    assert dict(zip(snapshot.task_ids.tolist(), snapshot.text_keys, strict=True)) == {
+        i: text_key(text) for i, text in texts.items()
+    }
+    assert runtime.registry.created("1") == "1800000000"
+    assert runtime.artifacts.versions("1") == [runtime.artifacts.versions("1")[0]]  # numbered from 1 again
+    # start_anew then finds the old project forgotten, and only connects the new one, keeping its round
+    assert jobs.start_anew("1", "1800000000")["rerank"] in ("enqueued", "coalesced")
+    assert runtime.registry.last_round("1")["model_version"] == label_studio.project["model_version"]
+    assert runtime.registry.settings_before_connect("1") == {
+        "sampling": "Sequential sampling",
+        "show_collab_predictions": False,
+    }
+
+
+def test_start_anew_run_twice_keeps_what_the_new_project_gained_since_the_first(runtime, label_studio, monkeypatch):
+    # rq retries the job after it did its work (its worker killed in connect_project), or a stale /setup asked again
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    new_database_under_project_1(runtime, label_studio)
+    jobs.start_anew("1", "1800000000")
+    assert jobs.rerank_project("1")["published"]
+    kept = runtime.registry.settings_before_connect("1"), runtime.registry.last_round("1")
+    versions = runtime.artifacts.versions("1")
+    jobs.start_anew("1", "1800000000")
+    assert (runtime.registry.settings_before_connect("1"), runtime.registry.last_round("1")) == kept
+    assert kept[0] == {"sampling": "Sequential sampling", "show_collab_predictions": False}  # the user's, to undo to
+    assert runtime.artifacts.versions("1") == versions and runtime.snapshots.load("1") is not None
+
+
 def test_a_disconnection_recorded_late_is_undone_by_the_next_round(runtime, label_studio, monkeypatch):
     # a job read the /setup count, Label Studio answered /setup before it listed the new backend, and the job saw
     # no backend: it records the disconnection, which the connect job's round then undoes

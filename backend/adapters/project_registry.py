@@ -23,7 +23,7 @@ return 1
 """
 """Disconnect a project unless a /setup came since the caller looked; delete KEYS[4:] (its records) with it."""
 
-SETUP_FIELDS = ("label_config", "params", "setup_at")
+SETUP_FIELDS = ("label_config", "params", "setup_at", "created_at_setup")
 """What `/setup` stores of a project."""
 
 COUNT_EVENT_IF_CONNECTED = """
@@ -52,6 +52,8 @@ class ProjectRegistry:
         first = bool(self.client.sadd(PROJECTS_KEY, project))
         self.client.hdel(DISCONNECTED_KEY, project)
         setup = {"label_config": label_config, "params": json.dumps(params), "setup_at": time.time()}
+        if created:
+            setup["created_at_setup"] = created
         self.client.hset(self.key(project), mapping=setup)
         if created:  # the project's, whose records these are: replaced only once they are forgotten (start_anew)
             self.client.hsetnx(self.key(project), "created", created)
@@ -61,6 +63,14 @@ class ProjectRegistry:
         """When Label Studio created the project whose records the backend keeps under this id; None if unknown."""
         raw = self.client.hget(self.key(project), "created")
         return raw.decode() if raw else None
+
+    def another_project_set_up(self, project: str) -> str | None:
+        """The creation time the latest `/setup` carried, when it is not that of the project whose records the
+        backend keeps under this id (another project has the id now); None when it is, or either is unknown."""
+        kept, latest = (
+            raw.decode() if raw else None for raw in self.client.hmget(self.key(project), "created", "created_at_setup")
+        )
+        return latest if kept and latest and kept != latest else None
 
     def set_created(self, project: str, created: str) -> None:
         self.client.hset(self.key(project), "created", created)
