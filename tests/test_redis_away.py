@@ -17,11 +17,18 @@ def client_without_redis(settings):
     return create_app(runtime).test_client()
 
 
-def test_predict_keeps_answering(client_without_redis):
-    response = client_without_redis.post("/predict", json=predict_payload([ls_task(1, "Stocks rallied")]))
+def test_predict_keeps_answering_with_the_answers_it_gives_with_redis(client_without_redis, client):
+    # encoded in the process instead of read from the cache: the same answers, not zero vectors' uniform ones
+    tasks = [ls_task(1, "Stocks rallied as the central bank cut rates"), ls_task(2, "The striker scored twice")]
+    response = client_without_redis.post("/predict", json=predict_payload(tasks))
     assert response.status_code == 200
-    (result,) = response.json["results"]
-    assert result["result"][0]["value"]["choices"][0] in AG_NEWS_LABELS and 0 <= result["score"] <= 1
+    away = response.json["results"]
+    with_redis = client.post("/predict", json=predict_payload(tasks)).json["results"]
+    choices = [result["result"][0]["value"]["choices"] for result in away]
+    assert choices == [result["result"][0]["value"]["choices"] for result in with_redis]
+    assert all(choice in AG_NEWS_LABELS for (choice,) in choices)
+    assert [result["score"] for result in away] == pytest.approx([r["score"] for r in with_redis], abs=2e-3)
+    assert len({result["score"] for result in away}) == 2  # two texts, two confidences: not the same zero vector
 
 
 def test_setup_keeps_answering(client_without_redis):

@@ -134,6 +134,17 @@ def test_duplicate_embeddings_never_yield_duplicate_picks(seed, n_instances):
         assert len(set(picks.tolist())) == len(picks) == n_instances
 
 
+def test_random_picks_every_unlabelled_task_about_equally_often():
+    # the baseline every labels-saved figure divides by: a "random" that took the first rows would flatter them all
+    pool = make_pool(n=30, n_labeled=10)
+    counts = np.zeros(30, dtype=int)
+    for seed in range(600):
+        counts[get_strategy("random").select(pool, 1, np.random.default_rng(seed))] += 1
+    unlabelled = counts[pool.indices_unlabeled]
+    assert counts[pool.labeled].sum() == 0
+    assert unlabelled.min() >= 10 and unlabelled.max() <= 55  # 30 expected each (binomial sd 5.3)
+
+
 def test_random_tie_breaks_depend_on_the_seed():
     pool = Pool(np.ones((50, 2), np.float32), np.full((50, 2), 0.5), np.zeros(50, bool))
     picks = {tuple(get_strategy("margin").select(pool, 3, np.random.default_rng(seed))) for seed in range(5)}
