@@ -6,6 +6,7 @@ naming the field and what was wrong with it. Routes never index into raw request
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import dataclass, field
@@ -150,7 +151,15 @@ def parse_webhook(body: object) -> WebhookEvent:
 
 
 def _check_strategy_params(extra: dict, default_strategy: str) -> None:
-    """`extra_params` may choose the project's strategy: {"strategy", "strategy_params", "rank_top_k"}."""
+    """`extra_params` may choose the project's strategy: {"strategy", "strategy_params", "rank_top_k"}. Other keys
+    are kept and ignored (a user's notes), unless one looks like a misspelt key the backend reads."""
+    for key in extra:
+        misspelt = key not in PROJECT_PARAMS and difflib.get_close_matches(str(key), PROJECT_PARAMS, n=1, cutoff=0.8)
+        if misspelt:
+            raise MalformedRequest(
+                f"extra_params: unknown key {key!r:.80}, did you mean {misspelt[0]!r}? (the backend reads "
+                f"{', '.join(PROJECT_PARAMS)})"
+            )
     if "strategy" in extra or "strategy_params" in extra:
         params = extra.get("strategy_params") or {}
         if not isinstance(params, dict):

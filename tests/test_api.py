@@ -333,6 +333,14 @@ def test_a_null_strategy_or_top_k_at_setup_means_the_backends_setting(client, ru
     assert runtime.registry.params("3") == {"note": None}  # the keys the backend reads are left out, others kept
 
 
+@pytest.mark.parametrize("misspelt, meant", [("rank_topk", "rank_top_k"), ("Strategy", "strategy")])
+def test_a_misspelt_extra_param_at_setup_is_a_400_that_names_the_key_meant(client, runtime, misspelt, meant):
+    response = client.post("/setup", json=setup_payload() | {"extra_params": {misspelt: 5, "note": "ours"}})
+    assert response.status_code == 400
+    assert f"unknown key '{misspelt}', did you mean '{meant}'?" in response.json["message"]
+    assert runtime.registry.params("3") == {}  # nothing stored: the project is not connected with a silent typo
+
+
 def test_blank_extra_params_at_setup_mean_none(client, runtime):
     assert client.post("/setup", json=setup_payload() | {"extra_params": " \n"}).status_code == 200
     assert runtime.registry.params("3") == {}
