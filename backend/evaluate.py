@@ -51,8 +51,8 @@ def choice_names(classes: tuple[str, ...], spec: str) -> list[str]:
     label the pool does not have.
     """
     names = dict.fromkeys(classes)
-    for pair in filter(None, spec.split(",")):
-        label, equals, name = pair.partition("=")
+    for pair in filter(None, (pair.strip() for pair in spec.split(","))):
+        label, equals, name = (part.strip() for part in pair.partition("="))
         if not equals or not name:
             raise ValueError(f"label name {pair!r} is not LABEL=NAME")
         if label not in names:
@@ -135,7 +135,7 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 def strategies_to_replay(parser: argparse.ArgumentParser, spec: str) -> list[str]:
     """Random first, then each strategy of the comma-separated `spec` once; a usage error names a bad one."""
-    names = list(dict.fromkeys(["random", *filter(None, spec.split(","))]))
+    names = list(dict.fromkeys(["random", *filter(None, (name.strip() for name in spec.split(",")))]))
     for name in names:
         try:
             strategy_from_spec(name)
@@ -279,8 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     names = strategies_to_replay(parser, args.strategy)  # every usage error comes before anything is encoded
     args.max_length = max_length_asked(resolve_model_path(args.model), args.max_length)  # recorded as used
     finetune_at = finetune_budgets(parser, args.finetune_at)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    for option in ("pool", "test"):
+        if not Path(getattr(args, option)).is_file():
+            parser.error(f"--{option} {getattr(args, option)}: no such file")
 
     started = time.time()
     pool_texts, pool_labels = read_labelled_csv(args.pool, args.text_column, args.label_column)
@@ -288,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     classes, names_of_choices = classes_and_names(parser, args, pool_labels, len(test_texts))
     budgets, baseline_budgets = budgets_of(parser, args, len(pool_texts), finetune_at)
     index = class_indices(parser, args, classes, test_labels)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # once the arguments and both files passed every check: no empty folder
 
     def dataset(texts: list[str], labels: list[str]) -> Dataset:
         embeddings = cached_embeddings(texts, args.model, Path(args.cache_dir), args.max_length)
@@ -295,8 +298,8 @@ def main(argv: list[str] | None = None) -> None:
 
     pool, test = dataset(pool_texts, pool_labels), dataset(test_texts, test_labels)
     label_embeddings = cached_embeddings(names_of_choices, args.model, Path(args.cache_dir), args.max_length)
+    full_accuracy = full_pool_accuracy(pool, test)  # first: a failure here must not come after hours of replays
     runs = replay_all(names, pool, test, label_embeddings, budgets, baseline_budgets, args, finetune_at)
-    full_accuracy = full_pool_accuracy(pool, test)
     summary = summarise(runs, budgets, full_accuracy, baseline_budgets, paired_seeds=args.random_start > 0)
     summary["arguments"] = vars(args)
     summary["seconds"] = round(time.time() - started, 1)

@@ -197,6 +197,7 @@ def test_each_round_ranks_rank_top_k_rows_and_the_annotators_label_the_first_bat
         (["--finetune-at", "abc"], "--finetune-at must be comma-separated label counts, got 'abc'"),
         (["--finetune-epochs", "0"], "--finetune-epochs must be 1 or more, got 0"),
         (["--max-length", "3"], "--max-length must be 0 (the model's own) or 8 or more (as MAX_LENGTH), got 3"),
+        ([], "--pool x.csv: no such file"),
     ],
 )
 def test_bad_arguments_fail_with_a_usage_error_before_encoding(tmp_path, capsys, arguments, expected):
@@ -366,6 +367,14 @@ def test_bad_label_names_are_a_usage_error(tiny_bert, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(harness_arguments(tmp_path, tiny_bert, "--seeds", "1", "--label-names", "NOPE=x"))
     assert "--label-names: label 'NOPE' is not in the pool" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # no empty output folder left by a run that never started
+
+
+def test_lists_of_strategies_and_label_names_may_have_spaces_after_their_commas():
+    from backend.evaluate import argument_parser, choice_names, strategies_to_replay
+
+    assert strategies_to_replay(argument_parser(), "margin, entropy ,") == ["random", "margin", "entropy"]
+    assert choice_names(("0", "1"), "0 = negative, 1=positive") == ["negative", "positive"]
 
 
 def test_stopping_compares_successive_models_on_unlabelled_rows(tiny_bert, tmp_path, monkeypatch):
