@@ -21,5 +21,10 @@ fi
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
 .venv/bin/pip install -q --disable-pip-version-check -r "requirements${1:+-$1}.txt"
 if ! command -v redis-server >/dev/null; then
-  $sudo apt-get install -y -q redis-server >/dev/null || { $sudo apt-get update -q && $sudo apt-get install -y -q redis-server; }
+  if command -v apt-get >/dev/null; then
+    $sudo apt-get install -y -q redis-server >/dev/null || { $sudo apt-get update -q && $sudo apt-get install -y -q redis-server; }
+  else  # not Debian or Ubuntu: a Redis already answering at REDIS_URL does for ./run.sh; the tests start redis-server
+    echo "setup: no redis-server on PATH and no apt-get to install it: install Redis (brew install redis, dnf install redis)," \
+      "or point REDIS_URL at a running one (./run.sh; the tests need redis-server)" >&2
+  fi
 fi
