@@ -29,7 +29,8 @@ from backend.scoring.base import Pool
 from backend.scoring.registry import get_strategy
 from backend.scoring.stopping import prediction_stability, should_stop, stop_set_rows
 
-COMMITTEE_SIZE = 5
+COMMITTEE_SIZE = Settings().committee_size
+"""The committee of production's default settings (COMMITTEE_SIZE), seeded per replay: its strategies vary by seed."""
 MIN_ANNOTATIONS_TO_TRAIN = Settings().min_annotations_to_train
 """Below this many labels the backend keeps the zero-shot head, and so does the replay."""
 
