@@ -60,14 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     while True:
         # Maintenance every minute, not rq's ten, and a wait for jobs short enough to get to it on time: a dead
         # worker's scheduler lock and abandoned jobs are taken over that much sooner.
-        worker = worker_class(
-            [runtime.queue.queue],
-            connection=runtime.redis,
-            maintenance_interval=MAINTENANCE_SECONDS,
-            worker_ttl=WORKER_TTL_SECONDS,
-        )
-        started = time.monotonic()
+        started, worker = time.monotonic(), None
         try:
+            worker = worker_class(  # rq's Worker asks Redis already here: down at the start counts as lost too
+                [runtime.queue.queue],
+                connection=runtime.redis,
+                maintenance_interval=MAINTENANCE_SECONDS,
+                worker_ttl=WORKER_TTL_SECONDS,
+            )
             worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
             if args.burst or stop_requested(worker):
                 return  # burst finished, or stopped by a signal
@@ -126,9 +126,10 @@ def _stop_with_forking_process() -> None:
         os._exit(1)
 
 
-def stop_requested(worker: Worker) -> bool:
+def stop_requested(worker: Worker | None) -> bool:
     """Whether a SIGINT/SIGTERM asked `worker` to stop: rq sets `_stop_requested` only when it comes during a job,
-    and the date of the request in either case (an idle worker stops at once, and its teardown needs Redis)."""
+    and the date of the request in either case (an idle worker stops at once, and its teardown needs Redis). None:
+    no worker yet (Redis was away when it was to be made)."""
     return bool(getattr(worker, "_stop_requested", False) or getattr(worker, "_shutdown_requested_date", None))
 
 

@@ -17,7 +17,7 @@ def test_the_worker_starts_over_when_redis_times_out_or_drops_the_connection(run
     # raises them (refused writes, out of memory or read-only, are real in the tests below)
     monkeypatch.setattr(jobs, "_runtime", runtime)
     monkeypatch.setattr(worker, "RESTART_SECONDS", 0)
-    failures = [redis.TimeoutError("Timeout reading from socket"), redis.ConnectionError("Connection reset")]
+    failures = [redis.TimeoutError("Timeout reading from socket"), redis.ConnectionError("Connection reset by peer")]
     runs = []
 
     class FlakyWorker:
@@ -32,6 +32,37 @@ def test_the_worker_starts_over_when_redis_times_out_or_drops_the_connection(run
     monkeypatch.setattr(worker, "worker_class_for", lambda device: FlakyWorker)
     worker.main(["--burst", "--no-preload"])  # returns once a run ends normally
     assert len(runs) == 3 and all(run["with_scheduler"] for run in runs)
+
+
+def test_the_worker_starts_over_when_a_real_redis_is_down_at_its_start_and_comes_back(
+    settings, tmp_path, monkeypatch, capfd
+):
+    # Redis restarted (appendonly: the queued job survives): the worker's first start fails to register, it waits
+    # for Redis to answer, starts again and takes the job
+    from dataclasses import replace
+
+    from backend.runtime import Runtime
+    from tests.conftest import RedisServer
+
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        runtime = Runtime(replace(settings, redis_url=server.url))
+        monkeypatch.setattr(jobs, "_runtime", runtime)
+        monkeypatch.setattr(worker, "RESTART_SECONDS", 0.5)
+        job = runtime.queue.queue.enqueue("os.getpid")
+        server.stop()
+        restarted = threading.Timer(2.0, server.start)
+        restarted.start()
+        try:
+            worker.main(["--burst", "--no-preload"])  # returns once a run ends normally
+        finally:
+            restarted.join()
+        assert job.get_status(refresh=True) == "finished"
+        assert "lost Redis (ConnectionError" in capfd.readouterr().err
+    finally:
+        server.stop()
 
 
 def test_the_worker_starts_over_when_a_real_redis_is_out_of_memory(runtime, monkeypatch, capfd):
