@@ -1045,14 +1045,18 @@ def test_rounds_report_a_stopping_signal(runtime, label_studio, pools_built):
     for task_id in range(1, 9):
         label_studio.annotate(task_id, label_studio.truth[task_id])
     second = rerank("1", runtime, generation=2)
-    third = rerank("1", runtime, generation=3)  # same labels: the same head, so predictions agree fully
     assert second["stopping"]["stability_kappa"] is None  # the head before was zero-shot: nothing to compare
-    assert third["stopping"]["stability_kappa"] == 1.0
-    assert third["stopping"]["history"] == [1.0]
-    pool = pools_built[-1]  # margin uncertainty of the rows still unlabelled, averaged
+    label_studio.annotate(9, label_studio.truth[9])
+    third = rerank("1", runtime, generation=3)  # one label more: compared with the second round's head
+    previous = runtime.artifacts.load("1", runtime.artifacts.versions("1")[-2])
+    pool, rows = pools_built[-1], np.flatnonzero(~pools_built[-1].labeled)
+    kappa = prediction_stability(previous.head.predict_proba(pool.embeddings[rows]), pool.probs[rows], False)
+    assert third["stopping"]["stability_kappa"] == pytest.approx(kappa, abs=1e-5)
+    assert third["stopping"]["history"] == [third["stopping"]["stability_kappa"]]
+    # margin uncertainty of the rows still unlabelled, averaged
     expected = uncertainty_scores(pool.probs[~pool.labeled], pool.multi_label).mean()
     assert third["stopping"]["mean_uncertainty"] == pytest.approx(expected, abs=1e-5) and expected > 0.01
-    for task_id in range(9, 21):  # most new labels "World": the bias of the tiny model's head moves to it
+    for task_id in range(10, 22):  # most new labels "World": the bias of the tiny model's head moves to it
         label_studio.annotate(task_id, "World")
     fourth = rerank("1", runtime, generation=4)  # another head, compared with the third round's
     previous = runtime.artifacts.load("1", runtime.artifacts.versions("1")[-2])
@@ -1060,7 +1064,10 @@ def test_rounds_report_a_stopping_signal(runtime, label_studio, pools_built):
     expected = prediction_stability(previous.head.predict_proba(pool.embeddings[rows]), pool.probs[rows], False)
     assert expected < 0.9  # the two heads disagree: a head compared with itself would give 1.0
     assert fourth["stopping"]["stability_kappa"] == pytest.approx(expected, abs=1e-5)
-    assert fourth["stopping"]["history"] == [1.0, fourth["stopping"]["stability_kappa"]]
+    assert fourth["stopping"]["history"] == [
+        third["stopping"]["stability_kappa"],
+        fourth["stopping"]["stability_kappa"],
+    ]
 
 
 def test_zero_shot_rounds_do_not_count_towards_the_stopping_signal(runtime, label_studio):
@@ -1073,15 +1080,37 @@ def test_zero_shot_rounds_do_not_count_towards_the_stopping_signal(runtime, labe
     assert summary["stopping"]["history"] == [] and summary["stopping"]["suggest_stop"] is False
 
 
+def test_rounds_that_retrain_on_the_same_labels_do_not_count_as_stable(runtime, label_studio):
+    # a head retrained on unchanged labels (after an import, a deletion, "Start Training") is the same head: its
+    # agreement with the one before says nothing about whether more labels pay off
+    rerank("1", runtime, generation=1)
+    for task_id in range(1, 9):
+        label_studio.annotate(task_id, label_studio.truth[task_id])
+    rerank("1", runtime, generation=2)
+    label_studio.annotate(9, label_studio.truth[9])
+    compared = rerank("1", runtime, generation=3)["stopping"]
+    assert compared["stability_kappa"] is not None and compared["history"] == [compared["stability_kappa"]]
+    for generation in (4, 5, 6, 7):  # the same labels each time
+        same = rerank("1", runtime, generation=generation)["stopping"]
+        assert same["stability_kappa"] is None and same["history"] == compared["history"]
+        assert same["suggest_stop"] is False
+    # nothing comparable before (the labels, the encoder or single/multi-label changed): the run starts over
+    runtime.artifacts.delete_project("1")
+    label_studio.annotate(10, label_studio.truth[10])
+    assert rerank("1", runtime, generation=8)["stopping"]["history"] == []
+
+
 def test_a_project_back_at_zero_shot_is_no_longer_suggested_to_stop(runtime, label_studio):
     rerank("1", runtime, generation=1)
     for task_id in range(1, 9):
         label_studio.annotate(task_id, label_studio.truth[task_id])
-    for generation in (2, 3, 4, 5):  # the same labels: every trained head agrees with the one before
-        stable = rerank("1", runtime, generation=generation)
-    assert stable["stopping"]["history"] == [1.0, 1.0, 1.0] and stable["stopping"]["suggest_stop"] is True
+    for generation, task_id in zip((2, 3, 4, 5), (None, 9, 10, 11), strict=True):  # a label more each round
+        if task_id:
+            label_studio.annotate(task_id, label_studio.truth[task_id])
+        compared = rerank("1", runtime, generation=generation)
+    assert len(compared["stopping"]["history"]) == 3
     kept = label_studio.truth[1]
-    for task_id in range(2, 9):  # annotations deleted until one class is left: the head is zero-shot again
+    for task_id in range(2, 12):  # annotations deleted until one class is left: the head is zero-shot again
         if label_studio.truth[task_id] != kept:
             label_studio.tasks[task_id]["annotations"] = []
     back = rerank("1", runtime, generation=6)

@@ -76,15 +76,19 @@ def stopping_signal(runtime, project: str, artifact: HeadArtifact, pool: Pool, p
     off little. A zero-shot round (annotations deleted down to one class) ends the run of stable rounds.
 
     `previous` is the version the round trained after (the newest readable one for the same labels and encoder),
-    or None."""
+    or None: then the run starts over, as the labels, the encoder or single/multi-label changed. Only successive
+    label sets are compared: a round that retrained on the same labels (after an import, a deletion, "Start
+    Training") would agree with its predecessor by construction, and leaves the run as it was."""
     history = ((runtime.registry.last_round(project) or {}).get("stopping") or {}).get("history", [])
-    if artifact.meta.get("kind") != "trained":
+    if artifact.meta.get("kind") != "trained" or previous is None:
         history = []
     stability = None
     unlabelled = ~pool.labeled
     stop_set = stop_set_rows(unlabelled)
     both_trained = previous is not None and previous.meta.get("kind") == artifact.meta.get("kind") == "trained"
-    if both_trained and len(stop_set):  # zero-shot twice agrees with itself
+    digest = artifact.meta.get("labels_digest")
+    same_labels = both_trained and digest is not None and previous.meta.get("labels_digest") == digest
+    if both_trained and not same_labels and len(stop_set):  # zero-shot twice agrees with itself
         previous_probs = previous.head.predict_proba(pool.embeddings[stop_set])
         current_probs = pool.probs[stop_set]
         stability = round(prediction_stability(previous_probs, current_probs, pool.multi_label), 5)

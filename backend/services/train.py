@@ -125,6 +125,7 @@ def train_artifact(
     meta = {
         "kind": "trained",
         "annotations": len(examples),
+        "labels_digest": labels_digest(examples),
         "l2": l2,
         "l2_chosen_at": chosen_at,
         "seconds_encode": round(encoded - started, 4),
@@ -132,6 +133,13 @@ def train_artifact(
         "seconds_fit": round(time.perf_counter() - chosen, 4),
     }
     return HeadArtifact(head, committee, config.labels, encoder.encoder_id, meta=meta)
+
+
+def labels_digest(examples: list[LabelledTask]) -> str:
+    """What a head was trained on, as a short digest of every (text, choices): two versions with the same digest
+    saw the same labels (a round after an import, a deletion or "Start Training" retrains on them unchanged)."""
+    pairs = sorted(json.dumps([example.text, list(example.choices)]) for example in examples)
+    return hashlib.blake2b("\n".join(pairs).encode("utf-8", "replace"), digest_size=8).hexdigest()
 
 
 def previous_l2(previous: HeadArtifact | None) -> tuple[float, int] | None:
