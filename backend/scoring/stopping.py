@@ -41,13 +41,17 @@ def cohen_kappa(labels_a: np.ndarray, labels_b: np.ndarray, n_classes: int) -> f
 def prediction_stability(previous_probs: np.ndarray, current_probs: np.ndarray, multi_label: bool) -> float:
     """Kappa between two models' predictions on the same rows. (n,k),(n,k)->float
 
-    Multi-label: mean over the labels either model ticks on some rows and not on others. A label both models
-    tick everywhere, or nowhere (one no annotation has used yet), agrees trivially and would pull the mean
-    towards 1 as if predictions had settled; with no other label, the models agree fully."""
+    Multi-label: one kappa over every (row, label) tick of the labels either model ticks on some rows and not on
+    others. A label both models tick everywhere, or nowhere (one no annotation has used yet), agrees trivially
+    and would lift the figure as if predictions had settled; with no other label, the models agree fully. (A
+    mean of per-label kappas would let a label ticked on a single row drop to 0 when that row flips, and the
+    signal would hardly ever fire on a project with a rare label.)"""
     if multi_label:
         previous, current = labels_predicted(previous_probs), labels_predicted(current_probs)
         informative = [j for j in range(previous.shape[1]) if not _same_constant(previous[:, j], current[:, j])]
-        return float(np.mean([cohen_kappa(previous[:, j], current[:, j], 2) for j in informative] or [1.0]))
+        if not informative:
+            return 1.0
+        return cohen_kappa(previous[:, informative].ravel(), current[:, informative].ravel(), 2)
     return cohen_kappa(previous_probs.argmax(axis=1), current_probs.argmax(axis=1), previous_probs.shape[1])
 
 
