@@ -1310,6 +1310,30 @@ def test_a_round_while_chunks_are_encoding_waits_for_them_and_requeues_a_failed_
     assert runtime.queue.encoding_progress("1") == {"chunks": 3, "done": 1, "texts": 60}  # progress kept
 
 
+def test_a_follow_up_round_that_nothing_will_release_is_not_waited_for(runtime, label_studio, monkeypatch):
+    # a chunk failed for good and its record expired after FAILURE_TTL, the other chunks finished: rq keeps the
+    # follow-up waiting forever, and rounds that waited for it would never publish again
+    from rq.job import Job, JobStatus
+
+    monkeypatch.setattr(project_state, "ENCODE_CHUNK", 25)
+    rerank("1", runtime, generation=1)
+    queue = runtime.queue.queue
+    chunks = [job_id for job_id in queue.get_job_ids() if job_id.startswith("encode-1-")]
+    follow_up = runtime.redis.get(encoding_follow_up_key("1")).decode()
+    assert len(chunks) == 3 and runtime.queue.encoding_pending("1")  # chunks queued: worth waiting for
+    for chunk in chunks[:2]:
+        job = Job.fetch(chunk, connection=runtime.redis)
+        queue.remove(job)
+        job.set_status(JobStatus.FINISHED)
+    assert runtime.queue.encoding_pending("1")  # one chunk still to run
+    queue.remove(chunks[2])
+    Job.fetch(chunks[2], connection=runtime.redis).delete()  # failed, and forgotten since
+    assert Job.fetch(follow_up, connection=runtime.redis).get_status() == JobStatus.DEFERRED
+    assert runtime.queue.encoding_pending("1") is False
+    assert runtime.redis.get(encoding_follow_up_key("1")) is None
+    assert follow_up not in queue.deferred_job_registry.get_job_ids()
+
+
 def test_the_matrix_is_read_from_the_cache_into_one_array_with_room_for_the_labelled_rows(runtime, monkeypatch):
     from backend.adapters import embedding_cache
 

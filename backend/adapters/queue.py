@@ -333,8 +333,13 @@ class JobQueue:
         return job_ids
 
     def encoding_pending(self, project: str) -> bool:
-        """True while a round waits for this project's chunk jobs, none of which failed for good: that round will
-        rank the whole pool, so a round that finds vectors missing meanwhile need not re-read every task."""
+        """True while a round waits for this project's chunk jobs, some still to run and none failed for good:
+        that round will rank the whole pool, so a round that finds vectors missing meanwhile need not re-read every
+        task.
+
+        A follow-up that nothing will release any more (a chunk failed, stopped or cancelled; or every chunk ended,
+        a failed one's record expired after FAILURE_TTL, which rq counts as met but which releases nothing) would
+        wait forever, and every round would wait for it: it is deleted, and the round goes on without it."""
         follow_up = self.client.get(encoding_follow_up_key(project))
         if follow_up is None:
             return False
@@ -344,7 +349,17 @@ class JobQueue:
             return False
         if job.get_status() not in WAITING_STATUSES:
             return False
-        return not set(job.dependency_ids) & set(self.queue.failed_job_registry.get_job_ids())
+        with self.client.pipeline(transaction=False) as pipe:
+            for chunk_id in job.dependency_ids:
+                pipe.hget(Job.key_for(chunk_id), "status")
+            statuses = [status.decode() for status in pipe.execute() if status]
+        running = any(status in (*WAITING_STATUSES, JobStatus.STARTED) for status in statuses)
+        ended_badly = any(status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED) for status in statuses)
+        if running and not ended_badly:
+            return True
+        job.delete()
+        self.client.delete(encoding_follow_up_key(project))
+        return False
 
     def forget_encoding(self, project: str) -> None:
         self.client.delete(encoding_key(project), encoding_runs_key(project), encoding_follow_up_key(project))
