@@ -295,6 +295,27 @@ def test_predictions_refused_for_a_deleted_task_make_the_retry_reread_the_task_l
     assert first["top_task"] not in ranked
 
 
+def test_a_stale_mark_that_comes_while_a_round_reads_the_task_list_is_kept_for_the_next_round(
+    runtime, label_studio, monkeypatch
+):
+    # "Start Training" (or a deletion) while the first round pages through the tasks: what it read may predate the
+    # edit, so the next round reads the whole list again rather than trusting the snapshot just saved
+    read = label_studio.iter_tasks
+
+    def start_training_meanwhile(project_id, fields="all"):
+        runtime.snapshots.mark_stale("1")
+        return read(project_id, fields)
+
+    monkeypatch.setattr(label_studio, "iter_tasks", start_training_meanwhile)
+    rerank("1", runtime, generation=1)
+    assert runtime.snapshots.load("1") is None
+    monkeypatch.setattr(label_studio, "iter_tasks", read)
+    rerank("1", runtime, generation=2)
+    assert label_studio.task_list_reads == 2 and runtime.snapshots.load("1") is not None
+    rerank("1", runtime, generation=3)
+    assert label_studio.task_list_reads == 2  # nothing marked since: the snapshot serves
+
+
 def test_predictions_refused_to_the_api_key_keep_the_task_list_snapshot(runtime, label_studio, monkeypatch):
     from backend.adapters.label_studio import LabelStudioForbidden
 
@@ -308,7 +329,7 @@ def test_predictions_refused_to_the_api_key_keep_the_task_list_snapshot(runtime,
         rerank("1", runtime, generation=2)
     assert label_studio.project["model_version"] == first["model_version"]  # the previous ranking stays live
     # a refused key is not an outdated task list: retries must not re-read every task for it
-    assert runtime.redis.hget(runtime.snapshots.key("1"), "stale") == b"0" and label_studio.task_list_reads == 1
+    assert runtime.snapshots.load("1") is not None and label_studio.task_list_reads == 1
 
 
 def test_predictions_label_studio_leaves_out_keep_the_previous_ranking_live(runtime, label_studio, monkeypatch):

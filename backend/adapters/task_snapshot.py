@@ -38,11 +38,23 @@ class TaskSnapshots:
     def key(project: str) -> str:
         return f"al:project:{project}:snapshot"
 
+    @staticmethod
+    def marks_key(project: str) -> str:
+        return f"al:project:{project}:snapshot:marks"
+
+    def marks(self, project: str) -> int:
+        """How many times the project's task list was marked stale so far. A round reads it before it reads Label
+        Studio and saves it with its snapshot: a mark that came while it read makes that snapshot stale too."""
+        return int(self.client.get(self.marks_key(project)) or 0)
+
     def load(self, project: str) -> TaskSnapshot | None:
-        """The stored snapshot, or None when there is none or it was marked stale."""
-        fields = self.client.hgetall(self.key(project))
-        if not fields or fields.get(b"stale") == b"1" or b"newest_task_id" not in fields:
-            return None  # (a snapshot saved before stamps had the newest id is stale too)
+        """The stored snapshot, or None when there is none or it was marked stale since it was read."""
+        with self.client.pipeline(transaction=False) as pipe:
+            fields, marks = pipe.hgetall(self.key(project)).get(self.marks_key(project)).execute()
+        if not fields or b"newest_task_id" not in fields:  # (one saved before stamps had the newest id is stale)
+            return None
+        if fields.get(b"stale") == b"1" or int(fields.get(b"marks_seen", 0)) != int(marks or 0):
+            return None  # ("stale": how a snapshot saved by an earlier version was marked)
         keys = fields[b"text_keys"]
         return TaskSnapshot(
             np.frombuffer(fields[b"task_ids"], dtype=np.int64),
@@ -51,7 +63,9 @@ class TaskSnapshots:
             fields.get(b"text_source", b"").decode("utf-8"),
         )
 
-    def save(self, project: str, snapshot: TaskSnapshot) -> None:
+    def save(self, project: str, snapshot: TaskSnapshot, marks_seen: int | None = None) -> None:
+        """Store `snapshot`, read after the project's task list had been marked stale `marks_seen` times (see
+        `marks`; None: as many times as now)."""
         self.client.hset(
             self.key(project),
             mapping={
@@ -60,14 +74,15 @@ class TaskSnapshots:
                 "task_number": snapshot.stamp[0],
                 "newest_task_id": snapshot.stamp[1],
                 "text_source": snapshot.text_source,
+                "marks_seen": self.marks(project) if marks_seen is None else marks_seen,
                 "stale": "0",
             },
         )
 
     def delete(self, project: str) -> None:
-        self.client.delete(self.key(project))
+        self.client.delete(self.key(project), self.marks_key(project))
 
     def mark_stale(self, project: str) -> None:
-        """The next round re-reads the whole task list; a project without a snapshot gets none (it reads it anyway)."""
-        if self.client.exists(self.key(project)):
-            self.client.hset(self.key(project), "stale", "1")
+        """The next round re-reads the whole task list, also when a round reading it now saves its snapshot after
+        this (it read the marks before)."""
+        self.client.incr(self.marks_key(project))

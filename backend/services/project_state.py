@@ -150,14 +150,21 @@ def read_connected_project(label_studio, project: str, version_prefix: str) -> P
         return ProjectReading(project_info, annotated.result(), stamp.result())
 
 
-def refresh_snapshot(runtime, project: str, config: ClassificationConfig, stamp: tuple[int, int]) -> TaskSnapshot:
+def refresh_snapshot(
+    runtime, project: str, config: ClassificationConfig, stamp: tuple[int, int], marks_seen: int
+) -> TaskSnapshot:
     """Read every task (paged) and make sure each text is in the embedding cache (`encode_uncached`)."""
     tasks = runtime.label_studio.iter_tasks(int(project), fields="task_only")
-    return save_snapshot(runtime, project, config, stamp, tasks)
+    return save_snapshot(runtime, project, config, stamp, tasks, marks_seen)
 
 
 def extend_snapshot(
-    runtime, project: str, config: ClassificationConfig, snapshot: TaskSnapshot, stamp: tuple[int, int]
+    runtime,
+    project: str,
+    config: ClassificationConfig,
+    snapshot: TaskSnapshot,
+    stamp: tuple[int, int],
+    marks_seen: int,
 ) -> TaskSnapshot | None:
     """`snapshot` with the tasks imported since it was taken, read alone (an import gets ids above every existing
     task), or None when the task list changed otherwise too (fewer new tasks than the count grew by: some were
@@ -172,7 +179,7 @@ def extend_snapshot(
     # the stamp is read before the pages: tasks imported while a whole list was read are in it already
     known = set(snapshot.task_ids[snapshot.task_ids > old_newest].tolist())
     added = [task for task in added if int(task["id"]) not in known]
-    return save_snapshot(runtime, project, config, stamp, added, after=snapshot)
+    return save_snapshot(runtime, project, config, stamp, added, marks_seen, after=snapshot)
 
 
 def save_snapshot(
@@ -181,15 +188,17 @@ def save_snapshot(
     config: ClassificationConfig,
     stamp: tuple[int, int],
     tasks,
+    marks_seen: int,
     after: TaskSnapshot | None = None,
 ) -> TaskSnapshot:
-    """Save the snapshot of `after`'s tasks (if any) then `tasks`, and put the texts of `tasks` into the cache."""
+    """Save the snapshot of `after`'s tasks (if any) then `tasks`, and put the texts of `tasks` into the cache.
+    `marks_seen`: the task list's stale marks before Label Studio was read (`TaskSnapshots.marks`)."""
     new_ids, texts = texts_of(tasks, config, project)
     new_keys = [text_key(text) for text in texts]
     old_ids, old_keys = (after.task_ids.tolist(), after.text_keys) if after is not None else ([], [])
     ids = np.array([*old_ids, *new_ids], dtype=np.int64)
     snapshot = TaskSnapshot(ids, [*old_keys, *new_keys], stamp, config.text_source)
-    runtime.snapshots.save(project, snapshot)
+    runtime.snapshots.save(project, snapshot, marks_seen)
     encode_uncached(runtime, project, new_keys, texts)
     return snapshot
 
@@ -223,6 +232,7 @@ def encode_uncached(runtime, project: str, keys: list[bytes], texts: list[str]) 
 
 def read_project_state(runtime, project: str, watch: Stopwatch) -> ProjectState:
     """Project header and annotated tasks from Label Studio (~0.2 s); the task list from the snapshot."""
+    marks_seen = runtime.snapshots.marks(project)  # before Label Studio is read: see TaskSnapshots.marks
     reading = read_connected_project(runtime.label_studio, project, runtime.settings.model_version_prefix)
     runtime.registry.confirm_connected(project)
     # what /webhook compares PROJECT_UPDATED's config with: kept current when Label Studio cannot reach /setup
@@ -235,10 +245,10 @@ def read_project_state(runtime, project: str, watch: Stopwatch) -> ProjectState:
     watch.lap("read_label_studio")
     snapshot = runtime.snapshots.load(project)
     if snapshot is not None and snapshot.text_source == config.text_source and snapshot.stamp != reading.task_stamp:
-        snapshot = extend_snapshot(runtime, project, config, snapshot, reading.task_stamp)
+        snapshot = extend_snapshot(runtime, project, config, snapshot, reading.task_stamp, marks_seen)
         watch.lap("read_imported_tasks")
     if snapshot is None or snapshot.stamp != reading.task_stamp or snapshot.text_source != config.text_source:
-        snapshot = refresh_snapshot(runtime, project, config, reading.task_stamp)
+        snapshot = refresh_snapshot(runtime, project, config, reading.task_stamp, marks_seen)
         watch.lap("refresh_task_list")
     annotated = reading.annotated
     annotated_ids = {task["id"] for task in annotated if task.get("annotations")}

@@ -88,8 +88,8 @@ class ProjectService:
         if self.registry.is_disconnected(event.project):
             # Label Studio keeps the webhook of a removed ML backend: its events must not bring the backend back
             return {"rerank": "not needed", "disconnected": True}
-        if event.action in TASK_LIST_REREAD_ACTIONS:
-            self.snapshots.mark_stale(event.project)
+        if event.action in TASK_LIST_REREAD_ACTIONS and self.registry.is_connected(event.project):
+            self.snapshots.mark_stale(event.project)  # (a project never set up has no task list to re-read)
         if event.action in IGNORED_WEBHOOK_ACTIONS or not self._changes_ranking(event):
             return {"rerank": "not needed"}
         return {"rerank": self.queue.request_rerank(event.project, event.action)}
