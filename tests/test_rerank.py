@@ -636,6 +636,17 @@ def test_a_rerank_waits_for_its_projects_lock_half_of_job_timeout_then_fails_to_
     assert 3 <= time.monotonic() - started < 6  # gave up at half, with half left for a loaded machine's slack
 
 
+def test_a_round_whose_lock_never_came_free_on_its_last_try_counts_as_failed(runtime, label_studio, monkeypatch):
+    # so that reconciliation backs off from it as from any round that failed for good
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    runtime.settings = replace(runtime.settings, job_timeout=2)
+    runtime.redis.set("al:rerank:lock:1", "another worker's round")
+    with pytest.raises(redis.exceptions.LockError):
+        jobs.rerank_project("1")  # outside rq: its last try
+    assert runtime.registry.failing("1")["reason"].startswith("LockError: ")
+    assert runtime.registry.failing("1")["rounds"] == 1
+
+
 def test_a_round_lock_that_expired_meanwhile_does_not_fail_the_round(runtime):
     with round_lock(runtime, "1", generation=1) as held:
         assert held
