@@ -75,7 +75,7 @@ class TaskSnapshots:
                 "newest_task_id": snapshot.stamp[1],
                 "text_source": snapshot.text_source,
                 "marks_seen": self.marks(project) if marks_seen is None else marks_seen,
-                "stale": "0",
+                "stale": "0",  # clears the mark of a snapshot saved by an earlier version (see `load`)
             },
         )
 
