@@ -11,7 +11,6 @@ import re
 import sys
 import time
 
-from redis.exceptions import LockError
 from rq import get_current_job
 from rq.utils import now
 
@@ -58,10 +57,9 @@ def rerank_project(project: str, reason: str = "") -> dict:
         reason or "requested",
         queued_seconds or 0.0,
     )
-    waited, locked = time.perf_counter(), False
+    waited = time.perf_counter()
     try:
         with round_lock(rt, project, generation) as held:
-            locked = True
             timing = {"queued": queued_seconds, "lock_wait": round(time.perf_counter() - waited, 4)}
             if not held:  # a newer re-rank started while this one waited: it does the work, with fresher data
                 log.info("project %s: generation %d yields to a newer re-rank", project, generation)
@@ -74,19 +72,15 @@ def rerank_project(project: str, reason: str = "") -> dict:
                 return rerank(project, rt, generation, timing)
             except ProjectDisconnected as gone:
                 return {"generation": generation, "published": False, **stop_working_on(rt, project, gone, setups_seen)}
-            except RoundRefused as refused:
-                rt.registry.record_refusal(project, str(refused), refused.fingerprint)
-                log.error("project %s: cannot rank it: %s; the previous ranking stays", project, refused)
-                if job is not None:  # the same project gives the same refusal: to the failed registry, no retries
-                    job.retries_left = 0
-                raise
-            except Exception as failed:
-                if job is None or not job.retries_left:  # its last try: reconciliation backs off (see below)
-                    rt.registry.record_failed_round(project, f"{type(failed).__name__}: {failed}")
-                raise
-    except LockError as not_free:  # the lock never came free (and none of the handlers above ran)
-        if not locked and (job is None or not job.retries_left):  # its last try: reconciliation backs off
-            rt.registry.record_failed_round(project, f"{type(not_free).__name__}: {not_free}")
+    except RoundRefused as refused:
+        rt.registry.record_refusal(project, str(refused), refused.fingerprint)
+        log.error("project %s: cannot rank it: %s; the previous ranking stays", project, refused)
+        if job is not None:  # the same project gives the same refusal: to the failed registry, no retries
+            job.retries_left = 0
+        raise
+    except Exception as failed:  # the round, or its lock that never came free (LockError)
+        if job is None or not job.retries_left:  # its last try: reconciliation backs off (see below)
+            rt.registry.record_failed_round(project, f"{type(failed).__name__}: {failed}")
         raise
 
 
