@@ -196,7 +196,10 @@ def _seed_runs(result: dict) -> list[dict]:
     rounds beyond the shared budgets appended to its curves)."""
     seeds = len(result["accuracy_per_seed"])
     stops = result.get("stop_budget_per_seed") or [None] * seeds
-    tuned = result.get("finetuned_accuracy_per_seed") or [{}] * seeds
+    tuned = [  # JSON made the budgets text: back to numbers, which sort as numbers
+        {int(budget): accuracy for budget, accuracy in per_budget.items()}
+        for per_budget in result.get("finetuned_accuracy_per_seed") or [{}] * seeds
+    ]
     beyond = result.get("beyond_budget") or {"accuracy_per_seed": [[]] * seeds, "macro_f1_per_seed": [[]] * seeds}
     return [
         {"accuracy": acc + acc_beyond, "macro_f1": f1 + f1_beyond, "stop_budget": stop, "finetuned_accuracy": tuned_}

@@ -406,14 +406,22 @@ def test_resummarise_keeps_stops_and_finetuned_figures(tmp_path):
 
     budgets = [20, 40]
     runs = {
-        name: [{"accuracy": [0.5, 0.8], "macro_f1": [0.4, 0.7], "stop_budget": 40, "finetuned_accuracy": {40: 0.9}}]
+        name: [
+            {
+                "accuracy": [0.5, 0.8],
+                "macro_f1": [0.4, 0.7],
+                "stop_budget": 40,
+                "finetuned_accuracy": {200: 0.9, 1000: 0.95},
+            }
+        ]
         for name in ("random", "hybrid")
     }
     before = summarise(runs, budgets, full_accuracy=0.8)
     (tmp_path / "results.json").write_text(json.dumps(before))
     after = resummarise(tmp_path)["strategies"]["hybrid"]
     assert after["stop_budget_per_seed"] == [40] and after["accuracy_at_stop_per_seed"] == [0.8]
-    assert after["finetuned_accuracy_mean"] == {"40": 0.9}
+    assert after["finetuned_accuracy_mean"] == {200: 0.9, 1000: 0.95}
+    assert list(resummarise(tmp_path)["strategies"]["hybrid"]["finetuned_accuracy_mean"]) == [200, 1000]
 
 
 def test_a_pool_smaller_than_the_budget_stops_the_budgets_at_its_size(tiny_bert, tmp_path, capsys):
