@@ -1342,6 +1342,27 @@ def test_a_round_while_chunks_are_encoding_waits_for_them_and_requeues_a_failed_
     assert runtime.queue.encoding_progress("1") == {"chunks": 3, "done": 1, "texts": 60}  # progress kept
 
 
+@pytest.mark.parametrize("ended", ["stopped", "canceled"])
+def test_a_chunk_an_operator_stopped_or_cancelled_is_queued_again(runtime, label_studio, monkeypatch, ended):
+    # rq keeps a job that depends on a stopped or cancelled one waiting for good: the round after must not
+    from rq.job import Job, JobStatus
+
+    monkeypatch.setattr(project_state, "ENCODE_CHUNK", 25)
+    rerank("1", runtime, generation=1)
+    queue = runtime.queue.queue
+    chunk = next(job_id for job_id in queue.get_job_ids() if job_id.startswith("encode-1-"))
+    job = Job.fetch(chunk, connection=runtime.redis)
+    queue.remove(job)
+    job.set_status(JobStatus(ended))  # e.g. `rq` CLI's stop or cancel
+
+    second = rerank("1", runtime, generation=2)
+    assert second["published"] is False and "chunk jobs" in second["encoding"]
+    assert chunk in queue.get_job_ids() and runtime.queue._status(chunk) == JobStatus.QUEUED
+    follow_up = runtime.redis.get(encoding_follow_up_key("1")).decode()
+    assert chunk in Job.fetch(follow_up, connection=runtime.redis).dependency_ids
+    assert runtime.queue.encoding_pending("1")  # a round waits for these chunks, not for one that never ends
+
+
 def test_a_follow_up_round_that_nothing_will_release_is_not_waited_for(runtime, label_studio, monkeypatch):
     # a chunk failed for good and its record expired after FAILURE_TTL, the other chunks finished: rq keeps the
     # follow-up waiting forever, and rounds that waited for it would never publish again

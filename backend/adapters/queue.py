@@ -288,8 +288,9 @@ class JobQueue:
         rounds ask; then (optionally) one re-rank that depends on all of them. Returns the chunk job ids.
 
         A chunk whose job failed for good is requeued from rq's failed registry (else its id would block it
-        for as long as failures are kept), and one whose job finished is run again: it is asked for because its
-        vectors are missing (a new encoder, or the cache lost them). Progress restarts only when no encoding is
+        for as long as failures are kept), and one whose job ended otherwise is run again: finished (its vectors
+        are missing all the same: a new encoder, or the cache lost them), or stopped or cancelled by an operator
+        (rq would keep a round that depends on it waiting for good). Progress restarts only when no encoding is
         under way.
         """
         job_ids = []
@@ -299,9 +300,9 @@ class JobQueue:
             job_id = f"encode-{project}-{digest}"
             if not self._enqueue_unique("backend.jobs.encode_chunk", job_id, project, job_id, chunk):
                 status = self._status(job_id)
-                if status == JobStatus.FAILED:
+                if status == JobStatus.FAILED and job_id in self.queue.failed_job_registry:
                     self.queue.failed_job_registry.requeue(job_id)
-                elif status == JobStatus.FINISHED:  # yet its texts are missing: another encoder since, or evicted
+                elif status not in (*WAITING_STATUSES, JobStatus.STARTED):
                     with contextlib.suppress(NoSuchJobError):
                         Job.fetch(job_id, connection=self.client).delete()
                     self._enqueue_unique("backend.jobs.encode_chunk", job_id, project, job_id, chunk)
