@@ -40,12 +40,30 @@ def _redis_url(environ: Mapping[str, str], default: str) -> str:
     """REDIS_URL, checked as redis-py reads it (redis://[[user]:password@]host[:port][/db], rediss://, unix://); the
     error shows the URL without its credentials and query (which may hold a password)."""
     url = environ.get("REDIS_URL", "") or default
+    if _user_info_cut_short(url):
+        raise ValueError(
+            "REDIS_URL: the password or user name holds '/', '?' or '#': percent-encode them (%2F, %3F, %23)"
+        )
     try:
         parse_redis_url(url)
     except ValueError as bad:
         shown = url.rsplit("@", 1)[-1].split("?", 1)[0]
         raise ValueError(f"REDIS_URL ...{shown!r} is not a Redis URL ({bad}); e.g. redis://localhost:6379/0") from None
     return url
+
+
+def _user_info_cut_short(url: str) -> bool:
+    """Whether a redis:// URL's password or user name holds a "/", "?" or "#", which ends the host part early: an
+    "@" then shows up past it (outside a `password=` query value). redis-py would read part of the password as the
+    host or port, and the URL's password would go unrecognised, so shown in the log."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed "[": redis-py's check names it
+        return False
+    if parts.scheme not in ("redis", "rediss") or "@" in parts.netloc:
+        return False
+    fields = [f for f in parts.query.split("&") if unquote_plus(f.partition("=")[0]) not in ("password", "username")]
+    return any("@" in part for part in (parts.path, parts.fragment, *fields))
 
 
 def _max_length(environ: Mapping[str, str], default: int) -> int:
@@ -169,8 +187,8 @@ class Settings:
         env = os.environ if environ is None else environ
         defaults = cls()
         return cls(
-            label_studio_url=env.get("LABEL_STUDIO_URL", defaults.label_studio_url).rstrip("/"),
-            label_studio_api_key=_credential(env, "LABEL_STUDIO_API_KEY"),
+            label_studio_url=env.get("LABEL_STUDIO_URL", defaults.label_studio_url).strip().rstrip("/"),
+            label_studio_api_key=_credential(env, "LABEL_STUDIO_API_KEY").strip(),  # e.g. a secret file's newline
             model_dir=env.get("MODEL_DIR", "") or defaults.model_dir,
             basic_auth_user=_credential(env, "BASIC_AUTH_USER"),
             basic_auth_pass=_credential(env, "BASIC_AUTH_PASS"),

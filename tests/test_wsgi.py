@@ -62,6 +62,10 @@ def test_gunicorn_workers_load_the_encoder_before_they_answer(tiny_bert, redis_u
         ({"REDIS_URL": "redis://:s3cret@localhost:abc/0"}, "REDIS_URL ...'localhost:abc/0' is not a Redis URL (Port"),
         ({"REDIS_URL": "redis://h:abc/0?password=s3cret"}, "REDIS_URL ...'redis://h:abc/0' is not a Redis URL"),
         ({"REDIS_URL": "redis://:s3cret@[::1:6379"}, "REDIS_URL ...'[::1:6379' is not a Redis URL (Invalid IPv6 URL)"),
+        # a password with "/", "?" or "#" not percent-encoded: redis-py would take part of it for the host or port
+        ({"REDIS_URL": "redis://:12/s3cret@redis:6379/0"}, "REDIS_URL: the password or user name holds '/'"),
+        ({"REDIS_URL": "redis://:Xy7#s3cret@redis:6379/0"}, "percent-encode them (%2F, %3F, %23)"),
+        ({"REDIS_URL": "redis://u:Xy7?s3cret@redis:6379/0"}, "percent-encode them (%2F, %3F, %23)"),
         # a byte that is not UTF-8 in the environment (b"s3cret\xe9"): Python holds it as a lone surrogate
         ({"BASIC_AUTH_PASS": "s3cret\udce9"}, "BASIC_AUTH_PASS is not valid UTF-8"),
     ],
@@ -72,6 +76,14 @@ def test_a_bad_setting_is_named_without_the_credentials_in_it(env, message):
     with pytest.raises(ValueError) as bad:
         Settings.from_env(env)
     assert message in str(bad.value) and "s3cret" not in str(bad.value)
+
+
+def test_a_label_studio_key_or_url_read_from_a_file_loses_its_newline():
+    from backend.config import Settings
+
+    # e.g. LABEL_STUDIO_API_KEY="$(cat secret)" keeps no newline, but a compose env_file or a Kubernetes secret may
+    settings = Settings.from_env({"LABEL_STUDIO_API_KEY": " k3y\n", "LABEL_STUDIO_URL": "http://ls:8080/\n"})
+    assert settings.label_studio_api_key == "k3y" and settings.label_studio_url == "http://ls:8080"
 
 
 @pytest.mark.parametrize(
