@@ -14,6 +14,7 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from backend import __version__
+from backend.config import Settings
 from backend.errors import BackendError, MalformedRequest, Unauthorized, UnsupportedEncoding
 from backend.label_config import parse_label_config
 from backend.protocol import parse_predict, parse_setup, parse_webhook
@@ -32,7 +33,7 @@ def create_app(runtime: Runtime) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.extensions["runtime"] = runtime
     _register_auth(app, runtime)
-    _register_errors(app)
+    _register_errors(app, runtime.settings)
     _register_routes(app, runtime)
     return app
 
@@ -152,7 +153,7 @@ def reason_phrase(message: str) -> str:
     return phrase[:REASON_PHRASE_LIMIT] or "Error"
 
 
-def _register_errors(app: Flask) -> None:
+def _register_errors(app: Flask, settings: Settings) -> None:
     @app.errorhandler(BackendError)
     def backend_error(exc: BackendError):
         # Label Studio keeps of a refused /setup or /predict only requests' "422 Client Error: <reason phrase> for
@@ -168,11 +169,15 @@ def _register_errors(app: Flask) -> None:
     @app.errorhandler(redis.RedisError)
     def redis_unavailable(exc: redis.RedisError):
         log.warning("Redis unavailable on %s: %s", request.path, type(exc).__name__)
-        message = "Redis is unavailable; " + (
-            "the backend recovers this event by reconciliation once Redis is back"
-            if request.path == "/webhook"
-            else "try again once Redis is back"
-        )
+        if request.path != "/webhook":
+            message = "Redis is unavailable; try again once Redis is back"
+        elif settings.reconcile_interval:
+            message = "Redis is unavailable; the backend recovers this event by reconciliation once Redis is back"
+        else:  # RECONCILE_INTERVAL=0: no pass comes to find it
+            message = (
+                "Redis is unavailable, and reconciliation is off (RECONCILE_INTERVAL=0): this event is lost until"
+                " the project's next event or Start Training"
+            )
         return jsonify(error="RedisUnavailable", message=message), 503
 
     @app.errorhandler(RequestEntityTooLarge)

@@ -46,6 +46,14 @@ def test_webhook_is_a_503_that_names_redis(client_without_redis):
     assert "reconciliation" in response.json["message"]  # the event is not lost
 
 
+def test_webhook_without_reconciliation_says_the_event_is_lost(settings):
+    runtime = Runtime(replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0", reconcile_interval=0))
+    event = {"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": 1}}
+    response = create_app(runtime).test_client().post("/webhook", json=event)
+    assert response.status_code == 503
+    assert "reconciliation is off (RECONCILE_INTERVAL=0): this event is lost" in response.json["message"]
+
+
 def test_metrics_is_a_503_that_promises_nothing_about_events(client_without_redis):
     response = client_without_redis.get("/metrics")
     assert response.status_code == 503
