@@ -135,11 +135,17 @@ def data_value(data: object, key: str) -> object:
     for step in re.findall(r"[^.\[\]]+", key):
         if isinstance(value, dict):
             value = value.get(step)
-        elif isinstance(value, list) and step.isascii() and step.isdigit() and int(step) < len(value):
-            value = value[int(step)]
+        elif isinstance(value, list) and _index(step) < len(value):
+            value = value[_index(step)]
         else:
             return None
     return value
+
+
+def _index(step: str) -> int:
+    """A path step as a list index, or a number past any list's end for one that is not (`pages[²]`, a key; or too
+    many digits for int() to read)."""
+    return int(step) if step.isascii() and step.isdigit() and len(step) < 19 else 2**63
 
 
 HIDDEN_TAGS = frozenset({"script", "style", "template", "title"})

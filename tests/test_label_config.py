@@ -116,7 +116,8 @@ def test_the_text_field_may_be_a_path_into_nested_data():
     assert config("$pages[0].text").text_of(task) == "first page"
     assert config("$a.b").text_of(task) == "literal key"  # a key holding the dots itself comes first
     assert config("$pages[²].text").text_of({"id": 2, "data": {"pages": {"²": {"text": "a key"}}}}) == "a key"
-    for missing in ("$meta.title", "$pages[1].text", "$text", "$pages[²].text"):
+    huge = "9" * 5000  # past Python's limit on the digits int() reads: missing too, not a ValueError
+    for missing in ("$meta.title", "$pages[1].text", "$text", "$pages[²].text", f"$pages[{huge}].text"):
         with pytest.raises(KeyError, match="has no data"):
             config(missing).text_of(task)
 
