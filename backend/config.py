@@ -14,8 +14,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import unquote, unquote_plus, urlsplit
 
-from redis.connection import parse_url as parse_redis_url
-
 from backend.scoring.names import DEFAULT_STRATEGY, STRATEGY_NAMES
 
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -44,6 +42,8 @@ def _redis_url(environ: Mapping[str, str], default: str) -> str:
         raise ValueError(
             "REDIS_URL: the password or user name holds '/', '?' or '#': percent-encode them (%2F, %3F, %23)"
         )
+    from redis.connection import parse_url as parse_redis_url  # here: `backend.bench encode` runs without redis
+
     try:
         parse_redis_url(url)
     except ValueError as bad:

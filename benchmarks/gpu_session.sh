@@ -29,6 +29,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit,driver_version --format=csv
 python3 -c "import torch, transformers, tokenizers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'tokenizers', tokenizers.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())" || exit 1
 nproc
+python3 -c "import backend.bench, benchmarks.gpu_check, backend.evaluate" || exit 1  # what the steps below import
 
 mkdir -p $WORK/minilm && cp -r .gpu/minilm/. $WORK/minilm/ && rm $WORK/minilm/model16.safetensors
 python3 - <<'EOF' || exit 1

@@ -2,8 +2,11 @@
 
 Texts are tokenised once, sorted by length and cut into batches by a padded-token budget, so short
 texts are not padded to the length of long ones. On CUDA the forward pass runs under bf16/fp16
-autocast with pinned-memory, non-blocking transfers, and results stay on the GPU until the end, so no
-batch waits for the one before it. On a CPU with native bf16 the weights are bf16 (see `precision`).
+autocast with pinned-memory, non-blocking transfers, and results stay on the GPU until the end: this code reads
+nothing back per batch. (transformers may: BERT's SDPA attention checks whether a batch's mask has any padding,
+`torch.all(mask == 1)` in transformers 4.57, a one-value read after the batch before it; a 3-D mask would skip
+that check for BERT but not every architecture takes one, and `MODEL_NAME` may be any.) On a CPU with native bf16
+the weights are bf16 (see `precision`).
 """
 
 from __future__ import annotations
@@ -260,7 +263,7 @@ class Encoder:
         with torch.inference_mode():
             for batch in batches:
                 outputs.append(self._encode_batch([token_ids[i] for i in batch], stats))
-        embeddings = torch.cat(outputs).float().cpu().numpy()  # the only device->host synchronisation
+        embeddings = torch.cat(outputs).float().cpu().numpy()  # this code's one device->host copy
         result = np.empty_like(embeddings)
         result[np.concatenate(batches)] = embeddings
         stats.seconds = time.perf_counter() - started
