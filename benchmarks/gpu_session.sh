@@ -10,7 +10,8 @@
 #   .gpu/minilm/  the bundled MiniLM's files, its weights as fp16 safetensors (model16.safetensors) to fit the
 #                 transfer's size limit; widened back to fp32 here;
 #   .gpu/pool.csv.gz, .gpu/test.csv.gz  ../shared/data/ag_news (which does not travel).
-# Logs go to $OUT; the last lines printed are the summary. TEXTS, BUDGET and SEEDS shrink it for a dry run on a CPU.
+# Logs go to $OUT; the last lines printed are the summary. TEXTS, BUDGET and SEEDS shrink it for a dry run on a CPU;
+# each step stops by SESSION_SECONDS (460) from the start, so the summary prints within the call's 480 s.
 set -u
 cd "$(dirname "$0")/.."
 WORK=$(mktemp -d)  # the wheels' install, the model, the data, per-run logs; removed on exit
@@ -19,6 +20,13 @@ export WORK
 TEXTS=${TEXTS:-100000} BUDGET=${BUDGET:-500} SEEDS=${SEEDS:-3}
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
+END=$((SECONDS + ${SESSION_SECONDS:-460}))  # the device call's limit (480 s), less time for the summary
+budget() {  # seconds for the next step: at most $1, and no later than END less 15 s for the summary (at least 1)
+    local rest=$((END - SECONDS - 15))
+    ((rest > $1)) && rest=$1
+    ((rest < 1)) && rest=1
+    echo $rest
+}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $WORK/site .whl/*.whl
 export PYTHONPATH=$WORK/site:$PWD
@@ -53,14 +61,14 @@ print(f"{len(texts)} texts, x6 in texts.csv")
 EOF
 
 echo "== gpu_check"
-timeout 120 python3 -m benchmarks.gpu_check --model $WORK/minilm --csv $WORK/test.csv 2>&1 | tee "$OUT/gpu_check.log" | grep -v Warning
+timeout $(budget 120) python3 -m benchmarks.gpu_check --model $WORK/minilm --csv $WORK/test.csv 2>&1 | tee "$OUT/gpu_check.log" | grep -v Warning
 
 mkdir -p $WORK/encode_logs
 encode() {  # one log per run under $WORK, all of them appended to $OUT/encode.log (the call returns 8 files at most)
     local label=$1
     shift
     echo "== encode $label: $*" | tee -a "$OUT/encode.log"
-    timeout 90 python3 -m backend.bench encode --csv $WORK/texts.csv --texts "$TEXTS" --repeat 3 "$@" >"$WORK/encode_logs/$label.log" 2>&1
+    timeout $(budget 90) python3 -m backend.bench encode --csv $WORK/texts.csv --texts "$TEXTS" --repeat 3 "$@" >"$WORK/encode_logs/$label.log" 2>&1
     echo "rc=$?" >>"$WORK/encode_logs/$label.log"
     cat "$WORK/encode_logs/$label.log" >>"$OUT/encode.log"
     grep -E "^(model|texts=|batch_tokens|seconds|tokenize|peak|linear|end_to_end|model_only|texts_per|rc=)" "$WORK/encode_logs/$label.log"
@@ -75,7 +83,7 @@ encode bertbase_256k --model random:bert-base --tokenizer $WORK/minilm --batch-t
 
 echo "== evaluate: AG News, hybrid, fine-tuned at $BUDGET labels, $SEEDS seeds"
 started=$(date +%s)
-timeout 300 python3 -m backend.evaluate --pool $WORK/pool.csv --test $WORK/test.csv --strategy hybrid --budget "$BUDGET" \
+timeout $(budget 300) python3 -m backend.evaluate --pool $WORK/pool.csv --test $WORK/test.csv --strategy hybrid --budget "$BUDGET" \
     --batch-size 20 --seeds "$SEEDS" --finetune-at "$BUDGET" --model $WORK/minilm --cache-dir $WORK/cache \
     --out "$OUT/ag_news_finetune" >"$OUT/evaluate.log" 2>&1
 echo "evaluate rc=$? seconds=$(($(date +%s) - started))"
