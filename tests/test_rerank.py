@@ -262,11 +262,52 @@ def test_skipped_tasks_and_single_choice_annotations_without_a_choice_teach_noth
     assert len(ranked) == 20 and ranked.isdisjoint({1, 2, 3})
 
 
-def test_the_projects_own_strategy_and_number_of_ranked_tasks_make_its_round(runtime, label_studio):
+def test_the_projects_own_strategy_and_number_of_ranked_tasks_make_its_round(runtime, label_studio, pools_built):
+    from backend.scoring.uncertainty import margin
+
+    for task_id in range(1, 9):
+        label_studio.annotate(task_id, label_studio.truth[task_id])
     runtime.registry.save_setup("1", AG_NEWS_CONFIG, {"strategy": "margin", "rank_top_k": 5})
     summary = rerank("1", runtime, generation=1)
     assert summary["strategy"] == "MarginSampling()" and summary["ranked"] == 5
     assert len(label_studio.predictions) == 5
+    # published: the five tasks the head is least sure of, the least sure first (lowest score)
+    state = project_state.read_project_state(runtime, "1", project_state.Stopwatch())
+    row_of = {task_id: row for row, task_id in enumerate(state.task_ids)}
+    published = sorted(label_studio.predictions, key=lambda prediction: prediction["score"])
+    uncertainty = margin(pools_built[-1].probs)[[row_of[prediction["task"]] for prediction in published]]
+    unlabelled = margin(pools_built[-1].probs)[~pools_built[-1].labeled]
+    assert np.all(np.diff(uncertainty) <= 0) and uncertainty.min() >= np.sort(unlabelled)[-5]
+
+
+def test_each_ranked_task_is_pre_annotated_with_the_choice_the_model_predicts_for_it(runtime, label_studio):
+    from backend.label_config import parse_label_config
+
+    runtime.settings = replace(runtime.settings, rank_top_k=1000)
+    for task_id in range(1, 31):  # enough for a trained head whose predictions vary between tasks
+        label_studio.annotate(task_id, label_studio.truth[task_id])
+    rerank("1", runtime, generation=1)
+    ranked = [{"id": p["task"], "data": label_studio.tasks[p["task"]]["data"]} for p in label_studio.predictions]
+    answers = runtime.predictor.predict("1", parse_label_config(AG_NEWS_CONFIG), ranked)
+    shown = [p["result"] for p in label_studio.predictions]
+    assert shown == [answer["result"] for answer in answers]  # what /predict says of each task
+    assert len({result[0]["value"]["choices"][0] for result in shown}) > 1
+
+
+def test_the_trained_head_learns_the_annotated_choices(runtime, label_studio):
+    from backend.services.embeddings import embed_texts
+
+    annotated = range(1, 13)
+    for task_id in annotated:
+        label_studio.annotate(task_id, label_studio.truth[task_id])
+    rerank("1", runtime, generation=1)
+    artifact = runtime.artifacts.load("1", runtime.artifacts.versions("1")[-1])
+    assert artifact.meta["kind"] == "trained"
+    texts = [label_studio.tasks[task_id]["data"]["text"] for task_id in annotated]
+    probs = artifact.head.predict_proba(embed_texts(texts, runtime.encoder, runtime.embedding_cache))
+    predicted = [artifact.labels[column] for column in probs.argmax(axis=1)]
+    right = np.mean([label == label_studio.truth[task_id] for label, task_id in zip(predicted, annotated, strict=True)])
+    assert right >= 0.5  # on its own training texts; a head taught the labels in the wrong order gets ~0.1
 
 
 def test_a_task_replaced_by_another_is_noticed_though_the_task_count_is_the_same(runtime, label_studio):
