@@ -50,3 +50,15 @@ def test_an_encoders_cache_expires_unless_stored_into_or_ranked_from(runtime):
     runtime.redis.expire(cache.key, 60)  # as if unused for 30 days less a minute
     cache.touch()  # what every round does first
     assert runtime.redis.ttl(cache.key) > UNUSED_EXPIRE_SECONDS - 5
+
+
+def test_texts_partly_cached_come_back_each_with_its_own_vector_in_order(runtime):
+    from backend.adapters.embedding_cache import RedisEmbeddingCache
+
+    encoder = runtime.encoder
+    cache = RedisEmbeddingCache(runtime.redis, "partly-cached", encoder.dim)
+    embed_texts(["stocks fell", "a late goal"], encoder, cache)  # cached before
+    texts = ["rain tomorrow", "stocks fell", "rain tomorrow", "new chip"]  # new, cached, new again, new
+    expected = encoder.encode(texts).astype(np.float16).astype(np.float32)
+    np.testing.assert_allclose(embed_texts(texts, encoder, cache), expected, atol=2e-3)
+    np.testing.assert_allclose(cache.get_many([text_key(text) for text in texts]), expected, atol=2e-3)  # stored

@@ -67,14 +67,19 @@ def test_a_chunk_whose_vectors_could_not_be_stored_fails_so_rq_retries_it(runtim
     from backend import jobs
 
     monkeypatch.setattr(jobs, "_runtime", runtime)
+    runtime.redis.config_set("maxmemory", 1)  # the real fault: Redis full (noeviction) refuses every write
+    try:
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            jobs.encode_chunk("1", "encode-1-0", ["a text no one encoded yet"])
+    finally:
+        runtime.redis.config_set("maxmemory", 0)
+    assert runtime.queue.encoding_progress("1").get("done", 0) == 0
+    assert runtime.embedding_cache.missing([text_key("a text no one encoded yet")])
 
-    def redis_out_of_memory(keys, vectors):
-        raise redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'")
+    def redis_out_of_memory(keys, vectors):  # only the store refused: rq's own writes must go through here
+        raise redis.exceptions.OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory'")
 
     monkeypatch.setattr(runtime.embedding_cache, "put_many", redis_out_of_memory)
-    with pytest.raises(redis.ResponseError, match="OOM"):
-        jobs.encode_chunk("1", "encode-1-0", ["a text no one encoded yet"])
-    assert runtime.queue.encoding_progress("1").get("done", 0) == 0
     # run as a job: it fails, and rq schedules it again (5 s later) rather than filing it as failed
     [job_id] = runtime.queue.enqueue_encoding("1", [["a text no one encoded yet"]], then_rerank=False)
     SimpleWorker([runtime.queue.queue], connection=runtime.redis).work(burst=True)

@@ -97,6 +97,11 @@ def test_harness_writes_results_and_plot(tiny_bert, tmp_path):
     assert margin["budgets"] == [20, 40, 60]
     assert len(margin["accuracy_per_seed"]) == 2 and all(len(seed) == 3 for seed in margin["accuracy_per_seed"])
     assert all(0.0 <= value <= 1.0 for value in margin["accuracy_mean"] + margin["macro_f1_mean"])
+    for result in results["strategies"].values():  # (random's seeds differ: a mean of one seed would show)
+        for name in ("accuracy", "macro_f1"):  # the means over the seeds, budget by budget
+            assert result[f"{name}_mean"] == pytest.approx(np.mean(result[f"{name}_per_seed"], axis=0))
+        mean = result["accuracy_mean"]  # the area: the mean curve's, per label of the budget range (two trapezoids)
+        assert result["area_under_curve"] == pytest.approx((mean[0] + 2 * mean[1] + mean[2]) * 20 / 2 / 40)
     assert 0.0 < results["full_pool_accuracy"] <= 1.0
     assert results["target_accuracy"] == pytest.approx(0.95 * results["full_pool_accuracy"])
     assert len(margin["stop_budget_per_seed"]) == 2  # the stopping signal: a budget, or None if never stable
