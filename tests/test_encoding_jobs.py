@@ -97,3 +97,23 @@ def test_gpu_workers_run_jobs_in_process_because_cuda_does_not_survive_a_fork():
     on_cpu, on_gpu = worker_class_for(torch.device("cpu")), worker_class_for(torch.device("cuda", 0))
     assert issubclass(on_cpu, Worker) and not issubclass(on_cpu, SimpleWorker)  # a work-horse per job, inherited
     assert issubclass(on_gpu, SimpleWorker)
+
+
+def test_a_round_waiting_for_chunks_is_deleted_once_another_replaces_it_or_the_project_is_forgotten(runtime):
+    # rq keeps a deferred job for good: one the project's records no longer name would never be deleted
+    from backend.adapters.queue import encoding_follow_up_key
+
+    def waiting_round() -> str:
+        return runtime.redis.get(encoding_follow_up_key("1")).decode()
+
+    deferred = runtime.queue.queue.deferred_job_registry
+    runtime.queue.enqueue_encoding("1", [["a text"], ["another text"]])
+    first = waiting_round()
+    runtime.queue.enqueue_encoding("1", [["a text"], ["another text"]])  # the same chunks: the same round waits
+    assert waiting_round() == first and first in deferred.get_job_ids()
+    runtime.queue.enqueue_encoding("1", [["a text"], ["another text"], ["a text imported since"]])
+    second = waiting_round()
+    assert second != first and deferred.get_job_ids() == [second]
+    assert runtime.queue._status(first) is None  # deleted, not only out of the registry
+    runtime.queue.forget_encoding("1")  # the project deleted in Label Studio
+    assert deferred.get_job_ids() == [] and runtime.queue._status(second) is None

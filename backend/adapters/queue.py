@@ -315,6 +315,7 @@ class JobQueue:
         if then_rerank:
             after = hashlib.sha1("\0".join(sorted(job_ids)).encode()).hexdigest()[:16]
             follow_up = f"rerank-{project}-after-{after}"
+            self._drop_follow_up(project, unless=follow_up)  # this one ranks the whole pool too
             self.client.set(encoding_follow_up_key(project), follow_up)
             status = self._status(follow_up)
             if recreated and status == JobStatus.DEFERRED:
@@ -363,7 +364,16 @@ class JobQueue:
         return False
 
     def forget_encoding(self, project: str) -> None:
+        self._drop_follow_up(project)
         self.client.delete(encoding_key(project), encoding_runs_key(project), encoding_follow_up_key(project))
+
+    def _drop_follow_up(self, project: str, unless: str | None = None) -> None:
+        """Delete the round still deferred until the project's chunks are encoded, unless it is `unless`: once its
+        key forgets it, nothing else would (rq keeps a deferred job for good, also one whose chunk failed)."""
+        follow_up = (self.client.get(encoding_follow_up_key(project)) or b"").decode()
+        if follow_up and follow_up != unless and self._status(follow_up) == JobStatus.DEFERRED:
+            with contextlib.suppress(NoSuchJobError):
+                Job.fetch(follow_up, connection=self.client).delete()
 
     def encoding_progress(self, project: str) -> dict:
         return {k.decode(): int(v) for k, v in self.client.hgetall(encoding_key(project)).items()}
