@@ -632,3 +632,21 @@ def test_predictions_of_aliased_choices_are_what_label_studio_validates(client):
         assert LabelInterface(config).validate_prediction(prediction | {"task": task["id"]}, return_errors=True) == []
     chosen = {label for result in results for region in result["result"] for label in region["value"]["choices"]}
     assert chosen and chosen <= set(AG_NEWS_LABELS)  # something was predicted, and written as aliases
+
+
+def test_a_webhook_naming_its_project_only_in_the_task_queues_that_projects_rerank(client, redis_url, settings):
+    # an event whose payload carries the project only inside "task" (no top-level "project")
+    event = {"action": "ANNOTATION_CREATED", "annotation": {"id": 1}, "task": {"id": 5, "project": 3}}
+    response = client.post("/webhook", json=event)
+    assert response.status_code == 201 and response.json["rerank"] == "enqueued"
+    queue = Queue(settings.queue_name, connection=redis.Redis.from_url(redis_url))
+    assert queue.job_ids == ["rerank-3-0"]
+
+
+def test_a_predict_label_config_that_is_not_a_string_is_a_400_naming_the_field(client):
+    task = {"id": 1, "data": {"text": "Stocks fell"}}
+    client.post("/setup", json={"project": 3, "schema": AG_NEWS_CONFIG})
+    for config in (5, {"xml": AG_NEWS_CONFIG}, [], 0):
+        response = client.post("/predict", json={"tasks": [task], "project": 3, "label_config": config})
+        assert response.status_code == 400, config
+        assert "label_config" in response.json["message"], config

@@ -12,6 +12,7 @@ from backend.ml.head import (
     DEFAULT_L2,
     L2_GRID,
     LinearHead,
+    _row_errors,
     choose_l2,
     fit_committee,
     fit_head,
@@ -724,3 +725,22 @@ def test_a_hub_model_is_named_by_its_commit_so_an_update_on_the_hub_is_another_s
     first, second = done.stdout.split()
     assert first.startswith(f"acme/tiny-bert@commit-{'a' * 12}|")
     assert second.startswith(f"acme/tiny-bert@commit-{'b' * 12}|")
+
+
+def test_a_multi_label_rows_error_is_the_share_of_its_labels_on_the_wrong_side():
+    probs = np.array([[0.9, 0.9, 0.1], [0.9, 0.1, 0.1], [0.1, 0.9, 0.9]], dtype=np.float32)
+    targets = np.array([[1, 0, 0], [1, 0, 0], [0, 0, 0]], dtype=np.float32)
+    assert _row_errors(probs, targets, True).tolist() == [1 / 3, 0.0, 2 / 3]
+    # single choice: 0/1 on the top choice
+    assert _row_errors(probs[:2, :2], np.eye(2, dtype=np.float32)[[1, 0]], False).tolist() == [1.0, 0.0]
+
+
+def test_choose_l2_compares_multi_label_options_by_their_share_of_wrong_labels():
+    # option 0 misses one label of three on every row (share 1/3); option 1 misses all three labels on half the
+    # rows (mean share 1/2). By the share option 0 is better; counting any miss as a whole row wrong, option 0
+    # (100% of rows wrong) would lose to option 1 (50%).
+    probs_0 = np.tile([[0.9, 0.9, 0.1]], (60, 1))
+    probs_1 = np.tile([[0.1, 0.9, 0.9], [0.9, 0.1, 0.1]], (30, 1))
+    targets = np.tile([[1, 0, 0]], (60, 1)).astype(np.float32)
+    errors = np.stack([_row_errors(p, targets, True) for p in (probs_0, probs_1)])
+    assert one_standard_error_choice(errors) == 0

@@ -124,3 +124,38 @@ def test_repr_and_defaults_are_exposed():
         "Hybrid(cold_start_labels_per_class=1.0, warm_labels_per_class=3.0, candidate_factor=3.0, "
         "rare_share=0.2, rare_min_labels=3, max_candidates=5000, uncertainty='margin')"
     )
+
+
+def test_a_batch_leads_with_diversity_while_cold_and_with_uncertainty_once_warm():
+    # The batch's order is the ranking annotators see (and what the evaluation cuts at `batch`).
+    # Lukewarm: 3 labels, 2 classes (1.5 per class): share 0.75, so 3 diversity picks (centres of the three clusters
+    # no label covers) lead, and the one uncertainty pick (row 4, margin far above the rest) comes last.
+    embeddings = unit(-2, -1, 0, 1, 2, 88, 90, 91, 177, 180, 181, 182, 270, 271, 272)
+    first = np.full(len(embeddings), 0.95)
+    first[4] = 0.5
+    labeled = np.zeros(len(embeddings), bool)
+    labeled[[0, 1, 2]] = True
+    targets = np.eye(2)[[0, 1, 0] + [0] * (len(embeddings) - 3)]
+    pool = Pool(embeddings, np.stack([first, 1 - first], axis=1), labeled, targets=targets)
+    picks = get_strategy("hybrid").select(pool, 4, np.random.default_rng(0)).tolist()
+    assert picks[-1] == 4 and sorted(picks[:3]) == [6, 10, 13]
+    # Warm (7 labels per class, no diversity share), class 2 rare: the margin picks lead, the rare-class pick follows.
+    n = 40
+    probs = np.tile([0.45, 0.45, 0.10], (n, 1))
+    probs[25] = [0.05, 0.05, 0.90]
+    labeled = np.zeros(n, bool)
+    labeled[:21] = True
+    targets = np.eye(3)[[0] * 10 + [1] * 10 + [2] + [0] * (n - 21)]
+    pool = Pool(np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32), probs, labeled, targets=targets)
+    picks = get_strategy("hybrid").select(pool, 5, np.random.default_rng(0)).tolist()
+    assert picks.index(25) == 4
+
+
+def test_a_class_with_exactly_min_labels_is_not_rare():
+    # "classes with fewer than `min_labels` are rare": class 0 has exactly 3, class 1 has 5, none is rare
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    counts = np.array([3.0, 5.0])
+    assert rare_class_picks(probs, margin(probs), counts, 3, 5, np.random.default_rng(0)).tolist() == []
+    # one fewer label, and class 0 is rare: its most uncertain predicted member, row 1
+    counts = np.array([2.0, 5.0])
+    assert rare_class_picks(probs, margin(probs), counts, 3, 5, np.random.default_rng(0)).tolist() == [1]
