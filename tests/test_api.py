@@ -3,13 +3,22 @@
 import base64
 import json
 import re
+from dataclasses import replace
+from datetime import timedelta
 
 import numpy as np
 import pytest
 import redis
 from rq import Queue
-from rq.job import JobStatus
+from rq.executions import Execution
+from rq.intermediate_queue import IntermediateQueue
+from rq.job import Job, JobStatus
+from rq.utils import now
 
+from backend import jobs
+from backend.adapters.queue import reconcile_alive_key
+from backend.protocol import SetupRequest
+from backend.runtime import Runtime
 from tests.conftest import AG_NEWS_CONFIG, AG_NEWS_LABELS, ROUTES
 
 TEXTS = ["Stocks fell sharply on Wall Street", "The striker scored twice in the final", "A new chip from Intel"]
@@ -650,3 +659,39 @@ def test_a_predict_label_config_that_is_not_a_string_is_a_400_naming_the_field(c
         response = client.post("/predict", json={"tasks": [task], "project": 3, "label_config": config})
         assert response.status_code == 400, config
         assert "label_config" in response.json["message"], config
+
+
+def test_a_reconciliation_chain_counts_as_alive_for_two_intervals_only(runtime):
+    interval = runtime.settings.reconcile_interval
+    runtime.queue.schedule_reconcile("1", interval)
+    assert runtime.queue.reconcile_scheduled("1")
+    assert not runtime.queue.restart_reconcile_if_ended("1", interval)  # alive: left as it is
+    # the chain breaks here; once two intervals (and a minute) pass without a successor, it counts as ended
+    assert 0 < runtime.redis.ttl(reconcile_alive_key("1")) <= 2 * interval + 60
+
+
+def test_reconciliation_switched_off_is_not_restarted_after_the_first_connections_pass(settings):
+    rt = Runtime(replace(settings, reconcile_interval=0))
+    scheduled = rt.queue.queue.scheduled_job_registry
+    rt.projects.setup(SetupRequest("1", AG_NEWS_CONFIG))  # first connection: its one pass
+    [one_pass] = scheduled.get_job_ids()
+    scheduled.remove(one_pass, delete_job=True)  # an hour on: it ran, rq dropped its record, its mark ran out
+    rt.redis.delete(reconcile_alive_key("1"))
+    rt.projects.setup(SetupRequest("1", AG_NEWS_CONFIG))  # Label Studio calls /setup before every /predict
+    assert jobs.revive_reconciliations(rt) == []  # a worker's maintenance pass, once a minute
+    assert scheduled.get_job_ids() == []
+
+
+def test_a_rerank_a_worker_is_starting_is_not_cancelled(runtime):
+    assert runtime.queue.request_rerank("3", "first") == "enqueued"
+    queue = runtime.queue.queue
+    runtime.redis.lmove(queue.key, IntermediateQueue(queue.key, connection=runtime.redis).key, "RIGHT", "LEFT")
+    job = Job.fetch("rerank-3-0", connection=runtime.redis)
+    job.enqueued_at = now() - timedelta(seconds=120)  # it waited behind other jobs that long
+    job.save()
+    with runtime.redis.pipeline() as pipe:  # what the worker does before it forks the horse
+        Execution.create(job, 60, pipeline=pipe)
+        pipe.execute()
+    assert runtime.queue.request_rerank("3", "another annotation") == "coalesced"
+    assert job.get_status() == JobStatus.QUEUED and queue.get_job_ids() == []
+    assert "rerank-3-0" not in queue.canceled_job_registry.get_job_ids()

@@ -1622,3 +1622,41 @@ def test_a_label_config_made_unsupported_fails_one_round_without_retries_until_i
     SimpleWorker([queue], connection=runtime.redis).work(burst=True)
     assert runtime.registry.last_round("1")["annotations"] == 1 and label_studio.project["model_version"] != live
     assert runtime.projects.metrics()["projects"]["1"]["refused"] is None
+
+
+def test_live_predictions_stored_twice_are_not_taken_for_deleted_ones(runtime, label_studio, monkeypatch):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    assert jobs.rerank_project("1")["published"]
+    label_studio.predictions.append(dict(label_studio.predictions[0]))
+    assert jobs.reconcile_project("1") == {"rerank": "not needed"}
+    assert not [job_id for job_id in runtime.queue.queue.get_job_ids() if job_id.startswith("rerank-")]
+
+
+@pytest.mark.parametrize(("rounds", "counter"), [(1, None), (3, 2)])  # None: evicted; 2: restored one round old
+def test_a_round_after_the_counter_lands_on_the_published_generation_still_publishes(
+    runtime, label_studio, monkeypatch, rounds, counter
+):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    for _ in range(rounds):
+        assert jobs.rerank_project("1")["published"]
+    if counter is None:
+        runtime.redis.delete(generation_key("1"))
+    else:
+        runtime.redis.set(generation_key("1"), counter)
+    label_studio.annotate(3, label_studio.truth[3])
+    after = jobs.rerank_project("1")
+    assert after["published"] and after["generation"] == rounds + 1
+    assert runtime.registry.last_round("1")["annotations"] == 1
+
+
+def test_parameters_fixed_after_a_refused_round_rank_the_project_at_the_next_reconciliation(
+    runtime, label_studio, monkeypatch
+):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    runtime.registry.save_setup("1", AG_NEWS_CONFIG, {"strategy_params": {"nope": 1}})
+    with pytest.raises(RoundRefused, match="nope"):
+        jobs.rerank_project("1")
+    refused = jobs.reconcile_project("1")
+    assert refused["rerank"] == "not needed" and "nope" in refused["refused"]  # the same parameters: not again
+    runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})  # the user fixes them: Label Studio calls /setup
+    assert jobs.reconcile_project("1")["rerank"] == "enqueued"  # Label Studio itself did not change
