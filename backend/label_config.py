@@ -135,8 +135,8 @@ def data_value(data: object, key: str) -> object:
     for step in re.findall(r"[^.\[\]]+", key):
         if isinstance(value, dict):
             value = value.get(step)
-        elif isinstance(value, list) and _index(step) < len(value):
-            value = value[_index(step)]
+        elif isinstance(value, list) and (index := _index(step)) < len(value):
+            value = value[index]
         else:
             return None
     return value
