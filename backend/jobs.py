@@ -15,7 +15,7 @@ from rq import get_current_job
 from rq.utils import now
 
 from backend.adapters.label_studio import ACTIVE_LEARNING_SETTINGS, LabelStudioNotFound, LabelStudioRejected
-from backend.adapters.queue import encoding_key, encoding_runs_key, reconcile_slot
+from backend.adapters.queue import reconcile_slot
 from backend.config import Settings
 from backend.errors import LabelStudioUnavailable
 from backend.round_lock import round_lock
@@ -121,7 +121,7 @@ def forget_project_files(rt: Runtime, project: str, why: str = "deleted in Label
     rt.snapshots.delete(project)
     rt.matrix_files.delete_project(project)
     rt.artifacts.delete_project(project)
-    rt.queue.forget_encoding(project)
+    rt.encoding.forget(project)
     log.info("project %s: %s; its task list, matrix file and head versions are deleted", project, why)
 
 
@@ -343,11 +343,10 @@ def deleted_ranking_predictions(rt: Runtime, project: str, last: dict) -> int:
 
 
 def encode_chunk(project: str, job_id: str, texts: list[str]) -> int:
-    """Encode one chunk of a project's texts into the shared embedding cache (see JobQueue.enqueue_encoding)."""
+    """Encode one chunk of a project's texts into the shared embedding cache (see EncodingJobs.enqueue)."""
     rt = runtime()
     embed_texts(texts, rt.encoder, rt.embedding_cache, must_store=True)  # a failed store fails the job: retried
-    rt.redis.hincrby(encoding_key(project), "done", 1)
-    rt.redis.hincrby(encoding_runs_key(project), job_id, 1)  # lets tests and operators see: once per chunk
+    rt.encoding.chunk_done(project, job_id)
     return len(texts)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import redis
 
 from backend.adapters.embedding_cache import RedisEmbeddingCache
+from backend.adapters.encoding_jobs import EncodingJobs
 from backend.adapters.matrix_file import MatrixFiles
 from backend.adapters.project_registry import ProjectRegistry
 from backend.adapters.queue import JobQueue
@@ -74,10 +75,15 @@ class Runtime:
         return JobQueue(self.redis, self.settings.queue_name, self.settings.job_timeout)
 
     @functools.cached_property
+    def encoding(self) -> EncodingJobs:
+        return EncodingJobs(self.queue)
+
+    @functools.cached_property
     def projects(self) -> ProjectService:
         return ProjectService(
             self.registry,
             self.queue,
+            self.encoding,
             self.snapshots,
             self.settings.reconcile_interval,
             self.settings.reranking_unavailable,

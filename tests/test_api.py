@@ -407,7 +407,7 @@ def test_metrics_lists_projects_and_their_events(client, settings, redis_url):
 def test_metrics_show_a_projects_encoding_progress(client, runtime):
     client.post("/setup", json=setup_payload())
     assert client.get("/metrics").json["projects"]["3"]["encoding"] == {}  # nothing being encoded
-    runtime.queue.enqueue_encoding("3", [["one text", "another"], ["a third"]], then_rerank=False)
+    runtime.encoding.enqueue("3", [["one text", "another"], ["a third"]], then_rerank=False)
     # no worker runs here: the two chunks wait, none done
     assert client.get("/metrics").json["projects"]["3"]["encoding"] == {"chunks": 2, "done": 0, "texts": 3}
 

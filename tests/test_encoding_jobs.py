@@ -36,8 +36,8 @@ def test_two_workers_encode_each_chunk_once(runtime, settings, tmp_path):
         while sum(w.get_state() == WorkerStatus.IDLE for w in Worker.all(queue=runtime.queue.queue)) < 2:
             assert time.time() < deadline, "the workers did not start"
             time.sleep(0.2)
-        first = runtime.queue.enqueue_encoding("5", chunks, then_rerank=False)
-        second = runtime.queue.enqueue_encoding("5", chunks, then_rerank=False)  # a racing round asks again
+        first = runtime.encoding.enqueue("5", chunks, then_rerank=False)
+        second = runtime.encoding.enqueue("5", chunks, then_rerank=False)  # a racing round asks again
         assert first == second and len(set(first)) == 8
         deadline = time.time() + 120
         while int(client.hget("al:encoding:5", "done") or 0) < len(chunks):
@@ -57,7 +57,7 @@ def test_two_workers_encode_each_chunk_once(runtime, settings, tmp_path):
     }
     assert sorted(completed["worker0"] + completed["worker1"]) == sorted(first)  # each chunk once, in all
     assert completed["worker0"] and completed["worker1"]  # and the two workers shared the work
-    assert runtime.queue.encoding_progress("5") == {"chunks": 8, "done": 8, "texts": 800}
+    assert runtime.encoding.progress("5") == {"chunks": 8, "done": 8, "texts": 800}
     cached = runtime.embedding_cache.get_many([text_key(text) for text in texts])
     expected = runtime.encoder.encode(texts)  # the workers stored what this encoder makes of each text
     assert np.allclose(np.stack(cached).astype(np.float32), expected, atol=5e-3)
@@ -73,7 +73,7 @@ def test_a_chunk_whose_vectors_could_not_be_stored_fails_so_rq_retries_it(runtim
             jobs.encode_chunk("1", "encode-1-0", ["a text no one encoded yet"])
     finally:
         runtime.redis.config_set("maxmemory", 0)
-    assert runtime.queue.encoding_progress("1").get("done", 0) == 0
+    assert runtime.encoding.progress("1").get("done", 0) == 0
     assert runtime.embedding_cache.missing([text_key("a text no one encoded yet")])
 
     def redis_out_of_memory(keys, vectors):  # only the store refused: rq's own writes must go through here
@@ -81,7 +81,7 @@ def test_a_chunk_whose_vectors_could_not_be_stored_fails_so_rq_retries_it(runtim
 
     monkeypatch.setattr(runtime.embedding_cache, "put_many", redis_out_of_memory)
     # run as a job: it fails, and rq schedules it again (5 s later) rather than filing it as failed
-    [job_id] = runtime.queue.enqueue_encoding("1", [["a text no one encoded yet"]], then_rerank=False)
+    [job_id] = runtime.encoding.enqueue("1", [["a text no one encoded yet"]], then_rerank=False)
     SimpleWorker([runtime.queue.queue], connection=runtime.redis).work(burst=True)
     job = Job.fetch(job_id, connection=runtime.redis)
     assert job.get_status() == JobStatus.SCHEDULED and job.retries_left == RETRY.max - 1
@@ -101,19 +101,19 @@ def test_gpu_workers_run_jobs_in_process_because_cuda_does_not_survive_a_fork():
 
 def test_a_round_waiting_for_chunks_is_deleted_once_another_replaces_it_or_the_project_is_forgotten(runtime):
     # rq keeps a deferred job for good: one the project's records no longer name would never be deleted
-    from backend.adapters.queue import encoding_follow_up_key
+    from backend.adapters.encoding_jobs import encoding_follow_up_key
 
     def waiting_round() -> str:
         return runtime.redis.get(encoding_follow_up_key("1")).decode()
 
     deferred = runtime.queue.queue.deferred_job_registry
-    runtime.queue.enqueue_encoding("1", [["a text"], ["another text"]])
+    runtime.encoding.enqueue("1", [["a text"], ["another text"]])
     first = waiting_round()
-    runtime.queue.enqueue_encoding("1", [["a text"], ["another text"]])  # the same chunks: the same round waits
+    runtime.encoding.enqueue("1", [["a text"], ["another text"]])  # the same chunks: the same round waits
     assert waiting_round() == first and first in deferred.get_job_ids()
-    runtime.queue.enqueue_encoding("1", [["a text"], ["another text"], ["a text imported since"]])
+    runtime.encoding.enqueue("1", [["a text"], ["another text"], ["a text imported since"]])
     second = waiting_round()
     assert second != first and deferred.get_job_ids() == [second]
-    assert runtime.queue._status(first) is None  # deleted, not only out of the registry
-    runtime.queue.forget_encoding("1")  # the project deleted in Label Studio
-    assert deferred.get_job_ids() == [] and runtime.queue._status(second) is None
+    assert runtime.queue.status(first) is None  # deleted, not only out of the registry
+    runtime.encoding.forget("1")  # the project deleted in Label Studio
+    assert deferred.get_job_ids() == [] and runtime.queue.status(second) is None

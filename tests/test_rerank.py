@@ -16,8 +16,9 @@ from rq import SimpleWorker
 
 from backend import jobs
 from backend.adapters.embedding_cache import EmbeddingsMissing, text_key
+from backend.adapters.encoding_jobs import encoding_follow_up_key
 from backend.adapters.label_studio import ACTIVE_LEARNING_SETTINGS, LabelStudioNotFound, LabelStudioRejected
-from backend.adapters.queue import encoding_follow_up_key, generation_key
+from backend.adapters.queue import generation_key
 from backend.errors import LabelStudioUnavailable
 from backend.protocol import SetupRequest
 from backend.round_lock import round_lock
@@ -473,7 +474,7 @@ def test_many_uncached_texts_become_chunk_jobs_and_a_follow_up_round(runtime, la
     assert summary["published"] is False and "3 chunk jobs" in summary["encoding"]
     job_ids = runtime.queue.queue.get_job_ids() + runtime.queue.queue.deferred_job_registry.get_job_ids()
     assert sum(job_id.startswith("encode-1-") for job_id in job_ids) == 3
-    assert runtime.queue.encoding_progress("1") == {"chunks": 3, "done": 0, "texts": 60}
+    assert runtime.encoding.progress("1") == {"chunks": 3, "done": 0, "texts": 60}
 
 
 def test_rounds_during_the_first_encoding_do_not_read_every_task_again(runtime, label_studio, monkeypatch):
@@ -512,17 +513,17 @@ def test_a_chunk_encoded_again_while_its_round_waits_still_releases_that_round(r
     queue = runtime.queue.queue
     texts = [task["data"]["text"] for task in label_studio.tasks.values()]
     chunks = [texts[:30], texts[30:]]
-    first, second = runtime.queue.enqueue_encoding("1", chunks)
+    first, second = runtime.encoding.enqueue("1", chunks)
     follow_up = runtime.redis.get(encoding_follow_up_key("1")).decode()
     queue.remove(second)  # the second chunk waits (another worker is slow to take it)...
     SimpleWorker([queue], connection=runtime.redis).work(burst=True)  # ...while the first is encoded
     assert Job.fetch(follow_up, connection=runtime.redis).get_status() == JobStatus.DEFERRED
     runtime.redis.delete(runtime.embedding_cache.key)  # its vectors are evicted; a round asks for both again
-    assert runtime.queue.enqueue_encoding("1", chunks) == [first, second]
+    assert runtime.encoding.enqueue("1", chunks) == [first, second]
     queue.enqueue_job(Job.fetch(second, connection=runtime.redis), at_front=True)  # the slow worker takes it
     SimpleWorker([queue], connection=runtime.redis).work(burst=True)
     assert Job.fetch(follow_up, connection=runtime.redis).get_status() == JobStatus.FINISHED
-    assert runtime.queue.encoding_pending("1") is False
+    assert runtime.encoding.pending("1") is False
     assert runtime.registry.last_round("1")["published"]
 
 
@@ -1389,7 +1390,7 @@ def test_a_round_while_chunks_are_encoding_waits_for_them_and_requeues_a_failed_
     assert chunk in queue.get_job_ids() and chunk not in queue.failed_job_registry.get_job_ids()
     follow_ups = [j for j in queue.deferred_job_registry.get_job_ids() if j.startswith("rerank-1-after-")]
     assert len(follow_ups) == 1  # one round waits for the chunks, however many rounds asked
-    assert runtime.queue.encoding_progress("1") == {"chunks": 3, "done": 1, "texts": 60}  # progress kept
+    assert runtime.encoding.progress("1") == {"chunks": 3, "done": 1, "texts": 60}  # progress kept
 
 
 @pytest.mark.parametrize("ended", ["stopped", "canceled"])
@@ -1407,10 +1408,10 @@ def test_a_chunk_an_operator_stopped_or_cancelled_is_queued_again(runtime, label
 
     second = rerank("1", runtime, generation=2)
     assert second["published"] is False and "chunk jobs" in second["encoding"]
-    assert chunk in queue.get_job_ids() and runtime.queue._status(chunk) == JobStatus.QUEUED
+    assert chunk in queue.get_job_ids() and runtime.queue.status(chunk) == JobStatus.QUEUED
     follow_up = runtime.redis.get(encoding_follow_up_key("1")).decode()
     assert chunk in Job.fetch(follow_up, connection=runtime.redis).dependency_ids
-    assert runtime.queue.encoding_pending("1")  # a round waits for these chunks, not for one that never ends
+    assert runtime.encoding.pending("1")  # a round waits for these chunks, not for one that never ends
 
 
 def test_a_follow_up_round_that_nothing_will_release_is_not_waited_for(runtime, label_studio, monkeypatch):
@@ -1423,16 +1424,16 @@ def test_a_follow_up_round_that_nothing_will_release_is_not_waited_for(runtime, 
     queue = runtime.queue.queue
     chunks = [job_id for job_id in queue.get_job_ids() if job_id.startswith("encode-1-")]
     follow_up = runtime.redis.get(encoding_follow_up_key("1")).decode()
-    assert len(chunks) == 3 and runtime.queue.encoding_pending("1")  # chunks queued: worth waiting for
+    assert len(chunks) == 3 and runtime.encoding.pending("1")  # chunks queued: worth waiting for
     for chunk in chunks[:2]:
         job = Job.fetch(chunk, connection=runtime.redis)
         queue.remove(job)
         job.set_status(JobStatus.FINISHED)
-    assert runtime.queue.encoding_pending("1")  # one chunk still to run
+    assert runtime.encoding.pending("1")  # one chunk still to run
     queue.remove(chunks[2])
     Job.fetch(chunks[2], connection=runtime.redis).delete()  # failed, and forgotten since
     assert Job.fetch(follow_up, connection=runtime.redis).get_status() == JobStatus.DEFERRED
-    assert runtime.queue.encoding_pending("1") is False
+    assert runtime.encoding.pending("1") is False
     assert runtime.redis.get(encoding_follow_up_key("1")) is None
     assert follow_up not in queue.deferred_job_registry.get_job_ids()
 

@@ -6,12 +6,12 @@ re-rank job increments as the first thing it does, before it reads Label Studio.
 - once it runs, the next event queues exactly one follower (the next id), and later events join that one;
 - an event can only be turned away by a job that reads Label Studio after the event's annotation was saved.
 The same counter is the fencing token that keeps an older, slower job from publishing over a newer ranking.
+Encoding a pool in chunk jobs, and the round that waits for them, is `backend.adapters.encoding_jobs`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import time
 from datetime import datetime, timedelta
@@ -88,21 +88,6 @@ def reconcile_slot(project: str, job_id: str) -> int | None:
     return int(suffix) if suffix.isdigit() else None
 
 
-def encoding_key(project: str) -> str:
-    """Progress of a project's chunked encoding: chunks, done, texts (shown in /metrics)."""
-    return f"al:encoding:{project}"
-
-
-def encoding_follow_up_key(project: str) -> str:
-    """The id of the round queued to run once a project's chunk jobs are done."""
-    return f"al:encoding:{project}:follow_up"
-
-
-def encoding_runs_key(project: str) -> str:
-    """How many times each chunk job of a project ran (tests and operators check: once per chunk)."""
-    return f"al:encoding:{project}:runs"
-
-
 def published_key(project: str) -> str:
     return f"al:rerank:published:{project}"
 
@@ -126,9 +111,9 @@ class JobQueue:
             status, enqueued_at = self._status_and_enqueued_at(job_id)
             if status in WAITING_STATUSES and not self._lost_in_transit(job_id, status, enqueued_at):
                 return "coalesced"  # a burst's usual path: two Redis reads
-            if status is None and self._enqueue_unique("backend.jobs.rerank_project", job_id, project, reason):
+            if status is None and self.enqueue_unique("backend.jobs.rerank_project", job_id, project, reason):
                 return "enqueued"
-            status = self._status(job_id)
+            status = self.status(job_id)
             dead = status in (*DEAD_STATUSES, JobStatus.FINISHED)
             if not dead and not (status == JobStatus.STARTED and self._stalled(job_id)):
                 return "coalesced"
@@ -229,7 +214,7 @@ class JobQueue:
             "backend.jobs.reconcile_project",
             args=(project,),
             job_id=reconcile_job_id(project, slot),
-            **self._job_options(retry=None, failure_ttl=reconcile_failure_ttl(interval)),
+            **self.job_options(retry=None, failure_ttl=reconcile_failure_ttl(interval)),
         )
         try:
             self.queue.schedule_job(job, _in(interval), unique=True)
@@ -261,144 +246,49 @@ class JobQueue:
         return self._enqueue_one_at_a_time("backend.jobs.start_anew", f"anew-{project}-{created}", project, created)
 
     def _enqueue_one_at_a_time(self, func: str, job_id: str, *args) -> bool:
-        if self._enqueue_unique(func, job_id, *args):
+        if self.enqueue_unique(func, job_id, *args):
             return True
-        if self._status(job_id) in (*WAITING_STATUSES, JobStatus.STARTED):
+        if self.status(job_id) in (*WAITING_STATUSES, JobStatus.STARTED):
             return False
         with contextlib.suppress(NoSuchJobError):
             Job.fetch(job_id, connection=self.client).delete()
-        return self._enqueue_unique(func, job_id, *args)
+        return self.enqueue_unique(func, job_id, *args)
 
     def enqueue_cleanup(self, project: str, keep_version: str) -> None:
         self.queue.enqueue_call(
             "backend.jobs.cleanup_versions",
             args=(project, keep_version),
-            **self._job_options(),
+            **self.job_options(),
         )
 
     def enqueue_sweep_once_per(self, seconds: int) -> bool:
         """Queue `backend.jobs.forget_deleted_projects` unless any worker did so in the last `seconds`."""
         if not self.client.set(SWEEP_KEY, "1", nx=True, ex=seconds):
             return False
-        self.queue.enqueue_call("backend.jobs.forget_deleted_projects", **self._job_options())
+        self.queue.enqueue_call("backend.jobs.forget_deleted_projects", **self.job_options())
         return True
-
-    def enqueue_encoding(self, project: str, chunks: list[list[str]], then_rerank: bool = True) -> list[str]:
-        """One job per chunk of texts, id = hash of its texts, so each chunk is encoded once even when several
-        rounds ask; then (optionally) one re-rank that depends on all of them. Returns the chunk job ids.
-
-        A chunk whose job failed for good is requeued from rq's failed registry (else its id would block it
-        for as long as failures are kept), and one whose job ended otherwise is run again: finished (its vectors
-        are missing all the same: a new encoder, or the cache lost them), or stopped or cancelled by an operator
-        (rq would keep a round that depends on it waiting for good). Progress restarts only when no encoding is
-        under way.
-        """
-        job_ids = []
-        recreated = False
-        for chunk in chunks:
-            digest = hashlib.sha1("\0".join(chunk).encode("utf-8", errors="replace")).hexdigest()[:16]
-            job_id = f"encode-{project}-{digest}"
-            if not self._enqueue_unique("backend.jobs.encode_chunk", job_id, project, job_id, chunk):
-                status = self._status(job_id)
-                if status == JobStatus.FAILED and job_id in self.queue.failed_job_registry:
-                    self.queue.failed_job_registry.requeue(job_id)
-                elif status not in (*WAITING_STATUSES, JobStatus.STARTED):
-                    with contextlib.suppress(NoSuchJobError):
-                        Job.fetch(job_id, connection=self.client).delete()
-                    self._enqueue_unique("backend.jobs.encode_chunk", job_id, project, job_id, chunk)
-                    recreated = True
-            job_ids.append(job_id)
-        progress = self.encoding_progress(project)
-        if progress.get("done", 0) >= progress.get("chunks", 0):
-            mapping = {"chunks": len(chunks), "done": 0, "texts": sum(map(len, chunks))}
-            self.client.hset(encoding_key(project), mapping=mapping)
-        if then_rerank:
-            after = hashlib.sha1("\0".join(sorted(job_ids)).encode()).hexdigest()[:16]
-            follow_up = f"rerank-{project}-after-{after}"
-            self._drop_follow_up(project, unless=follow_up)  # this one ranks the whole pool too
-            self.client.set(encoding_follow_up_key(project), follow_up)
-            status = self._status(follow_up)
-            if recreated and status == JobStatus.DEFERRED:
-                # deleting a finished chunk's job deleted its list of dependents too: the recreated chunk would
-                # never release this follow-up, and every round would wait for it. Queue it again.
-                with contextlib.suppress(NoSuchJobError):
-                    Job.fetch(follow_up, connection=self.client).delete()
-                status = None
-            if status not in WAITING_STATUSES:  # (rq's unique=True refuses dependencies)
-                self.queue.enqueue_call(
-                    "backend.jobs.rerank_project",
-                    args=(project, "embeddings ready"),
-                    job_id=follow_up,
-                    depends_on=job_ids,
-                    **self._job_options(),
-                )
-        return job_ids
-
-    def encoding_pending(self, project: str) -> bool:
-        """True while a round waits for this project's chunk jobs, some still to run and none failed for good:
-        that round will rank the whole pool, so a round that finds vectors missing meanwhile need not re-read every
-        task.
-
-        A follow-up that nothing will release any more (a chunk failed, stopped or cancelled; or every chunk ended,
-        a failed one's record expired after FAILURE_TTL, which rq counts as met but which releases nothing) would
-        wait forever, and every round would wait for it: it is deleted, and the round goes on without it."""
-        follow_up = self.client.get(encoding_follow_up_key(project))
-        if follow_up is None:
-            return False
-        try:
-            job = Job.fetch(follow_up.decode(), connection=self.client)
-        except NoSuchJobError:
-            return False
-        if job.get_status() not in WAITING_STATUSES:
-            return False
-        with self.client.pipeline(transaction=False) as pipe:
-            for chunk_id in job.dependency_ids:
-                pipe.hget(Job.key_for(chunk_id), "status")
-            statuses = [status.decode() for status in pipe.execute() if status]
-        running = any(status in (*WAITING_STATUSES, JobStatus.STARTED) for status in statuses)
-        ended_badly = any(status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED) for status in statuses)
-        if running and not ended_badly:
-            return True
-        job.delete()
-        self.client.delete(encoding_follow_up_key(project))
-        return False
-
-    def forget_encoding(self, project: str) -> None:
-        self._drop_follow_up(project)
-        self.client.delete(encoding_key(project), encoding_runs_key(project), encoding_follow_up_key(project))
-
-    def _drop_follow_up(self, project: str, unless: str | None = None) -> None:
-        """Delete the round still deferred until the project's chunks are encoded, unless it is `unless`: once its
-        key forgets it, nothing else would (rq keeps a deferred job for good, also one whose chunk failed)."""
-        follow_up = (self.client.get(encoding_follow_up_key(project)) or b"").decode()
-        if follow_up and follow_up != unless and self._status(follow_up) == JobStatus.DEFERRED:
-            with contextlib.suppress(NoSuchJobError):
-                Job.fetch(follow_up, connection=self.client).delete()
-
-    def encoding_progress(self, project: str) -> dict:
-        return {k.decode(): int(v) for k, v in self.client.hgetall(encoding_key(project)).items()}
 
     def length(self) -> int:
         return len(self.queue)
 
-    def _job_options(self, retry: Retry | None = RETRY, failure_ttl: int = FAILURE_TTL) -> dict:
+    def job_options(self, retry: Retry | None = RETRY, failure_ttl: int = FAILURE_TTL) -> dict:
         """What every job of the backend gets: its timeout, how long results and failures are kept, retries."""
         return {"timeout": self.job_timeout, "result_ttl": RESULT_TTL, "failure_ttl": failure_ttl, "retry": retry}
 
-    def _enqueue_unique(self, func: str, job_id: str, *args) -> bool:
+    def enqueue_unique(self, func: str, job_id: str, *args) -> bool:
         try:
             self.queue.enqueue_call(
                 func,
                 args=args,
                 job_id=job_id,
                 unique=True,
-                **self._job_options(),
+                **self.job_options(),
             )
             return True
         except DuplicateJobError:
             return False
 
-    def _status(self, job_id: str) -> JobStatus | None:
+    def status(self, job_id: str) -> JobStatus | None:
         """The job's status (one HGET, without loading the job), or None if there is no such job."""
         try:
             return Job(job_id, connection=self.client).get_status()

@@ -225,7 +225,7 @@ def encode_uncached(runtime, project: str, keys: list[bytes], texts: list[str]) 
     missing = list(dict.fromkeys(text for key, text in zip(keys, texts, strict=True) if key in absent))
     if len(missing) > ENCODE_CHUNK:
         chunks = [missing[i : i + ENCODE_CHUNK] for i in range(0, len(missing), ENCODE_CHUNK)]
-        runtime.queue.enqueue_encoding(project, chunks)
+        runtime.encoding.enqueue(project, chunks)
         raise EncodingQueued(f"{len(missing)} texts to encode in {len(chunks)} chunk jobs")
     embed_texts(missing, runtime.encoder, runtime.embedding_cache)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import redis
 
+from backend.adapters.encoding_jobs import EncodingJobs
 from backend.adapters.project_registry import ProjectRegistry
 from backend.adapters.queue import JobQueue
 from backend.adapters.task_snapshot import TaskSnapshots
@@ -30,6 +31,7 @@ the imported tasks alone (see extend_snapshot)."""
 class ProjectService:
     registry: ProjectRegistry
     queue: JobQueue
+    encoding: EncodingJobs
     snapshots: TaskSnapshots
     reconcile_interval: int = 60
     reranking_unavailable: str = ""
@@ -119,7 +121,7 @@ class ProjectService:
                 "refused": self.registry.refusal(project),
                 "failing": self.registry.failing(project),
                 "events": self.registry.event_counts(project),
-                "encoding": self.queue.encoding_progress(project),
+                "encoding": self.encoding.progress(project),
             }
         return {
             "reranking": f"off: {self.reranking_unavailable}" if self.reranking_unavailable else "on",

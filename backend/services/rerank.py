@@ -161,7 +161,7 @@ def state_and_matrix(runtime, project: str, watch: Stopwatch):
     try:
         return state, *pool_matrix(runtime, project, state)
     except EmbeddingsMissing as exc:
-        if runtime.queue.encoding_pending(project):
+        if runtime.encoding.pending(project):
             log.info("project %s: %s; encoding under way, the round after it ranks", project, exc)
             return None
         log.warning("project %s: %s", project, exc)
