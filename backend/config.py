@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from urllib.parse import unquote, unquote_plus, urlsplit
+from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
 from backend.scoring.names import DEFAULT_STRATEGY, STRATEGY_NAMES
 
@@ -111,7 +111,7 @@ ENCODER_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 @dataclass(frozen=True)
 class Settings:
-    """Backend configuration. Secrets are kept out of `repr` so settings can be logged."""
+    """Backend configuration. Secrets are kept out of `repr` so settings can be logged: see `__repr__`."""
 
     label_studio_url: str = ""
     """LABEL_STUDIO_URL: where the backend reaches Label Studio's API (e.g. http://localhost:8080)."""
@@ -236,6 +236,18 @@ class Settings:
         credentials = f"{self.basic_auth_user}:{self.basic_auth_pass}".encode()
         return base64.b64encode(credentials).decode() if self.basic_auth_pass else ""
 
+    def __repr__(self) -> str:
+        """Every setting but the API key and the basic-auth password, with a password in REDIS_URL or
+        LABEL_STUDIO_URL shown as ***: the line the server and the worker log as they start."""
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("redis_url", "label_studio_url"):
+                value = url_without_password(value)
+            if f.repr:
+                shown.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
     def secrets(self) -> list[str]:
         """Values that must never reach logs or error messages."""
         values = [
@@ -258,6 +270,21 @@ def url_passwords(address: str) -> list[str]:
         if unquote_plus(key) == "password":
             forms += [value, unquote_plus(value)]
     return forms
+
+
+def url_without_password(address: str) -> str:
+    """The URL with the password of its user info and of a `password=` query parameter replaced by ***."""
+    url = urlsplit(address)
+    netloc, query = url.netloc, url.query
+    if url.password is not None:
+        user_info, _, host = netloc.rpartition("@")
+        netloc = f"{user_info.partition(':')[0]}:***@{host}"
+    if query:
+        parts = query.split("&")
+        query = "&".join("password=***" if unquote_plus(p.partition("=")[0]) == "password" else p for p in parts)
+    if (netloc, query) == (url.netloc, url.query):
+        return address  # nothing to hide: as written
+    return urlunsplit(url._replace(netloc=netloc, query=query))
 
 
 SETTING_NAMES = [f.name for f in fields(Settings)]

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from backend.config import Settings
+from backend.config import SETTING_NAMES, Settings
 from backend.logs import FORMAT, RedactSecrets
 
 
@@ -58,6 +58,24 @@ def test_secrets_lists_only_what_is_set():
     assert Settings(redis_url="redis://:p%40ss@localhost/0").secrets() == ["p%40ss", "p@ss"]
     # Label Studio behind a proxy that wants its own basic auth: LABEL_STUDIO_URL carries a password too
     assert Settings(label_studio_url="https://admin:s3cr%21t@ls.example.com").secrets() == ["s3cr%21t", "s3cr!t"]
+
+
+def test_the_settings_repr_shows_every_setting_but_keys_and_passwords():
+    settings = Settings(
+        label_studio_url="https://admin:s3cr%21t@ls.example.com:8443/base",
+        label_studio_api_key="key-123456",
+        basic_auth_user="ls",
+        basic_auth_pass="pa55word",
+        redis_url="redis://default:redispw@redis.internal:6380/2?password=qpw&db=2",
+    )
+    text = repr(settings)
+    for secret in ("s3cr", "key-123456", "pa55word", "redispw", "qpw"):
+        assert secret not in text
+    assert "label_studio_url='https://admin:***@ls.example.com:8443/base'" in text
+    assert "redis_url='redis://default:***@redis.internal:6380/2?password=***&db=2'" in text
+    assert "basic_auth_user='ls'" in text and "label_studio_api_key" not in text and "basic_auth_pass" not in text
+    assert repr(Settings()).count("=") == len(SETTING_NAMES) - 2  # all the others, the URLs unchanged
+    assert "redis_url='redis://localhost:6379/0'" in repr(Settings())
 
 
 def test_a_redis_password_in_the_url_query_never_reaches_the_log():
