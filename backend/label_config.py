@@ -11,7 +11,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import lxml.etree
 import lxml.html
@@ -44,6 +44,8 @@ class ClassificationConfig:
     """`Text` or `HyperText`: a HyperText task's markup is stripped, the model reads what the annotator sees."""
     templated: bool = False
     """True when `data_key` is a template: each `$field` in it is replaced by the task's value, as the editor does."""
+    other_choices: tuple[str, ...] = ()
+    """Names of the config's other `<Choices>` tags: this backend predicts and ranks by one; they get nothing."""
 
     @property
     def text_source(self) -> str:
@@ -253,9 +255,11 @@ def _parse_label_config(label_config: str) -> ClassificationConfig:
     reasons = []
     for control in sorted(choices, key=lambda control: control.name in conditional):
         try:
-            return _config_from_choices(control, tree)
+            config = _config_from_choices(control, tree)
         except UnsupportedLabelConfig as unsupported:
             reasons.append(unsupported.reason)
+            continue
+        return replace(config, other_choices=tuple(other.name for other in choices if other is not control))
     raise UnsupportedLabelConfig("; ".join(reasons))
 
 

@@ -80,6 +80,21 @@ def test_setup_records_the_project_and_queues_its_connection(client, redis_url, 
     assert queue.job_ids == ["connect-3", "anew-3-1800000000"]
 
 
+def test_a_config_with_two_choices_is_served_by_one_and_the_log_says_which_once(client, caplog):
+    two = AG_NEWS_CONFIG.replace(
+        "</View>", '<Choices name="tone" toName="text"><Choice value="Calm"/><Choice value="Angry"/></Choices></View>'
+    )
+    with caplog.at_level("WARNING", logger="backend"):
+        assert client.post("/setup", json=setup_payload(two)).status_code == 200
+        client.post("/setup", json=setup_payload(two))  # before every /predict: not logged again
+    (logged,) = [record.getMessage() for record in caplog.records if "get(s) no predictions" in record.getMessage()]
+    assert "predicting and ranking by <Choices name='topic'> only; <Choices name='tone'>" in logged
+    (result,) = client.post("/predict", json=predict_payload([{"id": 1, "data": {"text": "goal"}}], two)).json[
+        "results"
+    ]
+    assert {region["from_name"] for region in result["result"]} == {"topic"}
+
+
 def test_setup_restarts_a_reconciliation_chain_that_broke(client, redis_url, settings):
     from rq.job import Job
     from rq.registry import ScheduledJobRegistry

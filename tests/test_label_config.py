@@ -42,6 +42,8 @@ def test_the_document_class_is_found_among_other_choices():
     ]
     for other in others:
         assert parse_label_config(f"<View>{text}{other}{sentiment}</View>").from_name == "sentiment", other
+    assert parse_label_config(f"<View>{text}{others[2]}{sentiment}</View>").other_choices == ("reason",)
+    assert parse_label_config(f"<View>{text}{sentiment}</View>").other_choices == ()
 
 
 def test_zero_shot_reads_a_choice_by_its_value_not_its_alias():

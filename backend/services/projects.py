@@ -16,6 +16,7 @@ from backend.adapters.project_registry import ProjectRegistry
 from backend.adapters.queue import JobQueue
 from backend.adapters.task_snapshot import TaskSnapshots
 from backend.errors import MalformedRequest
+from backend.label_config import parse_label_config
 from backend.protocol import IGNORED_WEBHOOK_ACTIONS, SetupRequest, WebhookEvent
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class ProjectService:
                 self._start_anew(request, known, first)
             elif first:
                 log.info("project %s connected: queueing set-up and cold-start ranking", request.project)
+                self._warn_of_other_choices(request)
                 self.queue.enqueue_connect(request.project)
                 self.queue.schedule_reconcile(request.project, self.reconcile_interval)
             elif self.queue.restart_reconcile_if_ended(request.project, self.reconcile_interval):
@@ -110,6 +112,20 @@ class ProjectService:
             event.project
         )
         return changed_version or changed_config
+
+    @staticmethod
+    def _warn_of_other_choices(request: SetupRequest) -> None:
+        """A config with several <Choices>: say which one the backend predicts and ranks by, once per connection."""
+        config = parse_label_config(request.label_config)
+        if config.other_choices:
+            others = ", ".join(f"<Choices name={name!r}>" for name in config.other_choices)
+            log.warning(
+                "project %s: predicting and ranking by <Choices name=%r> only; %s get(s) no predictions (this "
+                "backend serves one <Choices> per project: the first that labels the whole text)",
+                request.project,
+                config.from_name,
+                others,
+            )
 
     def metrics(self) -> dict:
         """Per project: the last round (model version, annotations used, seconds per stage) and event counts;
