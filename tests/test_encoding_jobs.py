@@ -40,8 +40,8 @@ def test_two_workers_encode_each_chunk_once(runtime, settings, tmp_path):
         second = runtime.encoding.enqueue("5", chunks, then_rerank=False)  # a racing round asks again
         assert first == second and len(set(first)) == 8
         deadline = time.time() + 120
-        while int(client.hget("al:encoding:5", "done") or 0) < len(chunks):
-            assert time.time() < deadline, f"{client.hget('al:encoding:5', 'done')} of {len(chunks)} chunks done"
+        while runtime.encoding.progress("5")["done"] < len(chunks):
+            assert time.time() < deadline, f"{runtime.encoding.progress('5')} of {len(chunks)} chunks done"
             time.sleep(0.2)
     finally:
         processes.stop()
@@ -117,3 +117,51 @@ def test_a_round_waiting_for_chunks_is_deleted_once_another_replaces_it_or_the_p
     assert runtime.queue.status(first) is None  # deleted, not only out of the registry
     runtime.encoding.forget("1")  # the project deleted in Label Studio
     assert deferred.get_job_ids() == [] and runtime.queue.status(second) is None
+
+
+def test_a_chunk_a_worker_finishes_while_the_others_are_queued_is_counted(runtime, monkeypatch):
+    queued = runtime.queue.enqueue_unique
+
+    def taken_and_done_at_once(func, job_id, *args):  # an idle GPU worker, faster than the queueing loop
+        taken = queued(func, job_id, *args)
+        runtime.encoding.chunk_done("1", job_id)
+        return taken
+
+    monkeypatch.setattr(runtime.queue, "enqueue_unique", taken_and_done_at_once)
+    runtime.encoding.enqueue("1", [["a text"], ["another", "two"]], then_rerank=False)
+    assert runtime.encoding.progress("1") == {"chunks": 2, "done": 2, "texts": 3}
+
+
+def test_chunks_queued_during_an_encoding_join_it_and_its_round_waits_for_all(runtime):
+    from rq.job import Job
+
+    from backend.adapters.encoding_jobs import encoding_follow_up_key
+
+    first = runtime.encoding.enqueue("1", [["a"], ["b"], ["c"]])
+    runtime.encoding.chunk_done("1", first[0])
+    imported = runtime.encoding.enqueue("1", [["d", "d2"], ["e"]])  # tasks imported meanwhile
+    assert runtime.encoding.progress("1") == {"chunks": 5, "done": 1, "texts": 6}
+    follow_up = Job.fetch(runtime.redis.get(encoding_follow_up_key("1")).decode(), connection=runtime.redis)
+    # the round waits for the first encoding's chunks still to run too: else it would find their vectors missing,
+    # read every task again and encode what those chunks are encoding
+    assert sorted(follow_up.dependency_ids) == sorted(first[1:] + imported)
+
+
+def test_progress_starts_again_after_an_encoding_whose_chunk_failed_for_good(runtime):
+    from rq.job import Job, JobStatus
+
+    done, failed = runtime.encoding.enqueue("1", [["a"], ["b"]], then_rerank=False)
+    runtime.encoding.chunk_done("1", done)
+    job = Job.fetch(failed, connection=runtime.redis)
+    runtime.queue.queue.remove(job)
+    job.set_status(JobStatus.FAILED)  # its texts are encoded by the next round itself (fewer than a chunk)
+    assert runtime.encoding.progress("1") == {"chunks": 2, "done": 1, "texts": 2}
+    runtime.encoding.enqueue("1", [["c", "c2"]], then_rerank=False)  # a later import: a new encoding
+    assert runtime.encoding.progress("1") == {"chunks": 1, "done": 0, "texts": 2}
+
+
+def test_a_forgotten_projects_chunk_that_still_runs_leaves_no_progress_behind(runtime):
+    (chunk,) = runtime.encoding.enqueue("1", [["a"]])
+    runtime.encoding.forget("1")  # deleted in Label Studio while its chunk waits in the queue
+    runtime.encoding.chunk_done("1", chunk)
+    assert runtime.encoding.progress("1") == {} and runtime.redis.keys("al:encoding:1*") == []

@@ -1378,8 +1378,8 @@ def test_a_round_while_chunks_are_encoding_waits_for_them_and_requeues_a_failed_
     monkeypatch.setattr(project_state, "ENCODE_CHUNK", 25)
     rerank("1", runtime, generation=1)
     queue = runtime.queue.queue
-    chunk = next(job_id for job_id in queue.get_job_ids() if job_id.startswith("encode-1-"))
-    runtime.redis.hset("al:encoding:1", "done", 1)  # one chunk encoded meanwhile
+    chunk, encoded = [job_id for job_id in queue.get_job_ids() if job_id.startswith("encode-1-")][:2]
+    runtime.encoding.chunk_done("1", encoded)  # one chunk encoded meanwhile (its vectors lost since)
     failed = Job.fetch(chunk, connection=runtime.redis)  # and another failed for good
     queue.remove(failed)
     failed.set_status(JobStatus.FAILED)

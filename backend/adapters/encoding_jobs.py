@@ -3,7 +3,9 @@
 When a round finds many texts without cached embeddings (a new project, a large import), it splits them into
 chunks and queues one `backend.jobs.encode_chunk` job per chunk, with an id made from the chunk's texts, so that
 a chunk is encoded once however many rounds ask; then one re-rank (the "follow-up") that depends on all of them.
-Progress (chunks, done, texts) is kept in Redis for /metrics.
+
+Progress, shown in /metrics, is kept as two sets of chunk ids, the encoding's and the ones done, so that a chunk
+that finishes while others are queued, runs twice, or belongs to a project forgotten since is counted right.
 """
 
 from __future__ import annotations
@@ -18,8 +20,18 @@ from backend.adapters.queue import WAITING_STATUSES, JobQueue
 
 
 def encoding_key(project: str) -> str:
-    """Progress of a project's chunked encoding: chunks, done, texts (shown in /metrics)."""
+    """How many texts the project's current encoding holds (`texts`; shown in /metrics)."""
     return f"al:encoding:{project}"
+
+
+def encoding_chunks_key(project: str) -> str:
+    """The ids of the chunk jobs of the project's current encoding."""
+    return f"al:encoding:{project}:chunks"
+
+
+def encoding_done_key(project: str) -> str:
+    """The ids of the chunk jobs of the current encoding that are done."""
+    return f"al:encoding:{project}:done"
 
 
 def encoding_follow_up_key(project: str) -> str:
@@ -37,37 +49,70 @@ def chunk_job_id(project: str, chunk: list[str]) -> str:
     return f"encode-{project}-{digest}"
 
 
+# A chunk done counts only while it belongs to the project's current encoding: one whose project was forgotten
+# meanwhile leaves no progress behind.
+CHUNK_DONE = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
+return 1
+"""
+
+
 class EncodingJobs:
     """Chunk jobs and their follow-up round, on the backend's queue."""
 
     def __init__(self, jobs: JobQueue):
         self.jobs = jobs
         self.client = jobs.client
+        self._chunk_done = self.client.register_script(CHUNK_DONE)
 
     def enqueue(self, project: str, chunks: list[list[str]], then_rerank: bool = True) -> list[str]:
         """One job per chunk of texts, so each chunk is encoded once even when several rounds ask; then
-        (optionally) one re-rank that depends on all of them. Returns the chunk job ids.
+        (optionally) one re-rank that depends on them and on every chunk still under way. Returns the chunk job ids.
 
         A chunk whose job failed for good is requeued from rq's failed registry (else its id would block it
         for as long as failures are kept), and one whose job ended otherwise is run again: finished (its vectors
         are missing all the same: a new encoder, or the cache lost them), or stopped or cancelled by an operator
-        (rq would keep a round that depends on it waiting for good). Progress restarts only when no encoding is
-        under way.
+        (rq would keep a round that depends on it waiting for good). Progress restarts when no chunk is under way,
+        before any chunk is queued (a fast worker's chunk is counted); else these chunks join it.
         """
-        job_ids = []
+        job_ids = [chunk_job_id(project, chunk) for chunk in chunks]
+        under_way = self._chunks_under_way(project)
+        self._count_in(project, dict(zip(job_ids, map(len, chunks), strict=True)), restart=not under_way)
         recreated = False
-        for chunk in chunks:
-            job_id = chunk_job_id(project, chunk)
+        for job_id, chunk in zip(job_ids, chunks, strict=True):
             if not self.jobs.enqueue_unique("backend.jobs.encode_chunk", job_id, project, job_id, chunk):
                 recreated |= self._run_again(job_id, project, chunk)
-            job_ids.append(job_id)
-        progress = self.progress(project)
-        if progress.get("done", 0) >= progress.get("chunks", 0):
-            mapping = {"chunks": len(chunks), "done": 0, "texts": sum(map(len, chunks))}
-            self.client.hset(encoding_key(project), mapping=mapping)
         if then_rerank:
-            self._enqueue_follow_up(project, job_ids, recreated)
+            self._enqueue_follow_up(project, sorted(set(job_ids) | under_way), recreated)
         return job_ids
+
+    def _chunks_under_way(self, project: str) -> set[str]:
+        """The current encoding's chunks not done yet whose jobs wait or run (retries included)."""
+        pending = self.client.sdiff(encoding_chunks_key(project), encoding_done_key(project))
+        ids = sorted(job_id.decode() for job_id in pending)
+        with self.client.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(Job.key_for(job_id), "status")
+            statuses = pipe.execute()
+        alive = {status.value.encode() for status in (*WAITING_STATUSES, JobStatus.STARTED)}
+        return {job_id for job_id, status in zip(ids, statuses, strict=True) if status in alive}
+
+    def _count_in(self, project: str, texts_per_chunk: dict[str, int], restart: bool) -> None:
+        """Add these chunks to the project's encoding progress; `restart`: to a new encoding, in place of the last."""
+        chunks_key, done_key = encoding_chunks_key(project), encoding_done_key(project)
+        new = dict(texts_per_chunk)
+        if not restart:
+            counted = set(self.client.smembers(chunks_key))
+            new = {job_id: n for job_id, n in new.items() if job_id.encode() not in counted}
+        with self.client.pipeline(transaction=True) as pipe:
+            if restart:
+                pipe.delete(encoding_key(project), chunks_key, done_key, encoding_runs_key(project))
+            if new:
+                pipe.sadd(chunks_key, *new)
+                pipe.hincrby(encoding_key(project), "texts", sum(new.values()))
+            pipe.execute()
 
     def _run_again(self, job_id: str, project: str, chunk: list[str]) -> bool:
         """Requeue a chunk whose job exists and is not waiting or running -> whether its job was recreated."""
@@ -79,14 +124,15 @@ class EncodingJobs:
             return False
         with contextlib.suppress(NoSuchJobError):
             Job.fetch(job_id, connection=self.client).delete()
+        self.client.srem(encoding_done_key(project), job_id)  # to be done again
         self.jobs.enqueue_unique("backend.jobs.encode_chunk", job_id, project, job_id, chunk)
         return True
 
     def _enqueue_follow_up(self, project: str, job_ids: list[str], recreated: bool) -> None:
-        """Queue the round that ranks the pool once every chunk is encoded, unless it already waits."""
-        after = hashlib.sha1("\0".join(sorted(job_ids)).encode()).hexdigest()[:16]
+        """Queue the round that ranks the pool once all these chunks are encoded, unless it already waits."""
+        after = hashlib.sha1("\0".join(job_ids).encode()).hexdigest()[:16]
         follow_up = f"rerank-{project}-after-{after}"
-        self._drop_follow_up(project, unless=follow_up)  # this one ranks the whole pool too
+        self._drop_follow_up(project, unless=follow_up)  # this one ranks the whole pool too, after its chunks
         self.client.set(encoding_follow_up_key(project), follow_up)
         status = self.jobs.status(follow_up)
         if recreated and status == JobStatus.DEFERRED:
@@ -134,13 +180,19 @@ class EncodingJobs:
         return False
 
     def chunk_done(self, project: str, job_id: str) -> None:
-        """Count a chunk encoded: in the progress /metrics shows, and in the chunk's own run count."""
-        self.client.hincrby(encoding_key(project), "done", 1)
-        self.client.hincrby(encoding_runs_key(project), job_id, 1)
+        """Count a chunk of the current encoding done: in the progress /metrics shows, and in its run count."""
+        keys = [encoding_chunks_key(project), encoding_done_key(project), encoding_runs_key(project)]
+        self._chunk_done(keys=keys, args=[job_id])
 
     def forget(self, project: str) -> None:
         self._drop_follow_up(project)
-        self.client.delete(encoding_key(project), encoding_runs_key(project), encoding_follow_up_key(project))
+        self.client.delete(
+            encoding_key(project),
+            encoding_chunks_key(project),
+            encoding_done_key(project),
+            encoding_runs_key(project),
+            encoding_follow_up_key(project),
+        )
 
     def _drop_follow_up(self, project: str, unless: str | None = None) -> None:
         """Delete the round still deferred until the project's chunks are encoded, unless it is `unless`: once its
@@ -151,4 +203,10 @@ class EncodingJobs:
                 Job.fetch(follow_up, connection=self.client).delete()
 
     def progress(self, project: str) -> dict:
-        return {k.decode(): int(v) for k, v in self.client.hgetall(encoding_key(project)).items()}
+        """The current encoding's chunks, chunks done and texts; {} before the project's first."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.scard(encoding_chunks_key(project))
+            pipe.scard(encoding_done_key(project))
+            pipe.hget(encoding_key(project), "texts")
+            chunks, done, texts = pipe.execute()
+        return {"chunks": chunks, "done": done, "texts": int(texts or 0)} if chunks else {}
