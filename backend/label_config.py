@@ -333,7 +333,8 @@ def _config_from_choices(control, tree: lxml.etree._Element | None) -> Classific
                 f'{name} takes its choices from the task data (value="{dynamic}"), so they differ between tasks and '
                 "no model can learn them; list the labels as <Choice> tags"
             )
-        raise UnsupportedLabelConfig(f"{name} has {len(labels)} distinct <Choice> label(s); at least 2 needed")
+        flag = f' (a yes/no flag: add the "no" as a choice, e.g. <Choice value="Not {labels[0]}"/>)' if labels else ""
+        raise UnsupportedLabelConfig(f"{name} has {len(labels)} distinct <Choice> label(s); at least 2 needed{flag}")
     text_object = text_objects[0]
     value = text_object.value or ""
     described = f"<{text_object.tag} name={text_object.name!r}> has value={value!r}"

@@ -165,7 +165,7 @@ def test_result_has_label_studio_shape():
         ("", "empty"),
         (
             '<View><Text name="t" value="$t"/><Choices name="c" toName="t"><Choice value="only"/></Choices></View>',
-            "at least 2",
+            'at least 2 needed (a yes/no flag: add the "no" as a choice, e.g. <Choice value="Not only"/>)',
         ),
         (
             '<View><Labels name="ner" toName="t"><Label value="PER"/></Labels><Text name="t" value="$t"/>'
