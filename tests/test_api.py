@@ -424,7 +424,7 @@ def test_metrics_show_a_projects_encoding_progress(client, runtime):
     assert client.get("/metrics").json["projects"]["3"]["encoding"] == {}  # nothing being encoded
     runtime.encoding.enqueue("3", [["one text", "another"], ["a third"]], then_rerank=False)
     # no worker runs here: the two chunks wait, none done
-    assert client.get("/metrics").json["projects"]["3"]["encoding"] == {"chunks": 2, "done": 0, "texts": 3}
+    assert client.get("/metrics").json["projects"]["3"]["encoding"] == {"chunks": 2, "done": 0, "failed": 0, "texts": 3}
 
 
 def test_metrics_say_whether_the_workers_can_rerank(settings):

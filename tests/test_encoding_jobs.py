@@ -57,7 +57,7 @@ def test_two_workers_encode_each_chunk_once(runtime, settings, tmp_path):
     }
     assert sorted(completed["worker0"] + completed["worker1"]) == sorted(first)  # each chunk once, in all
     assert completed["worker0"] and completed["worker1"]  # and the two workers shared the work
-    assert runtime.encoding.progress("5") == {"chunks": 8, "done": 8, "texts": 800}
+    assert runtime.encoding.progress("5") == {"chunks": 8, "done": 8, "failed": 0, "texts": 800}
     cached = runtime.embedding_cache.get_many([text_key(text) for text in texts])
     expected = runtime.encoder.encode(texts)  # the workers stored what this encoder makes of each text
     assert np.allclose(np.stack(cached).astype(np.float32), expected, atol=5e-3)
@@ -129,7 +129,7 @@ def test_a_chunk_a_worker_finishes_while_the_others_are_queued_is_counted(runtim
 
     monkeypatch.setattr(runtime.queue, "enqueue_unique", taken_and_done_at_once)
     runtime.encoding.enqueue("1", [["a text"], ["another", "two"]], then_rerank=False)
-    assert runtime.encoding.progress("1") == {"chunks": 2, "done": 2, "texts": 3}
+    assert runtime.encoding.progress("1") == {"chunks": 2, "done": 2, "failed": 0, "texts": 3}
 
 
 def test_chunks_queued_during_an_encoding_join_it_and_its_round_waits_for_all(runtime):
@@ -140,14 +140,14 @@ def test_chunks_queued_during_an_encoding_join_it_and_its_round_waits_for_all(ru
     first = runtime.encoding.enqueue("1", [["a"], ["b"], ["c"]])
     runtime.encoding.chunk_done("1", first[0])
     imported = runtime.encoding.enqueue("1", [["d", "d2"], ["e"]])  # tasks imported meanwhile
-    assert runtime.encoding.progress("1") == {"chunks": 5, "done": 1, "texts": 6}
+    assert runtime.encoding.progress("1") == {"chunks": 5, "done": 1, "failed": 0, "texts": 6}
     follow_up = Job.fetch(runtime.redis.get(encoding_follow_up_key("1")).decode(), connection=runtime.redis)
     # the round waits for the first encoding's chunks still to run too: else it would find their vectors missing,
     # read every task again and encode what those chunks are encoding
     assert sorted(follow_up.dependency_ids) == sorted(first[1:] + imported)
 
 
-def test_progress_starts_again_after_an_encoding_whose_chunk_failed_for_good(runtime):
+def test_progress_says_when_an_encoding_ended_with_a_chunk_failed_and_starts_again_after_it(runtime):
     from rq.job import Job, JobStatus
 
     done, failed = runtime.encoding.enqueue("1", [["a"], ["b"]], then_rerank=False)
@@ -155,9 +155,9 @@ def test_progress_starts_again_after_an_encoding_whose_chunk_failed_for_good(run
     job = Job.fetch(failed, connection=runtime.redis)
     runtime.queue.queue.remove(job)
     job.set_status(JobStatus.FAILED)  # its texts are encoded by the next round itself (fewer than a chunk)
-    assert runtime.encoding.progress("1") == {"chunks": 2, "done": 1, "texts": 2}
+    assert runtime.encoding.progress("1") == {"chunks": 2, "done": 1, "failed": 1, "texts": 2}
     runtime.encoding.enqueue("1", [["c", "c2"]], then_rerank=False)  # a later import: a new encoding
-    assert runtime.encoding.progress("1") == {"chunks": 1, "done": 0, "texts": 2}
+    assert runtime.encoding.progress("1") == {"chunks": 1, "done": 0, "failed": 0, "texts": 2}
 
 
 def test_a_forgotten_projects_chunk_that_still_runs_leaves_no_progress_behind(runtime):
@@ -165,3 +165,34 @@ def test_a_forgotten_projects_chunk_that_still_runs_leaves_no_progress_behind(ru
     runtime.encoding.forget("1")  # deleted in Label Studio while its chunk waits in the queue
     runtime.encoding.chunk_done("1", chunk)
     assert runtime.encoding.progress("1") == {} and runtime.redis.keys("al:encoding:1*") == []
+
+
+def test_a_chunk_asked_for_again_after_its_job_record_expired_is_waited_for_and_counted_again(runtime):
+    from rq.job import Job
+
+    from backend.adapters.encoding_jobs import encoding_follow_up_key
+
+    a, b = runtime.encoding.enqueue("1", [["a"], ["b"]])
+    runtime.queue.queue.remove(a)
+    runtime.encoding.chunk_done("1", a)  # encoded an hour ago; its record expired since, and its vectors too
+    Job.fetch(a, connection=runtime.redis).delete()
+    runtime.encoding.enqueue("1", [["a"]])  # while b still runs
+    assert runtime.encoding.progress("1") == {"chunks": 2, "done": 0, "failed": 0, "texts": 2}
+    follow_up = Job.fetch(runtime.redis.get(encoding_follow_up_key("1")).decode(), connection=runtime.redis)
+    assert sorted(follow_up.dependency_ids) == sorted([a, b])
+
+
+def test_the_round_after_an_encoding_that_asks_for_the_same_chunks_again_gets_a_new_follow_up(runtime):
+    from rq.job import Job, JobStatus
+
+    from backend.adapters.encoding_jobs import encoding_follow_up_key
+
+    (chunk,) = runtime.encoding.enqueue("1", [["a"]])
+    running = Job.fetch(runtime.redis.get(encoding_follow_up_key("1")).decode(), connection=runtime.redis)
+    running.set_status(JobStatus.STARTED)  # the follow-up runs, and finds the chunk's vectors evicted meanwhile
+    runtime.encoding.enqueue("1", [["a"]])
+    follow_up = runtime.redis.get(encoding_follow_up_key("1")).decode()
+    assert follow_up.startswith(running.id + "-") and Job.fetch(follow_up, connection=runtime.redis).dependency_ids == [
+        chunk
+    ]
+    assert runtime.queue.status(running.id) == JobStatus.STARTED  # its record is not overwritten by the new one

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import uuid
 
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
@@ -90,14 +91,21 @@ class EncodingJobs:
 
     def _chunks_under_way(self, project: str) -> set[str]:
         """The current encoding's chunks not done yet whose jobs wait or run (retries included)."""
-        pending = self.client.sdiff(encoding_chunks_key(project), encoding_done_key(project))
-        ids = sorted(job_id.decode() for job_id in pending)
+        ids = self._not_done(project)
+        return {job_id for job_id, status in zip(ids, self._job_statuses(ids), strict=True) if status is not None}
+
+    def _not_done(self, project: str) -> list[str]:
+        not_done = self.client.sdiff(encoding_chunks_key(project), encoding_done_key(project))
+        return sorted(job_id.decode() for job_id in not_done)
+
+    def _job_statuses(self, job_ids: list[str]) -> list[JobStatus | None]:
+        """Per job, its status while it waits or runs; None once it ended (or its record is gone)."""
         with self.client.pipeline(transaction=False) as pipe:
-            for job_id in ids:
+            for job_id in job_ids:
                 pipe.hget(Job.key_for(job_id), "status")
-            statuses = pipe.execute()
-        alive = {status.value.encode() for status in (*WAITING_STATUSES, JobStatus.STARTED)}
-        return {job_id for job_id, status in zip(ids, statuses, strict=True) if status in alive}
+            statuses = [status.decode() if status else "" for status in pipe.execute()]
+        alive = {status.value for status in (*WAITING_STATUSES, JobStatus.STARTED)}
+        return [JobStatus(status) if status in alive else None for status in statuses]
 
     def _count_in(self, project: str, texts_per_chunk: dict[str, int], restart: bool) -> None:
         """Add these chunks to the project's encoding progress; `restart`: to a new encoding, in place of the last."""
@@ -109,6 +117,8 @@ class EncodingJobs:
         with self.client.pipeline(transaction=True) as pipe:
             if restart:
                 pipe.delete(encoding_key(project), chunks_key, done_key, encoding_runs_key(project))
+            else:  # asked for again, so their vectors are missing: to be done again, however their jobs are queued
+                pipe.srem(done_key, *texts_per_chunk)
             if new:
                 pipe.sadd(chunks_key, *new)
                 pipe.hincrby(encoding_key(project), "texts", sum(new.values()))
@@ -124,7 +134,6 @@ class EncodingJobs:
             return False
         with contextlib.suppress(NoSuchJobError):
             Job.fetch(job_id, connection=self.client).delete()
-        self.client.srem(encoding_done_key(project), job_id)  # to be done again
         self.jobs.enqueue_unique("backend.jobs.encode_chunk", job_id, project, job_id, chunk)
         return True
 
@@ -132,6 +141,8 @@ class EncodingJobs:
         """Queue the round that ranks the pool once all these chunks are encoded, unless it already waits."""
         after = hashlib.sha1("\0".join(job_ids).encode()).hexdigest()[:16]
         follow_up = f"rerank-{project}-after-{after}"
+        if self.jobs.status(follow_up) == JobStatus.STARTED:  # that round runs, and found these vectors missing
+            follow_up += f"-{uuid.uuid4().hex[:8]}"  # a new id: rq would overwrite the running job's record
         self._drop_follow_up(project, unless=follow_up)  # this one ranks the whole pool too, after its chunks
         self.client.set(encoding_follow_up_key(project), follow_up)
         status = self.jobs.status(follow_up)
@@ -203,10 +214,14 @@ class EncodingJobs:
                 Job.fetch(follow_up, connection=self.client).delete()
 
     def progress(self, project: str) -> dict:
-        """The current encoding's chunks, chunks done and texts; {} before the project's first."""
+        """The current encoding's chunks, chunks done, chunks whose jobs failed for good (or were stopped or
+        cancelled: a round encodes their texts itself, or queues them again) and texts; {} before the first."""
         with self.client.pipeline(transaction=False) as pipe:
             pipe.scard(encoding_chunks_key(project))
             pipe.scard(encoding_done_key(project))
             pipe.hget(encoding_key(project), "texts")
             chunks, done, texts = pipe.execute()
-        return {"chunks": chunks, "done": done, "texts": int(texts or 0)} if chunks else {}
+        if not chunks:
+            return {}
+        failed = self._job_statuses(self._not_done(project)).count(None) if done < chunks else 0
+        return {"chunks": chunks, "done": done, "failed": failed, "texts": int(texts or 0)}
