@@ -23,3 +23,13 @@ def unit(*degrees: float) -> np.ndarray:
     """Unit vectors at the given angles: cosine distance between rows i, j is 1 - cos(angle_i - angle_j)."""
     radians = np.deg2rad(degrees)
     return np.stack([np.cos(radians), np.sin(radians)], axis=1).astype(np.float32)
+
+
+def chunk_encoded(runtime, project: str, job_id: str) -> None:
+    """What a worker leaves when it has encoded a chunk: counted done, its job out of the queue and finished."""
+    from rq.job import Job, JobStatus
+
+    job = Job.fetch(job_id, connection=runtime.redis)
+    runtime.queue.queue.remove(job)
+    runtime.encoding.chunk_done(project, job_id)
+    job.set_status(JobStatus.FINISHED)

@@ -12,6 +12,7 @@ from rq.worker import WorkerStatus
 from backend.adapters.embedding_cache import text_key
 from backend.adapters.queue import RETRY
 from tests.conftest import read_csv
+from tests.helpers import chunk_encoded
 from tests.processes import BackendProcesses
 
 
@@ -138,7 +139,7 @@ def test_chunks_queued_during_an_encoding_join_it_and_its_round_waits_for_all(ru
     from backend.adapters.encoding_jobs import encoding_follow_up_key
 
     first = runtime.encoding.enqueue("1", [["a"], ["b"], ["c"]])
-    runtime.encoding.chunk_done("1", first[0])
+    chunk_encoded(runtime, "1", first[0])
     imported = runtime.encoding.enqueue("1", [["d", "d2"], ["e"]])  # tasks imported meanwhile
     assert runtime.encoding.progress("1") == {"chunks": 5, "done": 1, "failed": 0, "texts": 6}
     follow_up = Job.fetch(runtime.redis.get(encoding_follow_up_key("1")).decode(), connection=runtime.redis)
@@ -151,7 +152,7 @@ def test_progress_says_when_an_encoding_ended_with_a_chunk_failed_and_starts_aga
     from rq.job import Job, JobStatus
 
     done, failed = runtime.encoding.enqueue("1", [["a"], ["b"]], then_rerank=False)
-    runtime.encoding.chunk_done("1", done)
+    chunk_encoded(runtime, "1", done)
     job = Job.fetch(failed, connection=runtime.redis)
     runtime.queue.queue.remove(job)
     job.set_status(JobStatus.FAILED)  # its texts are encoded by the next round itself (fewer than a chunk)
@@ -196,3 +197,16 @@ def test_the_round_after_an_encoding_that_asks_for_the_same_chunks_again_gets_a_
         chunk
     ]
     assert runtime.queue.status(running.id) == JobStatus.STARTED  # its record is not overwritten by the new one
+
+
+def test_a_chunk_that_counted_itself_done_as_a_round_asks_for_it_again_stays_done_and_runs_once(runtime):
+    from rq.job import Job, JobStatus
+
+    (chunk,) = runtime.encoding.enqueue("1", [["a"]], then_rerank=False)
+    job = Job.fetch(chunk, connection=runtime.redis)
+    runtime.queue.queue.remove(job)
+    job.set_status(JobStatus.STARTED)
+    runtime.encoding.chunk_done("1", chunk)  # its vectors stored, an instant before rq marks it finished
+    runtime.encoding.enqueue("1", [["a"]], then_rerank=False)  # a round that read the cache an instant before
+    assert runtime.encoding.progress("1") == {"chunks": 1, "done": 1, "failed": 0, "texts": 1}
+    assert runtime.queue.queue.get_job_ids() == []  # not queued a second time

@@ -30,7 +30,7 @@ from backend.services import rerank as rerank_module
 from backend.services.project_state import RoundRefused
 from backend.services.rerank import rerank
 from tests.conftest import AG_NEWS_CONFIG, read_csv
-from tests.helpers import choices_result
+from tests.helpers import choices_result, chunk_encoded
 
 
 class FakeLabelStudio:
@@ -1379,7 +1379,7 @@ def test_a_round_while_chunks_are_encoding_waits_for_them_and_requeues_a_failed_
     rerank("1", runtime, generation=1)
     queue = runtime.queue.queue
     chunk, encoded = [job_id for job_id in queue.get_job_ids() if job_id.startswith("encode-1-")][:2]
-    runtime.encoding.chunk_done("1", encoded)  # one chunk encoded meanwhile (its vectors lost since)
+    chunk_encoded(runtime, "1", encoded)  # one chunk encoded meanwhile (its vectors lost since)
     failed = Job.fetch(chunk, connection=runtime.redis)  # and another failed for good
     queue.remove(failed)
     failed.set_status(JobStatus.FAILED)

@@ -75,14 +75,18 @@ class EncodingJobs:
         A chunk whose job failed for good is requeued from rq's failed registry (else its id would block it
         for as long as failures are kept), and one whose job ended otherwise is run again: finished (its vectors
         are missing all the same: a new encoder, or the cache lost them), or stopped or cancelled by an operator
-        (rq would keep a round that depends on it waiting for good). Progress restarts when no chunk is under way,
-        before any chunk is queued (a fast worker's chunk is counted); else these chunks join it.
+        (rq would keep a round that depends on it waiting for good). A chunk whose job waits or runs is left to
+        it. Progress restarts when no chunk of the last encoding waits or runs, before any chunk is queued (a fast
+        worker's chunk is counted); else these chunks join it.
         """
         job_ids = [chunk_job_id(project, chunk) for chunk in chunks]
         under_way = self._chunks_under_way(project)
-        self._count_in(project, dict(zip(job_ids, map(len, chunks), strict=True)), restart=not under_way)
+        alive = dict(zip(job_ids, self._job_statuses(job_ids), strict=True))
+        to_run = [(job_id, chunk) for job_id, chunk in zip(job_ids, chunks, strict=True) if alive[job_id] is None]
+        texts_per_chunk = dict(zip(job_ids, map(len, chunks), strict=True))
+        self._count_in(project, texts_per_chunk, [job_id for job_id, _ in to_run], restart=not under_way)
         recreated = False
-        for job_id, chunk in zip(job_ids, chunks, strict=True):
+        for job_id, chunk in to_run:
             if not self.jobs.enqueue_unique("backend.jobs.encode_chunk", job_id, project, job_id, chunk):
                 recreated |= self._run_again(job_id, project, chunk)
         if then_rerank:
@@ -90,8 +94,9 @@ class EncodingJobs:
         return job_ids
 
     def _chunks_under_way(self, project: str) -> set[str]:
-        """The current encoding's chunks not done yet whose jobs wait or run (retries included)."""
-        ids = self._not_done(project)
+        """The current encoding's chunks whose jobs wait or run (retries included; and one that counted itself
+        done, an instant before rq marks it finished)."""
+        ids = sorted(job_id.decode() for job_id in self.client.smembers(encoding_chunks_key(project)))
         return {job_id for job_id, status in zip(ids, self._job_statuses(ids), strict=True) if status is not None}
 
     def _not_done(self, project: str) -> list[str]:
@@ -107,8 +112,9 @@ class EncodingJobs:
         alive = {status.value for status in (*WAITING_STATUSES, JobStatus.STARTED)}
         return [JobStatus(status) if status in alive else None for status in statuses]
 
-    def _count_in(self, project: str, texts_per_chunk: dict[str, int], restart: bool) -> None:
-        """Add these chunks to the project's encoding progress; `restart`: to a new encoding, in place of the last."""
+    def _count_in(self, project: str, texts_per_chunk: dict[str, int], again: list[str], restart: bool) -> None:
+        """Add these chunks to the project's encoding progress, those to run `again` as not done; `restart`: to a
+        new encoding, in place of the last."""
         chunks_key, done_key = encoding_chunks_key(project), encoding_done_key(project)
         new = dict(texts_per_chunk)
         if not restart:
@@ -117,8 +123,8 @@ class EncodingJobs:
         with self.client.pipeline(transaction=True) as pipe:
             if restart:
                 pipe.delete(encoding_key(project), chunks_key, done_key, encoding_runs_key(project))
-            else:  # asked for again, so their vectors are missing: to be done again, however their jobs are queued
-                pipe.srem(done_key, *texts_per_chunk)
+            elif again:  # their vectors are missing: to be done again, however their jobs are queued
+                pipe.srem(done_key, *again)
             if new:
                 pipe.sadd(chunks_key, *new)
                 pipe.hincrby(encoding_key(project), "texts", sum(new.values()))
