@@ -81,8 +81,8 @@ class EncodingJobs:
         """
         job_ids = [chunk_job_id(project, chunk) for chunk in chunks]
         under_way = self._chunks_under_way(project)
-        alive = dict(zip(job_ids, self._job_statuses(job_ids), strict=True))
-        to_run = [(job_id, chunk) for job_id, chunk in zip(job_ids, chunks, strict=True) if alive[job_id] is None]
+        running = dict(zip(job_ids, self._job_statuses(job_ids), strict=True))  # None: not waiting or running
+        to_run = [(job_id, chunk) for job_id, chunk in zip(job_ids, chunks, strict=True) if running[job_id] is None]
         texts_per_chunk = dict(zip(job_ids, map(len, chunks), strict=True))
         self._count_in(project, texts_per_chunk, [job_id for job_id, _ in to_run], restart=not under_way)
         recreated = False
@@ -123,7 +123,7 @@ class EncodingJobs:
         with self.client.pipeline(transaction=True) as pipe:
             if restart:
                 pipe.delete(encoding_key(project), chunks_key, done_key, encoding_runs_key(project))
-            elif again:  # their vectors are missing: to be done again, however their jobs are queued
+            elif again:  # their jobs ended, and their vectors are missing: to be done again
                 pipe.srem(done_key, *again)
             if new:
                 pipe.sadd(chunks_key, *new)
