@@ -266,10 +266,15 @@ def url_passwords(address: str) -> list[str]:
     url = urlsplit(address)
     forms = [url.password or "", unquote(url.password or "")]
     for part in url.query.split("&"):
-        key, _, value = part.partition("=")
-        if unquote_plus(key) == "password":
+        if _is_password_parameter(part):
+            value = part.partition("=")[2]
             forms += [value, unquote_plus(value)]
     return forms
+
+
+def _is_password_parameter(part: str) -> bool:
+    """A URL query's `password=...` (as redis-py reads it, the name percent-decoded)."""
+    return unquote_plus(part.partition("=")[0]) == "password"
 
 
 def url_without_password(address: str) -> str:
@@ -281,7 +286,7 @@ def url_without_password(address: str) -> str:
         netloc = f"{user_info.partition(':')[0]}:***@{host}"
     if query:
         parts = query.split("&")
-        query = "&".join("password=***" if unquote_plus(p.partition("=")[0]) == "password" else p for p in parts)
+        query = "&".join("password=***" if _is_password_parameter(part) else part for part in parts)
     if (netloc, query) == (url.netloc, url.query):
         return address  # nothing to hide: as written
     return urlunsplit(url._replace(netloc=netloc, query=query))

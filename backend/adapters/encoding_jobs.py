@@ -80,11 +80,13 @@ class EncodingJobs:
         worker's chunk is counted); else these chunks join it.
         """
         job_ids = [chunk_job_id(project, chunk) for chunk in chunks]
-        under_way = self._chunks_under_way(project)
+        counted = sorted(job_id.decode() for job_id in self.client.smembers(encoding_chunks_key(project)))
+        under_way = self._under_way(counted)
         running = dict(zip(job_ids, self._job_statuses(job_ids), strict=True))  # None: not waiting or running
         to_run = [(job_id, chunk) for job_id, chunk in zip(job_ids, chunks, strict=True) if running[job_id] is None]
         texts_per_chunk = dict(zip(job_ids, map(len, chunks), strict=True))
-        self._count_in(project, texts_per_chunk, [job_id for job_id, _ in to_run], restart=not under_way)
+        again = [job_id for job_id, _ in to_run]
+        self._count_in(project, texts_per_chunk, again, restart=not under_way, counted=set(counted))
         recreated = False
         for job_id, chunk in to_run:
             if not self.jobs.enqueue_unique("backend.jobs.encode_chunk", job_id, project, job_id, chunk):
@@ -93,11 +95,12 @@ class EncodingJobs:
             self._enqueue_follow_up(project, sorted(set(job_ids) | under_way), recreated)
         return job_ids
 
-    def _chunks_under_way(self, project: str) -> set[str]:
-        """The current encoding's chunks whose jobs wait or run (retries included; and one that counted itself
-        done, an instant before rq marks it finished)."""
-        ids = sorted(job_id.decode() for job_id in self.client.smembers(encoding_chunks_key(project)))
-        return {job_id for job_id, status in zip(ids, self._job_statuses(ids), strict=True) if status is not None}
+    def _under_way(self, job_ids: list[str]) -> set[str]:
+        """The chunks whose jobs wait or run (retries included; and one that counted itself done, an instant
+        before rq marks it finished)."""
+        return {
+            job_id for job_id, status in zip(job_ids, self._job_statuses(job_ids), strict=True) if status is not None
+        }
 
     def _not_done(self, project: str) -> list[str]:
         not_done = self.client.sdiff(encoding_chunks_key(project), encoding_done_key(project))
@@ -112,14 +115,15 @@ class EncodingJobs:
         alive = {status.value for status in (*WAITING_STATUSES, JobStatus.STARTED)}
         return [JobStatus(status) if status in alive else None for status in statuses]
 
-    def _count_in(self, project: str, texts_per_chunk: dict[str, int], again: list[str], restart: bool) -> None:
-        """Add these chunks to the project's encoding progress, those to run `again` as not done; `restart`: to a
-        new encoding, in place of the last."""
+    def _count_in(
+        self, project: str, texts_per_chunk: dict[str, int], again: list[str], restart: bool, counted: set[str]
+    ) -> None:
+        """Add these chunks to the project's encoding progress (which `counted` already), those to run `again` as
+        not done; `restart`: to a new encoding, in place of the last."""
         chunks_key, done_key = encoding_chunks_key(project), encoding_done_key(project)
         new = dict(texts_per_chunk)
         if not restart:
-            counted = set(self.client.smembers(chunks_key))
-            new = {job_id: n for job_id, n in new.items() if job_id.encode() not in counted}
+            new = {job_id: n for job_id, n in new.items() if job_id not in counted}
         with self.client.pipeline(transaction=True) as pipe:
             if restart:
                 pipe.delete(encoding_key(project), chunks_key, done_key, encoding_runs_key(project))
