@@ -238,7 +238,7 @@ class Settings:
 
     def __repr__(self) -> str:
         """Every setting but the API key and the basic-auth password, with a password in REDIS_URL or
-        LABEL_STUDIO_URL shown as ***: the line the server and the worker log as they start."""
+        LABEL_STUDIO_URL shown as ***: the line the server logs as it starts."""
         shown = []
         for f in fields(self):
             value = getattr(self, f.name)

@@ -168,19 +168,24 @@ def test_a_forgotten_projects_chunk_that_still_runs_leaves_no_progress_behind(ru
     assert runtime.encoding.progress("1") == {} and runtime.redis.keys("al:encoding:1*") == []
 
 
-def test_a_chunk_asked_for_again_after_its_job_record_expired_is_waited_for_and_counted_again(runtime):
-    from rq.job import Job
+def test_a_chunk_asked_for_again_after_its_job_record_expired_is_waited_for_and_counted_again(runtime, monkeypatch):
+    from rq.job import Job, JobStatus
 
+    from backend import jobs
     from backend.adapters.encoding_jobs import encoding_follow_up_key
 
+    monkeypatch.setattr(jobs, "_runtime", runtime)
     a, b = runtime.encoding.enqueue("1", [["a"], ["b"]])
-    runtime.queue.queue.remove(a)
-    runtime.encoding.chunk_done("1", a)  # encoded an hour ago; its record expired since, and its vectors too
+    chunk_encoded(runtime, "1", a)
+    # an hour later its record expires (with its list of the jobs waiting for it), and its vectors are evicted
     Job.fetch(a, connection=runtime.redis).delete()
-    runtime.encoding.enqueue("1", [["a"]])  # while b still runs
+    runtime.encoding.enqueue("1", [["a"]])  # while b still waits
     assert runtime.encoding.progress("1") == {"chunks": 2, "done": 0, "failed": 0, "texts": 2}
-    follow_up = Job.fetch(runtime.redis.get(encoding_follow_up_key("1")).decode(), connection=runtime.redis)
-    assert sorted(follow_up.dependency_ids) == sorted([a, b])
+    follow_up = runtime.redis.get(encoding_follow_up_key("1")).decode()
+    assert sorted(Job.fetch(follow_up, connection=runtime.redis).dependency_ids) == sorted([a, b])
+    SimpleWorker([runtime.queue.queue], connection=runtime.redis).work(burst=True, max_jobs=2)  # b, then a
+    assert runtime.encoding.progress("1") == {"chunks": 2, "done": 2, "failed": 0, "texts": 2}
+    assert runtime.queue.status(follow_up) == JobStatus.QUEUED  # released by the last of its chunks
 
 
 def test_the_round_after_an_encoding_that_asks_for_the_same_chunks_again_gets_a_new_follow_up(runtime):

@@ -87,12 +87,11 @@ class EncodingJobs:
         texts_per_chunk = dict(zip(job_ids, map(len, chunks), strict=True))
         again = [job_id for job_id, _ in to_run]
         self._count_in(project, texts_per_chunk, again, restart=not under_way, counted=set(counted))
-        recreated = False
         for job_id, chunk in to_run:
             if not self.jobs.enqueue_unique("backend.jobs.encode_chunk", job_id, project, job_id, chunk):
-                recreated |= self._run_again(job_id, project, chunk)
+                self._run_again(job_id, project, chunk)
         if then_rerank:
-            self._enqueue_follow_up(project, sorted(set(job_ids) | under_way), recreated)
+            self._enqueue_follow_up(project, sorted(set(job_ids) | under_way), queued_again=bool(to_run))
         return job_ids
 
     def _under_way(self, job_ids: list[str]) -> set[str]:
@@ -134,20 +133,19 @@ class EncodingJobs:
                 pipe.hincrby(encoding_key(project), "texts", sum(new.values()))
             pipe.execute()
 
-    def _run_again(self, job_id: str, project: str, chunk: list[str]) -> bool:
-        """Requeue a chunk whose job exists and is not waiting or running -> whether its job was recreated."""
+    def _run_again(self, job_id: str, project: str, chunk: list[str]) -> None:
+        """Requeue a chunk whose job exists and is not waiting or running."""
         status = self.jobs.status(job_id)
         if status == JobStatus.FAILED and job_id in self.jobs.queue.failed_job_registry:
             self.jobs.queue.failed_job_registry.requeue(job_id)
-            return False
+            return
         if status in (*WAITING_STATUSES, JobStatus.STARTED):
-            return False
+            return
         with contextlib.suppress(NoSuchJobError):
             Job.fetch(job_id, connection=self.client).delete()
         self.jobs.enqueue_unique("backend.jobs.encode_chunk", job_id, project, job_id, chunk)
-        return True
 
-    def _enqueue_follow_up(self, project: str, job_ids: list[str], recreated: bool) -> None:
+    def _enqueue_follow_up(self, project: str, job_ids: list[str], queued_again: bool) -> None:
         """Queue the round that ranks the pool once all these chunks are encoded, unless it already waits."""
         after = hashlib.sha1("\0".join(job_ids).encode()).hexdigest()[:16]
         follow_up = f"rerank-{project}-after-{after}"
@@ -156,9 +154,9 @@ class EncodingJobs:
         self._drop_follow_up(project, unless=follow_up)  # this one ranks the whole pool too, after its chunks
         self.client.set(encoding_follow_up_key(project), follow_up)
         status = self.jobs.status(follow_up)
-        if recreated and status == JobStatus.DEFERRED:
-            # deleting a finished chunk's job deleted its list of dependents too: the recreated chunk would
-            # never release this follow-up, and every round would wait for it. Queue it again.
+        if queued_again and status == JobStatus.DEFERRED:
+            # a chunk's job deleted (finished, run again) or expired took its list of dependents with it: the chunk
+            # queued afresh would never release this follow-up, and every round would wait for it. Queue it again.
             with contextlib.suppress(NoSuchJobError):
                 Job.fetch(follow_up, connection=self.client).delete()
             status = None
