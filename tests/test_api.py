@@ -87,8 +87,10 @@ def test_a_config_with_two_choices_is_served_by_one_and_the_log_says_which_once(
     with caplog.at_level("WARNING", logger="backend"):
         assert client.post("/setup", json=setup_payload(two)).status_code == 200
         client.post("/setup", json=setup_payload(two))  # before every /predict: not logged again
-    (logged,) = [record.getMessage() for record in caplog.records if "get(s) no predictions" in record.getMessage()]
-    assert "predicting and ranking by <Choices name='topic'> only; <Choices name='tone'>" in logged
+        client.post("/setup", json=setup_payload(two.replace("Angry", "Upset")))  # the config edited: again
+    logged = [record.getMessage() for record in caplog.records if "get(s) no predictions" in record.getMessage()]
+    assert len(logged) == 2
+    assert "predicting and ranking by <Choices name='topic'> only; <Choices name='tone'>" in logged[0]
     (result,) = client.post("/predict", json=predict_payload([{"id": 1, "data": {"text": "goal"}}], two)).json[
         "results"
     ]

@@ -45,15 +45,17 @@ class ProjectService:
         away it still answers: the next /setup or the reconciliation pass catches up.
         """
         try:
+            new_config = self.registry.label_config(request.project) != request.label_config
             first = self.registry.save_setup(
                 request.project, request.label_config, request.extra_params, request.created
             )
+            if new_config:
+                self._warn_of_other_choices(request)
             known = self.registry.created(request.project)
             if known and request.created and known != request.created:
                 self._start_anew(request, known, first)
             elif first:
                 log.info("project %s connected: queueing set-up and cold-start ranking", request.project)
-                self._warn_of_other_choices(request)
                 self.queue.enqueue_connect(request.project)
                 self.queue.schedule_reconcile(request.project, self.reconcile_interval)
             elif self.queue.restart_reconcile_if_ended(request.project, self.reconcile_interval):
@@ -115,7 +117,7 @@ class ProjectService:
 
     @staticmethod
     def _warn_of_other_choices(request: SetupRequest) -> None:
-        """A config with several <Choices>: say which one the backend predicts and ranks by, once per connection."""
+        """A config with several <Choices>: say which one the backend predicts and ranks by, once per config."""
         config = parse_label_config(request.label_config)
         if config.other_choices:
             others = ", ".join(f"<Choices name={name!r}>" for name in config.other_choices)
