@@ -62,7 +62,7 @@ def _user_info_cut_short(url: str) -> bool:
         return False
     if parts.scheme not in ("redis", "rediss") or "@" in parts.netloc:
         return False
-    fields = [f for f in parts.query.split("&") if unquote_plus(f.partition("=")[0]) not in ("password", "username")]
+    fields = [f for f in parts.query.split("&") if _parameter_name(f) not in ("password", "username")]
     return any("@" in part for part in (parts.path, parts.fragment, *fields))
 
 
@@ -274,7 +274,12 @@ def url_passwords(address: str) -> list[str]:
 
 def _is_password_parameter(part: str) -> bool:
     """A URL query's `password=...` (as redis-py reads it, the name percent-decoded)."""
-    return unquote_plus(part.partition("=")[0]) == "password"
+    return _parameter_name(part) == "password"
+
+
+def _parameter_name(part: str) -> str:
+    """The name of one `name=value` part of a URL query, percent-decoded."""
+    return unquote_plus(part.partition("=")[0])
 
 
 def url_without_password(address: str) -> str:

@@ -17,7 +17,7 @@ import uuid
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
-from backend.adapters.queue import WAITING_STATUSES, JobQueue
+from backend.adapters.queue import DEAD_STATUSES, WAITING_OR_RUNNING, WAITING_STATUSES, JobQueue
 
 
 def encoding_key(project: str) -> str:
@@ -82,8 +82,12 @@ class EncodingJobs:
         job_ids = [chunk_job_id(project, chunk) for chunk in chunks]
         counted = sorted(job_id.decode() for job_id in self.client.smembers(encoding_chunks_key(project)))
         under_way = self._under_way(counted)
-        running = dict(zip(job_ids, self._job_statuses(job_ids), strict=True))  # None: not waiting or running
-        to_run = [(job_id, chunk) for job_id, chunk in zip(job_ids, chunks, strict=True) if running[job_id] is None]
+        statuses = self._statuses(job_ids)
+        to_run = [
+            (job_id, chunk)
+            for job_id, chunk, status in zip(job_ids, chunks, statuses, strict=True)
+            if status not in WAITING_OR_RUNNING
+        ]
         texts_per_chunk = dict(zip(job_ids, map(len, chunks), strict=True))
         again = [job_id for job_id, _ in to_run]
         self._count_in(project, texts_per_chunk, again, restart=not under_way, counted=set(counted))
@@ -97,22 +101,19 @@ class EncodingJobs:
     def _under_way(self, job_ids: list[str]) -> set[str]:
         """The chunks whose jobs wait or run (retries included; and one that counted itself done, an instant
         before rq marks it finished)."""
-        return {
-            job_id for job_id, status in zip(job_ids, self._job_statuses(job_ids), strict=True) if status is not None
-        }
+        statuses = self._statuses(job_ids)
+        return {job_id for job_id, status in zip(job_ids, statuses, strict=True) if status in WAITING_OR_RUNNING}
 
     def _not_done(self, project: str) -> list[str]:
         not_done = self.client.sdiff(encoding_chunks_key(project), encoding_done_key(project))
         return sorted(job_id.decode() for job_id in not_done)
 
-    def _job_statuses(self, job_ids: list[str]) -> list[JobStatus | None]:
-        """Per job, its status while it waits or runs; None once it ended (or its record is gone)."""
+    def _statuses(self, job_ids: list[str]) -> list[JobStatus | None]:
+        """Per job, its status (one pipelined HGET each, without loading the jobs); None for one with no record."""
         with self.client.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hget(Job.key_for(job_id), "status")
-            statuses = [status.decode() if status else "" for status in pipe.execute()]
-        alive = {status.value for status in (*WAITING_STATUSES, JobStatus.STARTED)}
-        return [JobStatus(status) if status in alive else None for status in statuses]
+            return [JobStatus(status.decode()) if status else None for status in pipe.execute()]
 
     def _count_in(
         self, project: str, texts_per_chunk: dict[str, int], again: list[str], restart: bool, counted: set[str]
@@ -139,7 +140,7 @@ class EncodingJobs:
         if status == JobStatus.FAILED and job_id in self.jobs.queue.failed_job_registry:
             self.jobs.queue.failed_job_registry.requeue(job_id)
             return
-        if status in (*WAITING_STATUSES, JobStatus.STARTED):
+        if status in WAITING_OR_RUNNING:
             return
         with contextlib.suppress(NoSuchJobError):
             Job.fetch(job_id, connection=self.client).delete()
@@ -186,12 +187,9 @@ class EncodingJobs:
             return False
         if job.get_status() not in WAITING_STATUSES:
             return False
-        with self.client.pipeline(transaction=False) as pipe:
-            for chunk_id in job.dependency_ids:
-                pipe.hget(Job.key_for(chunk_id), "status")
-            statuses = [status.decode() for status in pipe.execute() if status]
-        running = any(status in (*WAITING_STATUSES, JobStatus.STARTED) for status in statuses)
-        ended_badly = any(status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED) for status in statuses)
+        statuses = self._statuses(job.dependency_ids)
+        running = any(status in WAITING_OR_RUNNING for status in statuses)
+        ended_badly = any(status in DEAD_STATUSES for status in statuses)
         if running and not ended_badly:
             return True
         job.delete()
@@ -231,5 +229,6 @@ class EncodingJobs:
             chunks, done, texts = pipe.execute()
         if not chunks:
             return {}
-        failed = self._job_statuses(self._not_done(project)).count(None) if done < chunks else 0
+        not_done = self._statuses(self._not_done(project)) if done < chunks else []
+        failed = sum(status not in WAITING_OR_RUNNING for status in not_done)
         return {"chunks": chunks, "done": done, "failed": failed, "texts": int(texts or 0)}

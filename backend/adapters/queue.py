@@ -33,6 +33,7 @@ RESULT_TTL = 3600
 DEAD_STATUSES = (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
 STALLED_AFTER_SECONDS = 30
 WAITING_STATUSES = (JobStatus.DEFERRED, JobStatus.QUEUED, JobStatus.SCHEDULED)
+WAITING_OR_RUNNING = (*WAITING_STATUSES, JobStatus.STARTED)
 
 RECONCILE_FAILURES_KEPT_SECONDS = 3600
 SWEEP_KEY = "al:sweep:disconnected"
@@ -248,7 +249,7 @@ class JobQueue:
     def _enqueue_one_at_a_time(self, func: str, job_id: str, *args) -> bool:
         if self.enqueue_unique(func, job_id, *args):
             return True
-        if self.status(job_id) in (*WAITING_STATUSES, JobStatus.STARTED):
+        if self.status(job_id) in WAITING_OR_RUNNING:
             return False
         with contextlib.suppress(NoSuchJobError):
             Job.fetch(job_id, connection=self.client).delete()
