@@ -787,8 +787,30 @@ def test_a_project_switched_to_another_ml_backend_is_left_alone(runtime, label_s
     assert label_studio.project["model_version"] == live  # the other backend's project is no longer switched
 
 
+def test_a_project_whose_first_setup_came_while_redis_was_away_is_set_up_by_its_first_round(
+    runtime, label_studio, monkeypatch, caplog
+):
+    """/setup answers while Redis is away (nothing recorded, no connect job); webhooks then queue rounds, which
+    publish, but Label Studio would keep its sampling and serve none of it, and no reconciliation would repair
+    lost webhooks. The first round records the connection and queues what a first /setup queues."""
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    assert runtime.registry.projects() == [] and label_studio.project["sampling"] == "Sequential sampling"
+    assert jobs.rerank_project("1")["published"]
+    assert runtime.registry.projects() == ["1"] and runtime.queue.reconcile_scheduled("1")
+    assert "no /setup of it was recorded" in caplog.text
+    connect = runtime.queue.queue.fetch_job("connect-1")
+    assert connect.func_name == "backend.jobs.connect_project"
+    assert connect.perform()["rerank"] == "enqueued"
+    assert label_studio.project["sampling"] == "Uncertainty sampling"
+    caplog.clear()
+    jobs.rerank_project("1")
+    assert "no /setup" not in caplog.text  # recorded once: later rounds queue nothing more
+    assert [job_id for job_id in runtime.queue.queue.get_job_ids() if job_id.startswith("connect-")] == ["connect-1"]
+
+
 def test_removing_the_backend_or_deleting_the_project_stops_the_work_on_it(runtime, label_studio, monkeypatch):
     monkeypatch.setattr(jobs, "_runtime", runtime)
+    runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})
     live = jobs.rerank_project("1")["model_version"]
     known = (runtime.snapshots.load("1").task_ids.tolist(), runtime.artifacts.versions("1"))
     known_round, known_shown = runtime.registry.last_round("1"), runtime.registry.shown("1", list(label_studio.tasks))

@@ -110,11 +110,13 @@ class ProjectRegistry:
         """What is kept about `project`: its config and rounds, event counts, the versions shown to annotators."""
         return [self.key(project), self._events_key(project), self._shown_key(project)]
 
-    def confirm_connected(self, project: str) -> None:
+    def confirm_connected(self, project: str) -> bool:
         """Label Studio shows `project` connected: undo a `disconnect` that a slower round recorded after the user
-        had connected the backend again."""
-        if self.client.hdel(DISCONNECTED_KEY, project):
-            self.client.sadd(PROJECTS_KEY, project)
+        had connected the backend again; record a connection whose `/setup` came while Redis was away (webhooks
+        queue rounds all the same) -> True for the latter, which no connect job or reconciliation set up yet."""
+        undone = self.client.hdel(DISCONNECTED_KEY, project)
+        added = self.client.sadd(PROJECTS_KEY, project)
+        return bool(added) and not undone
 
     def disconnected(self) -> dict[str, dict]:
         """{project: {reason, at}} for every project the backend stopped working on."""

@@ -234,7 +234,14 @@ def read_project_state(runtime, project: str, watch: Stopwatch) -> ProjectState:
     """Project header and annotated tasks from Label Studio (~0.2 s); the task list from the snapshot."""
     marks_seen = runtime.snapshots.marks(project)  # before Label Studio is read: see TaskSnapshots.marks
     reading = read_connected_project(runtime.label_studio, project, runtime.settings.model_version_prefix)
-    runtime.registry.confirm_connected(project)
+    if runtime.registry.confirm_connected(project):
+        log.warning(
+            "project %s: connected in Label Studio, but no /setup of it was recorded (Redis away then?): setting "
+            "it up now, as at a first /setup",
+            project,
+        )
+        runtime.queue.enqueue_connect(project)
+        runtime.queue.schedule_reconcile(project, runtime.settings.reconcile_interval)
     # what /webhook compares PROJECT_UPDATED's config with: kept current when Label Studio cannot reach /setup
     if isinstance(reading.info.get("label_config"), str):
         runtime.registry.save_label_config(project, reading.info["label_config"])

@@ -42,7 +42,8 @@ class ProjectService:
         """Remember the project's config; on first connection queue its set-up and cold-start ranking.
 
         Label Studio calls /setup before every /predict, so this must stay cheap and idempotent. With Redis
-        away it still answers: the next /setup or the reconciliation pass catches up.
+        away it still answers: the next /setup, the reconciliation pass or, for a first connection, the first round
+        catches up.
         """
         try:
             new_config = self.registry.label_config(request.project) != request.label_config
