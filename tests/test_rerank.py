@@ -1416,6 +1416,38 @@ def test_a_round_while_chunks_are_encoding_waits_for_them_and_requeues_a_failed_
     assert runtime.encoding.progress("1") == {"chunks": 3, "done": 0, "failed": 0, "texts": 60}
 
 
+def test_a_chunk_that_failed_for_good_is_a_failed_round_that_metrics_shows_and_reconciliation_backs_off_from(
+    runtime, label_studio, monkeypatch
+):
+    # e.g. a worker out of memory on every try, or Redis full (`noeviction`) when the vectors are stored: each round
+    # would queue the chunk again and read every task again, with nothing in /metrics to say why nothing is ranked
+    from rq.job import Job
+
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    monkeypatch.setattr(project_state, "ENCODE_CHUNK", 25)
+    runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})
+    rerank("1", runtime, generation=1)
+    queue = runtime.queue.queue
+    chunk = queue.get_job_ids()[0]  # the first of the chunk jobs
+    job = Job.fetch(chunk, connection=runtime.redis)
+    job.retries_left = 0  # its last try
+    job.save()
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(jobs, "embed_texts", out_of_memory)
+    SimpleWorker([queue], connection=runtime.redis).work(burst=True, max_jobs=1)
+    assert chunk in queue.failed_job_registry and runtime.registry.failing("1") is None
+
+    assert "chunk jobs" in rerank("1", runtime, generation=2)["encoding"]
+    reason = runtime.registry.failing("1")["reason"]
+    assert chunk in reason and "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB" in reason
+    assert chunk in queue.get_job_ids()  # queued again, in case the cause went away
+    label_studio.annotate(3, label_studio.truth[3])
+    assert jobs.reconcile_project("1") == {"rerank": "not needed", "failing": reason}  # backs off meanwhile
+
+
 @pytest.mark.parametrize("ended", ["stopped", "canceled"])
 def test_a_chunk_an_operator_stopped_or_cancelled_is_queued_again(runtime, label_studio, monkeypatch, ended):
     # rq keeps a job that depends on a stopped or cancelled one waiting for good: the round after must not

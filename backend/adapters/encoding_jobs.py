@@ -60,6 +60,13 @@ return 1
 """
 
 
+def last_error(job: Job) -> str:
+    """The last line of a failed job's traceback (e.g. "OutOfMemoryError: ..."), or a pointer to where it is."""
+    result = job.latest_result()
+    lines = [line for line in ((result and result.exc_string) or "").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "its error is in rq's failed registry"
+
+
 class EncodingJobs:
     """Chunk jobs and their follow-up round, on the backend's queue."""
 
@@ -97,6 +104,15 @@ class EncodingJobs:
         if then_rerank:
             self._enqueue_follow_up(project, sorted(set(job_ids) | under_way), queued_again=bool(to_run))
         return job_ids
+
+    def failures(self, project: str, chunks: list[list[str]]) -> dict[str, str]:
+        """{job id: the last line of its error} for each of these chunks whose job failed for good (its retries
+        spent; in rq's failed registry): what `enqueue` would queue again."""
+        job_ids = [chunk_job_id(project, chunk) for chunk in chunks]
+        statuses = self._statuses(job_ids)
+        failed = [job_id for job_id, status in zip(job_ids, statuses, strict=True) if status == JobStatus.FAILED]
+        jobs = Job.fetch_many(failed, connection=self.client)
+        return {job_id: last_error(job) for job_id, job in zip(failed, jobs, strict=True) if job is not None}
 
     def _under_way(self, job_ids: list[str]) -> set[str]:
         """The chunks whose jobs wait or run (retries included; and one that counted itself done, an instant

@@ -225,9 +225,22 @@ def encode_uncached(runtime, project: str, keys: list[bytes], texts: list[str]) 
     missing = list(dict.fromkeys(text for key, text in zip(keys, texts, strict=True) if key in absent))
     if len(missing) > ENCODE_CHUNK:
         chunks = [missing[i : i + ENCODE_CHUNK] for i in range(0, len(missing), ENCODE_CHUNK)]
+        failures = runtime.encoding.failures(project, chunks)  # before `enqueue` queues them again
         runtime.encoding.enqueue(project, chunks)
+        if failures:
+            record_failed_encoding(runtime, project, failures)
         raise EncodingQueued(f"{len(missing)} texts to encode in {len(chunks)} chunk jobs")
     embed_texts(missing, runtime.encoder, runtime.embedding_cache)
+
+
+def record_failed_encoding(runtime, project: str, failures: dict[str, str]) -> None:
+    """Chunk jobs that failed for good are queued again, by every round that finds their texts missing: recorded
+    as a failed round, so that /metrics shows why the project is not ranked and reconciliation backs off (a chunk
+    that fails the same way every time would otherwise be retried, and every task read again, for good)."""
+    job_id, error = next(iter(failures.items()))
+    reason = f"{len(failures)} encoding chunk job(s) failed for good, e.g. {job_id}: {error}; queued again"
+    log.error("project %s: %s", project, reason)
+    runtime.registry.record_failed_round(project, reason)
 
 
 def read_project_state(runtime, project: str, watch: Stopwatch) -> ProjectState:
