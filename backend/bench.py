@@ -56,7 +56,7 @@ def tflops_of(device, work, flops: float, repeats: int = 10) -> float:
 
     def synchronise():
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)  # that GPU's queue, not the current device's (GPU 0 for cuda:1)
 
     for _ in range(3):
         work()
@@ -166,7 +166,7 @@ def bench_encode(args: argparse.Namespace) -> None:
     best = None
     for _ in range(args.repeat):
         if encoder.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(encoder.device)
         encoder.encode(texts)
         stats = encoder.last_stats
         best = stats if best is None or stats.seconds < best.seconds else best
