@@ -33,6 +33,10 @@ WATCH_SECONDS = 2.0
 """How often the server looks whether Redis and the worker still run."""
 GIVE_UP_WITHIN_SECONDS = 10.0
 """A child that fails again this soon after it was started is left down (it would fail for ever): the log says so."""
+STOP_SECONDS = 30.0
+"""How long the server waits for a child to stop before it kills it. An idle worker may notice its stop only when
+its wait for jobs ends (up to 15 s): the signal can be taken by one of its other threads (torch's, rq's pub/sub
+listener), which runs no Python handler and does not interrupt the main thread's wait."""
 
 
 def _redis_answers(url: str) -> bool:
@@ -162,7 +166,7 @@ def start_local_stack(settings: Settings) -> list[Child]:
             for process in [child.process for child in reversed(children) if child.process is not None]:
                 process.terminate()
                 try:
-                    process.wait(timeout=10)
+                    process.wait(timeout=STOP_SECONDS)
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
