@@ -215,3 +215,19 @@ def test_a_chunk_that_counted_itself_done_as_a_round_asks_for_it_again_stays_don
     runtime.encoding.enqueue("1", [["a"]], then_rerank=False)  # a round that read the cache an instant before
     assert runtime.encoding.progress("1") == {"chunks": 1, "done": 1, "failed": 0, "texts": 1}
     assert runtime.queue.queue.get_job_ids() == []  # not queued a second time
+
+
+def test_a_chunk_that_failed_before_the_given_time_is_not_reported_as_failing_now(runtime):
+    # the same texts make the same job id, and rq keeps a failed job for a week: a failure from before the last
+    # round that ranked (which encoded those texts itself) is not this encoding's
+    from datetime import UTC, datetime, timedelta
+
+    (chunk,) = runtime.encoding.enqueue("1", [["a"]], then_rerank=False)
+    job = Job.fetch(chunk, connection=runtime.redis)
+    runtime.queue.queue.remove(job)
+    failed_at = datetime.now(UTC) - timedelta(days=3)
+    job.ended_at = failed_at
+    job.save()
+    job.set_status(JobStatus.FAILED)
+    assert list(runtime.encoding.failures("1", [["a"], ["b"]], since=failed_at.timestamp() - 1)) == [chunk]
+    assert runtime.encoding.failures("1", [["a"], ["b"]], since=failed_at.timestamp() + 1) == {}

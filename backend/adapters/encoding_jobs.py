@@ -105,14 +105,19 @@ class EncodingJobs:
             self._enqueue_follow_up(project, sorted(set(job_ids) | under_way), queued_again=bool(to_run))
         return job_ids
 
-    def failures(self, project: str, chunks: list[list[str]]) -> dict[str, str]:
+    def failures(self, project: str, chunks: list[list[str]], since: float) -> dict[str, str]:
         """{job id: the last line of its error} for each of these chunks whose job failed for good (its retries
-        spent; in rq's failed registry): what `enqueue` would queue again."""
+        spent; in rq's failed registry) after `since` (a timestamp): what `enqueue` would queue again. Not one
+        that failed before: the same texts make the same job id, and rq keeps a failed job for a week."""
         job_ids = [chunk_job_id(project, chunk) for chunk in chunks]
         statuses = self._statuses(job_ids)
         failed = [job_id for job_id, status in zip(job_ids, statuses, strict=True) if status == JobStatus.FAILED]
         jobs = Job.fetch_many(failed, connection=self.client)
-        return {job_id: last_error(job) for job_id, job in zip(failed, jobs, strict=True) if job is not None}
+        return {
+            job.id: last_error(job)
+            for job in jobs
+            if job is not None and (job.ended_at is None or job.ended_at.timestamp() > since)
+        }
 
     def _under_way(self, job_ids: list[str]) -> set[str]:
         """The chunks whose jobs wait or run (retries included; and one that counted itself done, an instant

@@ -26,6 +26,14 @@ return 1
 SETUP_FIELDS = ("label_config", "params", "setup_at", "created_at_setup")
 """What `/setup` stores of a project."""
 
+CONFIRM_CONNECTED = """
+local undone = redis.call('HDEL', KEYS[2], ARGV[1])
+local added = redis.call('SADD', KEYS[1], ARGV[1])
+if added == 1 and undone == 0 then return 1 end
+return 0
+"""
+"""Record a project as connected, undoing a disconnect; 1 when the backend had no record of it either way."""
+
 COUNT_EVENT_IF_CONNECTED = """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
@@ -40,6 +48,7 @@ class ProjectRegistry:
         self.client = client
         self._disconnect_unless_set_up_since = client.register_script(DISCONNECT_UNLESS_SET_UP_SINCE)
         self._count_event_if_connected = client.register_script(COUNT_EVENT_IF_CONNECTED)
+        self._confirm_connected = client.register_script(CONFIRM_CONNECTED)
 
     @staticmethod
     def key(project: str) -> str:
@@ -114,9 +123,7 @@ class ProjectRegistry:
         """Label Studio shows `project` connected: undo a `disconnect` that a slower round recorded after the user
         had connected the backend again; record a connection whose `/setup` came while Redis was away (webhooks
         queue rounds all the same) -> True for the latter, which no connect job or reconciliation set up yet."""
-        undone = self.client.hdel(DISCONNECTED_KEY, project)
-        added = self.client.sadd(PROJECTS_KEY, project)
-        return bool(added) and not undone
+        return bool(self._confirm_connected(keys=[PROJECTS_KEY, DISCONNECTED_KEY], args=[project]))
 
     def disconnected(self) -> dict[str, dict]:
         """{project: {reason, at}} for every project the backend stopped working on."""

@@ -225,7 +225,8 @@ def encode_uncached(runtime, project: str, keys: list[bytes], texts: list[str]) 
     missing = list(dict.fromkeys(text for key, text in zip(keys, texts, strict=True) if key in absent))
     if len(missing) > ENCODE_CHUNK:
         chunks = [missing[i : i + ENCODE_CHUNK] for i in range(0, len(missing), ENCODE_CHUNK)]
-        failures = runtime.encoding.failures(project, chunks)  # before `enqueue` queues them again
+        last_ranked = (runtime.registry.last_round(project) or {}).get("finished_at", 0.0)
+        failures = runtime.encoding.failures(project, chunks, since=last_ranked)  # before `enqueue` queues them
         runtime.encoding.enqueue(project, chunks)
         if failures:
             record_failed_encoding(runtime, project, failures)
