@@ -558,6 +558,24 @@ def test_weights_changed_only_in_the_middle_of_the_file_change_the_fingerprint(t
     assert _folder_fingerprint(str(tmp_path)) != before
 
 
+def test_another_tokenizer_or_pooling_in_the_same_folder_changes_the_fingerprint(tmp_path):
+    from backend.ml.model_files import _folder_fingerprint
+
+    (tmp_path / "model.safetensors").write_bytes(bytes(1024))
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\nword\n")
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    (tmp_path / "README.md").write_text("a model")
+    before = _folder_fingerprint(str(tmp_path))
+    (tmp_path / "README.md").write_text("another description")  # no bearing on the embeddings
+    assert _folder_fingerprint(str(tmp_path)) == before
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\nwords\n")
+    retokenised = _folder_fingerprint(str(tmp_path))
+    assert retokenised != before
+    (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": true}')
+    assert _folder_fingerprint(str(tmp_path)) not in (before, retokenised)
+
+
 def test_training_records_its_penalty_and_keeps_it_until_the_annotations_grow(encoder, tmp_path):
     from backend.label_config import parse_label_config
     from backend.services.train import train_project

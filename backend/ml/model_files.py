@@ -137,25 +137,45 @@ def _saved_revision(model_path: str) -> str:
     return path.read_text().strip() if path.is_file() else ""
 
 
+EMBEDDING_FILES = (
+    "config.json",
+    "modules.json",
+    SENTENCE_CONFIG,
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "*.model",
+    "*.safetensors",
+    "*.bin",
+    POOLING_CONFIG,
+)
+"""The files of a model folder that decide its embeddings: weights, configs, tokenizer, sentence-transformers'
+pooling."""
+
+
 def _folder_fingerprint(model_path: str, samples: int = 64, sample_bytes: int = 1 << 14) -> str:
-    """For a local model folder: a short hash of its config and weight files (name, size, and 64 blocks of 16 KiB
-    spread evenly from the first byte to the last), so that another model put in the same folder is another
-    embedding space, also one tuned with some layers frozen (the first and last bytes of a weight file are its
-    header, embeddings and pooler, which such tuning may leave alone); the same on every machine that has the same
-    files. Reads about 1 MiB per file. "" for a hub name."""
+    """For a local model folder: a short hash of its `EMBEDDING_FILES` (name, size, and 64 blocks of 16 KiB
+    spread evenly from the first byte to the last), so that another model, tokenizer or pooling put in the same
+    folder is another embedding space, also one tuned with some layers frozen (the first and last bytes of a weight
+    file are its header, embeddings and pooler, which such tuning may leave alone); the same on every machine that
+    has the same files. Reads about 1 MiB per file. "" for a hub name."""
     folder = Path(model_path)
     if not folder.is_dir():
         return ""
     digest = hashlib.blake2b(digest_size=8)
-    for file in sorted(folder.glob("*")):
-        if file.name == "config.json" or file.suffix in (".safetensors", ".bin"):
-            size = file.stat().st_size
-            digest.update(f"{file.name}:{size}".encode())
-            last_start = max(0, size - sample_bytes)
-            with open(file, "rb") as handle:
-                for offset in sorted({last_start * i // max(1, samples - 1) for i in range(samples)}):
-                    handle.seek(offset)
-                    digest.update(handle.read(sample_bytes))
+    files = {file for pattern in EMBEDDING_FILES for file in folder.glob(pattern) if file.is_file()}
+    for file in sorted(files):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(folder).as_posix()}:{size}".encode())
+        last_start = max(0, size - sample_bytes)
+        with open(file, "rb") as handle:
+            for offset in sorted({last_start * i // max(1, samples - 1) for i in range(samples)}):
+                handle.seek(offset)
+                digest.update(handle.read(sample_bytes))
     return digest.hexdigest()
 
 
