@@ -150,8 +150,18 @@ def _index(step: str) -> int:
     return int(step) if step.isascii() and step.isdigit() and len(step) < 19 else 2**63
 
 
-HIDDEN_TAGS = frozenset({"script", "style", "template", "title"})
-"""Elements whose text a page does not show (a <title> goes to the browser's tab, not into the page)."""
+HIDDEN_TAGS = frozenset({"script", "style", "template", "title", "noscript"})
+"""Elements whose text a page does not show (a <title> goes to the browser's tab, not into the page; <noscript>
+shows only where scripts are off, and Label Studio's editor needs them on)."""
+
+DISPLAY_NONE = re.compile(r"(?:^|;)\s*display\s*:\s*none\s*(?:!important\s*)?(?:;|$)", re.IGNORECASE)
+
+
+def _hidden(node) -> bool:
+    """Whether a page hides an element and all it holds: a tag never shown, the `hidden` attribute, or an inline
+    `display: none` (stylesheets are not read)."""
+    return node.tag in HIDDEN_TAGS or node.get("hidden") is not None or bool(DISPLAY_NONE.search(node.get("style", "")))
+
 
 BLOCK_TAGS = frozenset(
     "address article aside blockquote br button caption center dd details dialog div dl dt fieldset figcaption "
@@ -161,15 +171,17 @@ BLOCK_TAGS = frozenset(
 """Elements a browser sets apart from the text around them (a line break, a cell, a control, an image): their text
 is a word of its own. Inline elements (<b>, <a>, <span>...) are not: `un<b>believ</b>able` reads `unbelievable`."""
 
-HYPERTEXT_READING = 2
+HYPERTEXT_READING = 3
 """Bumped whenever `visible_text` reads a page differently, so that task lists read before (their texts keyed the
-old way, see TaskSnapshot.text_source) are read again. 2: text in document order, inline tags joined."""
+old way, see TaskSnapshot.text_source) are read again. 2: text in document order, inline tags joined. 3: <noscript>,
+`hidden` and `display: none` elements left out."""
 
 
 def visible_text(html: str) -> str:
     """What a browser shows of an HTML fragment, in the order it shows it: its text outside <script>, <style>,
-    <template>, <title> and comments, entities decoded, whitespace collapsed, block elements apart and inline ones
-    not: `<p>Fish &amp; <b>chips</b></p>Peas` -> `Fish & chips Peas`.
+    <template>, <title>, <noscript>, hidden elements (`_hidden`) and comments, entities decoded, whitespace
+    collapsed, block elements apart and inline ones not: `<p>Fish &amp; <b>chips</b></p>Peas` -> `Fish & chips
+    Peas`.
 
     libxml2's HTML parser (through lxml) takes any markup, broken or hostile, in linear time; Python's
     `html.parser` fails on some (`<![ ]]>`) and is quadratic on others (100 KB of `<!--`: 9 s). `huge_tree` raises
@@ -184,11 +196,11 @@ def visible_text(html: str) -> str:
     parts: list[str] = []
     hidden = 0  # how many hidden elements the walk is inside
     for event, node in lxml.etree.iterwalk(document, events=("start", "end", "comment", "pi")):
-        if event == "start" and node.tag in HIDDEN_TAGS:
+        if event == "start" and _hidden(node):
             hidden += 1
         elif event == "start" and not hidden:
             parts += [" " if node.tag in BLOCK_TAGS else "", node.text or ""]
-        elif event == "end" and node.tag in HIDDEN_TAGS:
+        elif event == "end" and _hidden(node):
             hidden -= 1
         elif event == "end" and not hidden:
             parts.append(" " if node.tag in BLOCK_TAGS else "")

@@ -219,6 +219,7 @@ def test_a_task_without_the_text_field_gets_an_empty_prediction_not_an_error(cli
     with caplog.at_level("WARNING", logger="backend"):
         results = client.post("/predict", json=predict_payload(tasks)).json["results"]
     assert results[0]["result"] and results[1]["result"] == [] and results[2] == results[1]
+    assert results[0]["score"] > 0 and results[1]["score"] is None  # no text, no confidence (not the lowest)
     (logged,) = [record.getMessage() for record in caplog.records if "cannot predict" in record.getMessage()]
     assert "cannot predict 2 of 3 tasks, e.g. task 2 has no data['text']" in logged  # one line, however many
 

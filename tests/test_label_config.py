@@ -95,6 +95,9 @@ def test_a_hypertext_task_is_read_as_the_annotator_sees_it():
         ("<title>tab</title><p>page</p>x<script>var a;</script> y<!-- note -->z", "page x yz"),
         ("intro <p>para</p>" + "<div>" * 300 + "deep" + "</div>" * 300 + " outro", "intro para deep outro"),
         ("<!--" * 25_000, ""),  # 100 KB of unclosed comments: html.parser took 9 s, quadratic
+        ("<p>shown</p><noscript>Please enable JavaScript</noscript>", "shown"),  # the editor runs scripts
+        ('<div hidden><p>menu</p></div><span style="color: red; display : none">x</span>seen', "seen"),
+        ('<div style="DISPLAY:NONE !important">a</div><p style="display: block; --display:none">b</p>', "b"),
         ("", ""),
     ],
 )

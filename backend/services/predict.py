@@ -110,8 +110,9 @@ class Predictor:
     def predict(self, project: str, config: ClassificationConfig, tasks: list[dict]) -> list[dict]:
         """One Label Studio prediction per task, in order: predicted choice(s) and the confidence as `score`.
 
-        A task without the config's text field gets an empty prediction, not an error for all (and one log line
-        per request that counts such tasks).
+        A task without the config's text field gets an empty prediction with no score (null: no confidence in
+        Label Studio's score column, rather than the lowest), not an error for all (and one log line per request
+        that counts such tasks).
         """
         artifact = self.artifact_for(project, config)
         version = interactive_version(self.version_prefix, artifact)
@@ -125,7 +126,7 @@ class Predictor:
         if unreadable:
             count = f"{len(unreadable)} of {len(tasks)}"
             log.warning("project %s: cannot predict %s tasks, e.g. %s", project or "?", count, unreadable[0])
-        results: list[dict] = [{"result": [], "score": 0.0, "model_version": version} for _ in tasks]
+        results: list[dict] = [{"result": [], "score": None, "model_version": version} for _ in tasks]
         if not texts:
             return results
         probs = artifact.head.predict_proba(embed_texts(texts, self.encoder, self.cache))
