@@ -54,6 +54,8 @@ class PredictRequest:
     project: str
     tasks: list[dict]
     label_config: str | None
+    created: str | None = None
+    """As `SetupRequest.created`."""
 
 
 @dataclass(frozen=True)
@@ -133,8 +135,9 @@ def parse_predict(body: object) -> PredictRequest:
     label_config = body.get("label_config")
     if label_config is not None and not isinstance(label_config, str):
         raise MalformedRequest(f"'label_config' must be the label config XML string, got {type(label_config).__name__}")
-    project = project_id(body["project"]) if body.get("project") not in (None, "") else ""
-    return PredictRequest(project, tasks, label_config)
+    given = body.get("project")
+    project = project_id(given) if given not in (None, "") else ""
+    return PredictRequest(project, tasks, label_config, project_created(given))
 
 
 def parse_webhook(body: object) -> WebhookEvent:

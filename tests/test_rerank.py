@@ -997,6 +997,37 @@ def test_another_project_set_up_under_a_known_id_starts_anew(runtime, label_stud
     assert anew not in runtime.queue.queue.get_job_ids()  # done: the creation time is the new project's now
 
 
+def test_another_project_under_a_known_id_is_predicted_zero_shot_until_the_old_ones_heads_are_gone(
+    runtime, label_studio, monkeypatch
+):
+    # Label Studio calls /setup and /predict at once: predictions stored from the old project's head would stay
+    from backend.api import create_app
+
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    runtime.projects.setup(SetupRequest("1", AG_NEWS_CONFIG, created="1732356000"))
+    jobs.connect_project("1")
+    for task_id in range(1, 21):
+        label_studio.annotate(task_id, label_studio.truth[task_id])
+    assert jobs.rerank_project("1")["published"]
+    assert runtime.artifacts.versions("1")  # a head trained on the old project's annotations
+    client = create_app(runtime).test_client()
+    task = {"id": 1, "data": {"text": "Stocks rally as the central bank holds rates"}}
+
+    def served(created: str) -> tuple[str, str]:
+        setup = client.post("/setup", json={"project": f"1.{created}", "schema": AG_NEWS_CONFIG})
+        predict = client.post(
+            "/predict", json={"project": f"1.{created}", "label_config": AG_NEWS_CONFIG, "tasks": [task]}
+        )
+        return setup.json["model_version"], predict.json["results"][0]["model_version"]
+
+    old_head = served("1732356000")
+    assert old_head[0] == old_head[1] and not old_head[0].startswith("al-zero-shot-")
+    assert all(version.startswith("al-zero-shot-") for version in served("1800000000"))  # start_anew still queued
+    assert served("1732356000") == old_head  # (Label Studio's old database again: its project's head)
+    jobs.start_anew("1", "1800000000")
+    assert all(version.startswith("al-zero-shot-") for version in served("1800000000"))  # no head of its own yet
+
+
 def new_database_under_project_1(runtime, label_studio) -> dict[int, str]:
     """Project 1 connected and ranked once; then Label Studio on a new database, whose project 1 (created later)
     has more tasks, other texts, ids from 1 again, and the user's own settings -> the new project's texts by id."""

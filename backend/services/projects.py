@@ -80,6 +80,18 @@ class ProjectService:
         if first:  # it had been disconnected
             self.queue.schedule_reconcile(request.project, self.reconcile_interval)
 
+    def keeps_another_projects_files(self, project: str, created: str | None) -> bool:
+        """Whether the head versions kept under this id are another project's: the request names a project created
+        at another time than the one they were trained for (Label Studio on a new database), and `start_anew` has
+        not forgotten them yet. False when either time is unknown, or Redis is away."""
+        if not (project and created):
+            return False
+        try:
+            known = self.registry.created(project)
+        except redis.RedisError:
+            return False
+        return known is not None and known != created
+
     def label_config(self, project: str) -> str:
         """The config stored at /setup, for /predict requests that do not carry one."""
         if not project:
