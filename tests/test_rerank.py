@@ -18,7 +18,7 @@ from backend import jobs
 from backend.adapters.embedding_cache import EmbeddingsMissing, text_key
 from backend.adapters.encoding_jobs import encoding_follow_up_key
 from backend.adapters.label_studio import ACTIVE_LEARNING_SETTINGS, LabelStudioNotFound, LabelStudioRejected
-from backend.adapters.queue import generation_key
+from backend.adapters.queue import RETRY, generation_key
 from backend.errors import LabelStudioUnavailable
 from backend.protocol import SetupRequest
 from backend.round_lock import round_lock
@@ -1435,12 +1435,15 @@ def test_a_round_while_chunks_are_encoding_waits_for_them_and_requeues_a_failed_
     chunk_encoded(runtime, "1", encoded)  # one chunk encoded meanwhile (its vectors lost since)
     failed = Job.fetch(chunk, connection=runtime.redis)  # and another failed for good
     queue.remove(failed)
+    failed.retries_left = 0
+    failed.save()
     failed.set_status(JobStatus.FAILED)
     queue.failed_job_registry.add(failed, ttl=3600)
 
     second = rerank("1", runtime, generation=2)  # snapshot saved, vectors missing: waits, does not fail
     assert second["published"] is False and "chunk jobs" in second["encoding"]
     assert chunk in queue.get_job_ids() and chunk not in queue.failed_job_registry.get_job_ids()
+    assert Job.fetch(chunk, connection=runtime.redis).retries_left == RETRY.max  # a fresh start, not one fault left
     follow_ups = [j for j in queue.deferred_job_registry.get_job_ids() if j.startswith("rerank-1-after-")]
     assert len(follow_ups) == 1  # one round waits for the chunks, however many rounds asked
     # the same encoding, still under way: its chunk done, asked for again (vectors lost), counts once encoded again

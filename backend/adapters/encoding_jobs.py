@@ -17,7 +17,7 @@ import uuid
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
-from backend.adapters.queue import DEAD_STATUSES, WAITING_OR_RUNNING, WAITING_STATUSES, JobQueue
+from backend.adapters.queue import DEAD_STATUSES, RETRY, WAITING_OR_RUNNING, WAITING_STATUSES, JobQueue
 
 
 def encoding_key(project: str) -> str:
@@ -156,10 +156,13 @@ class EncodingJobs:
             pipe.execute()
 
     def _run_again(self, job_id: str, project: str, chunk: list[str]) -> None:
-        """Requeue a chunk whose job exists and is not waiting or running."""
+        """Requeue a chunk whose job exists and is not waiting or running (one that failed for good with its retries
+        back: rq's requeue keeps the spent count, and one more fault would fail it for good at once)."""
         status = self.jobs.status(job_id)
         if status == JobStatus.FAILED and job_id in self.jobs.queue.failed_job_registry:
-            self.jobs.queue.failed_job_registry.requeue(job_id)
+            job = Job.fetch(job_id, connection=self.client)
+            job.retries_left = RETRY.max
+            self.jobs.queue.failed_job_registry.requeue(job)
             return
         if status in WAITING_OR_RUNNING:
             return
