@@ -73,8 +73,9 @@ def _register_routes(app: Flask, runtime: Runtime) -> None:
         setup_request = parse_setup(_json_body(), runtime.settings.strategy)
         config = parse_label_config(setup_request.label_config)  # reject unsupported configs, with the reason
         runtime.projects.setup(setup_request)
-        own_files = not runtime.projects.keeps_another_projects_files(setup_request.project, setup_request.created)
-        artifact = runtime.predictor.artifact_for(setup_request.project, config, own_files)
+        artifact = runtime.predictor.artifact_for(
+            setup_request.project, config, lambda: runtime.projects.keeps_another_projects_files(setup_request)
+        )
         return jsonify(model_version=interactive_version(runtime.settings.model_version_prefix, artifact))
 
     @app.post("/predict")
@@ -83,8 +84,12 @@ def _register_routes(app: Flask, runtime: Runtime) -> None:
         predict_request = parse_predict(_json_body())
         label_config = predict_request.label_config or runtime.projects.label_config(predict_request.project)
         config = parse_label_config(label_config)
-        own_files = not runtime.projects.keeps_another_projects_files(predict_request.project, predict_request.created)
-        results = runtime.predictor.predict(predict_request.project, config, predict_request.tasks, own_files)
+        results = runtime.predictor.predict(
+            predict_request.project,
+            config,
+            predict_request.tasks,
+            lambda: runtime.projects.keeps_another_projects_files(predict_request),
+        )
         log.info(
             "project %s: predicted %d tasks in %.3f s",
             predict_request.project or "?",

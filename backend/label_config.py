@@ -154,13 +154,32 @@ HIDDEN_TAGS = frozenset({"script", "style", "template", "title", "noscript"})
 """Elements whose text a page does not show (a <title> goes to the browser's tab, not into the page; <noscript>
 shows only where scripts are off, and Label Studio's editor needs them on)."""
 
-DISPLAY_NONE = re.compile(r"(?:^|;)\s*display\s*:\s*none\s*(?:!important\s*)?(?:;|$)", re.IGNORECASE)
+IMPORTANT = re.compile(r"!\s*important\s*$", re.IGNORECASE)
+
+
+def _inline_display(style: str) -> str | None:
+    """The `display` an inline style gives its element, lower-cased, or None: the last declaration, unless an
+    earlier one is `!important` and it is not."""
+    display, important = None, False
+    for declaration in style.split(";"):
+        name, colon, value = declaration.partition(":")
+        if colon and name.strip().lower() == "display":
+            flagged = bool(IMPORTANT.search(value))
+            if flagged or not important:
+                display, important = IMPORTANT.sub("", value).strip().lower(), flagged
+    return display
 
 
 def _hidden(node) -> bool:
-    """Whether a page hides an element and all it holds: a tag never shown, the `hidden` attribute, or an inline
-    `display: none` (stylesheets are not read)."""
-    return node.tag in HIDDEN_TAGS or node.get("hidden") is not None or bool(DISPLAY_NONE.search(node.get("style", "")))
+    """Whether a page hides an element and all it holds: a tag never shown, an inline `display: none`, or the
+    `hidden` attribute (which an inline `display` overrides); stylesheets are not read. Never <html> or <body>:
+    `<HyperText inline="true">` drops their attributes."""
+    if node.tag in HIDDEN_TAGS:
+        return True
+    if node.tag in ("html", "body"):
+        return False
+    display = _inline_display(node.get("style") or "")
+    return display == "none" or (display is None and node.get("hidden") is not None)
 
 
 BLOCK_TAGS = frozenset(
@@ -194,13 +213,15 @@ def visible_text(html: str) -> str:
     except lxml.etree.ParserError:  # nothing but markup, or nothing at all
         return ""
     parts: list[str] = []
-    hidden = 0  # how many hidden elements the walk is inside
+    hiding: list[bool] = []  # per element the walk is inside, whether it hides what it holds
+    hidden = 0  # how many of them do
     for event, node in lxml.etree.iterwalk(document, events=("start", "end", "comment", "pi")):
-        if event == "start" and _hidden(node):
-            hidden += 1
-        elif event == "start" and not hidden:
-            parts += [" " if node.tag in BLOCK_TAGS else "", node.text or ""]
-        elif event == "end" and _hidden(node):
+        if event == "start":
+            hiding.append(_hidden(node))
+            hidden += hiding[-1]
+            if not hidden:
+                parts += [" " if node.tag in BLOCK_TAGS else "", node.text or ""]
+        elif event == "end" and hiding.pop():
             hidden -= 1
         elif event == "end" and not hidden:
             parts.append(" " if node.tag in BLOCK_TAGS else "")

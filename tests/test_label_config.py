@@ -97,7 +97,12 @@ def test_a_hypertext_task_is_read_as_the_annotator_sees_it():
         ("<!--" * 25_000, ""),  # 100 KB of unclosed comments: html.parser took 9 s, quadratic
         ("<p>shown</p><noscript>Please enable JavaScript</noscript>", "shown"),  # the editor runs scripts
         ('<div hidden><p>menu</p></div><span style="color: red; display : none">x</span>seen', "seen"),
-        ('<div style="DISPLAY:NONE !important">a</div><p style="display: block; --display:none">b</p>', "b"),
+        ('<div style="DISPLAY:NONE ! important">a</div><p style="display: block; --display:none">b</p>', "b"),
+        # an inline display decides: the last one, unless an earlier one is !important
+        ('<p style="display:none; display:block">a</p><p style="display:none!important;display:block">b</p>', "a"),
+        ('<div hidden style="display: flex">shown</div>', "shown"),
+        ('<body hidden style="display:none"><p>inline HyperText drops them</p></body>', "inline HyperText drops them"),
+        ("a<div hidden>x</div>b", "ab"),
         ("", ""),
     ],
 )

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,15 +74,20 @@ class Predictor:
         self._heads: OrderedDict[str, tuple[ClassificationConfig, str | None, HeadArtifact]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def artifact_for(self, project: str, config: ClassificationConfig, own_files: bool = True) -> HeadArtifact:
-        """The project's newest trained artifact for this config, else a zero-shot one (always, when not
-        `own_files`: the versions kept under the project's id are another project's).
+    def artifact_for(
+        self, project: str, config: ClassificationConfig, anothers_files: Callable[[], bool] = lambda: False
+    ) -> HeadArtifact:
+        """The project's newest trained artifact for this config, else a zero-shot one (always, when
+        `anothers_files()` says the versions kept under the project's id are another project's; asked only when
+        there are versions, since it may cost a Redis call).
 
         Cached per process, one entry per project (the `CACHED_HEADS` most recently used): a newer version on
         disk (or one written anew under the same name, see ArtifactStore.identity), or another config, replaces it.
         A saved zero-shot version built from other label descriptions (hints edited since) is not served.
         """
-        versions = self.store.versions(project) if project and own_files else []
+        versions = self.store.versions(project) if project else []
+        if versions and anothers_files():
+            versions = []
         newest = self.store.identity(project, versions[-1]) if versions else None
         with self._lock:
             cached_config, cached_version, artifact, retry_at = self._heads.get(project, (None, None, None, 0.0))
@@ -109,7 +115,11 @@ class Predictor:
             return artifact
 
     def predict(
-        self, project: str, config: ClassificationConfig, tasks: list[dict], own_files: bool = True
+        self,
+        project: str,
+        config: ClassificationConfig,
+        tasks: list[dict],
+        anothers_files: Callable[[], bool] = lambda: False,
     ) -> list[dict]:
         """One Label Studio prediction per task, in order: predicted choice(s) and the confidence as `score`.
 
@@ -117,7 +127,7 @@ class Predictor:
         Label Studio's score column, rather than the lowest), not an error for all (and one log line per request
         that counts such tasks).
         """
-        artifact = self.artifact_for(project, config, own_files)
+        artifact = self.artifact_for(project, config, anothers_files)
         version = interactive_version(self.version_prefix, artifact)
         texts, rows, unreadable = [], [], []
         for row, task in enumerate(tasks):

@@ -17,7 +17,7 @@ from backend.adapters.queue import JobQueue
 from backend.adapters.task_snapshot import TaskSnapshots
 from backend.errors import MalformedRequest
 from backend.label_config import parse_label_config
-from backend.protocol import IGNORED_WEBHOOK_ACTIONS, SetupRequest, WebhookEvent
+from backend.protocol import IGNORED_WEBHOOK_ACTIONS, PredictRequest, SetupRequest, WebhookEvent
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +80,17 @@ class ProjectService:
         if first:  # it had been disconnected
             self.queue.schedule_reconcile(request.project, self.reconcile_interval)
 
-    def keeps_another_projects_files(self, project: str, created: str | None) -> bool:
-        """Whether the head versions kept under this id are another project's: the request names a project created
-        at another time than the one they were trained for (Label Studio on a new database), and `start_anew` has
-        not forgotten them yet. False when either time is unknown, or Redis is away."""
-        if not (project and created):
+    def keeps_another_projects_files(self, request: SetupRequest | PredictRequest) -> bool:
+        """Whether the head versions kept under the request's project id are another project's: the request names
+        a project created at another time than the one they were trained for (Label Studio on a new database), and
+        `start_anew` has not forgotten them yet. False when either time is unknown, or Redis is away."""
+        if not (request.project and request.created):
             return False
         try:
-            known = self.registry.created(project)
+            known = self.registry.created(request.project)
         except redis.RedisError:
             return False
-        return known is not None and known != created
+        return known is not None and known != request.created
 
     def label_config(self, project: str) -> str:
         """The config stored at /setup, for /predict requests that do not carry one."""
