@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +194,8 @@ def print_report(summary: dict, budgets: list[int], baseline_budgets: list[int],
         }
         saved_text = labels_saved_text(result)
         at_budget_text = labels_saved_text(result, "labels_saved_at_budget")
+        if name == "random":  # 1.00x on a smooth curve: how far the noise of a mean curve moves these figures
+            at_budget_text += " (against itself: the noise of its mean curve)"
         print(
             f"{name:>24}: labels saved {saved_text}, at {budgets[-1]} labels {at_budget_text}, "
             f"AUC {result['area_under_curve']:.4f}, {at}"
@@ -218,6 +221,24 @@ def classes_and_names(
         return classes, choice_names(classes, args.label_names)
     except ValueError as error:
         parser.error(f"--label-names: {error}")
+
+
+RARE_CLASS_ROWS = 3
+"""A pool class with fewer rows than this is named in a warning."""
+
+
+def warn_of_rare_classes(path: str, labels: list[str]) -> None:
+    """Name the pool's classes of fewer than `RARE_CLASS_ROWS` rows: a class the replays can hardly learn, or no
+    class at all but a piece of text (a stray quote in the CSV makes one text of the rows up to the next quote, and
+    reads a label from wherever that text ends)."""
+    counts = Counter(labels)
+    rare = sorted((label for label, n in counts.items() if n < RARE_CLASS_ROWS), key=lambda label: counts[label])
+    if rare:
+        named = ", ".join(f"{label[:40]!r} ({counts[label]})" for label in rare[:10])
+        print(
+            f"{path}: {len(rare)} of {len(counts)} classes have fewer than {RARE_CLASS_ROWS} rows: {named}; if one "
+            "is not a label, a stray quote in the CSV has merged rows into one text"
+        )
 
 
 def budgets_of(
@@ -282,11 +303,14 @@ def main(argv: list[str] | None = None) -> None:
     for option in ("pool", "test"):
         if not Path(getattr(args, option)).is_file():
             parser.error(f"--{option} {getattr(args, option)}: no such file")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out}: a file, not a folder")
 
     started = time.time()
     pool_texts, pool_labels = read_labelled_csv(args.pool, args.text_column, args.label_column)
     test_texts, test_labels = read_labelled_csv(args.test, args.text_column, args.label_column)
     classes, names_of_choices = classes_and_names(parser, args, pool_labels, len(test_texts))
+    warn_of_rare_classes(args.pool, pool_labels)
     budgets, baseline_budgets = budgets_of(parser, args, len(pool_texts), finetune_at)
     index = class_indices(parser, args, classes, test_labels)
     out = Path(args.out)

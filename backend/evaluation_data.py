@@ -6,6 +6,7 @@ import codecs
 import contextlib
 import csv
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -35,26 +36,12 @@ class Dataset:
 
 
 def read_labelled_csv(path: str, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
-    """Texts and labels of a CSV (a spreadsheet's byte-order mark allowed). A row with an empty (or blank) text or
-    label is left out, and the run says how many and where the first was. A file that is not UTF-8 is read as
-    Windows-1252 (what a spreadsheet saves as CSV on Windows; latin-1 letters read the same), saying so; a file
-    whose header holds both columns when split at semicolons, tabs or bars (a spreadsheet in a locale with decimal
-    commas, a TSV) is split there; one that starts with a UTF-16 byte-order mark (a spreadsheet's "Unicode text")
-    is read as UTF-16."""
-    with open(path, "rb") as handle:
-        if handle.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
-            return _read_labelled_csv(path, text_column, label_column, "utf-16")
-    try:
-        return _read_labelled_csv(path, text_column, label_column, "utf-8-sig")
-    except UnicodeDecodeError:
-        print(f"{path}: not UTF-8; read as Windows-1252 (cp1252)")
-        return _read_labelled_csv(path, text_column, label_column, "cp1252")
-
-
-def _read_labelled_csv(path: str, text_column: str, label_column: str, encoding: str) -> tuple[list[str], list[str]]:
+    """Texts and labels of a CSV (`decoded_csv`). A row with an empty (or blank) text or label is left out, and the
+    run says how many and where the first was. A file whose header holds both columns when split at semicolons,
+    tabs or bars (a spreadsheet in a locale with decimal commas, a TSV) is split there."""
     texts, labels, skipped = [], [], []
     csv.field_size_limit(CSV_FIELD_LIMIT)
-    with open(path, newline="", encoding=encoding, errors="replace" if encoding == "cp1252" else "strict") as handle:
+    with io.StringIO(decoded_csv(path), newline="") as handle:
         header = handle.readline()
         delimiter = next(
             (d for d in DELIMITERS if {text_column, label_column} <= set(next(csv.reader([header], delimiter=d), []))),
@@ -75,6 +62,27 @@ def _read_labelled_csv(path: str, text_column: str, label_column: str, encoding:
     if skipped:
         print(f"{path}: left out {len(skipped)} row(s) without a text or a label (the first ends on line {skipped[0]})")
     return texts, labels
+
+
+def decoded_csv(path: str) -> str:
+    """A CSV file's text: UTF-8 (a spreadsheet's byte-order mark allowed), or UTF-16 after its byte-order mark (a
+    spreadsheet's "Unicode text"). A line that is not UTF-8 is read as Windows-1252 (what a spreadsheet saves as
+    CSV on Windows; latin-1 letters read the same), line by line, so that one stray byte does not garble the UTF-8
+    of every other line; the run says how many lines and which was the first."""
+    raw = Path(path).read_bytes()
+    if raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        return raw.decode("utf-16")
+    with contextlib.suppress(UnicodeDecodeError):
+        return raw.decode("utf-8-sig")
+    lines, not_utf8 = [], []
+    for number, line in enumerate(raw.splitlines(keepends=True), 1):  # at \n and \r, the same bytes in both
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            lines.append(line.decode("cp1252", errors="replace"))
+            not_utf8.append(number)
+    print(f"{path}: {len(not_utf8)} line(s) not UTF-8 (the first: line {not_utf8[0]}), read as Windows-1252 (cp1252)")
+    return "".join(lines).removeprefix("\ufeff")
 
 
 def cached_embeddings(texts: list[str], model_name: str, cache_dir: Path, max_length: int) -> np.ndarray:

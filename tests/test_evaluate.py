@@ -475,7 +475,35 @@ def test_a_csv_saved_in_latin_1_or_windows_1252_is_read_saying_so(tmp_path, caps
     (tmp_path / "spreadsheet.csv").write_bytes(rows.encode("cp1252"))
     texts, labels = read_labelled_csv(str(tmp_path / "spreadsheet.csv"), "text", "label")
     assert texts == ["Café crème, naïve", "\u201cQuoted\u201d smart text"] and labels == ["français", "other"]
-    assert "spreadsheet.csv: not UTF-8; read as Windows-1252 (cp1252)" in capsys.readouterr().out
+    assert "spreadsheet.csv: 2 line(s) not UTF-8 (the first: line 2), read as Windows-1252" in capsys.readouterr().out
+
+
+def test_one_stray_byte_in_a_utf_8_csv_garbles_only_its_own_line(tmp_path, capsys):
+    rows = 'text,label\r\nnaïve “quoted”,a\r\n"two\r\nlines",b\r\n'.encode() + b"caf\xe9 cr\xe8me,c\r\n"
+    (tmp_path / "mixed.csv").write_bytes(b"\xef\xbb\xbf" + rows)
+    texts, labels = read_labelled_csv(str(tmp_path / "mixed.csv"), "text", "label")
+    assert texts == ["naïve “quoted”", "two\r\nlines", "café crème"] and labels == ["a", "b", "c"]
+    assert "mixed.csv: 1 line(s) not UTF-8 (the first: line 5)" in capsys.readouterr().out
+
+
+def test_a_stray_quote_that_merges_rows_into_one_text_is_flagged_by_the_class_it_makes(tiny_bert, tmp_path, capsys):
+    arguments = harness_arguments(tmp_path, tiny_bert, "--seeds", "1", "--budget", "20", "--batch-size", "10")
+    rows = read_csv("trec6/train.csv", 80)
+    write_csv(tmp_path / "pool.csv", rows)
+    lines = (tmp_path / "pool.csv").read_text().splitlines(keepends=True)
+    lines[3] = '"' + lines[3]  # an opening quote the rows below it never close until a quote in some text
+    (tmp_path / "pool.csv").write_text("".join(lines))
+    main(arguments)
+    assert "classes have fewer than 3 rows" in capsys.readouterr().out
+
+
+def test_an_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "pool.csv").write_text("text,label\na,b\n")
+    (tmp_path / "results").write_text("not a folder")
+    arguments = ["--pool", str(tmp_path / "pool.csv"), "--test", str(tmp_path / "pool.csv")]
+    with pytest.raises(SystemExit):
+        main([*arguments, "--out", str(tmp_path / "results")])
+    assert "--out" in capsys.readouterr().err and (tmp_path / "results").read_text() == "not a folder"
 
 
 @pytest.mark.parametrize("delimiter", [";", "\t"])
