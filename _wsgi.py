@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 from dataclasses import replace
 
 from backend.api import create_app
@@ -30,6 +31,15 @@ if __name__ != "__main__":  # imported by gunicorn: load the encoder before this
     runtime.encoder  # noqa: B018 - Label Studio's first /setup (3 s timeout) never waits for it
 
 
+def refuse_a_port_in_use(parser: argparse.ArgumentParser, host: str, port: int) -> None:
+    """Exit with a usage error when the server could not listen on host:port (another backend runs there)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        socket.create_server((host, port), family=family).close()
+    except OSError as exc:
+        parser.exit(1, f"cannot listen on {host}:{port}: {exc.strerror or exc}; PORT or --port picks another port\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Active-learning ML backend for Label Studio")
     parser.add_argument("--host", default=settings.host)
@@ -41,6 +51,7 @@ def main() -> None:
     )
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args()
+    refuse_a_port_in_use(parser, args.host, args.port)  # before Redis, a worker and the model: not after them
     if args.with_worker:
         from backend.local_stack import start_local_stack
 

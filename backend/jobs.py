@@ -180,9 +180,19 @@ def secure_webhooks_or_warn(rt: Runtime, project: str) -> None:
 
 
 def connect_project(project: str) -> dict:
-    """First connection: switch the project to Uncertainty sampling with visible predictions, then rank it."""
+    """First connection: switch the project to Uncertainty sampling with visible predictions, then rank it.
+
+    A connection that fails for good (its retries spent: Label Studio refusing LABEL_STUDIO_API_KEY, say) is shown
+    in /metrics as the project's `failing`, as a failed round is, until a round runs; reconciliation configures
+    the project once Label Studio lets it."""
     rt = runtime()
-    previous = configure_project(rt, project)
+    try:
+        previous = configure_project(rt, project)
+    except Exception as failed:
+        job = get_current_job()
+        if job is None or not job.retries_left:
+            rt.registry.record_failed_round(project, f"connecting: {type(failed).__name__}: {failed}")
+        raise
     secure_webhooks_or_warn(rt, project)
     return {"previous": previous, "rerank": rt.queue.request_rerank(project, "connected")}
 

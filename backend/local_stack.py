@@ -90,6 +90,7 @@ def start_redis(settings: Settings) -> subprocess.Popen | None:
         raise RuntimeError("redis-server is not installed (Debian/Ubuntu: apt-get install redis-server)")
     data_dir = Path(settings.model_dir) / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
+    log_file = data_dir.resolve() / "redis.log"  # its warnings only: why it could not start, or could not save
     process = subprocess.Popen(
         [binary, "-"],  # the configuration comes on stdin
         stdin=subprocess.PIPE,
@@ -98,19 +99,32 @@ def start_redis(settings: Settings) -> subprocess.Popen | None:
         preexec_fn=stop_with_parent,
         process_group=0,  # a Ctrl-C in the terminal stops the server, which stops Redis after the worker
     )
-    process.stdin.write(redis_config(settings.redis_url, data_dir.resolve()))
+    logging_config = f'loglevel warning\nlogfile "{log_file}"\n'
+    process.stdin.write(redis_config(settings.redis_url, data_dir.resolve()) + logging_config)
     process.stdin.close()
     for _ in range(50):
         if _redis_answers(settings.redis_url):
             log.info("started redis-server on port %d (data in %s)", url.port or 6379, data_dir)
             return process
         if process.poll() is not None:  # e.g. the port is taken by something that is not Redis
-            raise RuntimeError(
-                f"redis-server exited with code {process.returncode} (is port {url.port or 6379} taken?)"
-            )
+            raise RuntimeError(f"redis-server exited with code {process.returncode}: {_last_words(log_file)}")
         time.sleep(0.1)
     process.kill()
     raise RuntimeError("redis-server did not start within 5 s")
+
+
+REDIS_BANNER = ("Redis is starting", "Redis version=", "Configuration loaded")
+"""The lines redis-server logs at every start, as warnings, whatever happens next."""
+
+
+def _last_words(log_file: Path) -> str:
+    """What redis-server logged since it last started, but its banner, without pids and times; and where the log
+    is."""
+    lines = log_file.read_text(errors="replace").splitlines() if log_file.is_file() else []
+    starts = [i for i, line in enumerate(lines) if REDIS_BANNER[0] in line]
+    since = lines[starts[-1] :] if starts else lines
+    messages = [line.split(" # ", 1)[-1].strip() for line in since if not any(b in line for b in REDIS_BANNER)]
+    return f"{'; '.join(filter(None, messages)) or 'nothing logged'} (its log: {log_file})"
 
 
 def start_worker() -> subprocess.Popen:

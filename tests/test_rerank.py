@@ -676,6 +676,23 @@ def test_reconciliation_configures_the_project_even_when_securing_its_webhook_is
     assert label_studio.project["sampling"] == "Uncertainty sampling"
 
 
+def test_a_connection_refused_on_its_last_try_shows_as_failing_until_a_round_runs(runtime, label_studio, monkeypatch):
+    # a wrong LABEL_STUDIO_API_KEY: without this, /metrics showed nothing until an annotation's round failed too
+    from backend.adapters.label_studio import LabelStudioForbidden
+
+    def refused(project_id):
+        raise LabelStudioForbidden("Label Studio PATCH /api/projects/1: HTTP 401 (LABEL_STUDIO_API_KEY is not ...)")
+
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    monkeypatch.setattr(label_studio, "configure_for_active_learning", refused)
+    with pytest.raises(LabelStudioForbidden):
+        jobs.connect_project("1")  # outside rq: its last try
+    assert runtime.registry.failing("1")["reason"].startswith("connecting: LabelStudioForbidden: ")
+    monkeypatch.undo()
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    assert jobs.rerank_project("1")["published"] and runtime.registry.failing("1") is None
+
+
 def test_a_rerank_waits_for_its_projects_lock_half_of_job_timeout_then_fails_to_be_retried(runtime):
     # rq counts JOB_TIMEOUT from the job's start: a job that waited it all out would be killed mid-round
     runtime.settings = replace(runtime.settings, job_timeout=6)

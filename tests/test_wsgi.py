@@ -96,6 +96,19 @@ def test_a_bad_setting_stops_the_server_or_the_worker_with_its_message_not_a_tra
     assert list(env)[0] in done.stderr and "Traceback" not in done.stderr and "s3cret" not in done.stderr
 
 
+def test_a_port_in_use_stops_the_server_before_it_starts_anything():
+    import socket
+
+    with socket.socket() as taken:  # another backend's server
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "_wsgi.py", "--with-worker", "--host", "127.0.0.1", "--port", str(port)]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert "Traceback" not in done.stderr and "loading encoder" not in done.stderr + done.stdout  # nor Redis, a worker
+
+
 def test_gunicorn_stops_on_a_bad_setting_instead_of_restarting_its_workers():
     # gunicorn restarts a worker that exits (SystemExit) but stops, exit status 3, when one fails to boot
     command = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{free_port()}", "--workers", "1", "_wsgi:app"]

@@ -79,6 +79,18 @@ class LabelStudioForbidden(LabelStudioRejected):
     """Label Studio answered 401 or 403: the API key is refused, or may not do this (say, write predictions)."""
 
 
+def _refusal(request: str, status: int | None, body: object) -> LabelStudioUnavailable:
+    """The error for Label Studio's answer `status` to `request`: its status and the start of its body, and for a
+    refused key what to check."""
+    message = f"Label Studio {request}: HTTP {status} {str(body)[:300]}"
+    if status == 401:
+        message += (
+            " (LABEL_STUDIO_API_KEY is not accepted: a personal access token from Account & Settings, or a legacy "
+            "token where the organization allows them)"
+        )
+    return _error_for(status)(message)
+
+
 def _error_for(status: int | None) -> type[LabelStudioUnavailable]:
     if status == 404:
         return LabelStudioNotFound
@@ -115,8 +127,7 @@ class LabelStudio:
         try:
             return function()
         except ApiError as exc:
-            message = f"Label Studio {request}: HTTP {exc.status_code} {str(exc.body)[:300]}"
-            raise _error_for(exc.status_code)(message) from None
+            raise _refusal(request, exc.status_code, exc.body) from None
         except httpx.TimeoutException:
             raise LabelStudioUnavailable(f"Label Studio {request}: timed out at {self.url}") from None
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
@@ -136,8 +147,7 @@ class LabelStudio:
         request = f"{method} /{path}"
         response = self._call(request, lambda: client.request(path, method=method, request_options=options, **kwargs))
         if response.status_code >= 400:
-            message = f"Label Studio {request}: HTTP {response.status_code} {response.text[:300]}"
-            raise _error_for(response.status_code)(message)
+            raise _refusal(request, response.status_code, response.text)
         return response.json() if response.content else None
 
     # projects
