@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from backend.api import create_app
 from backend.config import Settings
+from backend.errors import ModelUnavailable
 from backend.logs import configure_logging
 from backend.runtime import Runtime
 
@@ -57,7 +58,10 @@ def main() -> None:
 
         start_local_stack(settings)
     log.info("loading encoder %s", settings.model_name)
-    runtime.encoder  # noqa: B018 - load once at start, so the first /predict is fast
+    try:
+        runtime.encoder  # noqa: B018 - load once at start, so the first /predict is fast
+    except ModelUnavailable as exc:  # MODEL_NAME wrong, or a hub name without the network: its message alone
+        parser.exit(1, f"{exc}\n")
     log.info("serving on http://%s:%d with %r", args.host, args.port, replace(settings, host=args.host, port=args.port))
     app.run(host=args.host, port=args.port, debug=args.debug, threaded=True, use_reloader=False)
 

@@ -21,7 +21,7 @@ from rq.exceptions import StopRequested
 
 from backend import jobs
 from backend.config import Settings, writable_model_dir
-from backend.errors import LabelStudioUnavailable
+from backend.errors import LabelStudioUnavailable, ModelUnavailable
 from backend.local_stack import stop_with_parent
 from backend.logs import configure_logging
 from backend.ml.encoder import pick_device
@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     runtime = jobs.runtime()
     worker_class = worker_class_for(pick_device(settings.device))
     if not args.no_preload:
-        preload(runtime)
+        try:
+            preload(runtime)
+        except ModelUnavailable as exc:  # MODEL_NAME wrong, or a hub name without the network: its message alone
+            raise SystemExit(str(exc)) from None
     log.info("worker listening on %s (queue %r)", settings.redis_url.split("@")[-1], settings.queue_name)
     if settings.reranking_unavailable:  # its jobs fail, retried and then kept in rq's failed registry
         log.warning("%s", settings.reranking_unavailable)

@@ -96,6 +96,14 @@ def test_a_bad_setting_stops_the_server_or_the_worker_with_its_message_not_a_tra
     assert list(env)[0] in done.stderr and "Traceback" not in done.stderr and "s3cret" not in done.stderr
 
 
+@pytest.mark.parametrize("command", [["_wsgi.py", "--port", "0"], ["-m", "backend.worker"]])
+def test_a_model_that_cannot_be_loaded_stops_the_server_or_the_worker_with_its_message(command, tmp_path):
+    env = os.environ | {"MODEL_NAME": str(tmp_path), "MODEL_DIR": str(tmp_path / "model_dir")}  # no model there
+    done = subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and f"cannot load encoder MODEL_NAME='{tmp_path}'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_port_in_use_stops_the_server_before_it_starts_anything():
     import socket
 
