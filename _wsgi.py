@@ -8,6 +8,7 @@ python _wsgi.py --with-worker           # also start Redis (if none answers) and
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import socket
 from dataclasses import replace
@@ -33,12 +34,22 @@ if __name__ != "__main__":  # imported by gunicorn: load the encoder before this
 
 
 def refuse_a_port_in_use(parser: argparse.ArgumentParser, host: str, port: int) -> None:
-    """Exit with a usage error when the server could not listen on host:port (another backend runs there)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    """Exit with a usage error when the server could not listen on host:port (another backend runs there, or the
+    host is not this machine's), as Werkzeug would bind it: "::" on IPv6 and IPv4 both. A Unix socket is left to
+    Werkzeug."""
+    if host.startswith("unix://"):
+        return
+    ipv6 = ":" in host
     try:
-        socket.create_server((host, port), family=family).close()
+        socket.create_server(
+            (host, port),
+            family=socket.AF_INET6 if ipv6 else socket.AF_INET,
+            dualstack_ipv6=ipv6 and host == "::" and socket.has_dualstack_ipv6(),
+        ).close()
     except OSError as exc:
-        parser.exit(1, f"cannot listen on {host}:{port}: {exc.strerror or exc}; PORT or --port picks another port\n")
+        hint = "; PORT or --port picks another port" if exc.errno == errno.EADDRINUSE else ""
+        reason = (exc.strerror or str(exc)).split(" (while attempting")[0]  # create_server adds the address
+        parser.exit(1, f"cannot listen on {host}:{port}: {reason}{hint}\n")
 
 
 def main() -> None:

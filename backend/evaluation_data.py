@@ -6,12 +6,13 @@ import codecs
 import contextlib
 import csv
 import hashlib
-import io
+import itertools
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 from tqdm import tqdm
@@ -36,19 +37,18 @@ class Dataset:
 
 
 def read_labelled_csv(path: str, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
-    """Texts and labels of a CSV (`decoded_csv`). A row with an empty (or blank) text or label is left out, and the
-    run says how many and where the first was. A file whose header holds both columns when split at semicolons,
-    tabs or bars (a spreadsheet in a locale with decimal commas, a TSV) is split there."""
+    """Texts and labels of a CSV (read as `csv_text` says). A row with an empty (or blank) text or label is left
+    out, and the run says how many and where the first was. A file whose header holds both columns when split at
+    semicolons, tabs or bars (a spreadsheet in a locale with decimal commas, a TSV) is split there."""
     texts, labels, skipped = [], [], []
     csv.field_size_limit(CSV_FIELD_LIMIT)
-    with io.StringIO(decoded_csv(path), newline="") as handle:
+    with csv_text(path) as handle:
         header = handle.readline()
         delimiter = next(
             (d for d in DELIMITERS if {text_column, label_column} <= set(next(csv.reader([header], delimiter=d), []))),
             ",",
         )
-        handle.seek(0)
-        reader = csv.DictReader(handle, delimiter=delimiter)
+        reader = csv.DictReader(itertools.chain([header], handle), delimiter=delimiter)  # each line decoded once
         missing = {text_column, label_column} - set(reader.fieldnames or [])
         if missing:
             raise SystemExit(f"{path}: no column(s) {sorted(missing)}; columns are {reader.fieldnames}")
@@ -64,25 +64,34 @@ def read_labelled_csv(path: str, text_column: str, label_column: str) -> tuple[l
     return texts, labels
 
 
-def decoded_csv(path: str) -> str:
-    """A CSV file's text: UTF-8 (a spreadsheet's byte-order mark allowed), or UTF-16 after its byte-order mark (a
-    spreadsheet's "Unicode text"). A line that is not UTF-8 is read as Windows-1252 (what a spreadsheet saves as
-    CSV on Windows; latin-1 letters read the same), line by line, so that one stray byte does not garble the UTF-8
-    of every other line; the run says how many lines and which was the first."""
-    raw = Path(path).read_bytes()
-    if raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
-        return raw.decode("utf-16")
-    with contextlib.suppress(UnicodeDecodeError):
-        return raw.decode("utf-8-sig")
-    lines, not_utf8 = [], []
-    for number, line in enumerate(raw.splitlines(keepends=True), 1):  # at \n and \r, the same bytes in both
-        try:
-            lines.append(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            lines.append(line.decode("cp1252", errors="replace"))
-            not_utf8.append(number)
-    print(f"{path}: {len(not_utf8)} line(s) not UTF-8 (the first: line {not_utf8[0]}), read as Windows-1252 (cp1252)")
-    return "".join(lines).removeprefix("\ufeff")
+CP1252_FALLBACK = "backend.evaluation_data.cp1252"
+"""The codec error handler `csv_text` registers: undecodable bytes read as Windows-1252."""
+
+
+@contextlib.contextmanager
+def csv_text(path: str) -> Iterator[TextIO]:
+    """A CSV file opened as text, streamed: UTF-8 (a spreadsheet's byte-order mark allowed), or UTF-16 after its
+    byte-order mark (a spreadsheet's "Unicode text"). Bytes that are not UTF-8 are read as Windows-1252 (what a
+    spreadsheet saves as CSV on Windows; latin-1 letters read the same), each on its own, so that one stray byte
+    does not garble the UTF-8 around it; the run says how many and where the first was."""
+    with open(path, "rb") as handle:
+        if handle.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            with open(path, newline="", encoding="utf-16") as text:
+                yield text
+            return
+    not_utf8: list[str] = []  # per undecodable run of bytes, the text around the first
+
+    def as_cp1252(error: UnicodeDecodeError) -> tuple[str, int]:
+        bad = error.object[error.start : error.end]
+        around = error.object[max(0, error.start - 20) : error.end + 20] if not not_utf8 else b""
+        not_utf8.extend([around.decode("utf-8", errors="backslashreplace")] + [""] * (len(bad) - 1))
+        return bad.decode("cp1252", errors="replace"), error.end
+
+    codecs.register_error(CP1252_FALLBACK, as_cp1252)
+    with open(path, newline="", encoding="utf-8-sig", errors=CP1252_FALLBACK) as text:
+        yield text
+    if not_utf8:
+        print(f"{path}: {len(not_utf8)} byte(s) not UTF-8, read as Windows-1252 (cp1252); the first in {not_utf8[0]!r}")
 
 
 def cached_embeddings(texts: list[str], model_name: str, cache_dir: Path, max_length: int) -> np.ndarray:

@@ -183,15 +183,15 @@ def connect_project(project: str) -> dict:
     """First connection: switch the project to Uncertainty sampling with visible predictions, then rank it.
 
     A connection that fails for good (its retries spent: Label Studio refusing LABEL_STUDIO_API_KEY, say) is shown
-    in /metrics as the project's `failing`, as a failed round is, until a round runs; reconciliation configures
-    the project once Label Studio lets it."""
+    in /metrics as the project's `failing`, as a failed round is, until reconciliation configures the project
+    (once Label Studio lets it) or a round runs."""
     rt = runtime()
     try:
         previous = configure_project(rt, project)
     except Exception as failed:
         job = get_current_job()
         if job is None or not job.retries_left:
-            rt.registry.record_failed_round(project, f"connecting: {type(failed).__name__}: {failed}")
+            rt.registry.record_failed_connection(project, f"{type(failed).__name__}: {failed}")
         raise
     secure_webhooks_or_warn(rt, project)
     return {"previous": previous, "rerank": rt.queue.request_rerank(project, "connected")}
@@ -300,6 +300,7 @@ def reconcile_project(project: str) -> dict:
     if rt.registry.settings_before_connect(project) is None:  # the connect job failed for good (no API key?)
         try:
             configure_project(rt, project)
+            rt.registry.end_failed_connection(project)
         except LabelStudioRejected as refused:
             log.warning("project %s: Label Studio refused to switch it to Uncertainty sampling: %s", project, refused)
     secure_webhooks_or_warn(rt, project)

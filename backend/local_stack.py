@@ -6,6 +6,7 @@ In production (docker/) each of these runs as its own service; this is for tryin
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import logging
 import os
@@ -91,6 +92,7 @@ def start_redis(settings: Settings) -> subprocess.Popen | None:
     data_dir = Path(settings.model_dir) / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
     log_file = data_dir.resolve() / "redis.log"  # its warnings only: why it could not start, or could not save
+    logged_before = log_file.stat().st_size if log_file.is_file() else 0
     process = subprocess.Popen(
         [binary, "-"],  # the configuration comes on stdin
         stdin=subprocess.PIPE,
@@ -107,7 +109,8 @@ def start_redis(settings: Settings) -> subprocess.Popen | None:
             log.info("started redis-server on port %d (data in %s)", url.port or 6379, data_dir)
             return process
         if process.poll() is not None:  # e.g. the port is taken by something that is not Redis
-            raise RuntimeError(f"redis-server exited with code {process.returncode}: {_last_words(log_file)}")
+            why = _last_words(log_file, logged_before)
+            raise RuntimeError(f"redis-server exited with code {process.returncode}: {why}")
         time.sleep(0.1)
     process.kill()
     raise RuntimeError("redis-server did not start within 5 s")
@@ -117,14 +120,16 @@ REDIS_BANNER = ("Redis is starting", "Redis version=", "Configuration loaded")
 """The lines redis-server logs at every start, as warnings, whatever happens next."""
 
 
-def _last_words(log_file: Path) -> str:
-    """What redis-server logged since it last started, but its banner, without pids and times; and where the log
-    is."""
-    lines = log_file.read_text(errors="replace").splitlines() if log_file.is_file() else []
-    starts = [i for i, line in enumerate(lines) if REDIS_BANNER[0] in line]
-    since = lines[starts[-1] :] if starts else lines
-    messages = [line.split(" # ", 1)[-1].strip() for line in since if not any(b in line for b in REDIS_BANNER)]
-    return f"{'; '.join(filter(None, messages)) or 'nothing logged'} (its log: {log_file})"
+def _last_words(log_file: Path, offset: int) -> str:
+    """What redis-server logged past `offset` (this start's), but its banner, without pids and times; and where
+    the log is. A configuration it cannot read, or a log file it cannot open, it says on its stderr instead."""
+    with contextlib.suppress(OSError), open(log_file, "rb") as handle:
+        handle.seek(offset)
+        lines = handle.read().decode(errors="replace").splitlines()
+        messages = [line.split(" # ", 1)[-1].strip() for line in lines if not any(b in line for b in REDIS_BANNER)]
+        if any(messages):
+            return f"{'; '.join(filter(None, messages))} (its log: {log_file})"
+    return f"nothing in {log_file}; its own output above says why"
 
 
 def start_worker() -> subprocess.Popen:

@@ -475,7 +475,9 @@ def test_a_csv_saved_in_latin_1_or_windows_1252_is_read_saying_so(tmp_path, caps
     (tmp_path / "spreadsheet.csv").write_bytes(rows.encode("cp1252"))
     texts, labels = read_labelled_csv(str(tmp_path / "spreadsheet.csv"), "text", "label")
     assert texts == ["Café crème, naïve", "\u201cQuoted\u201d smart text"] and labels == ["français", "other"]
-    assert "spreadsheet.csv: 2 line(s) not UTF-8 (the first: line 2), read as Windows-1252" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "spreadsheet.csv: 6 byte(s) not UTF-8, read as Windows-1252 (cp1252); the first in " in said
+    assert "Caf\\\\xe9 cr" in said  # the byte itself, in its context
 
 
 def test_one_stray_byte_in_a_utf_8_csv_garbles_only_its_own_line(tmp_path, capsys):
@@ -483,7 +485,9 @@ def test_one_stray_byte_in_a_utf_8_csv_garbles_only_its_own_line(tmp_path, capsy
     (tmp_path / "mixed.csv").write_bytes(b"\xef\xbb\xbf" + rows)
     texts, labels = read_labelled_csv(str(tmp_path / "mixed.csv"), "text", "label")
     assert texts == ["naïve “quoted”", "two\r\nlines", "café crème"] and labels == ["a", "b", "c"]
-    assert "mixed.csv: 1 line(s) not UTF-8 (the first: line 5)" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "mixed.csv: 2 byte(s) not UTF-8, read as Windows-1252 (cp1252); the first in " in said
+    assert "caf\\\\xe9 cr" in said
 
 
 def test_a_stray_quote_that_merges_rows_into_one_text_is_flagged_by_the_class_it_makes(tiny_bert, tmp_path, capsys):

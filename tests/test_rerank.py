@@ -690,7 +690,9 @@ def test_a_connection_refused_on_its_last_try_shows_as_failing_until_a_round_run
     assert runtime.registry.failing("1")["reason"].startswith("connecting: LabelStudioForbidden: ")
     monkeypatch.undo()
     monkeypatch.setattr(jobs, "_runtime", runtime)
-    assert jobs.rerank_project("1")["published"] and runtime.registry.failing("1") is None
+    # the key fixed: the next reconciliation configures the project and ranks it, without backing off first
+    assert jobs.reconcile_project("1")["rerank"] == "enqueued" and runtime.registry.failing("1") is None
+    assert label_studio.project["sampling"] == "Uncertainty sampling"
 
 
 def test_a_rerank_waits_for_its_projects_lock_half_of_job_timeout_then_fails_to_be_retried(runtime):

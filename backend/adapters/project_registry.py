@@ -41,6 +41,10 @@ return 1
 """
 
 
+FAILED_CONNECTION = "connecting: "
+"""How the reason of a failed connection starts, among failed rounds (see `record_failed_connection`)."""
+
+
 class ProjectRegistry:
     """Per project: label config and parameters from `/setup`, and the record of the last ranking round."""
 
@@ -159,6 +163,18 @@ class ProjectRegistry:
         rounds = (self.failing(project) or {}).get("rounds", 0) + 1
         failing = {"reason": reason[:500], "at": time.time(), "rounds": rounds, "params": self.params(project)}
         self.client.hset(self.key(project), "failing", json.dumps(failing))
+
+    def record_failed_connection(self, project: str, reason: str) -> None:
+        """The first connection failed for good: shown as a failed round is, until a round runs or the project is
+        configured (`end_failed_connection`)."""
+        self.record_failed_round(project, FAILED_CONNECTION + reason)
+
+    def end_failed_connection(self, project: str) -> None:
+        """The project is configured after all: a failed connection no longer shows, nor holds reconciliation
+        back (a failed round recorded since stays)."""
+        failing = self.failing(project)
+        if failing and failing["reason"].startswith(FAILED_CONNECTION):
+            self.client.hdel(self.key(project), "failing")
 
     def failing(self, project: str) -> dict | None:
         """The last `record_failed_round` since the last round that ran, or None."""
