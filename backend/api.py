@@ -175,7 +175,7 @@ def _register_errors(app: Flask, settings: Settings) -> None:
 
     @app.errorhandler(redis.RedisError)
     def redis_unavailable(exc: redis.RedisError):
-        log.warning("Redis unavailable on %s: %s", request.path, type(exc).__name__)
+        log.warning("Redis unavailable on %s: %s: %s", request.path, type(exc).__name__, exc)
         if request.path != "/webhook":
             message = "Redis is unavailable; try again once Redis is back"
         elif settings.reconcile_interval:

@@ -31,7 +31,7 @@ def embed_texts(
         except redis.RedisError as exc:
             if must_store:
                 raise
-            log.warning("embedding cache unavailable (%s); encoding without it", type(exc).__name__)
+            log.warning("embedding cache unavailable (%s: %s); encoding without it", type(exc).__name__, exc)
             cache = None
     missing = [key for key in unique if key not in vectors]
     if missing:
@@ -47,7 +47,9 @@ def embed_texts(
             except redis.RedisError as exc:
                 if must_store:
                     raise
-                log.warning("could not store %d embeddings in the cache (%s)", len(missing), type(exc).__name__)
+                log.warning(
+                    "could not store %d embeddings in the cache (%s: %s)", len(missing), type(exc).__name__, exc
+                )
     if not texts:
         return np.zeros((0, encoder.dim), dtype=np.float32)
     return np.stack([vectors[key] for key in keys]).astype(np.float32)

@@ -63,7 +63,9 @@ class ProjectService:
                 # each reconciliation schedules the next; if one could not (Redis away then), restart the chain
                 log.info("project %s: reconciliation was not scheduled; restarted it", request.project)
         except redis.RedisError as exc:
-            log.warning("project %s: /setup not recorded, Redis unavailable (%s)", request.project, type(exc).__name__)
+            log.warning(
+                "project %s: /setup not recorded, Redis unavailable (%s: %s)", request.project, type(exc).__name__, exc
+            )
 
     def _start_anew(self, request: SetupRequest, known_created: str, first: bool) -> None:
         """Another project has this id now (Label Studio started on a new database): a job forgets the old one
