@@ -75,18 +75,21 @@ class Predictor:
         self._lock = threading.Lock()
 
     def artifact_for(
-        self, project: str, config: ClassificationConfig, anothers_files: Callable[[], bool] = lambda: False
+        self,
+        project: str,
+        config: ClassificationConfig,
+        versions_are_another_projects: Callable[[], bool] = lambda: False,
     ) -> HeadArtifact:
         """The project's newest trained artifact for this config, else a zero-shot one (always, when
-        `anothers_files()` says the versions kept under the project's id are another project's; asked only when
-        there are versions, since it may cost a Redis call).
+        `versions_are_another_projects()` says the versions kept under the project's id are another project's;
+        asked only when there are versions, since it may cost a Redis call).
 
         Cached per process, one entry per project (the `CACHED_HEADS` most recently used): a newer version on
         disk (or one written anew under the same name, see ArtifactStore.identity), or another config, replaces it.
         A saved zero-shot version built from other label descriptions (hints edited since) is not served.
         """
         versions = self.store.versions(project) if project else []
-        if versions and anothers_files():
+        if versions and versions_are_another_projects():
             versions = []
         newest = self.store.identity(project, versions[-1]) if versions else None
         with self._lock:
@@ -119,7 +122,7 @@ class Predictor:
         project: str,
         config: ClassificationConfig,
         tasks: list[dict],
-        anothers_files: Callable[[], bool] = lambda: False,
+        versions_are_another_projects: Callable[[], bool] = lambda: False,
     ) -> list[dict]:
         """One Label Studio prediction per task, in order: predicted choice(s) and the confidence as `score`.
 
@@ -127,7 +130,7 @@ class Predictor:
         Label Studio's score column, rather than the lowest), not an error for all (and one log line per request
         that counts such tasks).
         """
-        artifact = self.artifact_for(project, config, anothers_files)
+        artifact = self.artifact_for(project, config, versions_are_another_projects)
         version = interactive_version(self.version_prefix, artifact)
         texts, rows, unreadable = [], [], []
         for row, task in enumerate(tasks):
