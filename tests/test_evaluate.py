@@ -507,7 +507,9 @@ def test_an_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
     arguments = ["--pool", str(tmp_path / "pool.csv"), "--test", str(tmp_path / "pool.csv")]
     with pytest.raises(SystemExit):
         main([*arguments, "--out", str(tmp_path / "results")])
-    assert "--out" in capsys.readouterr().err and (tmp_path / "results").read_text() == "not a folder"
+    said = capsys.readouterr().err
+    assert f"--out {tmp_path / 'results'}: a file, not a folder" in said
+    assert (tmp_path / "results").read_text() == "not a folder"
 
 
 @pytest.mark.parametrize("delimiter", [";", "\t"])
@@ -572,6 +574,8 @@ def test_the_embedding_cache_keeps_max_length_and_texts_apart(tiny_bert, tmp_pat
     cached_embeddings(["8 killed in a storm"], tiny_bert, tmp_path, 12)
     cached_embeddings([" killed in a storm"], tiny_bert, tmp_path, 128)  # the old key joined both into one string
     assert len(list(tmp_path.glob("*.npy"))) == 2
+    cached_embeddings(["8 killed in a storm"], tiny_bert, tmp_path, 128)  # the same text at another length
+    assert len(list(tmp_path.glob("*.npy"))) == 3
 
 
 def test_the_models_own_max_length_and_auto_share_one_cache_file(tiny_bert, tmp_path):

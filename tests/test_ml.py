@@ -633,6 +633,8 @@ def test_precision_auto_is_mixed_on_cuda_and_bf16_only_on_cpus_that_have_it(monk
     from backend.ml.encoder import DTYPES, precision
 
     cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))  # an A100 or later
+    assert precision("auto", torch.device("cuda:0")) == (torch.float32, torch.bfloat16)  # fp32 weights, autocast
     monkeypatch.setattr(encoder_module, "cpu_has_native_bf16", lambda: True)
     assert precision("auto", cpu) == (torch.bfloat16, None)
     monkeypatch.setattr(encoder_module, "cpu_has_native_bf16", lambda: False)

@@ -102,7 +102,7 @@ def test_cluster_picks_fill_with_coreset_when_clusters_run_out():
 
 
 def test_cluster_picks_reject_an_unknown_pick_mode():
-    with pytest.raises(ValueError, match="'center', 'max_weight'.*'middle'|'middle'"):
+    with pytest.raises(ValueError, match=r"pick must be one of \('center', 'max_weight'\), got 'middle'"):
         cluster_picks(BLOBS, np.arange(12), 3, np.random.default_rng(0), pick="middle")
 
 
