@@ -72,10 +72,8 @@ def _register_routes(app: Flask, runtime: Runtime) -> None:
     def setup():
         setup_request = parse_setup(_json_body(), runtime.settings.strategy)
         config = parse_label_config(setup_request.label_config)  # reject unsupported configs, with the reason
-        runtime.projects.setup(setup_request)
-        artifact = runtime.predictor.artifact_for(
-            setup_request.project, config, lambda: runtime.projects.keeps_another_projects_files(setup_request)
-        )
+        another_projects_files = runtime.projects.setup(setup_request)
+        artifact = runtime.predictor.artifact_for(setup_request.project, config, lambda: another_projects_files)
         return jsonify(model_version=interactive_version(runtime.settings.model_version_prefix, artifact))
 
     @app.post("/predict")

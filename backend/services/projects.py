@@ -38,8 +38,9 @@ class ProjectService:
     reranking_unavailable: str = ""
     """Why the workers cannot re-rank (`Settings.reranking_unavailable`), shown in /metrics; "" when they can."""
 
-    def setup(self, request: SetupRequest) -> None:
-        """Remember the project's config; on first connection queue its set-up and cold-start ranking.
+    def setup(self, request: SetupRequest) -> bool:
+        """Remember the project's config; on first connection queue its set-up and cold-start ranking. True when the
+        records kept under the project's id are another project's (`keeps_another_projects_files`).
 
         Label Studio calls /setup before every /predict, so this must stay cheap and idempotent. With Redis
         away it still answers: the next /setup, the reconciliation pass or, for a first connection, the first round
@@ -55,7 +56,8 @@ class ProjectService:
             known = self.registry.created(request.project)
             if known and request.created and known != request.created:
                 self._start_anew(request, known, first)
-            elif first:
+                return True
+            if first:
                 log.info("project %s connected: queueing set-up and cold-start ranking", request.project)
                 self.queue.enqueue_connect(request.project)
                 self.queue.schedule_reconcile(request.project, self.reconcile_interval)
@@ -66,6 +68,7 @@ class ProjectService:
             log.warning(
                 "project %s: /setup not recorded, Redis unavailable (%s: %s)", request.project, type(exc).__name__, exc
             )
+        return False
 
     def _start_anew(self, request: SetupRequest, known_created: str, first: bool) -> None:
         """Another project has this id now (Label Studio started on a new database): a job forgets the old one
@@ -82,7 +85,7 @@ class ProjectService:
         if first:  # it had been disconnected
             self.queue.schedule_reconcile(request.project, self.reconcile_interval)
 
-    def keeps_another_projects_files(self, request: SetupRequest | PredictRequest) -> bool:
+    def keeps_another_projects_files(self, request: PredictRequest) -> bool:
         """Whether the head versions kept under the request's project id are another project's: the request names
         a project created at another time than the one they were trained for (Label Studio on a new database), and
         `start_anew` has not forgotten them yet. False when either time is unknown, or Redis is away."""
