@@ -1,7 +1,8 @@
 import pytest
 
 from backend.errors import UnsupportedLabelConfig
-from backend.label_config import parse_label_config, visible_text
+from backend.hypertext import visible_text
+from backend.label_config import parse_label_config
 from tests.conftest import AG_NEWS_CONFIG
 
 MULTI = """<View><HyperText name="page" value="$html"/>
