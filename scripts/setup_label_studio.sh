@@ -5,7 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 version=1.23.2
-installed=$(.ls-venv/bin/python -c 'import importlib.metadata as m; print(m.version("label-studio"))' 2>/dev/null || true)
-[ "$installed" = "$version" ] && [ -x .ls-venv/bin/label-studio ] && exit 0
+# Label Studio 1.23.2 leaves sentry-sdk unpinned, and sentry-sdk 3 (December 2026) refuses an option it passes at
+# start-up ("Unknown option 'send_default_pii'"): Label Studio then exits at once
+sentry='sentry-sdk<3'
+installed=$(.ls-venv/bin/python -c 'import importlib.metadata as m; print(m.version("label-studio"), m.version("sentry-sdk").split(".")[0])' 2>/dev/null || true)
+[ "$installed" = "$version 2" ] && [ -x .ls-venv/bin/label-studio ] && exit 0
 "$python" -m venv --clear .ls-venv
-.ls-venv/bin/pip install -q --disable-pip-version-check "label-studio==$version"
+.ls-venv/bin/pip install -q --disable-pip-version-check "label-studio==$version" "$sentry"
