@@ -31,7 +31,8 @@ def healthy(settings: Settings, host: str = "127.0.0.1", timeout: float = 4.0) -
 
 def worker_registered(redis_url: str, hostname: str | None = None) -> bool:
     """True when a worker started on `hostname` (default: this one) is registered in Redis; a dead worker's
-    registration expires within its worker_ttl (a minute, see backend.worker)."""
+    registration expires about 90 s after its last heartbeat (backend.worker's worker_ttl of 30 s, plus the 60 s rq
+    adds)."""
     from rq import Worker
 
     try:
