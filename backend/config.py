@@ -136,7 +136,8 @@ class Settings:
     redis_url: str = "redis://localhost:6379/0"
     """REDIS_URL: the Redis holding RQ's queues and the embedding cache."""
     queue_name: str = "al-backend"
-    """QUEUE_NAME: the RQ queue the backend enqueues on and the workers listen to."""
+    """QUEUE_NAME: the RQ queue the backend enqueues on and the workers listen to (chunk jobs: `<QUEUE_NAME>-encoding`,
+    taken only when this one is empty)."""
     model_name: str = DEFAULT_MODEL_NAME
     """MODEL_NAME: Hugging Face model name or local path of the sentence encoder."""
     device: str = "auto"

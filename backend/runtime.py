@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import redis
+from rq import Queue
 
 from backend.adapters.embedding_cache import RedisEmbeddingCache
 from backend.adapters.encoding_jobs import EncodingJobs
@@ -77,6 +78,12 @@ class Runtime:
     @functools.cached_property
     def encoding(self) -> EncodingJobs:
         return EncodingJobs(self.queue)
+
+    @property
+    def queues(self) -> list[Queue]:
+        """The RQ queues a worker listens to, in the order it takes jobs from them: rounds and the rest of the
+        backend's jobs first, chunk jobs only when none of those waits."""
+        return [self.queue.queue, self.encoding.queue]
 
     @functools.cached_property
     def projects(self) -> ProjectService:

@@ -1,4 +1,5 @@
-"""`python -m backend.worker`: an RQ worker, with rq's scheduler, on REDIS_URL and QUEUE_NAME.
+"""`python -m backend.worker`: an RQ worker, with rq's scheduler, on REDIS_URL: it takes jobs from QUEUE_NAME, and
+chunk jobs (encoding a pool) from QUEUE_NAME-encoding when none waits there.
 
 Run as many as you like, on one machine or many: a project is re-ranked by one worker at a time, and an
 older round never publishes over a newer one (see backend.adapters.queue).
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
             preload(runtime)
         except ModelUnavailable as exc:  # MODEL_NAME wrong, or a hub name without the network: its message alone
             raise SystemExit(str(exc)) from None
-    log.info("worker listening on %s (queue %r)", settings.redis_url.split("@")[-1], settings.queue_name)
+    names = " then ".join(repr(queue.name) for queue in runtime.queues)
+    log.info("worker listening on %s (queues %s)", settings.redis_url.split("@")[-1], names)
     if settings.reranking_unavailable:  # its jobs fail, retried and then kept in rq's failed registry
         log.warning("%s", settings.reranking_unavailable)
     while True:
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         started, worker = time.monotonic(), None
         try:
             worker = worker_class(  # rq's Worker asks Redis already here: down at the start counts as lost too
-                [runtime.queue.queue],
+                runtime.queues,
                 connection=runtime.redis,
                 maintenance_interval=MAINTENANCE_SECONDS,
                 worker_ttl=WORKER_TTL_SECONDS,

@@ -30,6 +30,6 @@ def chunk_encoded(runtime, project: str, job_id: str) -> None:
     from rq.job import Job, JobStatus
 
     job = Job.fetch(job_id, connection=runtime.redis)
-    runtime.queue.queue.remove(job)
+    runtime.encoding.queue.remove(job)
     runtime.encoding.chunk_done(project, job_id)
     job.set_status(JobStatus.FINISHED)

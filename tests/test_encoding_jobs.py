@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 import redis
-from rq import SimpleWorker, Worker
+from rq import Queue, SimpleWorker, Worker
 from rq.job import Job, JobStatus
 from rq.worker import WorkerStatus
 
@@ -64,6 +64,21 @@ def test_two_workers_encode_each_chunk_once(runtime, settings, tmp_path):
     assert np.allclose(np.stack(cached).astype(np.float32), expected, atol=5e-3)
 
 
+def test_workers_take_every_other_job_before_a_chunk_job(runtime):
+    # a big import into one project queues an hour of chunks on a CPU: rounds of other projects must not wait for it
+    runtime.encoding.enqueue("1", [["a"], ["b"]])
+    runtime.queue.request_rerank("2", "ANNOTATION_CREATED")
+    runtime.queue.enqueue_cleanup("3", "al-v000002")
+    taken = [Queue.dequeue_any(runtime.queues, None, connection=runtime.redis)[0] for _ in range(4)]
+    assert [job.func_name for job in taken] == [
+        "backend.jobs.rerank_project",
+        "backend.jobs.cleanup_versions",
+        "backend.jobs.encode_chunk",  # the chunks only when nothing else waits
+        "backend.jobs.encode_chunk",
+    ]
+    assert taken[0].args[0] == "2" and taken[2].args[0] == taken[3].args[0] == "1"
+
+
 def test_a_chunk_whose_vectors_could_not_be_stored_fails_so_rq_retries_it(runtime, monkeypatch):
     from backend import jobs
 
@@ -83,10 +98,10 @@ def test_a_chunk_whose_vectors_could_not_be_stored_fails_so_rq_retries_it(runtim
     monkeypatch.setattr(runtime.embedding_cache, "put_many", redis_out_of_memory)
     # run as a job: it fails, and rq schedules it again (5 s later) rather than filing it as failed
     [job_id] = runtime.encoding.enqueue("1", [["a text no one encoded yet"]], then_rerank=False)
-    SimpleWorker([runtime.queue.queue], connection=runtime.redis).work(burst=True)
+    SimpleWorker(runtime.queues, connection=runtime.redis).work(burst=True)
     job = Job.fetch(job_id, connection=runtime.redis)
     assert job.get_status() == JobStatus.SCHEDULED and job.retries_left == RETRY.max - 1
-    assert job_id not in runtime.queue.queue.failed_job_registry.get_job_ids()
+    assert job_id not in runtime.encoding.queue.failed_job_registry.get_job_ids()
 
 
 def test_gpu_workers_run_jobs_in_process_because_cuda_does_not_survive_a_fork():
@@ -121,14 +136,14 @@ def test_a_round_waiting_for_chunks_is_deleted_once_another_replaces_it_or_the_p
 
 
 def test_a_chunk_a_worker_finishes_while_the_others_are_queued_is_counted(runtime, monkeypatch):
-    queued = runtime.queue.enqueue_unique
+    queued = runtime.encoding._enqueue_chunk
 
-    def taken_and_done_at_once(func, job_id, *args):  # an idle GPU worker, faster than the queueing loop
-        taken = queued(func, job_id, *args)
-        runtime.encoding.chunk_done("1", job_id)
+    def taken_and_done_at_once(job_id, project, chunk):  # an idle GPU worker, faster than the queueing loop
+        taken = queued(job_id, project, chunk)
+        runtime.encoding.chunk_done(project, job_id)
         return taken
 
-    monkeypatch.setattr(runtime.queue, "enqueue_unique", taken_and_done_at_once)
+    monkeypatch.setattr(runtime.encoding, "_enqueue_chunk", taken_and_done_at_once)
     runtime.encoding.enqueue("1", [["a text"], ["another", "two"]], then_rerank=False)
     assert runtime.encoding.progress("1") == {"chunks": 2, "done": 2, "failed": 0, "texts": 3}
 
@@ -154,7 +169,7 @@ def test_progress_says_when_an_encoding_ended_with_a_chunk_failed_and_starts_aga
     done, failed = runtime.encoding.enqueue("1", [["a"], ["b"]], then_rerank=False)
     chunk_encoded(runtime, "1", done)
     job = Job.fetch(failed, connection=runtime.redis)
-    runtime.queue.queue.remove(job)
+    runtime.encoding.queue.remove(job)
     job.set_status(JobStatus.FAILED)  # its texts are encoded by the next round itself (fewer than a chunk)
     assert runtime.encoding.progress("1") == {"chunks": 2, "done": 1, "failed": 1, "texts": 2}
     runtime.encoding.enqueue("1", [["c", "c2"]], then_rerank=False)  # a later import: a new encoding
@@ -183,7 +198,7 @@ def test_a_chunk_asked_for_again_after_its_job_record_expired_is_waited_for_and_
     assert runtime.encoding.progress("1") == {"chunks": 2, "done": 0, "failed": 0, "texts": 2}
     follow_up = runtime.redis.get(encoding_follow_up_key("1")).decode()
     assert sorted(Job.fetch(follow_up, connection=runtime.redis).dependency_ids) == sorted([a, b])
-    SimpleWorker([runtime.queue.queue], connection=runtime.redis).work(burst=True, max_jobs=2)  # b, then a
+    SimpleWorker(runtime.queues, connection=runtime.redis).work(burst=True, max_jobs=2)  # b, then a
     assert runtime.encoding.progress("1") == {"chunks": 2, "done": 2, "failed": 0, "texts": 2}
     assert runtime.queue.status(follow_up) == JobStatus.QUEUED  # released by the last of its chunks
 
@@ -209,12 +224,12 @@ def test_a_chunk_that_counted_itself_done_as_a_round_asks_for_it_again_stays_don
 
     (chunk,) = runtime.encoding.enqueue("1", [["a"]], then_rerank=False)
     job = Job.fetch(chunk, connection=runtime.redis)
-    runtime.queue.queue.remove(job)
+    runtime.encoding.queue.remove(job)
     job.set_status(JobStatus.STARTED)
     runtime.encoding.chunk_done("1", chunk)  # its vectors stored, an instant before rq marks it finished
     runtime.encoding.enqueue("1", [["a"]], then_rerank=False)  # a round that read the cache an instant before
     assert runtime.encoding.progress("1") == {"chunks": 1, "done": 1, "failed": 0, "texts": 1}
-    assert runtime.queue.queue.get_job_ids() == []  # not queued a second time
+    assert runtime.encoding.queue.get_job_ids() == []  # not queued a second time
 
 
 def test_a_chunk_that_failed_before_the_given_time_is_not_reported_as_failing_now(runtime):
@@ -224,7 +239,7 @@ def test_a_chunk_that_failed_before_the_given_time_is_not_reported_as_failing_no
 
     (chunk,) = runtime.encoding.enqueue("1", [["a"]], then_rerank=False)
     job = Job.fetch(chunk, connection=runtime.redis)
-    runtime.queue.queue.remove(job)
+    runtime.encoding.queue.remove(job)
     failed_at = datetime.now(UTC) - timedelta(days=3)
     job.ended_at = failed_at
     job.save()

@@ -472,9 +472,10 @@ def test_many_uncached_texts_become_chunk_jobs_and_a_follow_up_round(runtime, la
     monkeypatch.setattr(project_state, "ENCODE_CHUNK", 25)
     summary = rerank("1", runtime, generation=1)
     assert summary["published"] is False and "3 chunk jobs" in summary["encoding"]
-    job_ids = runtime.queue.queue.get_job_ids() + runtime.queue.queue.deferred_job_registry.get_job_ids()
+    job_ids = runtime.encoding.queue.get_job_ids() + runtime.queue.queue.deferred_job_registry.get_job_ids()
     assert sum(job_id.startswith("encode-1-") for job_id in job_ids) == 3
     assert runtime.encoding.progress("1") == {"chunks": 3, "done": 0, "failed": 0, "texts": 60}
+    assert runtime.projects.metrics()["encoding_queue_length"] == 3
 
 
 def test_rounds_during_the_first_encoding_do_not_read_every_task_again(runtime, label_studio, monkeypatch):
@@ -494,13 +495,13 @@ def test_pool_encoded_once_already_is_encoded_again_when_its_vectors_are_gone(ru
     monkeypatch.setattr(project_state, "ENCODE_CHUNK", 25)
     queue = runtime.queue.queue
     runtime.queue.request_rerank("1", "connected")
-    SimpleWorker([queue], connection=runtime.redis).work(burst=True)
+    SimpleWorker(runtime.queues, connection=runtime.redis).work(burst=True)
     assert runtime.registry.last_round("1")["published"]
     runtime.redis.delete(runtime.embedding_cache.key)
     label_studio.annotate(5, label_studio.truth[5])
     runtime.queue.request_rerank("1", "ANNOTATION_CREATED")
-    SimpleWorker([queue], connection=runtime.redis).work(burst=True, max_jobs=20)
-    assert len(queue) == 0, "the follow-up round kept re-queueing itself"
+    SimpleWorker(runtime.queues, connection=runtime.redis).work(burst=True, max_jobs=20)
+    assert len(queue) == len(runtime.encoding.queue) == 0, "the follow-up round kept re-queueing itself"
     assert runtime.registry.last_round("1")["annotations"] == 1 and runtime.registry.last_round("1")["published"]
 
 
@@ -510,18 +511,18 @@ def test_a_chunk_encoded_again_while_its_round_waits_still_releases_that_round(r
     from rq.job import Job, JobStatus
 
     monkeypatch.setattr(jobs, "_runtime", runtime)
-    queue = runtime.queue.queue
+    queue = runtime.encoding.queue
     texts = [task["data"]["text"] for task in label_studio.tasks.values()]
     chunks = [texts[:30], texts[30:]]
     first, second = runtime.encoding.enqueue("1", chunks)
     follow_up = runtime.redis.get(encoding_follow_up_key("1")).decode()
     queue.remove(second)  # the second chunk waits (another worker is slow to take it)...
-    SimpleWorker([queue], connection=runtime.redis).work(burst=True)  # ...while the first is encoded
+    SimpleWorker(runtime.queues, connection=runtime.redis).work(burst=True)  # ...while the first is encoded
     assert Job.fetch(follow_up, connection=runtime.redis).get_status() == JobStatus.DEFERRED
     runtime.redis.delete(runtime.embedding_cache.key)  # its vectors are evicted; a round asks for both again
     assert runtime.encoding.enqueue("1", chunks) == [first, second]
     queue.enqueue_job(Job.fetch(second, connection=runtime.redis), at_front=True)  # the slow worker takes it
-    SimpleWorker([queue], connection=runtime.redis).work(burst=True)
+    SimpleWorker(runtime.queues, connection=runtime.redis).work(burst=True)
     assert Job.fetch(follow_up, connection=runtime.redis).get_status() == JobStatus.FINISHED
     assert runtime.encoding.pending("1") is False
     assert runtime.registry.last_round("1")["published"]
@@ -1449,7 +1450,7 @@ def test_a_round_while_chunks_are_encoding_waits_for_them_and_requeues_a_failed_
 
     monkeypatch.setattr(project_state, "ENCODE_CHUNK", 25)
     rerank("1", runtime, generation=1)
-    queue = runtime.queue.queue
+    queue = runtime.encoding.queue
     chunk, encoded = [job_id for job_id in queue.get_job_ids() if job_id.startswith("encode-1-")][:2]
     chunk_encoded(runtime, "1", encoded)  # one chunk encoded meanwhile (its vectors lost since)
     failed = Job.fetch(chunk, connection=runtime.redis)  # and another failed for good
@@ -1463,7 +1464,7 @@ def test_a_round_while_chunks_are_encoding_waits_for_them_and_requeues_a_failed_
     assert second["published"] is False and "chunk jobs" in second["encoding"]
     assert chunk in queue.get_job_ids() and chunk not in queue.failed_job_registry.get_job_ids()
     assert Job.fetch(chunk, connection=runtime.redis).retries_left == RETRY.max  # a fresh start, not one fault left
-    follow_ups = [j for j in queue.deferred_job_registry.get_job_ids() if j.startswith("rerank-1-after-")]
+    follow_ups = [j for j in runtime.queue.queue.deferred_job_registry.get_job_ids() if j.startswith("rerank-1-after-")]
     assert len(follow_ups) == 1  # one round waits for the chunks, however many rounds asked
     # the same encoding, still under way: its chunk done, asked for again (vectors lost), counts once encoded again
     assert runtime.encoding.progress("1") == {"chunks": 3, "done": 0, "failed": 0, "texts": 60}
@@ -1480,7 +1481,7 @@ def test_a_chunk_that_failed_for_good_is_a_failed_round_that_metrics_shows_and_r
     monkeypatch.setattr(project_state, "ENCODE_CHUNK", 25)
     runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})
     rerank("1", runtime, generation=1)
-    queue = runtime.queue.queue
+    queue = runtime.encoding.queue
     chunk = queue.get_job_ids()[0]  # the first of the chunk jobs
     job = Job.fetch(chunk, connection=runtime.redis)
     job.retries_left = 0  # its last try
@@ -1508,7 +1509,7 @@ def test_a_chunk_an_operator_stopped_or_cancelled_is_queued_again(runtime, label
 
     monkeypatch.setattr(project_state, "ENCODE_CHUNK", 25)
     rerank("1", runtime, generation=1)
-    queue = runtime.queue.queue
+    queue = runtime.encoding.queue
     chunk = next(job_id for job_id in queue.get_job_ids() if job_id.startswith("encode-1-"))
     job = Job.fetch(chunk, connection=runtime.redis)
     queue.remove(job)
@@ -1529,7 +1530,7 @@ def test_a_follow_up_round_that_nothing_will_release_is_not_waited_for(runtime, 
 
     monkeypatch.setattr(project_state, "ENCODE_CHUNK", 25)
     rerank("1", runtime, generation=1)
-    queue = runtime.queue.queue
+    queue = runtime.encoding.queue
     chunks = [job_id for job_id in queue.get_job_ids() if job_id.startswith("encode-1-")]
     follow_up = runtime.redis.get(encoding_follow_up_key("1")).decode()
     assert len(chunks) == 3 and runtime.encoding.pending("1")  # chunks queued: worth waiting for
@@ -1543,7 +1544,7 @@ def test_a_follow_up_round_that_nothing_will_release_is_not_waited_for(runtime, 
     assert Job.fetch(follow_up, connection=runtime.redis).get_status() == JobStatus.DEFERRED
     assert runtime.encoding.pending("1") is False
     assert runtime.redis.get(encoding_follow_up_key("1")) is None
-    assert follow_up not in queue.deferred_job_registry.get_job_ids()
+    assert follow_up not in runtime.queue.queue.deferred_job_registry.get_job_ids()
 
 
 def test_the_matrix_is_read_from_the_cache_into_one_array_with_room_for_the_labelled_rows(runtime, monkeypatch):

@@ -4,6 +4,10 @@ When a round finds many texts without cached embeddings (a new project, a large 
 chunks and queues one `backend.jobs.encode_chunk` job per chunk, with an id made from the chunk's texts, so that
 a chunk is encoded once however many rounds ask; then one re-rank (the "follow-up") that depends on all of them.
 
+Chunk jobs have a queue of their own, which workers take from only when the backend's queue is empty: a big
+import into one project (an hour of chunks on a CPU for a million texts) never holds up the rounds, connections and
+reconciliations of any project. The follow-up round goes on the backend's queue once its chunks are done.
+
 Progress, shown in /metrics, is kept as two sets of chunk ids, the encoding's and the ones done, so that a chunk
 that finishes while others are queued, runs twice, or belongs to a project forgotten since is counted right.
 """
@@ -14,10 +18,16 @@ import contextlib
 import hashlib
 import uuid
 
-from rq.exceptions import NoSuchJobError
+from rq import Queue
+from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 
 from backend.adapters.queue import DEAD_STATUSES, RETRY, WAITING_OR_RUNNING, WAITING_STATUSES, JobQueue
+
+
+def encoding_queue_name(queue_name: str) -> str:
+    """The RQ queue of chunk jobs, beside the backend's queue `queue_name`."""
+    return f"{queue_name}-encoding"
 
 
 def encoding_key(project: str) -> str:
@@ -68,11 +78,12 @@ def last_error(job: Job) -> str:
 
 
 class EncodingJobs:
-    """Chunk jobs and their follow-up round, on the backend's queue."""
+    """Chunk jobs, on the encoding queue, and their follow-up round, on the backend's queue."""
 
     def __init__(self, jobs: JobQueue):
         self.jobs = jobs
         self.client = jobs.client
+        self.queue = Queue(encoding_queue_name(jobs.queue.name), connection=jobs.client)
         self._chunk_done = self.client.register_script(CHUNK_DONE)
 
     def enqueue(self, project: str, chunks: list[list[str]], then_rerank: bool = True) -> list[str]:
@@ -99,7 +110,7 @@ class EncodingJobs:
         again = [job_id for job_id, _ in to_run]
         self._count_in(project, texts_per_chunk, again, restart=not under_way, counted=set(counted))
         for job_id, chunk in to_run:
-            if not self.jobs.enqueue_unique("backend.jobs.encode_chunk", job_id, project, job_id, chunk):
+            if not self._enqueue_chunk(job_id, project, chunk):
                 self._run_again(job_id, project, chunk)
         if then_rerank:
             self._enqueue_follow_up(project, sorted(set(job_ids) | under_way), queued_again=bool(to_run))
@@ -159,16 +170,30 @@ class EncodingJobs:
         """Requeue a chunk whose job exists and is not waiting or running (one that failed for good with its retries
         back: rq's requeue keeps the spent count, and one more fault would fail it for good at once)."""
         status = self.jobs.status(job_id)
-        if status == JobStatus.FAILED and job_id in self.jobs.queue.failed_job_registry:
+        if status == JobStatus.FAILED and job_id in self.queue.failed_job_registry:
             job = Job.fetch(job_id, connection=self.client)
             job.retries_left = RETRY.max
-            self.jobs.queue.failed_job_registry.requeue(job)
+            self.queue.failed_job_registry.requeue(job)
             return
         if status in WAITING_OR_RUNNING:
             return
         with contextlib.suppress(NoSuchJobError):
             Job.fetch(job_id, connection=self.client).delete()
-        self.jobs.enqueue_unique("backend.jobs.encode_chunk", job_id, project, job_id, chunk)
+        self._enqueue_chunk(job_id, project, chunk)
+
+    def _enqueue_chunk(self, job_id: str, project: str, chunk: list[str]) -> bool:
+        """Queue a chunk's job on the encoding queue; False when a job with its id exists."""
+        try:
+            self.queue.enqueue_call(
+                "backend.jobs.encode_chunk",
+                args=(project, job_id, chunk),
+                job_id=job_id,
+                unique=True,
+                **self.jobs.job_options(),
+            )
+        except DuplicateJobError:
+            return False
+        return True
 
     def _enqueue_follow_up(self, project: str, job_ids: list[str], queued_again: bool) -> None:
         """Queue the round that ranks the pool once all these chunks are encoded, unless it already waits."""
@@ -219,6 +244,10 @@ class EncodingJobs:
         job.delete()
         self.client.delete(encoding_follow_up_key(project))
         return False
+
+    def length(self) -> int:
+        """How many chunk jobs wait in the encoding queue (all projects)."""
+        return len(self.queue)
 
     def chunk_done(self, project: str, job_id: str) -> None:
         """Count a chunk of the current encoding done: in the progress /metrics shows, and in its run count."""

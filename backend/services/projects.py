@@ -162,6 +162,7 @@ class ProjectService:
         return {
             "reranking": f"off: {self.reranking_unavailable}" if self.reranking_unavailable else "on",
             "queue_length": self.queue.length(),
+            "encoding_queue_length": self.encoding.length(),
             "projects": projects,
             "disconnected": self.registry.disconnected(),
             "time": time.time(),
