@@ -544,6 +544,31 @@ def test_a_reconciliation_on_a_clock_behind_the_schedulers_still_schedules_the_n
     assert [reconcile_slot("1", job_id) > own for job_id in scheduled] == [True]
 
 
+def test_a_reconciliation_whose_read_took_long_spaces_out_the_next(runtime, label_studio, monkeypatch):
+    # each pass reads every annotation's id and update time: for tens of thousands of annotations that takes
+    # longer than the interval, and back-to-back passes would keep a worker (and Label Studio) busy for good
+    from rq.registry import ScheduledJobRegistry
+
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    interval = runtime.settings.reconcile_interval
+    scheduled = ScheduledJobRegistry(queue=runtime.queue.queue)
+    runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})
+    runtime.registry.record_reconcile_read("1", interval / 10)  # a fast read: the next pass in one interval
+    jobs.reconcile_project("1")
+    [job_id] = scheduled.get_job_ids()
+    assert interval - 5 < scheduled.get_scheduled_time(job_id).timestamp() - time.time() <= interval
+    assert runtime.registry.reconcile_read_seconds("1") < interval / 10  # this pass's own read, recorded
+    scheduled.remove(job_id)
+    runtime.registry.record_reconcile_read("1", interval)  # a read as long as the interval
+    jobs.reconcile_project("1")
+    [job_id] = scheduled.get_job_ids()
+    due = scheduled.get_scheduled_time(job_id).timestamp() - time.time()
+    assert 5 * interval - 5 < due <= 5 * interval  # RECONCILE_SHARE = 0.2
+    assert runtime.queue.reconcile_scheduled("1")  # the chain stays alive over the longer wait
+    read = runtime.projects.metrics()["projects"]["1"]["reconcile_read_seconds"]
+    assert 0 < read < interval / 10  # shown in /metrics: this pass's read
+
+
 def test_a_label_config_that_reads_another_field_ranks_the_new_texts(runtime, label_studio):
     for task in label_studio.tasks.values():
         task["data"]["headline"] = f"headline {task['id']}: " + task["data"]["text"][:30]

@@ -190,6 +190,14 @@ class ProjectRegistry:
         raw = self.client.hget(self.key(project), "refused")
         return json.loads(raw) if raw else None
 
+    def record_reconcile_read(self, project: str, seconds: float) -> None:
+        """How long the project's last reconciliation took to read Label Studio."""
+        self.client.hset(self.key(project), "reconcile_read_seconds", f"{seconds:.3f}")
+
+    def reconcile_read_seconds(self, project: str) -> float:
+        """How long the project's last reconciliation took to read Label Studio (0 before the first)."""
+        return float(self.client.hget(self.key(project), "reconcile_read_seconds") or 0)
+
     def last_round(self, project: str) -> dict | None:
         raw = self.client.hget(self.key(project), "last_round")
         return json.loads(raw) if raw else None

@@ -200,15 +200,19 @@ class JobQueue:
         """True while no newer generation has claimed the right to publish since `may_publish` gave it to us."""
         return self.published_generation(project) == generation
 
-    def schedule_reconcile(self, project: str, interval: int, after_slot: int | None = None) -> None:
-        """Schedule the project's next reconciliation in `interval` s; one job per (project, slot).
+    def schedule_reconcile(
+        self, project: str, interval: int, after_slot: int | None = None, delay: float | None = None
+    ) -> None:
+        """Schedule the project's next reconciliation in `delay` s (at least `interval`, the default); one job per
+        (project, slot).
 
-        The slot is the next interval-long period of the clock, so callers in the same period share one; a
-        reconciliation scheduling its successor passes its own slot, and the successor's is always later, even
-        when this machine's clock is behind the one that scheduled it (else it would find its own id taken and the
-        chain would end).
+        The slot is the interval-long period of the clock the job is due in, so callers in the same period share
+        one; a reconciliation scheduling its successor passes its own slot, and the successor's is always later,
+        even when this machine's clock is behind the one that scheduled it (else it would find its own id taken
+        and the chain would end).
         """
-        slot = int(time.time() // interval) + 1 if interval > 0 else 0
+        delay = interval if delay is None else max(delay, interval)
+        slot = int((time.time() + delay) // interval) if interval > 0 else 0
         if after_slot is not None:
             slot = max(slot, after_slot + 1)
         job = self.queue.create_job(
@@ -218,10 +222,10 @@ class JobQueue:
             **self.job_options(retry=None, failure_ttl=reconcile_failure_ttl(interval)),
         )
         try:
-            self.queue.schedule_job(job, _in(interval), unique=True)
+            self.queue.schedule_job(job, _in(delay), unique=True)
         except DuplicateJobError:
             pass
-        self.client.set(reconcile_alive_key(project), slot, ex=2 * interval + 60)
+        self.client.set(reconcile_alive_key(project), slot, ex=int(2 * delay) + 60)
 
     def restart_reconcile_if_ended(self, project: str, interval: int) -> bool:
         """Schedule the project's reconciliation unless its chain is alive (or `interval` is 0) -> whether it did."""
@@ -297,5 +301,5 @@ class JobQueue:
             return None
 
 
-def _in(seconds: int):
+def _in(seconds: float):
     return now() + timedelta(seconds=seconds)

@@ -158,6 +158,7 @@ class ProjectService:
                 "failing": self.registry.failing(project),
                 "events": self.registry.event_counts(project),
                 "encoding": self.encoding.progress(project),
+                "reconcile_read_seconds": self.registry.reconcile_read_seconds(project),
             }
         return {
             "reranking": f"off: {self.reranking_unavailable}" if self.reranking_unavailable else "on",
