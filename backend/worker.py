@@ -21,6 +21,7 @@ from rq import SimpleWorker, Worker
 from rq.exceptions import StopRequested
 
 from backend import jobs
+from backend.adapters.queue import OrderedQueue
 from backend.config import Settings, writable_model_dir
 from backend.errors import LabelStudioUnavailable, ModelUnavailable
 from backend.local_stack import stop_with_parent
@@ -156,7 +157,18 @@ class RevivesReconciliations:
             log.exception("could not restart the reconciliations of connected projects")
 
 
-class ForkingWorker(RevivesReconciliations, Worker):
+class TakesQueuesInOrder:
+    """A worker that takes jobs from its queues in order, each with rq's reliable dequeue (`OrderedQueue`): the
+    job is then in its queue's intermediate list until it starts, which rq, for a worker on several queues, would
+    not expect, and so would not take it out of that list, then later fail the job as stuck there."""
+
+    queue_class = OrderedQueue
+
+    def prepare_job_execution(self, job, remove_from_intermediate_queue: bool = False) -> None:
+        super().prepare_job_execution(job, remove_from_intermediate_queue=True)
+
+
+class ForkingWorker(TakesQueuesInOrder, RevivesReconciliations, Worker):
     def handle_work_horse_killed(self, job, retpid, ret_val, rusage) -> None:
         """A work-horse that died without raising (the OOM killer, a job past its timeout stuck in C code) never
         got to record a failed round: record it here, where rq hands the job on to its retries or its failure."""
@@ -168,7 +180,7 @@ class ForkingWorker(RevivesReconciliations, Worker):
             log.warning("could not record that %s's work-horse died: Redis unavailable (%s)", job.id, exc)
 
 
-class InProcessWorker(RevivesReconciliations, SimpleWorker):
+class InProcessWorker(TakesQueuesInOrder, RevivesReconciliations, SimpleWorker):
     pass
 
 

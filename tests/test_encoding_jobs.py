@@ -1,16 +1,18 @@
 """Two real RQ workers share one project's encoding job; every chunk is encoded exactly once."""
 
+import threading
 import time
 
 import numpy as np
 import pytest
 import redis
-from rq import Queue, SimpleWorker, Worker
+from rq import SimpleWorker, Worker
+from rq.exceptions import DequeueTimeout
 from rq.job import Job, JobStatus
 from rq.worker import WorkerStatus
 
 from backend.adapters.embedding_cache import text_key
-from backend.adapters.queue import RETRY
+from backend.adapters.queue import RETRY, OrderedQueue
 from tests.conftest import read_csv
 from tests.helpers import chunk_encoded
 from tests.processes import BackendProcesses
@@ -69,7 +71,7 @@ def test_workers_take_every_other_job_before_a_chunk_job(runtime):
     runtime.encoding.enqueue("1", [["a"], ["b"]])
     runtime.queue.request_rerank("2", "ANNOTATION_CREATED")
     runtime.queue.enqueue_cleanup("3", "al-v000002")
-    taken = [Queue.dequeue_any(runtime.queues, None, connection=runtime.redis)[0] for _ in range(4)]
+    taken = [OrderedQueue.dequeue_any(runtime.queues, None, connection=runtime.redis)[0] for _ in range(4)]
     assert [job.func_name for job in taken] == [
         "backend.jobs.rerank_project",
         "backend.jobs.cleanup_versions",
@@ -77,6 +79,22 @@ def test_workers_take_every_other_job_before_a_chunk_job(runtime):
         "backend.jobs.encode_chunk",
     ]
     assert taken[0].args[0] == "2" and taken[2].args[0] == taken[3].args[0] == "1"
+    # each taken as rq takes a job for a worker on one queue: into the queue's intermediate list, from which rq's
+    # maintenance recovers a job whose worker died before starting it (popped, it would be in no list: lost)
+    assert runtime.queue.queue.intermediate_queue.get_job_ids() == [job.id for job in taken[:2]]
+    assert runtime.encoding.queue.intermediate_queue.get_job_ids() == [job.id for job in taken[2:]]
+
+
+def test_an_idle_worker_takes_a_chunk_job_queued_while_it_waits(runtime):
+    with pytest.raises(DequeueTimeout):  # rq's contract: nothing within the timeout
+        OrderedQueue.dequeue_any(runtime.queues, 1, connection=runtime.redis)
+    queued = threading.Timer(0.3, runtime.encoding.enqueue, args=("1", [["a"]]), kwargs={"then_rerank": False})
+    queued.start()
+    started = time.monotonic()
+    job, queue = OrderedQueue.dequeue_any(runtime.queues, 30, connection=runtime.redis)
+    queued.join()
+    assert job.func_name == "backend.jobs.encode_chunk" and queue.name == runtime.encoding.queue.name
+    assert time.monotonic() - started < 10  # within a poll or two, not at the end of the wait
 
 
 def test_a_chunk_whose_vectors_could_not_be_stored_fails_so_rq_retries_it(runtime, monkeypatch):

@@ -544,6 +544,31 @@ def test_a_reconciliation_on_a_clock_behind_the_schedulers_still_schedules_the_n
     assert [reconcile_slot("1", job_id) > own for job_id in scheduled] == [True]
 
 
+def test_a_reconciliation_of_a_chain_a_newer_one_replaced_ends_its_chain(runtime, label_studio, monkeypatch):
+    # the project connected again (or its chain restarted) while an older chain's pass waited: with passes spaced
+    # by how long each read took, the two would never land on the same slot, and both would go on reading
+    from rq.registry import ScheduledJobRegistry
+
+    from backend.adapters.queue import reconcile_job_id, reconcile_slot
+
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})
+    interval = runtime.settings.reconcile_interval
+    runtime.queue.schedule_reconcile("1", interval)  # the newer chain
+    scheduled = ScheduledJobRegistry(queue=runtime.queue.queue)
+    [newer] = scheduled.get_job_ids()
+    older = reconcile_job_id("1", reconcile_slot("1", newer) - 3)
+    runtime.queue.queue.enqueue_call("backend.jobs.reconcile_project", args=("1",), job_id=older)
+    SimpleWorker([runtime.queue.queue], connection=runtime.redis).work(burst=True)
+    assert runtime.queue.queue.fetch_job(older).return_value() == {"rerank": "not needed", "replaced_by": newer}
+    assert scheduled.get_job_ids() == [newer]  # the older chain scheduled no successor
+    assert runtime.registry.reconcile_read_seconds("1") == 0  # and read nothing from Label Studio
+    runtime.queue.queue.fetch_job(newer).delete()  # its time comes: run it now
+    runtime.queue.queue.enqueue_call("backend.jobs.reconcile_project", args=("1",), job_id=newer)
+    SimpleWorker([runtime.queue.queue], connection=runtime.redis).work(burst=True)  # the newer chain goes on
+    assert [reconcile_slot("1", job_id) > reconcile_slot("1", newer) for job_id in scheduled.get_job_ids()] == [True]
+
+
 def test_a_reconciliation_whose_read_took_long_spaces_out_the_next(runtime, label_studio, monkeypatch):
     # each pass reads every annotation's id and update time: for tens of thousands of annotations that takes
     # longer than the interval, and back-to-back passes would keep a worker (and Label Studio) busy for good

@@ -285,3 +285,17 @@ def test_a_killed_work_horses_job_still_fails_when_redis_refuses_to_record_it(ru
     job_id = queued_rerank(runtime, retries_left=0)
     worker.ForkingWorker([queue], connection=runtime.redis).work(burst=True)  # the hook's error does not escape
     assert job_id in queue.failed_job_registry.get_job_ids()  # rq's failure handling ran after the hook
+
+
+def test_the_worker_takes_other_jobs_before_chunk_jobs_and_leaves_no_job_in_an_intermediate_list(runtime, monkeypatch):
+    # a job left in its queue's intermediate list after it ran would be failed by rq's maintenance as "stuck"
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    chunk = runtime.encoding.queue.enqueue("os.getpid")  # the encoding queue: taken when nothing else waits
+    other = runtime.queue.queue.enqueue("os.getpid")
+    worker.main(["--burst", "--no-preload"])  # returns once both queues are empty
+    chunk.refresh()
+    other.refresh()
+    assert chunk.get_status() == other.get_status() == "finished"
+    assert other.started_at < chunk.started_at
+    assert runtime.queue.queue.intermediate_queue.get_job_ids() == []
+    assert runtime.encoding.queue.intermediate_queue.get_job_ids() == []

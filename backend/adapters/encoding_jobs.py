@@ -18,11 +18,10 @@ import contextlib
 import hashlib
 import uuid
 
-from rq import Queue
 from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 
-from backend.adapters.queue import DEAD_STATUSES, RETRY, WAITING_OR_RUNNING, WAITING_STATUSES, JobQueue
+from backend.adapters.queue import DEAD_STATUSES, RETRY, WAITING_OR_RUNNING, WAITING_STATUSES, JobQueue, OrderedQueue
 
 
 def encoding_queue_name(queue_name: str) -> str:
@@ -83,7 +82,7 @@ class EncodingJobs:
     def __init__(self, jobs: JobQueue):
         self.jobs = jobs
         self.client = jobs.client
-        self.queue = Queue(encoding_queue_name(jobs.queue.name), connection=jobs.client)
+        self.queue = OrderedQueue(encoding_queue_name(jobs.queue.name), connection=jobs.client)
         self._chunk_done = self.client.register_script(CHUNK_DONE)
 
     def enqueue(self, project: str, chunks: list[list[str]], then_rerank: bool = True) -> list[str]:

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 import redis
 from rq import Queue, Retry
-from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
+from rq.exceptions import DequeueTimeout, DuplicateJobError, InvalidJobOperation, NoSuchJobError
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job, JobStatus
 from rq.utils import now, str_to_date
@@ -93,12 +93,43 @@ def published_key(project: str) -> str:
     return f"al:rerank:published:{project}"
 
 
+class OrderedQueue(Queue):
+    """rq's Queue, whose workers (`backend.worker`) take from several queues in order, each job with rq's
+    reliable dequeue, as rq does for a worker on one queue only (on several it pops with BLPOP, and a job
+    popped by a worker that dies before the job starts is in no list or registry: lost, waited for by whatever
+    depends on it). The job is moved to its queue's intermediate list, from which rq's maintenance recovers it.
+
+    Idle, a worker waits on the first queue and looks at the others every `POLL_SECONDS`.
+    """
+
+    POLL_SECONDS = 1
+
+    @classmethod
+    def dequeue_any(cls, queues, timeout, connection, **options):
+        """The first job of the first queue that has one, as (job, queue); None at once when all are empty and
+        `timeout` is None, else DequeueTimeout once `timeout` seconds have passed (rq's contract)."""
+        queues = list(queues)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            for queue in queues:
+                if (taken := super().dequeue_any([queue], None, connection, **options)) is not None:
+                    return taken
+            if deadline is None:
+                return None
+            wait = min(cls.POLL_SECONDS, deadline - time.monotonic())
+            if wait <= 0:
+                raise DequeueTimeout(timeout, [queue.key for queue in queues])
+            with contextlib.suppress(DequeueTimeout):
+                if (taken := super().dequeue_any(queues[:1], max(1, int(wait)), connection, **options)) is not None:
+                    return taken
+
+
 class JobQueue:
     """The backend's RQ queue, and the rules for what may be queued at the same time."""
 
     def __init__(self, client: redis.Redis, name: str, job_timeout: int = 600):
         self.client = client
-        self.queue = Queue(name, connection=client)
+        self.queue = OrderedQueue(name, connection=client)
         self.job_timeout = job_timeout
         self._publish_if_newer = client.register_script(PUBLISH_IF_NEWER)
         self._next_generation = client.register_script(NEXT_GENERATION)
@@ -237,6 +268,13 @@ class JobQueue:
     def reconcile_scheduled(self, project: str) -> bool:
         """Whether the project's chain of reconciliations is alive (scheduled within the last two intervals)."""
         return bool(self.client.exists(reconcile_alive_key(project)))
+
+    def newest_reconcile_slot(self, project: str) -> int | None:
+        """The slot of the project's reconciliation scheduled last (None when the chain is not alive): a pass of
+        another slot belongs to a chain that a newer one replaced (a connection, a chain restarted while this one's
+        job waited behind others) and ends it, or both would go on, each reading every annotation."""
+        slot = self.client.get(reconcile_alive_key(project))
+        return int(slot) if slot is not None else None
 
     def enqueue_connect(self, project: str) -> None:
         """First `/setup` of a project: configure it in Label Studio and build the cold-start ranking.
