@@ -15,7 +15,7 @@ from rq import get_current_job
 from rq.utils import now
 
 from backend.adapters.label_studio import ACTIVE_LEARNING_SETTINGS, LabelStudioNotFound, LabelStudioRejected
-from backend.adapters.queue import reconcile_job_id, reconcile_slot
+from backend.adapters.queue import reconcile_slot
 from backend.config import Settings
 from backend.errors import LabelStudioUnavailable
 from backend.round_lock import round_lock
@@ -290,10 +290,9 @@ def reconcile_project(project: str) -> dict:
         current = get_current_job()
         after_slot = current and reconcile_slot(project, current.id)
         newest = rt.queue.newest_reconcile_slot(project)
-        if after_slot is not None and newest is not None and newest != after_slot:
-            return {"rerank": "not needed", "replaced_by": reconcile_job_id(project, newest)}  # its chain ends
-        delay = reconcile_delay(interval, rt.registry.reconcile_read_seconds(project))
-        rt.queue.schedule_reconcile(project, interval, after_slot=after_slot, delay=delay)
+        if after_slot is None or newest is None or newest == after_slot:  # else a newer chain replaced this one's
+            delay = reconcile_delay(interval, rt.registry.reconcile_read_seconds(project))
+            rt.queue.schedule_reconcile(project, interval, after_slot=after_slot, delay=delay)
     setups_seen = rt.registry.setups(project)
     started = time.monotonic()
     try:

@@ -158,14 +158,18 @@ class RevivesReconciliations:
 
 
 class TakesQueuesInOrder:
-    """A worker that takes jobs from its queues in order, each with rq's reliable dequeue (`OrderedQueue`): the
-    job is then in its queue's intermediate list until it starts, which rq, for a worker on several queues, would
-    not expect, and so would not take it out of that list, then later fail the job as stuck there."""
+    """A worker that takes jobs from its queues in order, each with rq's reliable dequeue (`OrderedQueue`): the job
+    waits in its queue's intermediate list until the worker has put it in the started registry, and is taken out
+    of that list here (rq does so only for a worker on one queue; a job left there its maintenance fails as stuck).
+    From then on rq's started registry, with its abandoned-job handling, answers for the job."""
 
     queue_class = OrderedQueue
 
-    def prepare_job_execution(self, job, remove_from_intermediate_queue: bool = False) -> None:
-        super().prepare_job_execution(job, remove_from_intermediate_queue=True)
+    def prepare_execution(self, job):
+        execution = super().prepare_execution(job)
+        origin = self.queue_class(job.origin, connection=self.connection)
+        self.connection.lrem(origin.intermediate_queue_key, 1, job.id)
+        return execution
 
 
 class ForkingWorker(TakesQueuesInOrder, RevivesReconciliations, Worker):
