@@ -15,7 +15,7 @@ from rq import get_current_job
 from rq.utils import now
 
 from backend.adapters.label_studio import ACTIVE_LEARNING_SETTINGS, LabelStudioNotFound, LabelStudioRejected
-from backend.adapters.queue import reconcile_slot
+from backend.adapters.queue import reconcile_delay, reconcile_slot
 from backend.config import Settings
 from backend.errors import LabelStudioUnavailable
 from backend.round_lock import round_lock
@@ -333,17 +333,6 @@ def reconcile_project(project: str) -> dict:
         return {"rerank": "not needed", "failing": failing["reason"]}  # webhooks still queue rounds meanwhile
     log.info("project %s: reconciliation found %s", project, "; ".join(reasons))
     return {"rerank": rt.queue.request_rerank(project, "reconcile: " + "; ".join(reasons)), "reasons": reasons}
-
-
-RECONCILE_SHARE = 0.2
-"""The most of a worker's time, and of Label Studio's, that one project's reconciliations take when nothing
-changed: each pass reads every annotation's id and update time (about 13 s for 10,000 annotated tasks, see the
-README), so a pass that took longer than this share of RECONCILE_INTERVAL spaces out the ones after it."""
-
-
-def reconcile_delay(interval: int, read_seconds: float) -> float:
-    """Seconds until the next reconciliation: `interval`, or longer when the last pass's read was long."""
-    return max(float(interval), read_seconds / RECONCILE_SHARE)
 
 
 MAX_FAILED_ROUND_BACKOFF = 3600
