@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import uuid
 
-from rq.exceptions import DuplicateJobError, NoSuchJobError
+from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
 from backend.adapters.queue import DEAD_STATUSES, RETRY, WAITING_OR_RUNNING, WAITING_STATUSES, JobQueue, OrderedQueue
@@ -182,17 +182,7 @@ class EncodingJobs:
 
     def _enqueue_chunk(self, job_id: str, project: str, chunk: list[str]) -> bool:
         """Queue a chunk's job on the encoding queue; False when a job with its id exists."""
-        try:
-            self.queue.enqueue_call(
-                "backend.jobs.encode_chunk",
-                args=(project, job_id, chunk),
-                job_id=job_id,
-                unique=True,
-                **self.jobs.job_options(),
-            )
-        except DuplicateJobError:
-            return False
-        return True
+        return self.jobs.enqueue_unique("backend.jobs.encode_chunk", job_id, project, job_id, chunk, queue=self.queue)
 
     def _enqueue_follow_up(self, project: str, job_ids: list[str], queued_again: bool) -> None:
         """Queue the round that ranks the pool once all these chunks are encoded, unless it already waits."""

@@ -329,9 +329,10 @@ class JobQueue:
         """What every job of the backend gets: its timeout, how long results and failures are kept, retries."""
         return {"timeout": self.job_timeout, "result_ttl": RESULT_TTL, "failure_ttl": failure_ttl, "retry": retry}
 
-    def enqueue_unique(self, func: str, job_id: str, *args) -> bool:
+    def enqueue_unique(self, func: str, job_id: str, *args, queue: Queue | None = None) -> bool:
+        """Queue `func(*args)` as `job_id` on `queue` (default: the backend's); False when a job with that id exists."""
         try:
-            self.queue.enqueue_call(
+            (queue or self.queue).enqueue_call(
                 func,
                 args=args,
                 job_id=job_id,
