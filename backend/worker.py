@@ -159,17 +159,16 @@ class RevivesReconciliations:
 
 class TakesQueuesInOrder:
     """A worker that takes jobs from its queues in order, each with rq's reliable dequeue (`OrderedQueue`): the job
-    waits in its queue's intermediate list until the worker has put it in the started registry, and is taken out
-    of that list here (rq does so only for a worker on one queue; a job left there its maintenance fails as stuck).
-    From then on rq's started registry, with its abandoned-job handling, answers for the job."""
+    waits in its queue's intermediate list until it is marked started, and leaves that list in the same
+    transaction, as rq does for a worker on one queue only. A worker that dies before that step leaves the job in
+    the list, from which rq's maintenance retries or fails it; one that dies after, a started job, which rq's
+    started registry answers for. (Taken out of the list any earlier, while the job is still marked queued, a job
+    whose worker died would be in no list or registry: rq drops a not-started job from the started registry.)"""
 
     queue_class = OrderedQueue
 
-    def prepare_execution(self, job):
-        execution = super().prepare_execution(job)
-        origin = self.queue_class(job.origin, connection=self.connection)
-        self.connection.lrem(origin.intermediate_queue_key, 1, job.id)
-        return execution
+    def prepare_job_execution(self, job, remove_from_intermediate_queue: bool = False) -> None:
+        super().prepare_job_execution(job, remove_from_intermediate_queue=True)
 
 
 class ForkingWorker(TakesQueuesInOrder, RevivesReconciliations, Worker):
@@ -182,6 +181,8 @@ class ForkingWorker(TakesQueuesInOrder, RevivesReconciliations, Worker):
             jobs.record_killed_round(job, f"the work-horse running it died ({how})")
         except redis.RedisError as exc:  # rq hands the job on to its retries or its failure all the same
             log.warning("could not record that %s's work-horse died: Redis unavailable (%s)", job.id, exc)
+        except Exception:  # nor may a bug in recording it keep rq from doing so (the worker's loop would quit)
+            log.exception("could not record that %s's work-horse died", job.id)
 
 
 class InProcessWorker(TakesQueuesInOrder, RevivesReconciliations, SimpleWorker):

@@ -3,6 +3,7 @@ every connected project's reconciliations going."""
 
 import threading
 
+import pytest
 import redis
 import torch
 from redis.backoff import NoBackoff
@@ -271,12 +272,19 @@ def test_a_child_the_worker_forks_stops_on_sigterm_before_it_has_its_own_handler
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
 
 
-def test_a_killed_work_horses_job_still_fails_when_redis_refuses_to_record_it(runtime, monkeypatch):
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+        IndexError("tuple index out of range"),  # a bug in recording it
+    ],
+)
+def test_a_killed_work_horses_job_still_fails_when_recording_it_fails(runtime, monkeypatch, error):
     import os
     import signal
 
     def refused(job, reason):
-        raise redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+        raise error
 
     monkeypatch.setattr(jobs, "_runtime", runtime)
     monkeypatch.setattr(jobs, "rerank", lambda *args: os.kill(os.getpid(), signal.SIGKILL))
@@ -299,3 +307,21 @@ def test_the_worker_takes_other_jobs_before_chunk_jobs_and_leaves_no_job_in_an_i
     assert other.started_at < chunk.started_at
     assert runtime.queue.queue.intermediate_queue.get_job_ids() == []
     assert runtime.encoding.queue.intermediate_queue.get_job_ids() == []
+
+
+def test_a_job_whose_worker_dies_before_marking_it_started_is_failed_by_rqs_maintenance_not_lost(runtime):
+    import time
+
+    queue = runtime.queue.queue
+    job = queue.enqueue("os.getpid")
+    taker = worker.InProcessWorker([queue, runtime.encoding.queue], connection=runtime.redis)
+    taken, _ = taker.dequeue_job_and_maintain_ttl(timeout=1)
+    taker.prepare_execution(taken)  # in the started registry; the worker dies before the job is marked started
+    assert job.id in queue.intermediate_queue.get_job_ids()
+
+    queue.started_job_registry.cleanup(timestamp=time.time() + 3600)  # its heartbeat expired: rq drops the entry
+    queue.intermediate_queue.cleanup(taker, queue)  # rq's maintenance sees it stuck a first time...
+    first_seen = queue.intermediate_queue.get_first_seen_key(job.id)
+    runtime.redis.set(first_seen, time.time() - 120)
+    queue.intermediate_queue.cleanup(taker, queue)  # ...and, still there a while later, fails it
+    assert job.id in queue.failed_job_registry.get_job_ids()
