@@ -169,6 +169,15 @@ class TakesQueuesInOrder:
 
     def prepare_job_execution(self, job, remove_from_intermediate_queue: bool = False) -> None:
         super().prepare_job_execution(job, remove_from_intermediate_queue=True)
+        self.forget_stuck_mark(job)
+
+    def forget_stuck_mark(self, job) -> None:
+        """rq's maintenance marks a job it finds in an intermediate list and fails it when it finds it there again
+        a minute later, by id; the mark outlives a job that recovered (24 h). Job ids come back here (a chunk's, a
+        connection's, a retried job's): without this, the next time one is taken, a maintenance pass in the instant
+        between taking and starting it would fail it at once."""
+        origin = self.queue_class(job.origin, connection=self.connection)
+        self.connection.delete(origin.intermediate_queue.get_first_seen_key(job.id))
 
 
 class ForkingWorker(TakesQueuesInOrder, RevivesReconciliations, Worker):

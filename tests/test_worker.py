@@ -325,3 +325,19 @@ def test_a_job_whose_worker_dies_before_marking_it_started_is_failed_by_rqs_main
     runtime.redis.set(first_seen, time.time() - 120)
     queue.intermediate_queue.cleanup(taker, queue)  # ...and, still there a while later, fails it
     assert job.id in queue.failed_job_registry.get_job_ids()
+
+
+def test_a_job_id_once_seen_stuck_is_not_failed_as_stuck_when_taken_again(runtime, monkeypatch):
+    import time
+
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    queue = runtime.queue.queue
+    mark = queue.intermediate_queue.get_first_seen_key("connect-1")
+    runtime.redis.set(mark, time.time() - 600)  # rq's maintenance found a job of this id stuck, once, long ago
+    queue.enqueue("os.getpid", job_id="connect-1")
+    taker = worker.InProcessWorker([queue, runtime.encoding.queue], connection=runtime.redis)
+    taker.work(burst=True)
+    runtime.redis.lpush(queue.intermediate_queue.key, "connect-1")  # the id taken again, not started yet...
+    queue.enqueue("os.getpid", job_id="connect-1")
+    queue.intermediate_queue.cleanup(taker, queue)  # ...when a maintenance pass runs
+    assert "connect-1" not in queue.failed_job_registry.get_job_ids()
