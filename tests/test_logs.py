@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from backend.config import SETTING_NAMES, Settings
-from backend.logs import FORMAT, RedactSecrets
+from backend.logs import FORMAT, record_filters
 
 
 def log_output(settings: Settings, emit) -> str:
@@ -16,7 +16,8 @@ def log_output(settings: Settings, emit) -> str:
     handler = logging.Handler()
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.emit = lambda record: records.append(handler.format(record))
-    handler.addFilter(RedactSecrets(settings.secrets()))
+    for record_filter in record_filters(settings):
+        handler.addFilter(record_filter)
     logger = logging.getLogger("test-secrets")
     logger.handlers[:], logger.propagate = [handler], False
     logger.setLevel(logging.DEBUG)  # whatever level the root logger has in this test run
@@ -46,6 +47,23 @@ def test_messages_tracebacks_and_derived_forms_of_secrets_are_redacted():
     assert "basic auth refused for ls:***" in output
     for secret in ("key-123456", "pa55word", header, "redispw"):
         assert secret not in output
+
+
+def test_a_line_break_from_a_request_cannot_forge_a_log_line_and_a_traceback_keeps_its_lines():
+    forged = "\n2026-12-07 06:55:00,000 ERROR 1 backend.api: project 3 deleted\r\u2028\x1b[31m"
+    escaped = "\\n2026-12-07 06:55:00,000 ERROR 1 backend.api: project 3 deleted\\r\\u2028\\x1b[31m"
+
+    def emit(logger):
+        logger.info("%s %s: 401 Unauthorized", "GET", "/x" + forged)
+        try:
+            raise ValueError("two\nlines")
+        except ValueError:
+            logger.exception("failed on %s", "/x" + forged)
+
+    lines = log_output(Settings(basic_auth_pass="pa55word"), emit).splitlines()
+    assert lines[0].endswith(f"GET /x{escaped}: 401 Unauthorized")
+    assert lines[1].endswith(f"failed on /x{escaped}")
+    assert lines[2] == "Traceback (most recent call last):" and lines[-2:] == ["ValueError: two", "lines"]
 
 
 def test_secrets_lists_only_what_is_set():
@@ -100,3 +118,16 @@ def test_a_malformed_log_call_is_logged_redacted_and_never_raises_in_the_caller(
     settings = Settings(label_studio_api_key="key-123456")
     output = log_output(settings, lambda logger: logger.info("%d tasks for %s", "many", "key-123456"))
     assert "many" in output and "key-123456" not in output
+
+
+def test_label_studios_errors_name_its_url_without_the_password_it_may_carry():
+    # a proxy's basic auth in LABEL_STUDIO_URL: its errors become failed rounds' reasons, which /metrics shows
+    from backend.adapters.label_studio import LabelStudio
+    from backend.errors import LabelStudioUnavailable
+    from tests.helpers import free_port
+
+    label_studio = LabelStudio(f"http://admin:s3cr3t@127.0.0.1:{free_port()}", "legacy-token", timeout=2)
+    with pytest.raises(LabelStudioUnavailable) as unreachable:
+        label_studio.get_project(7)
+    assert "unreachable at http://admin:***@127.0.0.1:" in str(unreachable.value)
+    assert "s3cr3t" not in str(unreachable.value) + repr(label_studio)

@@ -20,6 +20,7 @@ import httpx
 from label_studio_sdk import LabelStudio as SdkClient
 from label_studio_sdk.core.api_error import ApiError
 
+from backend.config import url_without_password
 from backend.errors import LabelStudioUnavailable
 
 ACTIVE_LEARNING_SETTINGS = {"sampling": "Uncertainty sampling", "show_collab_predictions": True}
@@ -110,12 +111,15 @@ class LabelStudio:
 
     def __init__(self, url: str, api_key: str, timeout: float = 30.0):
         self.url = url.rstrip("/")
+        self.shown_url = url_without_password(self.url)
+        """What messages say: a password in the URL (a proxy's basic auth) ends up in failed rounds' reasons,
+        which `/metrics` shows, so it never goes in."""
         self.timeout = timeout
         # the SDK decodes a personal access token here and raises if it has expired
         self.sdk = self._call("client", lambda: SdkClient(base_url=self.url, api_key=api_key, timeout=timeout))
 
     def __repr__(self) -> str:
-        return f"LabelStudio(url={self.url!r}, timeout={self.timeout})"
+        return f"LabelStudio(url={self.shown_url!r}, timeout={self.timeout})"
 
     # plumbing
     def _call(self, request: str, function: Callable[[], Any]) -> Any:
@@ -129,10 +133,10 @@ class LabelStudio:
         except ApiError as exc:
             raise _refusal(request, exc.status_code, exc.body) from None
         except httpx.TimeoutException:
-            raise LabelStudioUnavailable(f"Label Studio {request}: timed out at {self.url}") from None
+            raise LabelStudioUnavailable(f"Label Studio {request}: timed out at {self.shown_url}") from None
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise LabelStudioUnavailable(
-                f"Label Studio {request}: unreachable at {self.url} ({type(exc).__name__})"
+                f"Label Studio {request}: unreachable at {self.shown_url} ({type(exc).__name__})"
             ) from None
 
     def _json(self, request: str, function: Callable[[], Any]) -> Any:
@@ -165,8 +169,8 @@ class LabelStudio:
             self._raw("GET", "api/projects/", params={"page_size": 1})
         except LabelStudioNotFound:
             raise LabelStudioUnavailable(
-                f"Label Studio at {self.url} answers 404 to GET /api/projects/{project_id} and to GET /api/projects/"
-                " too: is LABEL_STUDIO_URL right?"
+                f"Label Studio at {self.shown_url} answers 404 to GET /api/projects/{project_id} and to GET "
+                "/api/projects/ too: is LABEL_STUDIO_URL right?"
             ) from None
 
     def create_project(self, title: str, label_config: str) -> dict:
