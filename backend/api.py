@@ -44,7 +44,7 @@ def _json_body() -> object:
             f"{request.path} reads plain JSON; a body with Content-Encoding {request.content_encoding!r:.40} is not "
             "supported"
         )
-    raw = request.get_data(cache=True)
+    raw = _body_bytes()
     if request.content_length is None and len(raw) >= MAX_BODY_BYTES:  # a chunked body, cut at the limit
         raise RequestEntityTooLarge()
     if not raw:
@@ -55,6 +55,20 @@ def _json_body() -> object:
         raise MalformedRequest(f"{request.path} body is not valid UTF-8 JSON ({len(raw)} bytes): {error}") from None
     except RecursionError:  # nesting deeper than the parser's stack
         raise MalformedRequest(f"{request.path} body is JSON nested too deeply to read ({len(raw)} bytes)") from None
+
+
+def _body_bytes() -> bytes:
+    """The request's body as the server hands it over; one it cannot read (a chunked body with a bad chunk size
+    or cut short, a client gone mid-body) is the request's fault, whatever the server's reader raises."""
+    try:
+        return request.get_data(cache=True)
+    except RequestEntityTooLarge:
+        raise
+    except Exception as unreadable:
+        raise MalformedRequest(
+            f"{request.path} body could not be read ({type(unreadable).__name__}): cut short, or its chunked "
+            "encoding is broken"
+        ) from None
 
 
 def _register_routes(app: Flask, runtime: Runtime) -> None:

@@ -153,9 +153,17 @@ def parse_webhook(body: object) -> WebhookEvent:
     return WebhookEvent(action, project_id(project), body)
 
 
+MAX_EXTRA_PARAMS = 100
+
+
 def _check_strategy_params(extra: dict, default_strategy: str) -> None:
     """`extra_params` may choose the project's strategy: {"strategy", "strategy_params", "rank_top_k"}. Other keys
     are kept and ignored (a user's notes), unless one looks like a misspelt key the backend reads."""
+    if len(extra) > MAX_EXTRA_PARAMS:  # (each is looked at, and all are kept in Redis with the project)
+        raise MalformedRequest(
+            f"extra_params has {len(extra)} keys, over the {MAX_EXTRA_PARAMS} this backend keeps (it reads "
+            f"{', '.join(PROJECT_PARAMS)})"
+        )
     for key in extra:
         misspelt = key not in PROJECT_PARAMS and difflib.get_close_matches(str(key), PROJECT_PARAMS, n=1, cutoff=0.8)
         if misspelt:

@@ -1,6 +1,7 @@
 """Protocol round trips through Flask's test client, with Label Studio 1.23 payload shapes."""
 
 import base64
+import io
 import json
 import re
 from dataclasses import replace
@@ -280,6 +281,13 @@ def test_the_reason_phrase_is_one_line_of_latin_1():
         ("/setup", b'{"project": {"x": 1}, "schema": "<View/>"}', "{'x': 1}"),
         ("/setup", b'{"project": 1, "schema": "<View/>", "extra_params": {"strategy": "nope"}}', "known strategies"),
         ("/setup", b'{"project": 1, "schema": "<View/>", "extra_params": {"rank_top_k": 0}}', "rank_top_k"),
+        (
+            "/setup",
+            json.dumps(
+                {"project": 1, "schema": "<View/>", "extra_params": {f"note{i}": i for i in range(101)}}
+            ).encode(),
+            "extra_params has 101 keys, over the 100",
+        ),
         ("/webhook", b'{"project": {"id": 1}}', "'action'"),
         ("/webhook", b'{"action": "NOPE", "project": {"id": 1}}', "unknown webhook action 'NOPE'"),
         ("/webhook", b'{"action": "ANNOTATION_CREATED"}', "'project'"),
@@ -289,6 +297,34 @@ def test_malformed_bodies_get_a_400_naming_the_problem(client, route, body, expe
     response = client.post(route, data=body, content_type="application/json")
     assert response.status_code == 400
     assert expected in response.json["message"]
+
+
+class InvalidChunkSize(Exception):
+    """What gunicorn's reader raises for a chunked body whose chunk size is not hexadecimal."""
+
+
+class BadlyChunkedBody(io.RawIOBase):
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        raise InvalidChunkSize("zz")
+
+
+@pytest.mark.parametrize("route", ["/setup", "/predict", "/webhook"])
+def test_a_body_the_server_cannot_read_gets_a_400_saying_so(client, route):
+    response = client.post(
+        route,
+        content_type="application/json",
+        headers={"Transfer-Encoding": "chunked"},
+        # as gunicorn passes a chunked body: a stream that ends itself, without a length
+        environ_overrides={"wsgi.input": BadlyChunkedBody(), "wsgi.input_terminated": True},
+    )
+    assert response.status_code == 400
+    assert (
+        response.json["message"]
+        == f"{route} body could not be read (InvalidChunkSize): cut short, or its chunked encoding is broken"
+    )
 
 
 def test_a_body_over_the_limit_gets_a_413_naming_the_limit_in_its_reason_phrase(client, monkeypatch):
