@@ -62,7 +62,7 @@ def _body_bytes() -> bytes:
     or cut short, a client gone mid-body) is the request's fault, whatever the server's reader raises."""
     try:
         return request.get_data(cache=True)
-    except RequestEntityTooLarge:
+    except (RequestEntityTooLarge, MemoryError):
         raise
     except Exception as unreadable:
         raise MalformedRequest(

@@ -52,6 +52,25 @@ def _redis_url(environ: Mapping[str, str], default: str) -> str:
     return url
 
 
+def _label_studio_url(environ: Mapping[str, str]) -> str:
+    """LABEL_STUDIO_URL (may be empty: the backend then only predicts), checked to be an http(s) URL with a host;
+    the error shows it without its user info, which may hold a proxy's password."""
+    url = environ.get("LABEL_STUDIO_URL", "").strip().rstrip("/")
+    if not url:
+        return url
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError as bad:
+        problem = str(bad)
+    else:
+        problem = "" if parts.scheme in ("http", "https") and parts.hostname else "not an http(s) URL with a host"
+    if problem:
+        shown = url.rsplit("@", 1)[-1]
+        raise ValueError(f"LABEL_STUDIO_URL ...{shown!r:.100}: {problem}; e.g. http://localhost:8080")
+    return url
+
+
 def _user_info_cut_short(url: str) -> bool:
     """Whether a redis:// URL's password or user name holds a "/", "?" or "#", which ends the host part early: an
     "@" then shows up past it (outside a `password=` query value). redis-py would read part of the password as the
@@ -188,7 +207,7 @@ class Settings:
         env = os.environ if environ is None else environ
         defaults = cls()
         return cls(
-            label_studio_url=env.get("LABEL_STUDIO_URL", defaults.label_studio_url).strip().rstrip("/"),
+            label_studio_url=_label_studio_url(env),
             label_studio_api_key=_credential(env, "LABEL_STUDIO_API_KEY").strip(),  # e.g. a secret file's newline
             model_dir=env.get("MODEL_DIR", "") or defaults.model_dir,
             basic_auth_user=_credential(env, "BASIC_AUTH_USER"),

@@ -171,6 +171,16 @@ class TakesQueuesInOrder:
         super().prepare_job_execution(job, remove_from_intermediate_queue=True)
         self.forget_stuck_mark(job)
 
+    def handle_job_failure(self, job, queue, started_job_registry=None, exc_string="", execution=None):
+        """A job that failed before it was marked started (its work-horse died first) is still in the intermediate
+        list: taken out here, before rq retries it, or the copy left there would have rq's maintenance fail the
+        retry, or enqueue the dependents of a failed job a second time."""
+        try:
+            self.connection.lrem(queue.intermediate_queue_key, 0, job.id)
+        except redis.RedisError as exc:  # rq's handling goes on; its maintenance clears the list in time
+            log.warning("could not take %s out of its intermediate list: Redis unavailable (%s)", job.id, exc)
+        super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+
     def forget_stuck_mark(self, job) -> None:
         """rq's maintenance marks a job it finds in an intermediate list and fails it when it finds it there again
         a minute later, by id; the mark outlives a job that recovered (24 h). Job ids come back here (a chunk's, a

@@ -131,3 +131,20 @@ def test_label_studios_errors_name_its_url_without_the_password_it_may_carry():
         label_studio.get_project(7)
     assert "unreachable at http://admin:***@127.0.0.1:" in str(unreachable.value)
     assert "s3cr3t" not in str(unreachable.value) + repr(label_studio)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://admin:s3cr3t@[::1", "'[::1': Invalid IPv6 URL"),  # the user info, which may hold a password, cut
+        ("localhost:8080", "'localhost:8080': not an http(s) URL with a host"),
+        ("http://ls:80x", "'http://ls:80x': Port could not be cast to integer value"),
+    ],
+)
+def test_a_label_studio_url_that_is_not_one_is_a_bad_setting_named_without_its_password(url, problem):
+    with pytest.raises(ValueError) as bad:
+        Settings.from_env({"LABEL_STUDIO_URL": url})
+    assert str(bad.value).startswith(f"LABEL_STUDIO_URL ...{problem}") and "s3cr3t" not in str(bad.value)
+    assert Settings.from_env({"LABEL_STUDIO_URL": "https://admin:s3cr3t@ls.example.com/\n"}).label_studio_url == (
+        "https://admin:s3cr3t@ls.example.com"
+    )

@@ -341,3 +341,28 @@ def test_a_job_id_once_seen_stuck_is_not_failed_as_stuck_when_taken_again(runtim
     queue.enqueue("os.getpid", job_id="connect-1")
     queue.intermediate_queue.cleanup(taker, queue)  # ...when a maintenance pass runs
     assert "connect-1" not in queue.failed_job_registry.get_job_ids()
+
+
+def test_a_job_whose_work_horse_died_before_starting_it_is_retried_and_its_retry_not_failed_as_stuck(
+    runtime, monkeypatch
+):
+    import time
+
+    from rq import Retry
+
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    queue = runtime.queue.queue
+    job = queue.enqueue("os.getpid", retry=Retry(max=1))
+    taker = worker.InProcessWorker([queue, runtime.encoding.queue], connection=runtime.redis)
+    taken, _ = taker.dequeue_job_and_maintain_ttl(timeout=1)
+    execution = taker.prepare_execution(taken)
+    # the work-horse died before it marked the job started: its worker hands it on, as rq does (a retry here)
+    taker.handle_job_failure(taken, queue, exc_string="the work-horse died", execution=execution)
+    worker.InProcessWorker([queue], connection=runtime.redis).work(burst=True)  # another worker runs the retry
+    assert job.get_status(refresh=True) == "finished"
+
+    queue.intermediate_queue.cleanup(taker, queue)  # rq's maintenance, twice, a while apart
+    runtime.redis.set(queue.intermediate_queue.get_first_seen_key(job.id), time.time() - 120)
+    queue.intermediate_queue.cleanup(taker, queue)
+    assert job.get_status(refresh=True) == "finished"
+    assert job.id not in queue.failed_job_registry.get_job_ids()
