@@ -1405,6 +1405,25 @@ def test_a_round_overtaken_while_writing_does_not_switch_the_version(runtime, la
     assert runtime.registry.live_version("1") == first["model_version"]
 
 
+def test_a_round_overtaken_while_switching_queues_one_more_and_records_nothing(runtime, label_studio, monkeypatch):
+    # a round whose lock was lost (its worker stalled) switching beside a newer one: which switch landed last is
+    # unknown, and the newer round's cleanup may delete this version; one more round settles it
+    first = rerank("1", runtime, generation=1)
+    switch = label_studio.set_model_version
+
+    def a_newer_round_claims_meanwhile(project_id, version):
+        assert runtime.queue.may_publish("1", 3)
+        switch(project_id, version)
+
+    monkeypatch.setattr(label_studio, "set_model_version", a_newer_round_claims_meanwhile)
+    runtime.queue.queue.empty()
+    second = rerank("1", runtime, generation=2)
+    assert not second["published"]
+    assert runtime.registry.last_round("1")["model_version"] == first["model_version"]
+    [queued] = runtime.queue.queue.get_jobs()
+    assert queued.func_name == "backend.jobs.rerank_project"  # and no cleanup, which could delete the live version
+
+
 def test_a_failed_version_switch_records_no_pre_annotation_as_shown(runtime, label_studio, monkeypatch):
     # annotators still see the old version's pre-annotations: a later annotation must not be compared with these
     def unavailable(project_id, version):

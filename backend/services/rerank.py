@@ -145,6 +145,13 @@ def publish(runtime, project: str, generation: int, version: str, state, pool, p
     # fails, reconciliation sees Label Studio's version differ from this one and re-ranks.
     runtime.registry.set_live_version(project, version)
     runtime.label_studio.set_model_version(int(project), version)
+    if not runtime.queue.still_publisher(project, generation):
+        # a newer round claimed the right while this one switched: it ran beside this one (this one's lock was
+        # lost: its worker stalled past RERANK_LOCK_TIMEOUT, or Redis lost the key), which switch Label Studio
+        # applied last is unknown, and the newer round's cleanup may delete this version; a round settles it
+        log.warning("project %s: a newer round published while switching to %s; queueing one more", project, version)
+        runtime.queue.request_rerank(project, "overtaken while switching")
+        return False
     # the pre-annotations annotators see from now on (not before the switch: if it fails, they still see the old
     # ones); a multi-label prediction with no label above 0.5 has no region at all, it shows no choice
     shown = {p["task"]: state.config.choices_in(p["result"]) for p in predictions}
