@@ -241,6 +241,20 @@ def warn_of_rare_classes(path: str, labels: list[str]) -> None:
         )
 
 
+def count_test_rows_in_pool(test_path: str, pool_texts: list[str], test_texts: list[str]) -> int:
+    """How many test rows have a text the pool holds too, verbatim (data sets often repeat a few): a replay that
+    picks one, and the full-pool head, are scored on a text they trained on. Said when there are any, and kept in
+    results.json, so that figures are read knowing it."""
+    pool = set(pool_texts)
+    count = sum(text in pool for text in test_texts)
+    if count:
+        print(
+            f"{test_path}: {count} of {len(test_texts)} test texts are in the pool too: a head that trained on one "
+            "is scored on it (results.json: test_rows_in_pool)"
+        )
+    return count
+
+
 def budgets_of(
     parser: argparse.ArgumentParser, args: argparse.Namespace, pool_size: int, finetune_at: frozenset[int]
 ) -> tuple[list[int], list[int]]:
@@ -311,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     test_texts, test_labels = read_labelled_csv(args.test, args.text_column, args.label_column)
     classes, names_of_choices = classes_and_names(parser, args, pool_labels, len(test_texts))
     warn_of_rare_classes(args.pool, pool_labels)
+    in_pool = count_test_rows_in_pool(args.test, pool_texts, test_texts)
     budgets, baseline_budgets = budgets_of(parser, args, len(pool_texts), finetune_at)
     index = class_indices(parser, args, classes, test_labels)
     out = Path(args.out)
@@ -326,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = replay_all(names, pool, test, label_embeddings, budgets, baseline_budgets, args, finetune_at)
     summary = summarise(runs, budgets, full_accuracy, baseline_budgets, paired_seeds=args.random_start > 0)
     summary["arguments"] = vars(args)
+    summary["test_rows_in_pool"] = in_pool
     summary["seconds"] = round(time.time() - started, 1)
     write_results(out, summary)
     plot(summary, out / "learning_curve.png", Path(args.pool).parent.name or args.pool)

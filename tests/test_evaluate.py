@@ -112,6 +112,20 @@ def test_harness_writes_results_and_plot(tiny_bert, tmp_path):
     assert list((tmp_path / "cache").glob("*.npy"))  # embeddings reused on the next run
 
 
+def test_test_texts_that_are_in_the_pool_too_are_counted_and_said(tiny_bert, tmp_path, capsys):
+    arguments = harness_arguments(tmp_path, tiny_bert)
+    pool, test = read_csv_rows(tmp_path / "pool.csv"), read_csv_rows(tmp_path / "test.csv")
+    write_csv(tmp_path / "test.csv", pool[:3] + [row for row in test if row not in pool])  # 3 repeated verbatim
+    main(arguments)
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["test_rows_in_pool"] == 3
+    assert "test.csv: 3 of " in capsys.readouterr().out
+
+
+def read_csv_rows(path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
 def test_an_interrupted_summary_leaves_the_earlier_results_whole(tmp_path, monkeypatch):
     from pathlib import Path
 
