@@ -1,8 +1,10 @@
-"""Logging set-up shared by the server and the worker: secrets scrubbed from every record, each on one line."""
+"""Logging set-up shared by the server and the worker: secrets scrubbed from every record, and only a record's
+first line at the margin."""
 
 from __future__ import annotations
 
 import logging
+import re
 
 from backend.config import Settings
 
@@ -32,25 +34,26 @@ class RedactSecrets(logging.Filter):
         return text
 
 
-LINE_BREAKS_AND_CONTROLS = {
-    **{code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F, 0x85] if code != ord("\t")},
-    ord("\n"): "\\n",
+COLOURS = re.compile(r"\x1b\[[0-9;]*m")
+"""ANSI colour codes, which Werkzeug's development server puts in its lines."""
+CONTROLS = {
+    **{code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F, 0x85] if chr(code) not in "\t\n"},
     ord("\r"): "\\r",
     0x2028: "\\u2028",
     0x2029: "\\u2029",
 }
+"""Control characters, and line breaks other than "\\n", escaped."""
+CONTINUATION = "\n    "
 
 
-class OneLinePerRecord(logging.Filter):
-    """Escapes line breaks and other control characters in a record's message (not its traceback), so that text
-    from a request, such as a path or a value quoted in an error, cannot forge log lines."""
+class RecordAtTheMargin(logging.Formatter):
+    """Only a record's first line starts at the margin (with its time): its further lines (a message's line
+    breaks, a traceback) are indented, control characters escaped and colours dropped. So text from a request,
+    such as a path with a line break, cannot pass for a record of its own."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = final_message(record)
-        escaped = message.translate(LINE_BREAKS_AND_CONTROLS)
-        if escaped != message:
-            record.msg, record.args = escaped, None
-        return True
+    def format(self, record: logging.LogRecord) -> str:
+        text = COLOURS.sub("", super().format(record))
+        return text.replace("\r\n", "\n").translate(CONTROLS).replace("\n", CONTINUATION)
 
 
 def final_message(record: logging.LogRecord) -> str:
@@ -62,17 +65,16 @@ def final_message(record: logging.LogRecord) -> str:
         return f"{record.msg} (arguments that do not fit it: {record.args!r})"
 
 
-def record_filters(settings: Settings) -> list[logging.Filter]:
-    """What every log record passes through: secrets redacted, then made one line."""
-    return [RedactSecrets(settings.secrets()), OneLinePerRecord()]
+def handler_for(settings: Settings, stream=None) -> logging.StreamHandler:
+    """A handler writing FORMAT to `stream` (stderr by default), records at the margin, secrets redacted."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(RecordAtTheMargin(FORMAT))
+    handler.addFilter(RedactSecrets(settings.secrets()))
+    return handler
 
 
 def configure_logging(settings: Settings) -> None:
-    """Root logger at LOG_LEVEL, one stream handler, secrets redacted, one line per record."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(FORMAT))
-    for record_filter in record_filters(settings):
-        handler.addFilter(record_filter)
+    """Root logger at LOG_LEVEL, one stream handler (`handler_for`)."""
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [handler_for(settings)]
     root.setLevel(settings.log_level)

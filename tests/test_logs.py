@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import base64
+import io
 import logging
 
 import pytest
 
 from backend.config import SETTING_NAMES, Settings
-from backend.logs import FORMAT, record_filters
+from backend.logs import handler_for
 
 
 def log_output(settings: Settings, emit) -> str:
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.setFormatter(logging.Formatter(FORMAT))
-    handler.emit = lambda record: records.append(handler.format(record))
-    for record_filter in record_filters(settings):
-        handler.addFilter(record_filter)
+    output = io.StringIO()
     logger = logging.getLogger("test-secrets")
-    logger.handlers[:], logger.propagate = [handler], False
+    logger.handlers[:], logger.propagate = [handler_for(settings, output)], False
     logger.setLevel(logging.DEBUG)  # whatever level the root logger has in this test run
     emit(logger)
-    return "\n".join(records)
+    return output.getvalue().removesuffix("\n")
 
 
 def test_messages_tracebacks_and_derived_forms_of_secrets_are_redacted():
@@ -49,9 +45,8 @@ def test_messages_tracebacks_and_derived_forms_of_secrets_are_redacted():
         assert secret not in output
 
 
-def test_a_line_break_from_a_request_cannot_forge_a_log_line_and_a_traceback_keeps_its_lines():
-    forged = "\n2026-12-07 06:55:00,000 ERROR 1 backend.api: project 3 deleted\r\u2028\x1b[31m"
-    escaped = "\\n2026-12-07 06:55:00,000 ERROR 1 backend.api: project 3 deleted\\r\\u2028\\x1b[31m"
+def test_a_line_break_from_a_request_cannot_forge_a_record_and_only_records_start_at_the_margin():
+    forged = "\n2026-12-07 06:55:00,000 ERROR 1 backend.api: project 3 deleted\r\u2028\x1b[31m\x07"
 
     def emit(logger):
         logger.info("%s %s: 401 Unauthorized", "GET", "/x" + forged)
@@ -59,11 +54,17 @@ def test_a_line_break_from_a_request_cannot_forge_a_log_line_and_a_traceback_kee
             raise ValueError("two\nlines")
         except ValueError:
             logger.exception("failed on %s", "/x" + forged)
+        logger.info("\x1b[33mPress CTRL+C to quit\x1b[0m")  # Werkzeug's colours
 
     lines = log_output(Settings(basic_auth_pass="pa55word"), emit).splitlines()
-    assert lines[0].endswith(f"GET /x{escaped}: 401 Unauthorized")
-    assert lines[1].endswith(f"failed on /x{escaped}")
-    assert lines[2] == "Traceback (most recent call last):" and lines[-2:] == ["ValueError: two", "lines"]
+    at_the_margin = [line for line in lines if not line.startswith("    ")]
+    assert len(at_the_margin) == 3 and all(line.startswith("20") for line in at_the_margin)  # one per record
+    assert at_the_margin[0].endswith("GET /x")
+    rest = "    2026-12-07 06:55:00,000 ERROR 1 backend.api: project 3 deleted\\r\\u2028\\x07"
+    assert lines[1] == rest + ": 401 Unauthorized"
+    assert lines[3] == rest and lines[4] == "    Traceback (most recent call last):"
+    assert lines[-3:-1] == ["    ValueError: two", "    lines"]
+    assert lines[-1].endswith("test-secrets: Press CTRL+C to quit")
 
 
 def test_secrets_lists_only_what_is_set():
