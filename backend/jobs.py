@@ -6,10 +6,12 @@ A job that raises lands in RQ's failed registry after its retries; the previous 
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 
 from rq import get_current_job
 from rq.utils import now
@@ -43,6 +45,24 @@ def runtime() -> Runtime:
     return _runtime
 
 
+def needs_label_studio(job_function: Callable) -> Callable:
+    """A job that reads or writes Label Studio ends at once, with one warning line and no retries, in a worker
+    that has no LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (the backend only predicts then). Nothing is lost: its
+    maintenance restarts no reconciliation meanwhile (`revive_reconciliations`), and once a worker runs with
+    them, it restarts every connected project's, which configures the project and ranks what changed."""
+
+    @functools.wraps(job_function)
+    def unless_predict_only(*args, **kwargs):
+        unavailable = runtime().without_label_studio
+        if unavailable:
+            log.warning("%s%r skipped: %s", job_function.__name__, args, unavailable)
+            return {"skipped": unavailable}
+        return job_function(*args, **kwargs)
+
+    return unless_predict_only
+
+
+@needs_label_studio
 def rerank_project(project: str, reason: str = "") -> dict:
     """Retrain, rescore and publish a new order for `project`; one at a time per project."""
     rt = runtime()
@@ -179,6 +199,7 @@ def secure_webhooks_or_warn(rt: Runtime, project: str) -> None:
         )
 
 
+@needs_label_studio
 def connect_project(project: str) -> dict:
     """First connection: switch the project to Uncertainty sampling with visible predictions, then rank it.
 
@@ -197,6 +218,7 @@ def connect_project(project: str) -> dict:
     return {"previous": previous, "rerank": rt.queue.request_rerank(project, "connected")}
 
 
+@needs_label_studio
 def start_anew(project: str, created: str) -> dict:
     """Another project, created at `created`, has this id now (Label Studio on a new database, and the backend's
     Redis and MODEL_DIR kept): forget the old project's task list, head versions, rounds and the settings from
@@ -230,6 +252,8 @@ def revive_reconciliations(rt: Runtime) -> list[str]:
     chain, and lost webhooks would go unrepaired until Label Studio calls `/setup` again. Workers call this at
     every maintenance pass of rq (once a minute).
     """
+    if rt.without_label_studio:  # a reconciliation would only be skipped (`needs_label_studio`)
+        return []
     interval = rt.settings.reconcile_interval
     revived = [p for p in rt.registry.projects() if rt.queue.restart_reconcile_if_ended(p, interval)]
     for project in revived:
@@ -244,9 +268,12 @@ SWEEP_SECONDS = 3600
 def sweep_disconnected_projects(rt: Runtime) -> bool:
     """Queue `forget_deleted_projects`, at most once per `SWEEP_SECONDS` across workers, while the backend keeps
     records of disconnected projects. Workers call this at every maintenance pass of rq."""
+    if rt.without_label_studio:
+        return False
     return bool(rt.registry.disconnected_with_records()) and rt.queue.enqueue_sweep_once_per(SWEEP_SECONDS)
 
 
+@needs_label_studio
 def forget_deleted_projects() -> list[str]:
     """Delete what the backend kept about disconnected projects that Label Studio has deleted since -> those.
 
@@ -275,6 +302,7 @@ def forget_deleted_projects() -> list[str]:
     return forgotten
 
 
+@needs_label_studio
 def reconcile_project(project: str) -> dict:
     """Periodic repair: re-rank when Label Studio's state differs from what the last round saw.
 
@@ -378,6 +406,7 @@ def is_our_version(version: str, prefix: str) -> bool:
     return bool(re.fullmatch(rf"{re.escape(prefix)}-(v\d+|{ZERO_SHOT_VERSION})(-.*)?", version))
 
 
+@needs_label_studio
 def cleanup_versions(project: str, keep_version: str) -> list[str]:
     """Delete this backend's model versions of `project` that nothing serves or shows any more: rankings older
     than `keep_version`, and sets of `/predict` answers (Retrieve Predictions) other than the newest such set.

@@ -96,6 +96,17 @@ class Runtime:
             self.settings.reranking_unavailable,
         )
 
+    @property
+    def without_label_studio(self) -> str:
+        """Why this process has no Label Studio client to work with (no LABEL_STUDIO_URL and _API_KEY: the
+        backend only predicts), or "". A client that could not be built otherwise (an expired personal access
+        token) is not this: jobs then fail, visibly."""
+        try:
+            self.label_studio  # noqa: B018
+        except LabelStudioUnavailable:
+            return self.settings.reranking_unavailable
+        return ""
+
     @functools.cached_property
     def label_studio(self):
         """The Label Studio API client (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)."""

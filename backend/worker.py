@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(str(exc)) from None
     names = " then ".join(repr(queue.name) for queue in runtime.queues)
     log.info("worker listening on %s (queues %s)", settings.redis_url.split("@")[-1], names)
-    if settings.reranking_unavailable:  # its jobs fail, retried and then kept in rq's failed registry
-        log.warning("%s", settings.reranking_unavailable)
+    if settings.reranking_unavailable:  # jobs that need Label Studio end at once (jobs.needs_label_studio)
+        log.warning("%s; jobs that need Label Studio are skipped", settings.reranking_unavailable)
     while True:
         # Maintenance every minute, not rq's ten, and a wait for jobs short enough to get to it on time: a dead
         # worker's scheduler lock and abandoned jobs are taken over that much sooner.
@@ -222,9 +222,11 @@ def preload(runtime) -> None:
     Without this each round pays the encoder load and the Label Studio SDK import (~1 s) again.
     """
     runtime.encoder  # noqa: B018
+    if runtime.settings.reranking_unavailable:  # (`main` says so)
+        return
     try:
         runtime.label_studio  # noqa: B018 - imports the SDK and builds the client (no connection is opened)
-    except LabelStudioUnavailable as exc:
+    except LabelStudioUnavailable as exc:  # e.g. an expired personal access token
         log.warning("%s", exc)
 
 

@@ -154,6 +154,7 @@ def test_a_workers_maintenance_restarts_reconciliations_that_a_failed_one_ended(
 
     from backend.adapters.queue import SWEEP_KEY, reconcile_slot
 
+    name_a_label_studio(runtime, monkeypatch)
     monkeypatch.setattr(jobs, "_runtime", runtime)
     for project in ("1", "2", "3"):
         runtime.registry.save_setup(project, "<View/>", {})
@@ -215,6 +216,15 @@ def test_a_worker_waiting_for_redis_stops_when_told_to(runtime, monkeypatch):
     assert len(runs) == 1
 
 
+def name_a_label_studio(runtime, monkeypatch) -> None:
+    """Settings with LABEL_STUDIO_URL and _API_KEY (nothing answers there): jobs that need Label Studio run, as
+    they do not in a predict-only worker."""
+    from dataclasses import replace
+
+    url = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setattr(runtime, "settings", replace(runtime.settings, label_studio_url=url, label_studio_api_key="k"))
+
+
 def queued_rerank(runtime, retries_left: int) -> str:
     """Queue project 1's round, as a webhook would, with `retries_left` tries after this one; its job id."""
     from rq.job import Job
@@ -231,6 +241,7 @@ def test_a_rounds_work_horse_killed_on_its_last_try_is_recorded_as_a_failed_roun
     import os
     import signal
 
+    name_a_label_studio(runtime, monkeypatch)
     monkeypatch.setattr(jobs, "_runtime", runtime)
     monkeypatch.setattr(jobs, "rerank", lambda *args: os.kill(os.getpid(), signal.SIGKILL))  # the OOM killer
     queue = runtime.queue.queue
@@ -286,6 +297,7 @@ def test_a_killed_work_horses_job_still_fails_when_recording_it_fails(runtime, m
     def refused(job, reason):
         raise error
 
+    name_a_label_studio(runtime, monkeypatch)
     monkeypatch.setattr(jobs, "_runtime", runtime)
     monkeypatch.setattr(jobs, "rerank", lambda *args: os.kill(os.getpid(), signal.SIGKILL))
     monkeypatch.setattr(jobs, "record_killed_round", refused)
@@ -366,3 +378,29 @@ def test_a_job_whose_work_horse_died_before_starting_it_is_retried_and_its_retry
     queue.intermediate_queue.cleanup(taker, queue)
     assert job.get_status(refresh=True) == "finished"
     assert job.id not in queue.failed_job_registry.get_job_ids()
+
+
+def test_a_predict_only_worker_ends_jobs_that_need_label_studio_at_once_and_revives_them_once_it_can(
+    runtime, monkeypatch, caplog
+):
+    from backend.adapters.queue import reconcile_alive_key, reconcile_job_id
+
+    assert not runtime.settings.label_studio_url and not runtime.settings.label_studio_api_key  # predict-only
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    queue = runtime.queue.queue
+    runtime.registry.save_setup("1", "<View/>", {})  # a /setup: connected, its set-up and reconciliation queued
+    runtime.queue.enqueue_connect("1")
+    reconcile = queue.enqueue("backend.jobs.reconcile_project", "1", job_id=reconcile_job_id("1", 0))
+    with caplog.at_level("WARNING"):
+        worker.InProcessWorker([queue, runtime.encoding.queue], connection=runtime.redis).work(burst=True)
+    for job in (queue.fetch_job("connect-1"), reconcile):
+        assert job.get_status(refresh=True) == "finished"  # not failed, nor retried for minutes
+        assert job.return_value()["skipped"].startswith("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set")
+    skipped = [r.getMessage().split(": LABEL_STUDIO_URL")[0] for r in caplog.records if r.name == "backend.jobs"]
+    assert skipped == ["connect_project('1',) skipped", "reconcile_project('1',) skipped"]  # a line each
+    assert queue.scheduled_job_registry.get_job_ids() == []  # the reconciliation did not schedule the next
+    runtime.redis.delete(reconcile_alive_key("1"))  # (minutes later)
+    assert jobs.revive_reconciliations(runtime) == []  # nor does maintenance revive what would be skipped
+
+    name_a_label_studio(runtime, monkeypatch)  # the worker restarted with Label Studio's URL and key
+    assert jobs.revive_reconciliations(runtime) == ["1"]  # which configures the project and ranks it
