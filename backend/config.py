@@ -225,9 +225,11 @@ class Settings:
             batch_tokens=_int(env, "BATCH_TOKENS", defaults.batch_tokens, minimum=0),
             encoder_dtype=_choice(env, "ENCODER_DTYPE", defaults.encoder_dtype, ENCODER_DTYPES, str.lower),
             committee_size=_int(env, "COMMITTEE_SIZE", defaults.committee_size, minimum=0),
-            strategy=_choice(env, "STRATEGY", defaults.strategy, STRATEGY_NAMES),
+            strategy=_choice(env, "STRATEGY", defaults.strategy, STRATEGY_NAMES, str.lower),
             rank_top_k=_int(env, "RANK_TOP_K", defaults.rank_top_k, minimum=1),
-            prediction_writes=_choice(env, "PREDICTION_WRITES", defaults.prediction_writes, PREDICTION_WRITES),
+            prediction_writes=_choice(
+                env, "PREDICTION_WRITES", defaults.prediction_writes, PREDICTION_WRITES, str.lower
+            ),
             reconcile_interval=_int(env, "RECONCILE_INTERVAL", defaults.reconcile_interval),
             model_version_prefix=env.get("MODEL_VERSION_PREFIX", "") or defaults.model_version_prefix,
             min_annotations_to_train=_int(env, "MIN_ANNOTATIONS_TO_TRAIN", defaults.min_annotations_to_train, 1),

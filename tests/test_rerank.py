@@ -233,6 +233,13 @@ def test_an_unknown_default_strategy_is_refused_at_start_with_the_choices():
         Settings.from_env({"STRATEGY": "smart"})
 
 
+def test_the_strategy_and_the_way_of_writing_are_read_in_either_case():
+    from backend.config import Settings
+
+    settings = Settings.from_env({"STRATEGY": "Margin", "PREDICTION_WRITES": "BULK"})
+    assert (settings.strategy, settings.prediction_writes) == ("margin", "bulk")
+
+
 def test_a_strategy_that_cannot_be_built_fails_the_round_before_it_saves_a_version(runtime, label_studio):
     runtime.registry.client.hset(runtime.registry.key("1"), "params", '{"strategy_params": {"nope": 1}}')
     with pytest.raises(RoundRefused, match="nope"):  # the same parameters would fail again: no retries
