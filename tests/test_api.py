@@ -384,6 +384,19 @@ def test_strategy_params_are_checked_against_the_backends_default_strategy(setti
     assert response.status_code == 400 and "candidate_factor" in response.json["message"]
 
 
+def test_a_change_of_ranking_parameters_at_setup_queues_a_round_and_other_keys_do_not(client, redis_url, settings):
+    queue = Queue(settings.queue_name, connection=redis.Redis.from_url(redis_url))
+    client.post("/setup", json=setup_payload() | {"extra_params": {"note": "ours"}})
+    assert queue.job_ids == ["connect-3"]
+    client.post("/setup", json=setup_payload() | {"extra_params": {"note": "edited"}})  # a note: nothing to rank
+    client.post("/setup", json=setup_payload() | {"extra_params": {"note": "edited", "strategy": None}})  # the default
+    assert queue.job_ids == ["connect-3"]
+    client.post("/setup", json=setup_payload() | {"extra_params": {"strategy": "margin"}})  # the model edited
+    assert queue.job_ids == ["connect-3", "rerank-3-0"]
+    client.post("/setup", json=setup_payload() | {"extra_params": {"strategy": "margin", "rank_top_k": 50}})
+    assert queue.job_ids == ["connect-3", "rerank-3-0"]  # coalesced with the round already queued
+
+
 def test_null_strategy_params_at_setup_mean_none(client, runtime):
     body = setup_payload() | {"extra_params": {"strategy": "margin", "strategy_params": None}}
     assert client.post("/setup", json=body).status_code == 200

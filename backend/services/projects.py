@@ -17,7 +17,7 @@ from backend.adapters.queue import JobQueue
 from backend.adapters.task_snapshot import TaskSnapshots
 from backend.errors import MalformedRequest
 from backend.label_config import parse_label_config
-from backend.protocol import IGNORED_WEBHOOK_ACTIONS, PredictRequest, SetupRequest, WebhookEvent
+from backend.protocol import IGNORED_WEBHOOK_ACTIONS, PROJECT_PARAMS, PredictRequest, SetupRequest, WebhookEvent
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,9 @@ class ProjectService:
     """Why the workers cannot re-rank (`Settings.reranking_unavailable`), shown in /metrics; "" when they can."""
 
     def setup(self, request: SetupRequest) -> bool:
-        """Remember the project's config; on first connection queue its set-up and cold-start ranking. True when the
-        records kept under the project's id are another project's (`keeps_another_projects_files`).
+        """Remember the project's config; on first connection queue its set-up and cold-start ranking, and when the
+        parameters it ranks by change, a round. True when the records kept under the project's id are another
+        project's (`keeps_another_projects_files`).
 
         Label Studio calls /setup before every /predict, so this must stay cheap and idempotent. With Redis
         away it still answers: the next /setup, the reconciliation pass or, for a first connection, the first round
@@ -48,6 +49,7 @@ class ProjectService:
         """
         try:
             new_config = self.registry.label_config(request.project) != request.label_config
+            new_params = _ranking_params(self.registry.params(request.project)) != _ranking_params(request.extra_params)
             first = self.registry.save_setup(
                 request.project, request.label_config, request.extra_params, request.created
             )
@@ -61,7 +63,11 @@ class ProjectService:
                 log.info("project %s connected: queueing set-up and cold-start ranking", request.project)
                 self.queue.enqueue_connect(request.project)
                 self.queue.schedule_reconcile(request.project, self.reconcile_interval)
-            elif self.queue.restart_reconcile_if_ended(request.project, self.reconcile_interval):
+            elif new_params:
+                # the strategy or how many tasks it ranks changed (the model edited in Label Studio): rank anew
+                log.info("project %s: ranking parameters changed; queueing a round", request.project)
+                self.queue.request_rerank(request.project, "ranking parameters changed")
+            if not first and self.queue.restart_reconcile_if_ended(request.project, self.reconcile_interval):
                 # each reconciliation schedules the next; if one could not (Redis away then), restart the chain
                 log.info("project %s: reconciliation was not scheduled; restarted it", request.project)
         except redis.RedisError as exc:
@@ -168,3 +174,8 @@ class ProjectService:
             "disconnected": self.registry.disconnected(),
             "time": time.time(),
         }
+
+
+def _ranking_params(params: dict) -> dict:
+    """The extra params a round ranks by; the other keys (a user's notes) change nothing."""
+    return {key: params[key] for key in PROJECT_PARAMS if key in params}
