@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from backend.config import DEFAULT_MODEL_NAME
-from backend.evaluation_data import Dataset, cached_embeddings, read_labelled_csv
+from backend.evaluation_data import Dataset, cached_embeddings, encoding_precision, read_labelled_csv
 from backend.evaluation_replay import (
     baseline_replay_budgets,
     finetuned_accuracy_on,
@@ -180,7 +180,10 @@ def full_pool_accuracy(pool: Dataset, test: Dataset) -> float:
 
 def print_report(summary: dict, budgets: list[int], baseline_budgets: list[int], seeds: int) -> None:
     """The summary's headline figures: the target, when random reaches it, and per strategy labels saved and AUC."""
-    print(f"full-pool accuracy {summary['full_pool_accuracy']:.4f}; target {summary['target_accuracy']:.4f}")
+    print(
+        f"full-pool accuracy {summary['full_pool_accuracy']:.4f}; target {summary['target_accuracy']:.4f} "
+        f"(embeddings in {summary['encoder_precision']}: another precision, another machine, gives other replays)"
+    )
     needs = summary["strategies"]["random"]["labels_to_target_per_seed"]
     print(
         f"random reaches the target after {[round(n) if n else None for n in needs]} labels (None: not by "
@@ -342,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarise(runs, budgets, full_accuracy, baseline_budgets, paired_seeds=args.random_start > 0)
     summary["arguments"] = vars(args)
     summary["test_rows_in_pool"] = in_pool
+    summary["encoder_precision"] = encoding_precision()
     summary["seconds"] = round(time.time() - started, 1)
     write_results(out, summary)
     plot(summary, out / "learning_curve.png", Path(args.pool).parent.name or args.pool)

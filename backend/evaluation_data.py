@@ -100,13 +100,16 @@ def cached_embeddings(texts: list[str], model_name: str, cache_dir: Path, max_le
     The key holds the model folder's revision, as the backend's `encoder_id` does: other weights saved into the same
     `--model` folder (a fine-tuning run) are encoded again, not served the old vectors. (A hub name is keyed by the
     name alone: these are development caches, `--cache-dir`, to delete when the model changes.) It holds the length
-    asked for, auto (0) resolved, so that `--max-length 0` and the model's own length share one file.
+    asked for, auto (0) resolved, so that `--max-length 0` and the model's own length share one file, and the
+    precision this machine encodes in (`encoding_precision`), so that a run's results.json names the one its
+    embeddings were made in: replays diverge from the first pick that a last-digit difference changes.
     """
     from backend.ml.encoder import Encoder
     from backend.ml.model_files import max_length_asked, model_revision, resolve_model_path
 
     model_path = resolve_model_path(model_name)
-    identity = [model_name, model_revision(model_path), max_length_asked(model_path, max_length), texts]
+    asked = max_length_asked(model_path, max_length)
+    identity = [model_name, model_revision(model_path), asked, texts, encoding_precision()]
     key = hashlib.sha1(json.dumps(identity).encode()).hexdigest()[:20]  # JSON: no two identities spell the same
     path = cache_dir / f"{key}.npy"
     if path.exists():
@@ -119,6 +122,17 @@ def cached_embeddings(texts: list[str], model_name: str, cache_dir: Path, max_le
     with replaced_whole(path) as partial, open(partial, "wb") as handle:  # an interrupted run leaves no half file
         np.save(handle, embeddings)
     return embeddings.astype(np.float32)
+
+
+def encoding_precision() -> str:
+    """The precision the encoder runs in on this machine with ENCODER_DTYPE auto, as `backend.ml.encoder.precision`
+    picks it: "bf16" on a CPU that multiplies bf16 in hardware, "fp32" on other CPUs, "fp32+bf16 autocast" (or
+    fp16) on a GPU."""
+    from backend.ml.encoder import pick_device, precision
+
+    weights, autocast = precision("auto", pick_device("auto"))
+    names = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+    return names[str(weights)] + (f"+{names[str(autocast)]} autocast" if autocast else "")
 
 
 @contextlib.contextmanager

@@ -186,7 +186,7 @@ def resummarise(out: Path) -> dict:
     beyond = old["strategies"]["random"].get("beyond_budget", {}).get("budgets", [])
     paired = bool(old.get("arguments", {}).get("random_start"))
     summary = summarise(runs, some["budgets"], old["full_pool_accuracy"], some["budgets"] + beyond, paired)
-    summary.update({k: old[k] for k in ("arguments", "seconds", "test_rows_in_pool") if k in old})
+    summary.update({k: old[k] for k in ("arguments", "seconds", "test_rows_in_pool", "encoder_precision") if k in old})
     write_results(out, summary)
     return summary
 

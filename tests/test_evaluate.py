@@ -110,6 +110,9 @@ def test_harness_writes_results_and_plot(tiny_bert, tmp_path):
     assert (out / "learning_curve.png").read_bytes().startswith(b"\x89PNG")
     assert sorted(path.name for path in out.iterdir()) == ["learning_curve.png", "results.json"]  # no partial left
     assert list((tmp_path / "cache").glob("*.npy"))  # embeddings reused on the next run
+    from backend.evaluation_data import encoding_precision  # what another machine's results are compared by
+
+    assert results["encoder_precision"] == encoding_precision() in ("fp32", "bf16")  # a CPU: no autocast
 
 
 def test_test_texts_that_are_in_the_pool_too_are_counted_and_said(tiny_bert, tmp_path, capsys):
@@ -590,6 +593,18 @@ def test_the_embedding_cache_keeps_max_length_and_texts_apart(tiny_bert, tmp_pat
     assert len(list(tmp_path.glob("*.npy"))) == 2
     cached_embeddings(["8 killed in a storm"], tiny_bert, tmp_path, 128)  # the same text at another length
     assert len(list(tmp_path.glob("*.npy"))) == 3
+
+
+def test_the_embedding_cache_keeps_the_precision_of_the_machine_that_encoded_apart(tiny_bert, tmp_path, monkeypatch):
+    from backend import evaluation_data
+
+    monkeypatch.setattr(evaluation_data, "encoding_precision", lambda: "fp32")
+    evaluation_data.cached_embeddings(["a storm hit the coast"], tiny_bert, tmp_path, 32)
+    evaluation_data.cached_embeddings(["a storm hit the coast"], tiny_bert, tmp_path, 32)
+    assert len(list(tmp_path.glob("*.npy"))) == 1
+    monkeypatch.setattr(evaluation_data, "encoding_precision", lambda: "bf16")  # a cache copied from such a CPU
+    evaluation_data.cached_embeddings(["a storm hit the coast"], tiny_bert, tmp_path, 32)
+    assert len(list(tmp_path.glob("*.npy"))) == 2
 
 
 def test_the_models_own_max_length_and_auto_share_one_cache_file(tiny_bert, tmp_path):
