@@ -393,8 +393,33 @@ def test_a_change_of_ranking_parameters_at_setup_queues_a_round_and_other_keys_d
     assert queue.job_ids == ["connect-3"]
     client.post("/setup", json=setup_payload() | {"extra_params": {"strategy": "margin"}})  # the model edited
     assert queue.job_ids == ["connect-3", "rerank-3-0"]
+    client.post("/setup", json=setup_payload() | {"extra_params": {"strategy": "margin"}})  # before every /predict
+    assert queue.job_ids == ["connect-3", "rerank-3-0"]
+    round_ = queue.fetch_job("rerank-3-0")
+    queue.remove(round_)
+    round_.set_status(JobStatus.FINISHED)  # as if it had run
     client.post("/setup", json=setup_payload() | {"extra_params": {"strategy": "margin", "rank_top_k": 50}})
-    assert queue.job_ids == ["connect-3", "rerank-3-0"]  # coalesced with the round already queued
+    assert queue.job_ids == ["connect-3", "rerank-3-1"]
+
+
+def test_a_ranking_parameter_change_whose_round_redis_failed_to_queue_is_queued_by_the_next_setup(
+    client, runtime, redis_url, settings, monkeypatch
+):
+    queue = Queue(settings.queue_name, connection=redis.Redis.from_url(redis_url))
+    client.post("/setup", json=setup_payload())
+    ask = runtime.queue.request_rerank
+
+    def redis_gone(project, reason):
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(runtime.queue, "request_rerank", redis_gone)  # the parameters were stored, then Redis went
+    assert client.post("/setup", json=setup_payload() | {"extra_params": {"strategy": "margin"}}).status_code == 200
+    assert queue.job_ids == ["connect-3"] and runtime.registry.params("3") == {"strategy": "margin"}
+    monkeypatch.setattr(runtime.queue, "request_rerank", ask)
+    client.post("/setup", json=setup_payload() | {"extra_params": {"strategy": "margin"}})  # the same: still owed
+    assert queue.job_ids == ["connect-3", "rerank-3-0"]
+    client.post("/setup", json=setup_payload() | {"extra_params": {"strategy": "margin"}})
+    assert runtime.registry.rounds_owed_for_params("3") == 0
 
 
 def test_null_strategy_params_at_setup_mean_none(client, runtime):

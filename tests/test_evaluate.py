@@ -112,7 +112,7 @@ def test_harness_writes_results_and_plot(tiny_bert, tmp_path):
     assert list((tmp_path / "cache").glob("*.npy"))  # embeddings reused on the next run
     from backend.evaluation_data import encoding_precision  # what another machine's results are compared by
 
-    assert results["encoder_precision"] == encoding_precision() in ("fp32", "bf16")  # a CPU: no autocast
+    assert results["encoder_precision"] == encoding_precision()
 
 
 def test_test_texts_that_are_in_the_pool_too_are_counted_and_said(tiny_bert, tmp_path, capsys):

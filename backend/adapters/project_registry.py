@@ -23,6 +23,10 @@ return 1
 """
 """Disconnect a project unless a /setup came since the caller looked; delete KEYS[4:] (its records) with it."""
 
+PARAMS_ROUNDS_OWED = "params_rounds_owed"
+"""Changes of the parameters a project ranks by that no round was requested for yet: kept with the parameters, so
+that a Redis failure between storing them and requesting the round leaves the next `/setup` to request it."""
+
 SETUP_FIELDS = ("label_config", "params", "setup_at", "created_at_setup")
 """What `/setup` stores of a project."""
 
@@ -58,19 +62,34 @@ class ProjectRegistry:
     def key(project: str) -> str:
         return f"al:project:{project}"
 
-    def save_setup(self, project: str, label_config: str, params: dict, created: str | None = None) -> bool:
+    def save_setup(
+        self, project: str, label_config: str, params: dict, created: str | None = None, params_changed: bool = False
+    ) -> bool:
         """Store the project's config (and when Label Studio created it, if known); True when the project is
-        connected for the first time."""
+        connected for the first time. `params_changed`: the parameters it ranks by changed, and a round is owed
+        for them (`rounds_owed_for_params`), stored with them in one step."""
         self.client.hincrby(SETUPS_KEY, project, 1)  # first: a job that read Label Studio before this sees it
         first = bool(self.client.sadd(PROJECTS_KEY, project))
         self.client.hdel(DISCONNECTED_KEY, project)
         setup = {"label_config": label_config, "params": json.dumps(params), "setup_at": time.time()}
         if created:
             setup["created_at_setup"] = created
-        self.client.hset(self.key(project), mapping=setup)
+        with self.client.pipeline() as both:  # MULTI/EXEC: the parameters and the round they are owed, or neither
+            both.hset(self.key(project), mapping=setup)
+            if params_changed:
+                both.hincrby(self.key(project), PARAMS_ROUNDS_OWED, 1)
+            both.execute()
         if created:  # the project's, whose records these are: replaced only once they are forgotten (start_anew)
             self.client.hsetnx(self.key(project), "created", created)
         return first
+
+    def rounds_owed_for_params(self, project: str) -> int:
+        """How many changes of the ranking parameters no round was requested for yet (one request serves them all)."""
+        return int(self.client.hget(self.key(project), PARAMS_ROUNDS_OWED) or 0)
+
+    def rounds_requested_for_params(self, project: str, owed: int) -> None:
+        """A round was requested after `owed` changes: those are paid; a change stored since stays owed."""
+        self.client.hincrby(self.key(project), PARAMS_ROUNDS_OWED, -owed)
 
     def created(self, project: str) -> str | None:
         """When Label Studio created the project whose records the backend keeps under this id; None if unknown."""

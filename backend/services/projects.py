@@ -51,7 +51,7 @@ class ProjectService:
             new_config = self.registry.label_config(request.project) != request.label_config
             new_params = _ranking_params(self.registry.params(request.project)) != _ranking_params(request.extra_params)
             first = self.registry.save_setup(
-                request.project, request.label_config, request.extra_params, request.created
+                request.project, request.label_config, request.extra_params, request.created, new_params
             )
             if new_config:
                 self._warn_of_other_choices(request)
@@ -59,14 +59,17 @@ class ProjectService:
             if known and request.created and known != request.created:
                 self._start_anew(request, known, first)
                 return True
+            owed = self.registry.rounds_owed_for_params(request.project)
             if first:
                 log.info("project %s connected: queueing set-up and cold-start ranking", request.project)
                 self.queue.enqueue_connect(request.project)
                 self.queue.schedule_reconcile(request.project, self.reconcile_interval)
-            elif new_params:
+            elif owed:
                 # the strategy or how many tasks it ranks changed (the model edited in Label Studio): rank anew
                 log.info("project %s: ranking parameters changed; queueing a round", request.project)
                 self.queue.request_rerank(request.project, "ranking parameters changed")
+            if owed:  # (the connection's cold-start round ranks by them too)
+                self.registry.rounds_requested_for_params(request.project, owed)
             if not first and self.queue.restart_reconcile_if_ended(request.project, self.reconcile_interval):
                 # each reconciliation schedules the next; if one could not (Redis away then), restart the chain
                 log.info("project %s: reconciliation was not scheduled; restarted it", request.project)
