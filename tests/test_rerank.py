@@ -598,7 +598,8 @@ def test_a_reconciliation_whose_read_took_long_spaces_out_the_next(runtime, labe
     assert 5 * interval - 5 < due <= 5 * interval  # RECONCILE_SHARE = 0.2
     assert runtime.queue.reconcile_scheduled("1")  # the chain stays alive over the longer wait
     read = runtime.projects.metrics()["projects"]["1"]["reconcile_read_seconds"]
-    assert 0 < read < interval / 10  # shown in /metrics: this pass's read
+    assert read < interval / 10  # shown in /metrics: this pass's read, not the long one before (a fake Label
+    # Studio answers in well under the millisecond it is stored to, so 0.0 is a valid figure here)
 
 
 def test_a_label_config_that_reads_another_field_ranks_the_new_texts(runtime, label_studio):
