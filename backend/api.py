@@ -191,7 +191,10 @@ def _register_errors(app: Flask, settings: Settings) -> None:
         if request.path != "/webhook":
             message = "Redis is unavailable; try again once Redis is back"
         elif settings.reconcile_interval:
-            message = "Redis is unavailable; the backend recovers this event by reconciliation once Redis is back"
+            message = (
+                "Redis is unavailable; reconciliation recovers this event's changes once Redis is back (a Start "
+                "Training, which changes nothing reconciliation can see: click it again then)"
+            )
         else:  # RECONCILE_INTERVAL=0: no pass comes to find it
             message = (
                 "Redis is unavailable, and reconciliation is off (RECONCILE_INTERVAL=0): this event is lost until"
