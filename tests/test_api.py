@@ -419,7 +419,7 @@ def test_a_ranking_parameter_change_whose_round_redis_failed_to_queue_is_queued_
     client.post("/setup", json=setup_payload() | {"extra_params": {"strategy": "margin"}})  # the same: still owed
     assert queue.job_ids == ["connect-3", "rerank-3-0"]
     client.post("/setup", json=setup_payload() | {"extra_params": {"strategy": "margin"}})
-    assert runtime.registry.rounds_owed_for_params("3") == 0
+    assert runtime.registry.last_setup("3") == (AG_NEWS_CONFIG, {"strategy": "margin"}, 0)  # paid
 
 
 def test_null_strategy_params_at_setup_mean_none(client, runtime):

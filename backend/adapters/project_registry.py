@@ -67,7 +67,7 @@ class ProjectRegistry:
     ) -> bool:
         """Store the project's config (and when Label Studio created it, if known); True when the project is
         connected for the first time. `params_changed`: the parameters it ranks by changed, and a round is owed
-        for them (`rounds_owed_for_params`), stored with them in one step."""
+        for them (`last_setup`), stored with them in one step."""
         self.client.hincrby(SETUPS_KEY, project, 1)  # first: a job that read Label Studio before this sees it
         first = bool(self.client.sadd(PROJECTS_KEY, project))
         self.client.hdel(DISCONNECTED_KEY, project)
@@ -83,9 +83,12 @@ class ProjectRegistry:
             self.client.hsetnx(self.key(project), "created", created)
         return first
 
-    def rounds_owed_for_params(self, project: str) -> int:
-        """How many changes of the ranking parameters no round was requested for yet (one request serves them all)."""
-        return int(self.client.hget(self.key(project), PARAMS_ROUNDS_OWED) or 0)
+    def last_setup(self, project: str) -> tuple[str | None, dict, int]:
+        """What `/setup` stored, in one read (Label Studio calls it before every /predict): the label config (None
+        if never set up), the extra params, and the changes of the ranking parameters no round was requested for
+        yet (one request serves them all)."""
+        config, params, owed = self.client.hmget(self.key(project), "label_config", "params", PARAMS_ROUNDS_OWED)
+        return (config.decode() if config else None), (json.loads(params) if params else {}), int(owed or 0)
 
     def rounds_requested_for_params(self, project: str, owed: int) -> None:
         """A round was requested after `owed` changes: those are paid; a change stored since stays owed."""

@@ -48,8 +48,9 @@ class ProjectService:
         catches up.
         """
         try:
-            new_config = self.registry.label_config(request.project) != request.label_config
-            new_params = _ranking_params(self.registry.params(request.project)) != _ranking_params(request.extra_params)
+            stored_config, stored_params, owed = self.registry.last_setup(request.project)
+            new_config = stored_config != request.label_config
+            new_params = _ranking_params(stored_params) != _ranking_params(request.extra_params)
             first = self.registry.save_setup(
                 request.project, request.label_config, request.extra_params, request.created, new_params
             )
@@ -59,7 +60,8 @@ class ProjectService:
             if known and request.created and known != request.created:
                 self._start_anew(request, known, first)
                 return True
-            owed = self.registry.rounds_owed_for_params(request.project)
+            # owed as read, plus this change: one another /setup stored meanwhile stays owed, for the next /setup
+            owed += new_params
             if first:
                 log.info("project %s connected: queueing set-up and cold-start ranking", request.project)
                 self.queue.enqueue_connect(request.project)
