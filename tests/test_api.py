@@ -617,6 +617,21 @@ def test_a_refused_request_says_why_in_the_log_too(client, caplog):
     )
 
 
+def test_an_unexpected_error_is_a_500_naming_its_type_with_the_trace_only_in_the_log(
+    client, runtime, caplog, monkeypatch
+):
+    def broken(*args, **kwargs):
+        raise RuntimeError("internal detail: /srv/models/al-v000007/head.pt")
+
+    monkeypatch.setattr(runtime.predictor, "predict", broken)  # a defect of ours, not bad input
+    response = client.post("/predict", json=predict_payload([ls_task(1, TEXTS[0])]))
+    assert response.status_code == 500
+    assert response.json == {"error": "InternalError", "message": "RuntimeError while handling /predict"}
+    assert "unhandled error on POST /predict" in caplog.text
+    assert "Traceback" in caplog.text and "internal detail" in caplog.text  # for whoever reads the logs
+    assert client.get("/health").status_code == 200  # and the server answers the next request
+
+
 @pytest.mark.parametrize(("started_seconds_ago", "expected"), [(1, "coalesced"), (120, "enqueued")])
 def test_a_rerank_whose_worker_died_before_it_began_does_not_swallow_events(runtime, started_seconds_ago, expected):
     from datetime import timedelta
@@ -760,6 +775,10 @@ def test_a_reconciliation_chain_counts_as_alive_for_two_intervals_only(runtime):
     assert not runtime.queue.restart_reconcile_if_ended("1", interval)  # alive: left as it is
     # the chain breaks here; once two intervals (and a minute) pass without a successor, it counts as ended
     assert 0 < runtime.redis.ttl(reconcile_alive_key("1")) <= 2 * interval + 60
+    runtime.redis.delete(reconcile_alive_key("1"))  # as that TTL does when it runs out
+    assert not runtime.queue.reconcile_scheduled("1")
+    assert runtime.queue.restart_reconcile_if_ended("1", interval)  # ended: scheduled again
+    assert runtime.queue.reconcile_scheduled("1")
 
 
 def test_reconciliation_switched_off_is_not_restarted_after_the_first_connections_pass(settings):

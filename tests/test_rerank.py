@@ -776,11 +776,14 @@ def test_a_round_whose_lock_never_came_free_on_its_last_try_counts_as_failed(run
     assert runtime.registry.failing("1")["rounds"] == 1
 
 
-def test_a_round_lock_that_expired_meanwhile_does_not_fail_the_round(runtime):
+def test_a_round_lock_that_expired_meanwhile_does_not_fail_the_round(runtime, caplog):
     with round_lock(runtime, "1", generation=1) as held:
         assert held
         runtime.redis.delete("al:rerank:lock:1")  # expired while Redis was away longer than its timeout
-    # no LockNotOwnedError: the round's work stands
+    # no LockNotOwnedError: the round's work stands, and the log says what happened
+    assert "project 1: round lock had expired before the round released it" in caplog.text
+    with round_lock(runtime, "1", generation=2) as held:  # and the next round takes the lock at once
+        assert held and runtime.redis.exists("al:rerank:lock:1")
 
 
 def test_reconciliation_completes_a_set_up_that_never_succeeded_and_keeps_the_first_settings(
@@ -1321,8 +1324,8 @@ def test_a_project_back_at_zero_shot_is_no_longer_suggested_to_stop(runtime, lab
     for generation, task_id in zip((2, 3, 4, 5), (None, 9, 10, 11), strict=True):  # a label more each round
         if task_id:
             label_studio.annotate(task_id, label_studio.truth[task_id])
-        compared = rerank("1", runtime, generation=generation)
-    assert len(compared["stopping"]["history"]) == 3
+        compared = rerank("1", runtime, generation=generation)  # one label more among 8: predictions hold
+    assert len(compared["stopping"]["history"]) == 3 and compared["stopping"]["suggest_stop"] is True
     kept = label_studio.truth[1]
     for task_id in range(2, 12):  # annotations deleted until one class is left: the head is zero-shot again
         if label_studio.truth[task_id] != kept:
