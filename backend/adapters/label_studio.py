@@ -225,13 +225,21 @@ class LabelStudio:
     def _task_pages(
         self, project_id: int, page_size: int, query: str = "", include: str = TASK_FIELDS, fields: str = "task_only"
     ) -> Iterator[dict]:
-        page, seen = 1, 0
+        """The tasks of a list paged by number while annotators work, each yielded once: a task that joins the list
+        below the page being read (a first annotation, for the annotated list) shifts the next page by one, which
+        then starts with the last task of this page again. (Such a task is itself missing from this read, and a
+        deletion below shifts the next page the other way, missing one task: the round's fingerprint then differs
+        from Label Studio's, and the next reconciliation ranks again.)"""
+        page, seen, yielded = 1, 0, set()
         while True:
             params = {"project": project_id, "page": page, "page_size": page_size, "include": include, "fields": fields}
             if query:
                 params["query"] = query
             body = self._raw("GET", "api/tasks/", timeout=max(self.timeout, BULK_TIMEOUT / 5), params=params)
-            yield from body["tasks"]
+            for task in body["tasks"]:
+                if task["id"] not in yielded:
+                    yielded.add(task["id"])
+                    yield task
             seen += len(body["tasks"])
             # a page past the end is a 404, so stop on the total (the SDK's pager asks for it and swallows it)
             if not body["tasks"] or seen >= body["total"]:
@@ -333,10 +341,13 @@ class LabelStudio:
 
     def model_versions(self, project_id: int) -> dict[str, int]:
         """`{model_version: number of predictions}` of the project's predictions, in one grouped query, the version
-        whose latest prediction is newest first (iterating it gives versions in that order)."""
+        whose latest prediction is newest first (iterating it gives versions in that order). Predictions imported
+        with `"model_version": null` (Label Studio stores it as given) form a group without a name: left out, since
+        no version can name them."""
         body = self._raw("GET", f"api/projects/{project_id}/model-versions/", params={"extended": "true"})
         rows = body.get("static", []) if isinstance(body, dict) else []
-        return {row["model_version"]: int(row["count"]) for row in sorted(rows, key=_latest, reverse=True)}
+        named = [row for row in rows if isinstance(row.get("model_version"), str)]
+        return {row["model_version"]: int(row["count"]) for row in sorted(named, key=_latest, reverse=True)}
 
     def delete_model_version(self, project_id: int, version: str) -> dict:
         """Delete every prediction of `version`; returns {"deleted_predictions": n}.

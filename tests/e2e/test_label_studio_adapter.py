@@ -90,6 +90,27 @@ def test_the_bulk_import_leaves_out_a_prediction_the_label_config_does_not_allow
     assert ls.model_versions(project_id) == {"v": 1}
 
 
+def test_predictions_imported_without_a_model_version_are_left_out_of_the_versions(ls, project):
+    # Label Studio stores a null model_version as given; before, its unnamed group failed every cleanup job
+    project_id, task_ids = project
+    unnamed = {"task": task_ids[0], "result": choices_result("World"), "score": 0.1, "model_version": None}
+    named = {"task": task_ids[1], "result": choices_result("World"), "score": 0.1, "model_version": "v"}
+    assert ls.import_predictions(project_id, [unnamed, named]) == {"created": 2}
+    assert ls.model_versions(project_id) == {"v": 1}
+
+
+def test_a_task_annotated_below_the_page_being_read_does_not_repeat_a_task(ls, project):
+    # the annotated list is paged by number: a task joining it before the next page shifts that page by one
+    project_id, task_ids = project
+    for task_id in task_ids[3:7]:
+        ls.create_annotation(task_id, choices_result("World"))
+    pages = ls.iter_annotated_tasks(project_id, page_size=2)
+    first_page = [next(pages)["id"], next(pages)["id"]]
+    ls.create_annotation(task_ids[0], choices_result("World"))  # joins the list below the next page
+    rest = [task["id"] for task in pages]
+    assert first_page == task_ids[3:5] and rest == task_ids[5:7]  # task_ids[4] not read twice
+
+
 def test_tasks_come_with_their_annotations_and_paging_reaches_the_end(ls, label_studio, project):
     project_id, task_ids = project
     labelled = {task_ids[3]: "World", task_ids[17]: "Business", task_ids[42]: "Sci/Tech"}
