@@ -61,10 +61,12 @@ def _label_studio_url(environ: Mapping[str, str]) -> str:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
-    except ValueError as bad:
-        problem = str(bad)
+    except ValueError as bad:  # its words may quote the URL's host part, cut short by a password's "/", say
+        problem = "its port is not a number" if "Port" in str(bad) else str(bad).split(":", 1)[0]
     else:
         problem = "" if parts.scheme in ("http", "https") and parts.hostname else "not an http(s) URL with a host"
+    if _user_info_cut_short(url):
+        problem = "the password or user name holds '/', '?' or '#': percent-encode them (%2F, %3F, %23)"
     if problem:
         shown = url.rsplit("@", 1)[-1]
         raise ValueError(f"LABEL_STUDIO_URL ...{shown!r:.100}: {problem}; e.g. http://localhost:8080")
@@ -72,14 +74,14 @@ def _label_studio_url(environ: Mapping[str, str]) -> str:
 
 
 def _user_info_cut_short(url: str) -> bool:
-    """Whether a redis:// URL's password or user name holds a "/", "?" or "#", which ends the host part early: an
-    "@" then shows up past it (outside a `password=` query value). redis-py would read part of the password as the
-    host or port, and the URL's password would go unrecognised, so shown in the log."""
+    """Whether a redis:// or http(s):// URL's password or user name holds a "/", "?" or "#", which ends the host
+    part early: an "@" then shows up past it (outside a redis:// `password=` query value). The client would read
+    part of the password as the host or port, and the URL's password would go unrecognised, so shown in the log."""
     try:
         parts = urlsplit(url)
-    except ValueError:  # e.g. an unclosed "[": redis-py's check names it
+    except ValueError:  # e.g. an unclosed "[": the caller's check names it
         return False
-    if parts.scheme not in ("redis", "rediss") or "@" in parts.netloc:
+    if parts.scheme not in ("redis", "rediss", "http", "https") or "@" in parts.netloc:
         return False
     fields = [f for f in parts.query.split("&") if _parameter_name(f) not in ("password", "username")]
     return any("@" in part for part in (parts.path, parts.fragment, *fields))

@@ -19,9 +19,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 import redis
+from redis.connection import parse_url as parse_redis_url
 
 from backend.config import Settings, writable_model_dir
 
@@ -60,6 +61,7 @@ def redis_config(url: str, data_dir: Path) -> str:
     user and password, if any, required from every client. Passed on stdin: a password on the command line
     would show in `ps`."""
     where = urlparse(url)
+    credentials = parse_redis_url(url)  # as redis-py reads them: before the "@", or as ?username=&password=
     lines = [
         f"port {where.port or 6379}",
         "bind 127.0.0.1",
@@ -67,7 +69,7 @@ def redis_config(url: str, data_dir: Path) -> str:
         "appendonly yes",
         "save 60 1",
     ]
-    user, password = unquote(where.username or ""), unquote(where.password or "")
+    user, password = credentials.get("username") or "", credentials.get("password") or ""
     for value in (user, password):
         if any(c.isspace() or c in "\"'\\" for c in value):
             raise RuntimeError("REDIS_URL: a user or password with spaces or quotes cannot be given to redis-server")
@@ -86,6 +88,10 @@ def start_redis(settings: Settings) -> subprocess.Popen | None:
     url = urlparse(settings.redis_url)
     if url.hostname not in ("localhost", "127.0.0.1", None):
         raise RuntimeError(f"REDIS_URL={url.hostname}:{url.port} does not answer and is not local; start it first")
+    if url.scheme != "redis":  # rediss:// (TLS) or unix:// (a socket): not what a plain local redis-server serves
+        raise RuntimeError(
+            f"REDIS_URL ({url.scheme}://) does not answer; only a redis:// one is started here: start it first"
+        )
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (Debian/Ubuntu: apt-get install redis-server)")

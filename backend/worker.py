@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
                 continue
         except StopRequested:  # rq's handler raises it when the signal finds the worker idle
             pass
+        except redis.RedisError:  # or, finding it still busy with the job Redis went away in, records the stop there
+            if not stop_requested(worker):
+                raise
         log.warning("told to stop while waiting to start again; stopped")
         return
 

@@ -190,17 +190,28 @@ def test_a_password_in_redis_url_is_required_by_the_redis_it_starts_and_kept_out
             start_redis(replace(settings, redis_url=f"redis://:wrong@127.0.0.1:{port}/0", model_dir=str(tmp_path)))
         assert "wrong" not in str(refused.value)
         user_url = f"redis://al:pw@127.0.0.1:{free_port()}/0"  # a named user, the default one switched off
-        other = start_redis(replace(settings, redis_url=user_url, model_dir=str(tmp_path / "other")))
-        try:
-            assert redis.Redis.from_url(user_url).ping()
-            with pytest.raises(redis.AuthenticationError):
-                redis.Redis.from_url(user_url.replace("al:pw@", "")).ping()
-        finally:
-            other.terminate()
-            other.wait()
+        # and the same credentials in the query, which redis-py reads too
+        query_url = f"redis://127.0.0.1:{free_port()}/0?username=al&password=p%40w"
+        for url, data in ((user_url, "other"), (query_url, "query")):
+            other = start_redis(replace(settings, redis_url=url, model_dir=str(tmp_path / data)))
+            try:
+                assert redis.Redis.from_url(url).ping()
+                with pytest.raises(redis.AuthenticationError):
+                    redis.Redis.from_url(url.split("?")[0].replace("al:pw@", "")).ping()
+            finally:
+                other.terminate()
+                other.wait()
     finally:
         process.terminate()
         process.wait()
+
+
+@pytest.mark.parametrize("scheme", ["rediss", "unix"])
+def test_a_redis_url_a_plain_local_redis_server_cannot_serve_is_not_started(settings, tmp_path, scheme):
+    url = f"rediss://127.0.0.1:{free_port()}/0" if scheme == "rediss" else f"unix://{tmp_path}/redis.sock"
+    with pytest.raises(RuntimeError, match=rf"REDIS_URL \({scheme}://\) does not answer; only a redis:// one"):
+        start_redis(replace(settings, redis_url=url, model_dir=str(tmp_path)))
+    assert not (tmp_path / "redis").exists()  # nothing started, nothing written
 
 
 def _alive(pid: int) -> bool:

@@ -139,7 +139,11 @@ def test_label_studios_errors_name_its_url_without_the_password_it_may_carry():
     [
         ("http://admin:s3cr3t@[::1", "'[::1': Invalid IPv6 URL"),  # the user info, which may hold a password, cut
         ("localhost:8080", "'localhost:8080': not an http(s) URL with a host"),
-        ("http://ls:80x", "'http://ls:80x': Port could not be cast to integer value"),
+        ("http://ls:80x", "'http://ls:80x': its port is not a number"),
+        # a "/" in the password ends the host part: the client would take part of it for the host or port
+        ("http://admin:s3cr3t/x@ls:8080", "'ls:8080': the password or user name holds '/', '?' or '#'"),
+        ("http://admin:12/s3cr3t@ls:8080", "'ls:8080': the password or user name holds '/', '?' or '#'"),
+        ("http://admin:s3cr3t?@ls:8080", "'ls:8080': the password or user name holds '/', '?' or '#'"),
     ],
 )
 def test_a_label_studio_url_that_is_not_one_is_a_bad_setting_named_without_its_password(url, problem):
