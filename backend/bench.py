@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import itertools
 import os
 import platform
 import resource
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from backend.config import ENCODER_DTYPES
+from backend.scoring.registry import STRATEGIES
 
 DEFAULT_TEXTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ag_news" / "test.csv"
 
@@ -151,13 +153,27 @@ def print_flop_rates(encoder, token_ids: list[list[int]], timings: dict[str, flo
         print(f"{label}: share_of_linear={useful_rate / linear:.1%} useful, {executed_rate / linear:.1%} executed")
 
 
+def texts_of_csv(path: str, limit: int) -> list[str]:
+    """The first `limit` texts of the CSV's `text` column; ValueError naming what is missing."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if "text" not in (reader.fieldnames or []):
+                raise ValueError(f"{path} has no 'text' column (columns: {reader.fieldnames or 'none'})")
+            texts = [row["text"] for row in itertools.islice(reader, limit)]
+    except OSError as error:
+        raise ValueError(f"{path}: {error.strerror or error}") from None
+    if not texts:
+        raise ValueError(f"{path} has no rows")
+    return texts
+
+
 def bench_encode(args: argparse.Namespace) -> None:
     import torch
 
     from backend.ml.encoder import Encoder
 
-    with open(args.csv, newline="", encoding="utf-8") as handle:
-        texts = [row["text"] for row in csv.DictReader(handle)][: args.texts]
+    texts = args.texts_read
     model = args.model
     if model.startswith("random:"):
         model = random_model_folder(model.removeprefix("random:"), args.tokenizer)
@@ -235,14 +251,31 @@ def main(argv: list[str] | None = None) -> None:
     encode.set_defaults(run=bench_encode)
     rerank = commands.add_parser("rerank", help="a full re-rank of N unlabelled tasks from cached embeddings")
     rerank.add_argument("--tasks", type=positive_int, default=1_000_000)
-    rerank.add_argument("--dim", type=int, default=384)
-    rerank.add_argument("--classes", type=int, default=4)
-    rerank.add_argument("--labelled", type=int, default=500)
-    rerank.add_argument("--top-k", type=int, default=20)
-    rerank.add_argument("--strategy", default="hybrid")
+    rerank.add_argument("--dim", type=positive_int, default=384)
+    rerank.add_argument("--classes", type=positive_int, default=4)
+    rerank.add_argument("--labelled", type=positive_int, default=500)
+    rerank.add_argument("--top-k", type=positive_int, default=20)
+    rerank.add_argument("--strategy", default="hybrid", help=f"one of {', '.join(sorted(STRATEGIES))}")
     rerank.set_defaults(run=bench_rerank)
     args = parser.parse_args(argv)
+    check_arguments(parser, args)
     args.run(args)
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors argparse's types cannot see, before anything is loaded or synthesised."""
+    if args.command == "encode":
+        try:
+            args.texts_read = texts_of_csv(args.csv, args.texts)
+        except ValueError as error:
+            parser.error(f"--csv: {error}")
+        return
+    if args.strategy not in STRATEGIES:
+        parser.error(f"--strategy {args.strategy!r}: one of {', '.join(sorted(STRATEGIES))}")
+    if args.classes < 2:
+        parser.error(f"--classes must be at least 2, got {args.classes}")
+    if args.labelled + args.top_k > args.tasks:
+        parser.error(f"--labelled {args.labelled} + --top-k {args.top_k} must not exceed --tasks {args.tasks}")
 
 
 def time_rerank_from_cache(

@@ -21,6 +21,7 @@ encoder, as the backend's rounds do.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from backend.config import DEFAULT_MODEL_NAME
+from backend.errors import ModelUnavailable
 from backend.evaluation_data import Dataset, cached_embeddings, encoding_precision, read_labelled_csv
 from backend.evaluation_replay import (
     baseline_replay_budgets,
@@ -315,13 +317,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     check_numbers(parser, args)
     names = strategies_to_replay(parser, args.strategy)  # every usage error comes before anything is encoded
-    args.max_length = max_length_asked(resolve_model_path(args.model), args.max_length)  # recorded as used
+    try:
+        args.max_length = max_length_asked(resolve_model_path(args.model), args.max_length)  # recorded as used
+    except ValueError as error:  # neither a folder nor a hub name
+        parser.error(f"--model {args.model}: {error}")
     finetune_at = finetune_budgets(parser, args.finetune_at)
     for option in ("pool", "test"):
         if not Path(getattr(args, option)).is_file():
             parser.error(f"--{option} {getattr(args, option)}: no such file")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out {args.out}: a file, not a folder")
+    if Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        parser.error(f"--cache-dir {args.cache_dir}: a file, not a folder")
+    try:  # now, not after the pool is encoded
+        Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--cache-dir {args.cache_dir}: {error.strerror or error}")
+    if not os.access(args.cache_dir, os.W_OK):
+        parser.error(f"--cache-dir {args.cache_dir}: not writable")
 
     started = time.time()
     pool_texts, pool_labels = read_labelled_csv(args.pool, args.text_column, args.label_column)
@@ -338,8 +351,11 @@ def main(argv: list[str] | None = None) -> None:
         embeddings = cached_embeddings(texts, args.model, Path(args.cache_dir), args.max_length)
         return Dataset(embeddings, np.array([index[label] for label in labels]), classes, texts)
 
-    pool, test = dataset(pool_texts, pool_labels), dataset(test_texts, test_labels)
-    label_embeddings = cached_embeddings(names_of_choices, args.model, Path(args.cache_dir), args.max_length)
+    try:
+        pool, test = dataset(pool_texts, pool_labels), dataset(test_texts, test_labels)
+        label_embeddings = cached_embeddings(names_of_choices, args.model, Path(args.cache_dir), args.max_length)
+    except ModelUnavailable as error:  # e.g. a hub name while the hub is out of reach
+        parser.error(f"--model: {error}")
     full_accuracy = full_pool_accuracy(pool, test)  # first: a failure here must not come after hours of replays
     runs = replay_all(names, pool, test, label_embeddings, budgets, baseline_budgets, args, finetune_at)
     summary = summarise(runs, budgets, full_accuracy, baseline_budgets, paired_seeds=args.random_start > 0)

@@ -104,6 +104,7 @@ def cached_embeddings(texts: list[str], model_name: str, cache_dir: Path, max_le
     precision this machine encodes in (`encoding_precision`), so that a run's results.json names the one its
     embeddings were made in: replays diverge from the first pick that a last-digit difference changes.
     """
+    from backend.adapters.embedding_cache import zero_non_finite
     from backend.ml.encoder import Encoder
     from backend.ml.model_files import max_length_asked, model_revision, resolve_model_path
 
@@ -113,11 +114,13 @@ def cached_embeddings(texts: list[str], model_name: str, cache_dir: Path, max_le
     key = hashlib.sha1(json.dumps(identity).encode()).hexdigest()[:20]  # JSON: no two identities spell the same
     path = cache_dir / f"{key}.npy"
     if path.exists():
-        return np.load(path).astype(np.float32)
+        return zero_non_finite(np.load(path).astype(np.float32), f"cached embeddings in {path}")
     encoder = Encoder(model_name, max_length=max_length)
     chunks = range(0, len(texts), ENCODE_CHUNK)
     parts = [encoder.encode(texts[i : i + ENCODE_CHUNK]) for i in tqdm(chunks, desc=f"encoding {len(texts)} texts")]
-    embeddings = np.concatenate(parts or [np.zeros((0, encoder.dim), np.float32)]).astype(np.float16)
+    embeddings = np.concatenate(parts or [np.zeros((0, encoder.dim), np.float32)])
+    # as the backend: a model overflowing under fp16 autocast (a pre-Ampere GPU) gives NaN, which no head trains on
+    embeddings = zero_non_finite(embeddings, "texts encoded").astype(np.float16)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with replaced_whole(path) as partial, open(partial, "wb") as handle:  # an interrupted run leaves no half file
         np.save(handle, embeddings)

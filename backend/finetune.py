@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=FineTuneConfig.batch_size)
     parser.add_argument("--learning-rate", type=float, default=FineTuneConfig.learning_rate)
     args = parser.parse_args(argv)
+    try:  # before Label Studio is read and the encoder loaded
+        finetune = FineTuneConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate)
+    except ValueError as error:
+        parser.error(str(error))
     settings = Settings.from_env_or_exit()
     configure_logging(settings)
     from backend.adapters.label_studio import LabelStudio
@@ -60,7 +64,6 @@ def main(argv: list[str] | None = None) -> None:
     label_studio = LabelStudio(settings.label_studio_url, settings.label_studio_api_key)
     config = parse_label_config(label_studio.get_project(args.project)["label_config"])
     encoder = Encoder(settings.model_name, settings.device, settings.max_length, dtype=settings.encoder_dtype)
-    finetune = FineTuneConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate)
     summary = finetune_on_tasks(label_studio.annotated_tasks(args.project), config, encoder, args.out, finetune)
     print(f"fine-tuned on {summary['annotations']} annotations in {summary['seconds']} s")
     print(f"now set MODEL_NAME={args.out} for the server and the workers, and restart them")

@@ -52,6 +52,28 @@ def test_rerank_times_each_stage_and_ends_with_their_sum(capsys):
     assert lines[0].startswith("tasks=3000 ") and int(re.search(r"peak_rss_mb=(\d+)", "\n".join(lines))[1]) > 0
 
 
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["rerank", "--strategy", "nope"], "--strategy 'nope': one of badge, bald, "),
+        (["rerank", "--tasks", "50", "--labelled", "40"], "--labelled 40 + --top-k 20 must not exceed --tasks 50"),
+        (["rerank", "--classes", "1"], "--classes must be at least 2, got 1"),
+        (["rerank", "--labelled", "0"], "argument --labelled: must be at least 1, got 0"),
+        (["encode", "--csv", "/no/such.csv"], "--csv: /no/such.csv: No such file or directory"),
+        (["encode", "--csv", "{label_only}"], "has no 'text' column (columns: ['label'])"),
+        (["encode", "--csv", "{header_only}"], "has no rows"),
+    ],
+)
+def test_bad_arguments_are_usage_errors_before_anything_is_loaded(tmp_path, capsys, arguments, expected):
+    (tmp_path / "label_only.csv").write_text("label\nWorld\n")
+    (tmp_path / "header_only.csv").write_text("text\n")
+    files = {"label_only": tmp_path / "label_only.csv", "header_only": tmp_path / "header_only.csv"}
+    with pytest.raises(SystemExit) as exit_:
+        bench.main([argument.format(**files) for argument in arguments])
+    assert exit_.value.code == 2  # argparse's usage error, not a traceback
+    assert expected in capsys.readouterr().err
+
+
 def test_an_unknown_random_shape_names_the_known_ones():
     with pytest.raises(SystemExit, match="shape must be one of minilm-l6, bert-base"):
         bench.random_model_folder("gpt-5", tokenizer_path=None)

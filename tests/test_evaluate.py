@@ -220,6 +220,7 @@ def test_each_round_ranks_rank_top_k_rows_and_the_annotators_label_the_first_bat
         (["--finetune-epochs", "0"], "--finetune-epochs must be 1 or more, got 0"),
         (["--max-length", "3"], "--max-length must be 0 (the model's own) or 8 or more (as MAX_LENGTH), got 3"),
         ([], "--pool x.csv: no such file"),
+        (["--model", "./no/such/model"], "--model ./no/such/model: "),
     ],
 )
 def test_bad_arguments_fail_with_a_usage_error_before_encoding(tmp_path, capsys, arguments, expected):
@@ -518,6 +519,27 @@ def test_a_stray_quote_that_merges_rows_into_one_text_is_flagged_by_the_class_it
     assert "classes have fewer than 3 rows" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("model", "cache_dir", "expected"),
+    [
+        ("model", "cache", "holds no config.json: not a Hugging Face model folder"),
+        (None, "pool.csv", "--cache-dir {tmp_path}/pool.csv: a file, not a folder"),  # checked before encoding
+        (None, "pool.csv/cache", "--cache-dir {tmp_path}/pool.csv/cache: Not a directory"),
+    ],
+)
+def test_a_model_folder_holding_no_model_or_an_unusable_cache_dir_is_a_usage_error(
+    tiny_bert, tmp_path, capsys, model, cache_dir, expected
+):
+    (tmp_path / "pool.csv").write_text("text,label\na,b\nc,d\n")
+    (tmp_path / "model").mkdir()
+    arguments = ["--pool", str(tmp_path / "pool.csv"), "--test", str(tmp_path / "pool.csv"), "--out", str(tmp_path)]
+    model_folder = str(tmp_path / model) if model else tiny_bert
+    with pytest.raises(SystemExit) as exit_:
+        main([*arguments, "--model", model_folder, "--cache-dir", str(tmp_path / cache_dir)])
+    assert exit_.value.code == 2
+    assert expected.format(tmp_path=tmp_path) in capsys.readouterr().err
+
+
 def test_an_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
     (tmp_path / "pool.csv").write_text("text,label\na,b\n")
     (tmp_path / "results").write_text("not a folder")
@@ -583,6 +605,26 @@ def test_embeddings_cached_for_a_model_folder_are_not_served_once_other_weights_
     after = cached_embeddings(texts, str(folder), tmp_path / "cache", 32)
     assert not np.allclose(after, before, atol=1e-2)
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+
+
+def test_embeddings_an_overflowing_model_made_nan_are_zero_rows_as_in_the_backend(tiny_bert, tmp_path, monkeypatch):
+    # fp16 autocast on a GPU without bf16 can overflow: one NaN row stopped the full-pool head with a traceback
+    from backend.evaluation_data import cached_embeddings
+    from backend.ml.encoder import Encoder
+
+    real_encode = Encoder.encode
+
+    def overflowing(self, texts):
+        vectors = real_encode(self, texts)
+        vectors[1] = np.nan
+        return vectors
+
+    monkeypatch.setattr(Encoder, "encode", overflowing)
+    texts = ["Stocks rallied on Friday", "The team won the cup", "Rain is due"]
+    embeddings = cached_embeddings(texts, tiny_bert, tmp_path, 32)
+    assert np.isfinite(embeddings).all() and not embeddings[1].any() and embeddings[[0, 2]].any(axis=1).all()
+    (saved,) = tmp_path.glob("*.npy")
+    assert np.array_equal(np.load(saved).astype(np.float32), embeddings)  # the file holds the zero row too
 
 
 def test_the_embedding_cache_keeps_max_length_and_texts_apart(tiny_bert, tmp_path):

@@ -74,6 +74,16 @@ def test_bad_finetune_settings_name_the_field(field, value):
         FineTuneConfig(**{field: value})
 
 
+def test_the_commands_bad_numbers_are_a_usage_error_before_label_studio_is_read(capsys, monkeypatch):
+    from backend import finetune
+
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:9")  # nothing listens there: a read would fail
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "key")
+    with pytest.raises(SystemExit) as exit_:
+        finetune.main(["--project", "1", "--out", "unused", "--epochs", "0"])
+    assert exit_.value.code == 2 and "epochs must be a positive integer, got 0" in capsys.readouterr().err
+
+
 def test_mismatched_texts_and_targets_are_refused(encoder, sports_or_business):
     texts, targets = sports_or_business
     probe = fit_head(encoder.encode(texts), targets, multi_label=False)

@@ -19,6 +19,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -74,6 +75,8 @@ def _load_unchanging(path: str) -> tuple[PreTrainedTokenizerBase, PreTrainedMode
     """Tokenizer, model, pooling and revision of `path`, all from the same files: when the folder's revision
     changes while it loads (`backend.finetune` writing into it), it is loaded again, so that embeddings of one
     model are never cached under another's revision."""
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():  # else transformers guesses a tokenizer
+        raise OSError(f"{path} holds no config.json: not a Hugging Face model folder")
     for _ in range(LOAD_ATTEMPTS):
         revision = model_revision(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -184,7 +187,7 @@ class Encoder:
             self.tokenizer, model, self.pooling, self.revision = _load_unchanging(path)
             with torch_on_one_thread():
                 self.model = model.to(self.device, weights_dtype).eval()
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, ImportError) as exc:  # ImportError: a tokenizer needing e.g. sentencepiece
             raise ModelUnavailable(f"cannot load encoder MODEL_NAME={model_name!r} from {path!r}: {exc}") from exc
         self.max_length = self._usable_max_length(max_length) if max_length else self._own_max_length()
         # the first call sets the fast tokenizer's truncation and padding to ours (a model's tokenizer.json may
@@ -277,6 +280,8 @@ class Encoder:
         `CHARS_PER_TOKEN_BOUND` characters per token it may keep, at a white space (a word cut in two would make
         other tokens): the ids are the same, in a fraction of the time. (Not for a tokenizer that keeps the end.)
         """
+        if not texts:  # the tokenizer fails on an empty batch
+            return []
         longest = self.max_length * CHARS_PER_TOKEN_BOUND
         if getattr(self.tokenizer, "truncation_side", "right") == "left":
             longest = max(map(len, texts), default=0)
