@@ -251,11 +251,18 @@ def revive_reconciliations(rt: Runtime) -> list[str]:
     Each reconciliation schedules the next; one that fails before it does (Redis away, its worker killed) ends the
     chain, and lost webhooks would go unrepaired until Label Studio calls `/setup` again. Workers call this at
     every maintenance pass of rq (once a minute).
+
+    A project with head versions under MODEL_DIR that Redis knows nothing of (neither connected nor disconnected:
+    Redis came back without its data) is revived too: its reconciliation finds it connected in Label Studio and
+    queues a round, which records the connection again; or finds it deleted or its backend removed, and records
+    that. Label Studio would call `/setup` again only when someone opens the project's Model settings.
     """
     if rt.without_label_studio:  # a reconciliation would only be skipped (`needs_label_studio`)
         return []
     interval = rt.settings.reconcile_interval
-    revived = [p for p in rt.registry.projects() if rt.queue.restart_reconcile_if_ended(p, interval)]
+    known = rt.registry.projects()
+    unknown = set(rt.artifacts.projects()) - set(known) - set(rt.registry.disconnected())
+    revived = [p for p in [*known, *sorted(unknown, key=int)] if rt.queue.restart_reconcile_if_ended(p, interval)]
     for project in revived:
         log.info("project %s: its reconciliation was not scheduled; restarted it", project)
     return revived

@@ -786,6 +786,26 @@ def test_a_round_lock_that_expired_meanwhile_does_not_fail_the_round(runtime, ca
         assert held and runtime.redis.exists("al:rerank:lock:1")
 
 
+def test_a_project_redis_lost_every_record_of_is_revived_from_its_heads_on_disk(runtime, label_studio, monkeypatch):
+    # Redis back without its data (no persistence): Label Studio calls /setup again only when someone opens the
+    # project's Model settings, so an annotation whose webhook Redis refused meanwhile would wait for good
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})
+    rerank("1", runtime, generation=runtime.queue.start_rerank("1"))
+    runtime.registry.save_setup("2", AG_NEWS_CONFIG, {})
+    runtime.registry.disconnect("2", "no ML backend connected", runtime.registry.setups("2"))
+    runtime.artifacts.project_dir("2").mkdir(parents=True)  # its heads stay, for inspection
+    runtime.redis.flushdb()
+    label_studio.annotate(1, label_studio.truth[1])  # its webhook refused: Redis was away
+    runtime.registry.disconnect("2", "no ML backend connected", 0)  # recorded again since: left alone
+    assert jobs.revive_reconciliations(runtime) == ["1"]
+    assert jobs.revive_reconciliations(runtime) == []  # alive now: not doubled
+    assert jobs.reconcile_project("1")["rerank"] == "enqueued"  # connected in Label Studio, and nothing seen yet
+    summary = rerank("1", runtime, generation=runtime.queue.start_rerank("1"))
+    assert summary["annotations"] == 1 and runtime.registry.is_connected("1")  # the annotation counts, and
+    assert "connect-1" in runtime.queue.queue.job_ids, runtime.queue.queue.jobs  # set up again as at a first /setup
+
+
 def test_reconciliation_completes_a_set_up_that_never_succeeded_and_keeps_the_first_settings(
     runtime, label_studio, monkeypatch
 ):

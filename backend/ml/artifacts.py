@@ -51,6 +51,12 @@ class ArtifactStore:
             raise ValueError(f"project id must be letters, digits, '_', '.' or '-', got {project!r}")
         return self.root / "projects" / str(project)
 
+    def projects(self) -> list[str]:
+        """The projects with a folder of head versions (kept on disk, where Redis's records may be lost)."""
+        folder = self.root / "projects"
+        names = os.listdir(folder) if folder.is_dir() else []
+        return sorted(name for name in names if name.isdigit() and (folder / name).is_dir())
+
     def versions(self, project: str) -> list[str]:
         """Existing versions of a project, oldest first."""
         folder = self.project_dir(project)
