@@ -37,7 +37,9 @@ class UnsupportedLabelConfig(BackendError):
     def __init__(self, reason: str):
         self.reason = reason
         super().__init__(
-            f"Unsupported labeling config: {reason}. This backend supports text classification: one <Choices> "
+            # what is supported first: Label Studio shows only the reason phrase, its first 300 characters
+            f"Unsupported labeling config (needs a <Choices> over a <Text> or <HyperText>): {reason}. "
+            "This backend supports text classification: one <Choices> "
             f'(choice="single", "single-radio" or "multiple") whose toName points at a <Text> or <HyperText> '
             f"tag. For example:\n{SUPPORTED_CONFIG_EXAMPLE}"
         )

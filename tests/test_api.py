@@ -250,6 +250,19 @@ def test_unsupported_config_is_a_422_naming_supported_tags(client, route):
     assert response.status == "422 " + " ".join(response.json["message"].split())[:300]
 
 
+def test_a_config_refused_for_several_reasons_names_the_supported_tags_within_the_reason_phrase(client):
+    per_region = '<Choices name="{}" toName="t" perRegion="true"><Choice value="a"/><Choice value="b"/></Choices>'
+    config = (
+        '<View><Text name="t" value="$text"/><Labels name="l" toName="t"><Label value="X"/></Labels>'
+        + per_region.format("sentiment_per_region")
+        + per_region.format("another_per_region")
+        + "</View>"
+    )
+    response = client.post("/setup", json=setup_payload(config))
+    assert response.status_code == 422 and "another_per_region" in response.json["message"]
+    assert "needs a <Choices> over a <Text> or <HyperText>" in response.status  # what Label Studio shows
+
+
 def test_the_reason_phrase_is_one_line_of_latin_1():
     from backend.api import reason_phrase
 
@@ -612,8 +625,8 @@ def test_a_refused_request_says_why_in_the_log_too(client, caplog):
     )
     assert client.post("/setup", json=setup_payload(image)).status_code == 422
     assert (
-        "POST /setup: 422 UnsupportedLabelConfig: Unsupported labeling config: <Choices name='c'> points at Image"
-        in caplog.text
+        "POST /setup: 422 UnsupportedLabelConfig: Unsupported labeling config (needs a <Choices> over a <Text> or "
+        "<HyperText>): <Choices name='c'> points at Image" in caplog.text
     )
 
 

@@ -46,7 +46,8 @@ def test_gunicorn_workers_load_the_encoder_before_they_answer(tiny_bert, redis_u
         assert f"encoder {tiny_bert} loaded" in log_path.read_text()
         image = '<View><Image name="i" value="$img"/><Choices name="c" toName="i"><Choice value="a"/></Choices></View>'
         refused = requests.post(f"http://127.0.0.1:{port}/setup", json={"project": "1", "schema": image}, timeout=10)
-        with pytest.raises(requests.HTTPError, match="422 Client Error: Unsupported labeling config: <Choices"):
+        said = r"422 Client Error: Unsupported labeling config \(needs a <Choices> over a <Text> or <HyperText>\): "
+        with pytest.raises(requests.HTTPError, match=said):
             refused.raise_for_status()  # the text Label Studio shows for a refused /setup
     finally:
         server.terminate()
