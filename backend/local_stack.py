@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -56,10 +57,11 @@ def _redis_answers(url: str) -> bool:
         return False
 
 
-def redis_config(url: str, data_dir: Path) -> str:
+def redis_config(url: str, data_dir: Path, version: tuple[int, ...] = (7, 0)) -> str:
     """redis-server's configuration for `url`: its port on 127.0.0.1, persistence under `data_dir`, and the URL's
-    user and password, if any, required from every client. Passed on stdin: a password on the command line
-    would show in `ps`."""
+    user and password, if any, required from every client, in what redis-server `version` reads (Ubuntu 22.04's
+    apt gives 6.0, whose users have no channel rules). Passed on stdin: a password on the command line would
+    show in `ps`."""
     where = urlparse(url)
     credentials = parse_redis_url(url)  # as redis-py reads them: before the "@", or as ?username=&password=
     lines = [
@@ -74,7 +76,11 @@ def redis_config(url: str, data_dir: Path) -> str:
         if any(c.isspace() or c in "\"'\\" for c in value):
             raise RuntimeError("REDIS_URL: a user or password with spaces or quotes cannot be given to redis-server")
     if user and user != "default":
-        lines += [f"user {user} on >{password} ~* &* +@all" if password else f"user {user} on nopass ~* &* +@all"]
+        if version < (6, 0):
+            raise RuntimeError(f"REDIS_URL names a user, which redis-server {version[0]}.x lacks: leave it out")
+        channels = " &*" if version >= (6, 2) else ""
+        secret = f">{password}" if password else "nopass"
+        lines += [f"user {user} on {secret} ~*{channels} +@all"]
         lines += ["user default off"]
     elif password:
         lines += [f"requirepass {password}"]
@@ -108,7 +114,8 @@ def start_redis(settings: Settings) -> subprocess.Popen | None:
         process_group=0,  # a Ctrl-C in the terminal stops the server, which stops Redis after the worker
     )
     logging_config = f'loglevel warning\nlogfile "{log_file}"\n'
-    process.stdin.write(redis_config(settings.redis_url, data_dir.resolve()) + logging_config)
+    config = redis_config(settings.redis_url, data_dir.resolve(), redis_server_version(binary))
+    process.stdin.write(config + logging_config)
     process.stdin.close()
     for _ in range(50):
         if _redis_answers(settings.redis_url):
@@ -120,6 +127,13 @@ def start_redis(settings: Settings) -> subprocess.Popen | None:
         time.sleep(0.1)
     process.kill()
     raise RuntimeError("redis-server did not start within 5 s")
+
+
+def redis_server_version(binary: str) -> tuple[int, ...]:
+    """The version of the redis-server at `binary` ("Redis server v=7.0.15 sha=..."), e.g. (7, 0, 15)."""
+    said = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False).stdout
+    found = re.search(r"v=(\d+)\.(\d+)\.(\d+)", said)
+    return tuple(int(part) for part in found.groups()) if found else (7, 0, 0)
 
 
 REDIS_BANNER = ("Redis is starting", "Redis version=", "Configuration loaded")

@@ -1,6 +1,7 @@
 """`python _wsgi.py --with-worker` (run.sh): Redis and a worker beside the server, gone when the server is."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import redis
 
 from backend import local_stack
-from backend.local_stack import start_redis
+from backend.local_stack import redis_config, redis_server_version, start_redis
 from tests.helpers import free_port
 from tests.processes import ROOT
 
@@ -204,6 +205,21 @@ def test_a_password_in_redis_url_is_required_by_the_redis_it_starts_and_kept_out
     finally:
         process.terminate()
         process.wait()
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [
+        ((7, 0, 15), ["user al on >pw ~* &* +@all", "user default off"]),
+        ((6, 0, 16), ["user al on >pw ~* +@all", "user default off"]),  # Ubuntu 22.04's: no channel rules yet
+    ],
+)
+def test_a_named_redis_user_is_configured_in_what_the_installed_redis_server_reads(tmp_path, version, expected):
+    config = redis_config("redis://al:pw@localhost:6390/0", tmp_path, version).splitlines()
+    assert [line for line in config if line.startswith("user ")] == expected
+    with pytest.raises(RuntimeError, match="REDIS_URL names a user, which redis-server 5.x lacks"):
+        redis_config("redis://al:pw@localhost:6390/0", tmp_path, (5, 0, 7))
+    assert redis_server_version(shutil.which("redis-server")) >= (5, 0, 0)  # read from `redis-server --version`
 
 
 @pytest.mark.parametrize("scheme", ["rediss", "unix"])
