@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -141,6 +142,49 @@ def test_a_child_started_again_is_stopped_by_the_stack_in_its_order_not_before(s
     assert redis_child.process is not first and redis_child.process.poll() is None
     stops[0]()  # the server exits
     assert log.read_text().split() == ["worker", "redis"]  # the restarted Redis outlived the worker's shut-down
+
+
+def test_the_watcher_starts_again_only_a_child_that_failed_a_while_after_its_start(monkeypatch, caplog):
+    from backend import local_stack
+    from backend.local_stack import Child, restart_failed
+
+    monkeypatch.setattr(local_stack, "WATCH_SECONDS", 0.05)
+    monkeypatch.setattr(local_stack, "GIVE_UP_WITHIN_SECONDS", 5)
+    starts = {"early": 0, "late": 0, "clean": 0, "unstartable": 0}
+
+    def exiting_with(name: str, code: int):
+        def start() -> subprocess.Popen:
+            starts[name] += 1
+            if name == "unstartable" and starts[name] > 1:
+                raise RuntimeError("redis-server is not installed")
+            return subprocess.Popen(["bash", "-c", f"exit {code}"])
+
+        return start
+
+    children = {name: Child(name, exiting_with(name, 0 if name == "clean" else 3)) for name in starts}
+    for name, child in children.items():
+        child.begin()
+        child.process.wait()
+        if name != "early":  # it ran a while before it exited
+            child.started_at -= 10
+    stopping = threading.Event()
+    watcher = threading.Thread(target=restart_failed, args=(list(children.values()), stopping, threading.Lock()))
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 10
+        while any(children[name].process for name in ("early", "late", "unstartable")):
+            assert time.monotonic() < deadline, {name: child.process for name, child in children.items()}
+            time.sleep(0.05)
+    finally:
+        stopping.set()
+        watcher.join()
+    # "late" was started again, and left down when its new start failed at once, as "early" was; "clean" exited
+    # with 0, as a worker stopped with Ctrl-C does: not a failure
+    assert starts == {"early": 1, "late": 2, "clean": 1, "unstartable": 2}
+    assert children["clean"].process.returncode == 0
+    assert "early exited with code 3 soon after it started; not starting it again" in caplog.text
+    assert "late exited with code 3; starting it again" in caplog.text
+    assert "unstartable could not be started again: redis-server is not installed" in caplog.text
 
 
 def test_an_unwritable_model_dir_is_named_at_start(settings, tmp_path):
