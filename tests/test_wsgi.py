@@ -33,7 +33,7 @@ def test_gunicorn_workers_load_the_encoder_before_they_answer(tiny_bert, redis_u
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 120  # torch, transformers and the model, on a loaded 2-core machine
         while time.time() < deadline and server.poll() is None:
             try:
                 if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
