@@ -194,6 +194,16 @@ def test_progress_says_when_an_encoding_ended_with_a_chunk_failed_and_starts_aga
     assert runtime.encoding.progress("1") == {"chunks": 1, "done": 0, "failed": 0, "texts": 2}
 
 
+def test_a_forgotten_projects_chunks_still_waiting_are_dropped_and_another_projects_kept(runtime):
+    from rq.job import Job
+
+    dropped = runtime.encoding.enqueue("1", [["a"], ["b"]], then_rerank=False)
+    kept = runtime.encoding.enqueue("2", [["a"]], then_rerank=False)
+    runtime.encoding.forget("1")  # deleted in Label Studio: its chunks would take workers' time for nothing
+    assert runtime.encoding.queue.get_job_ids() == kept
+    assert not any(Job.exists(job_id, connection=runtime.redis) for job_id in dropped)
+
+
 def test_a_forgotten_projects_chunk_that_still_runs_leaves_no_progress_behind(runtime):
     (chunk,) = runtime.encoding.enqueue("1", [["a"]])
     runtime.encoding.forget("1")  # deleted in Label Studio while its chunk waits in the queue

@@ -244,7 +244,16 @@ class EncodingJobs:
         self._chunk_done(keys=keys, args=[job_id])
 
     def forget(self, project: str) -> None:
+        """Drop the project's encoding (it was deleted in Label Studio): its deferred round, the chunk jobs still
+        waiting (a million tasks' chunks would take the workers' next hour, for vectors nothing reads), and its
+        progress. A chunk already running ends on its own."""
         self._drop_follow_up(project)
+        chunks = sorted(job_id.decode() for job_id in self.client.smembers(encoding_chunks_key(project)))
+        statuses = self._statuses(chunks)
+        waiting = [job_id for job_id, status in zip(chunks, statuses, strict=True) if status in WAITING_STATUSES]
+        for job in Job.fetch_many(waiting, connection=self.client):
+            if job is not None:
+                job.delete()  # out of the queue (or the scheduled registry, between retries) too
         self.client.delete(
             encoding_key(project),
             encoding_chunks_key(project),

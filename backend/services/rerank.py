@@ -172,9 +172,11 @@ def state_and_matrix(runtime, project: str, watch: Stopwatch):
             log.info("project %s: %s; encoding under way, the round after it ranks", project, exc)
             return None
         log.warning("project %s: %s", project, exc)
-        runtime.snapshots.mark_stale(project)
-        state = read_project_state(runtime, project, watch)
-        return state, *pool_matrix(runtime, project, state)
+    # read again after the `except` block: inside it, the exception's traceback would keep the matrix that came
+    # up short alive (1M tasks: 0.7 GB) beside the one read now
+    runtime.snapshots.mark_stale(project)
+    state = read_project_state(runtime, project, watch)
+    return state, *pool_matrix(runtime, project, state)
 
 
 def project_strategy(params: dict, default: str, fingerprint: str):
