@@ -104,12 +104,15 @@ def test_temporary_files_of_killed_writers_are_removed_by_the_next_write_after_a
     files = MatrixFiles(tmp_path)
     target = files.path("7", cache)
     abandoned, recent = tmp_path / f".{target.name}.abc.tmp", tmp_path / f".{target.name}.def.tmp"
-    abandoned.write_bytes(b"half a matrix")
+    of_another = tmp_path / f".{files.path('8', cache).name}.ghi.tmp"  # whose own file is not written again
+    for leftover in (abandoned, of_another):
+        leftover.write_bytes(b"half a matrix")
     recent.write_bytes(b"another worker writing now")
     two_hours_ago = time.time() - 7200
-    os.utime(abandoned, (two_hours_ago, two_hours_ago))
+    for leftover in (abandoned, of_another):
+        os.utime(leftover, (two_hours_ago, two_hours_ago))
     files.write("7", cache, keys)
-    assert not abandoned.exists() and recent.exists()
+    assert not abandoned.exists() and not of_another.exists() and recent.exists()
     files.delete_project("7")
     assert list(tmp_path.iterdir()) == []
 

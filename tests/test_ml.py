@@ -247,6 +247,16 @@ def test_artifacts_are_versioned_and_newest_wins(tmp_path):
     assert store.load_latest("7", ("a", "c"), "enc", False) is None  # labels changed: zero-shot again
 
 
+def test_versions_past_999999_count_on_in_order(tmp_path):
+    store = ArtifactStore(tmp_path)
+    store.project_dir("7").mkdir(parents=True)
+    (store.project_dir("7") / "v999999").mkdir()  # a busy project's millionth round: names no longer sort
+    assert store.save("7", _artifact(1)) == "v1000000"
+    assert store.save("7", _artifact(2)) == "v1000001"
+    assert store.versions("7") == ["v999999", "v1000000", "v1000001"]
+    assert store.load_latest("7", ("a", "b"), "enc", False).version == "v1000001"
+
+
 def test_a_version_that_could_not_be_written_leaves_no_folder(tmp_path, monkeypatch):
     store = ArtifactStore(tmp_path)
     store.save("7", _artifact(1))

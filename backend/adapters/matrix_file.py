@@ -64,7 +64,7 @@ class MatrixFiles:
         """
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.path(project, cache)
-        self._remove_abandoned_writes(target)
+        self._remove_abandoned_writes()
         handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=f".{target.name}.", suffix=".tmp")
         try:
             with os.fdopen(handle, "wb") as file:
@@ -116,10 +116,11 @@ class MatrixFiles:
         matrix[len(rows) : len(rows) + spare_rows] = 0
         return matrix[: len(rows) + spare_rows]
 
-    def _remove_abandoned_writes(self, target: Path) -> None:
-        """Delete temporary files of `target` left by a worker killed while writing (older than an hour: a
-        million rows take ~10 s to write)."""
-        for leftover in self.folder.glob(f".{target.name}.*.tmp"):
+    def _remove_abandoned_writes(self) -> None:
+        """Delete temporary files left by a worker killed while writing (older than an hour: a million rows take
+        ~10 s to write), of any project and encoder: a file written again within the hour, and unchanged after,
+        would otherwise keep its leftover for good."""
+        for leftover in self.folder.glob(".*.tmp"):
             with contextlib.suppress(OSError):
                 if time.time() - leftover.stat().st_mtime > ABANDONED_AFTER_SECONDS:
                     leftover.unlink()

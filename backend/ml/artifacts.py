@@ -24,7 +24,8 @@ from backend.ml.head import LinearHead
 
 log = logging.getLogger(__name__)
 
-VERSION_PATTERN = re.compile(r"^v(\d{6})$")
+VERSION_PATTERN = re.compile(r"^v(\d{6,})$")
+"""A head version's folder: v000001, v000002, ..., v999999, v1000000 (ordered by number, not by name)."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class ArtifactStore:
         folder = self.project_dir(project)
         if not folder.is_dir():
             return []
-        return sorted(name for name in os.listdir(folder) if VERSION_PATTERN.match(name))
+        names = [name for name in os.listdir(folder) if VERSION_PATTERN.match(name)]
+        return sorted(names, key=lambda name: int(name[1:]))
 
     def identity(self, project: str, version: str) -> str:
         """`version` and when its folder was written: a project deleted and then connected again under the same id
