@@ -64,7 +64,7 @@ class ArtifactStore:
         if not folder.is_dir():
             return []
         names = [name for name in os.listdir(folder) if VERSION_PATTERN.match(name)]
-        return sorted(names, key=lambda name: int(name[1:]))
+        return sorted(names, key=_version_number)
 
     def identity(self, project: str, version: str) -> str:
         """`version` and when its folder was written: a project deleted and then connected again under the same id
@@ -169,6 +169,10 @@ def _write_artifact(folder: Path, artifact: HeadArtifact) -> None:
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
+def _version_number(version: str) -> int:
+    return int(VERSION_PATTERN.match(version).group(1))
+
+
 def _next_version(existing: list[str]) -> str:
-    last = int(VERSION_PATTERN.match(existing[-1]).group(1)) if existing else 0
+    last = _version_number(existing[-1]) if existing else 0
     return f"v{last + 1:06d}"
