@@ -20,7 +20,7 @@ import torch
 from rq import SimpleWorker, Worker
 from rq.exceptions import StopRequested
 
-from backend import jobs
+from backend import jobs, reconciliation
 from backend.adapters.queue import OrderedQueue
 from backend.config import Settings, writable_model_dir
 from backend.errors import LabelStudioUnavailable, ModelUnavailable
@@ -150,8 +150,8 @@ class RevivesReconciliations:
     def run_maintenance_tasks(self) -> None:
         super().run_maintenance_tasks()
         try:
-            jobs.revive_reconciliations(jobs.runtime())
-            jobs.sweep_disconnected_projects(jobs.runtime())
+            reconciliation.revive_reconciliations(jobs.runtime())
+            reconciliation.sweep_disconnected_projects(jobs.runtime())
         except REDIS_GONE:
             raise  # the loop in main() waits for Redis and starts over
         except StopRequested:  # a SIGTERM or SIGINT while idle here: rq's loop stops on it (it records no stop

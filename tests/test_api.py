@@ -16,7 +16,7 @@ from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job, JobStatus
 from rq.utils import now
 
-from backend import jobs
+from backend import reconciliation
 from backend.adapters.queue import reconcile_alive_key
 from backend.protocol import SetupRequest
 from backend.runtime import Runtime
@@ -802,7 +802,7 @@ def test_reconciliation_switched_off_is_not_restarted_after_the_first_connection
     scheduled.remove(one_pass, delete_job=True)  # an hour on: it ran, rq dropped its record, its mark ran out
     rt.redis.delete(reconcile_alive_key("1"))
     rt.projects.setup(SetupRequest("1", AG_NEWS_CONFIG))  # Label Studio calls /setup before every /predict
-    assert jobs.revive_reconciliations(rt) == []  # a worker's maintenance pass, once a minute
+    assert reconciliation.revive_reconciliations(rt) == []  # a worker's maintenance pass, once a minute
     assert scheduled.get_job_ids() == []
 
 

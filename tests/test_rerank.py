@@ -14,7 +14,7 @@ import pytest
 import redis
 from rq import SimpleWorker
 
-from backend import jobs
+from backend import jobs, reconciliation
 from backend.adapters.embedding_cache import EmbeddingsMissing, text_key
 from backend.adapters.encoding_jobs import encoding_follow_up_key
 from backend.adapters.label_studio import ACTIVE_LEARNING_SETTINGS, LabelStudioNotFound, LabelStudioRejected
@@ -27,6 +27,7 @@ from backend.scoring.strategies import uncertainty_scores
 from backend.services import pool as pool_module
 from backend.services import project_state
 from backend.services import rerank as rerank_module
+from backend.services.predict import version_number
 from backend.services.project_state import RoundRefused
 from backend.services.rerank import rerank
 from tests.conftest import AG_NEWS_CONFIG, read_csv
@@ -461,7 +462,7 @@ def test_an_overtaken_round_keeps_the_record_that_reconciliation_compares_with(r
     stale = rerank("1", runtime, generation=4)  # sees the annotation, but a newer round's ranking is live
     assert stale["published"] is False and stale["overtaken"] is True
     assert runtime.registry.last_round("1")["generation"] == 5
-    assert jobs.reconcile_project("1")["reasons"] == ["annotations, tasks or the label config changed"]
+    assert reconciliation.reconcile_project("1")["reasons"] == ["annotations, tasks or the label config changed"]
 
 
 def test_a_job_that_gets_the_lock_after_a_newer_round_published_skips_its_round(runtime, label_studio, monkeypatch):
@@ -545,7 +546,8 @@ def test_a_reconciliation_on_a_clock_behind_the_schedulers_still_schedules_the_n
     monkeypatch.setattr(jobs, "_runtime", runtime)
     interval = runtime.settings.reconcile_interval
     own = int(time.time() // interval) + 1
-    runtime.queue.queue.enqueue_call("backend.jobs.reconcile_project", args=("1",), job_id=reconcile_job_id("1", own))
+    first_id = reconcile_job_id("1", own)
+    runtime.queue.queue.enqueue_call("backend.reconciliation.reconcile_project", args=("1",), job_id=first_id)
     SimpleWorker([runtime.queue.queue], connection=runtime.redis).work(burst=True)
     scheduled = ScheduledJobRegistry(queue=runtime.queue.queue).get_job_ids()
     assert [reconcile_slot("1", job_id) > own for job_id in scheduled] == [True]
@@ -566,12 +568,12 @@ def test_a_reconciliation_of_a_chain_a_newer_one_replaced_ends_its_chain(runtime
     scheduled = ScheduledJobRegistry(queue=runtime.queue.queue)
     [newer] = scheduled.get_job_ids()
     older = reconcile_job_id("1", reconcile_slot("1", newer) - 3)
-    runtime.queue.queue.enqueue_call("backend.jobs.reconcile_project", args=("1",), job_id=older)
+    runtime.queue.queue.enqueue_call("backend.reconciliation.reconcile_project", args=("1",), job_id=older)
     SimpleWorker([runtime.queue.queue], connection=runtime.redis).work(burst=True)
     assert scheduled.get_job_ids() == [newer]  # the older chain scheduled no successor...
     assert runtime.queue.queue.fetch_job(older).return_value()["rerank"] == "enqueued"  # ...and repaired all the same
     runtime.queue.queue.fetch_job(newer).delete()  # its time comes: run it now
-    runtime.queue.queue.enqueue_call("backend.jobs.reconcile_project", args=("1",), job_id=newer)
+    runtime.queue.queue.enqueue_call("backend.reconciliation.reconcile_project", args=("1",), job_id=newer)
     SimpleWorker([runtime.queue.queue], connection=runtime.redis).work(burst=True)  # the newer chain goes on
     assert [reconcile_slot("1", job_id) > reconcile_slot("1", newer) for job_id in scheduled.get_job_ids()] == [True]
 
@@ -586,13 +588,13 @@ def test_a_reconciliation_whose_read_took_long_spaces_out_the_next(runtime, labe
     scheduled = ScheduledJobRegistry(queue=runtime.queue.queue)
     runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})
     runtime.registry.record_reconcile_read("1", interval / 10)  # a fast read: the next pass in one interval
-    jobs.reconcile_project("1")
+    reconciliation.reconcile_project("1")
     [job_id] = scheduled.get_job_ids()
     assert interval - 5 < scheduled.get_scheduled_time(job_id).timestamp() - time.time() <= interval
     assert runtime.registry.reconcile_read_seconds("1") < interval / 10  # this pass's own read, recorded
     scheduled.remove(job_id)
     runtime.registry.record_reconcile_read("1", interval)  # a read as long as the interval
-    jobs.reconcile_project("1")
+    reconciliation.reconcile_project("1")
     [job_id] = scheduled.get_job_ids()
     due = scheduled.get_scheduled_time(job_id).timestamp() - time.time()
     assert 5 * interval - 5 < due <= 5 * interval  # RECONCILE_SHARE = 0.2
@@ -616,12 +618,12 @@ def test_reconciliation_requests_a_round_only_when_label_studio_changed(runtime,
     monkeypatch.setattr(jobs, "_runtime", runtime)
     first = rerank("1", runtime, generation=runtime.queue.start_rerank("1"))
     assert first["published"]
-    assert jobs.reconcile_project("1") == {"rerank": "not needed"}
+    assert reconciliation.reconcile_project("1") == {"rerank": "not needed"}
     label_studio.annotate(3, label_studio.truth[3])  # a webhook that never arrived
-    outcome = jobs.reconcile_project("1")
+    outcome = reconciliation.reconcile_project("1")
     assert outcome["rerank"] == "enqueued" and outcome["reasons"] == ["annotations, tasks or the label config changed"]
     label_studio.project["model_version"] = ""  # reset from the UI
-    assert "model version is ''" in jobs.reconcile_project("1")["reasons"]
+    assert "model version is ''" in reconciliation.reconcile_project("1")["reasons"]
 
 
 @pytest.mark.parametrize("change", ["relabelled", "deleted"])
@@ -631,14 +633,14 @@ def test_reconciliation_notices_an_annotation_changed_or_deleted_whose_webhook_w
     monkeypatch.setattr(jobs, "_runtime", runtime)
     label_studio.annotate(3, "World")
     assert rerank("1", runtime, generation=runtime.queue.start_rerank("1"))["published"]
-    assert jobs.reconcile_project("1") == {"rerank": "not needed"}
+    assert reconciliation.reconcile_project("1") == {"rerank": "not needed"}
     if change == "relabelled":  # the same annotation, changed
         (annotation,) = label_studio.tasks[3]["annotations"]
         annotation["result"][0]["value"]["choices"] = ["Sports"]
         annotation["updated_at"] = "2026-11-23T11:00:00Z"
     else:
         label_studio.tasks[3]["annotations"] = []
-    outcome = jobs.reconcile_project("1")
+    outcome = reconciliation.reconcile_project("1")
     assert outcome["rerank"] == "enqueued" and outcome["reasons"] == ["annotations, tasks or the label config changed"]
 
 
@@ -647,10 +649,10 @@ def test_reconciliation_notices_ranking_predictions_deleted_from_the_data_manage
     live = jobs.rerank_project("1")
     top = live["top_task"]  # "Delete predictions" sends no webhook and keeps the project's model version
     label_studio.predictions = [p for p in label_studio.predictions if p["task"] != top]
-    outcome = jobs.reconcile_project("1")
+    outcome = reconciliation.reconcile_project("1")
     assert outcome["reasons"] == [f"1 of the live ranking's {live['ranked']} predictions were deleted"]
     assert jobs.rerank_project("1")["published"]
-    assert jobs.reconcile_project("1") == {"rerank": "not needed"}  # the new ranking is whole
+    assert reconciliation.reconcile_project("1") == {"rerank": "not needed"}  # the new ranking is whole
 
 
 def test_a_fully_labelled_project_whose_version_was_reset_is_not_reranked_every_interval(
@@ -662,9 +664,10 @@ def test_a_fully_labelled_project_whose_version_was_reset_is_not_reranked_every_
         label_studio.annotate(task_id, label_studio.truth[task_id])
     assert jobs.rerank_project("1")["ranked"] == 0  # nothing left to rank, so no version to switch to
     label_studio.project["model_version"] = None  # e.g. the old predictions deleted in the project's settings
-    assert jobs.reconcile_project("1") == {"rerank": "not needed"}  # a round would have nothing to rank either
+    # a round would have nothing to rank either
+    assert reconciliation.reconcile_project("1") == {"rerank": "not needed"}
     label_studio.replace_task(1, "A task imported while the webhooks were lost")
-    assert jobs.reconcile_project("1")["reasons"] == ["annotations, tasks or the label config changed"]
+    assert reconciliation.reconcile_project("1")["reasons"] == ["annotations, tasks or the label config changed"]
 
 
 @pytest.fixture(
@@ -691,7 +694,7 @@ def test_reconciliation_still_compares_when_label_studio_refuses_to_secure_the_w
 ):
     rerank("1", runtime, generation=runtime.queue.start_rerank("1"))
     label_studio.annotate(3, label_studio.truth[3])  # a webhook that never arrived
-    assert jobs.reconcile_project("1")["reasons"] == ["annotations, tasks or the label config changed"]
+    assert reconciliation.reconcile_project("1")["reasons"] == ["annotations, tasks or the label config changed"]
 
 
 def test_a_webhook_label_studio_refuses_to_secure_holds_up_neither_the_set_up_nor_the_first_ranking(
@@ -731,7 +734,7 @@ def test_reconciliation_configures_the_project_even_when_securing_its_webhook_is
     runtime, label_studio, webhooks_refused
 ):
     rerank("1", runtime, generation=runtime.queue.start_rerank("1"))  # the connect job had failed for good
-    jobs.reconcile_project("1")
+    reconciliation.reconcile_project("1")
     assert label_studio.project["sampling"] == "Uncertainty sampling"
 
 
@@ -750,7 +753,7 @@ def test_a_connection_refused_on_its_last_try_shows_as_failing_until_a_round_run
     monkeypatch.undo()
     monkeypatch.setattr(jobs, "_runtime", runtime)
     # the key fixed: the next reconciliation configures the project and ranks it, without backing off first
-    assert jobs.reconcile_project("1")["rerank"] == "enqueued" and runtime.registry.failing("1") is None
+    assert reconciliation.reconcile_project("1")["rerank"] == "enqueued" and runtime.registry.failing("1") is None
     assert label_studio.project["sampling"] == "Uncertainty sampling"
 
 
@@ -798,9 +801,10 @@ def test_a_project_redis_lost_every_record_of_is_revived_from_its_heads_on_disk(
     runtime.redis.flushdb()
     label_studio.annotate(1, label_studio.truth[1])  # its webhook refused: Redis was away
     runtime.registry.disconnect("2", "no ML backend connected", 0)  # recorded again since: left alone
-    assert jobs.revive_reconciliations(runtime) == ["1"]
-    assert jobs.revive_reconciliations(runtime) == []  # alive now: not doubled
-    assert jobs.reconcile_project("1")["rerank"] == "enqueued"  # connected in Label Studio, and nothing seen yet
+    assert reconciliation.revive_reconciliations(runtime) == ["1"]
+    assert reconciliation.revive_reconciliations(runtime) == []  # alive now: not doubled
+    # connected in Label Studio, and nothing seen yet
+    assert reconciliation.reconcile_project("1")["rerank"] == "enqueued"
     summary = rerank("1", runtime, generation=runtime.queue.start_rerank("1"))
     assert summary["annotations"] == 1 and runtime.registry.is_connected("1")  # the annotation counts, and
     assert "connect-1" in runtime.queue.queue.job_ids, runtime.queue.queue.jobs  # set up again as at a first /setup
@@ -812,7 +816,8 @@ def test_reconciliation_completes_a_set_up_that_never_succeeded_and_keeps_the_fi
     monkeypatch.setattr(jobs, "_runtime", runtime)
     rerank("1", runtime, generation=runtime.queue.start_rerank("1"))  # the connect job had failed for good
     assert label_studio.project["sampling"] == "Sequential sampling"
-    assert jobs.reconcile_project("1") == {"rerank": "not needed"}  # the ranking is current; only the set-up was not
+    # the ranking is current; only the set-up was not
+    assert reconciliation.reconcile_project("1") == {"rerank": "not needed"}
     assert (
         label_studio.project["sampling"] == "Uncertainty sampling" and label_studio.project["show_collab_predictions"]
     )
@@ -853,21 +858,21 @@ def test_a_config_edit_label_studio_could_not_tell_setup_about_does_not_make_rou
 def test_reconciliation_notices_tasks_replaced_with_the_count_unchanged(runtime, label_studio, monkeypatch):
     monkeypatch.setattr(jobs, "_runtime", runtime)
     first = rerank("1", runtime, generation=runtime.queue.start_rerank("1"))
-    assert jobs.reconcile_project("1") == {"rerank": "not needed"}
+    assert reconciliation.reconcile_project("1") == {"rerank": "not needed"}
     label_studio.replace_task(first["top_task"], "A new task, imported while the webhooks were lost")
-    assert jobs.reconcile_project("1")["reasons"] == ["annotations, tasks or the label config changed"]
+    assert reconciliation.reconcile_project("1")["reasons"] == ["annotations, tasks or the label config changed"]
 
 
 def test_reconciliation_notices_a_label_config_change_whose_webhook_was_lost(runtime, label_studio, monkeypatch):
     monkeypatch.setattr(jobs, "_runtime", runtime)
     rerank("1", runtime, generation=runtime.queue.start_rerank("1"))
-    assert jobs.reconcile_project("1") == {"rerank": "not needed"}
+    assert reconciliation.reconcile_project("1") == {"rerank": "not needed"}
     label_studio.project["label_config"] = AG_NEWS_CONFIG.replace('value="Sports"', 'value="Sport"')
     assert 'value="Sport"' in label_studio.project["label_config"]  # a choice renamed; PROJECT_UPDATED was lost
-    outcome = jobs.reconcile_project("1")
+    outcome = reconciliation.reconcile_project("1")
     assert outcome["reasons"] == ["annotations, tasks or the label config changed"]
     summary = rerank("1", runtime, generation=runtime.queue.start_rerank("1"))
-    assert summary["published"] and jobs.reconcile_project("1") == {"rerank": "not needed"}
+    assert summary["published"] and reconciliation.reconcile_project("1") == {"rerank": "not needed"}
 
 
 def test_a_project_switched_to_another_ml_backend_is_left_alone(runtime, label_studio, monkeypatch):
@@ -884,7 +889,7 @@ def test_a_project_switched_to_another_ml_backend_is_left_alone(runtime, label_s
     assert outcome["published"] is False and "only other ML backends connected" in outcome["disconnected"]
     assert "http://other-backend:9090 (sentiment-v3)" in outcome["disconnected"]
     assert runtime.registry.is_disconnected("1")
-    assert jobs.reconcile_project("1") == {"rerank": "not needed", "disconnected": True}
+    assert reconciliation.reconcile_project("1") == {"rerank": "not needed", "disconnected": True}
     assert label_studio.project["model_version"] == live  # the other backend's project is no longer switched
 
 
@@ -923,7 +928,7 @@ def test_removing_the_backend_or_deleting_the_project_stops_the_work_on_it(runti
     assert {p["model_version"] for p in label_studio.predictions} == {live}  # nothing written
 
     scheduled = runtime.queue.queue.scheduled_job_registry
-    assert jobs.reconcile_project("1") == {"rerank": "not needed", "disconnected": True}
+    assert reconciliation.reconcile_project("1") == {"rerank": "not needed", "disconnected": True}
     assert scheduled.get_job_ids() == []  # the chain of reconciliations ends
     # removed from the project, not deleted: what the backend knows of it stays, for connecting it again
     assert (runtime.snapshots.load("1").task_ids.tolist(), runtime.artifacts.versions("1")) == known
@@ -935,7 +940,8 @@ def test_removing_the_backend_or_deleting_the_project_stops_the_work_on_it(runti
     label_studio.backends = [{"id": 2, "url": "http://backend:9090", "project": 1}]
     runtime.registry.count_event("1", "ANNOTATION_CREATED")
     label_studio.deleted = True
-    outcome = jobs.reconcile_project("1")  # it hands the deletion to a round, which holds the project's round lock
+    # it hands the deletion to a round, which holds the project's round lock
+    outcome = reconciliation.reconcile_project("1")
     assert outcome["rerank"] == "enqueued" and "no longer exists" in outcome["reasons"][0]
     assert runtime.snapshots.load("1") is not None  # nothing deleted outside the lock
     outcome = jobs.rerank_project("1")
@@ -959,9 +965,10 @@ def test_a_project_deleted_after_its_backend_was_removed_is_forgotten_by_the_hou
     jobs.rerank_project("1")
     label_studio.backends = []  # removed first: no round or reconciliation comes for the project any more
     assert "no ML backend" in jobs.rerank_project("1")["disconnected"]
-    assert jobs.sweep_disconnected_projects(runtime)  # queued...
-    assert not jobs.sweep_disconnected_projects(runtime)  # ...once an hour, whichever worker asks
-    assert jobs.forget_deleted_projects() == []  # still in Label Studio: kept, for connecting the backend again
+    assert reconciliation.sweep_disconnected_projects(runtime)  # queued...
+    assert not reconciliation.sweep_disconnected_projects(runtime)  # ...once an hour, whichever worker asks
+    # still in Label Studio: kept, for connecting the backend again
+    assert reconciliation.forget_deleted_projects() == []
     assert runtime.snapshots.load("1") is not None and runtime.artifacts.versions("1")
 
     label_studio.deleted = True  # then the project is deleted
@@ -971,15 +978,16 @@ def test_a_project_deleted_after_its_backend_was_removed_is_forgotten_by_the_hou
         raise LabelStudioUnavailable("GET /api/projects/1/ timed out")
 
     monkeypatch.setattr(label_studio, "get_project", times_out)
-    assert jobs.forget_deleted_projects() == []  # one unanswered project does not fail the sweep of the others
+    # one unanswered project does not fail the sweep of the others
+    assert reconciliation.forget_deleted_projects() == []
     monkeypatch.setattr(label_studio, "get_project", ask)
-    assert jobs.forget_deleted_projects() == ["1"]
+    assert reconciliation.forget_deleted_projects() == ["1"]
     assert runtime.snapshots.load("1") is None and runtime.artifacts.versions("1") == []
     assert not list(runtime.matrix_files.folder.glob("1-*.f16")) and runtime.registry.last_round("1") is None
     assert "no longer exists" in runtime.registry.disconnected()["1"]["reason"]
-    assert jobs.forget_deleted_projects() == []  # nothing left to ask Label Studio about
+    assert reconciliation.forget_deleted_projects() == []  # nothing left to ask Label Studio about
     runtime.redis.delete("al:sweep:disconnected")
-    assert not jobs.sweep_disconnected_projects(runtime)
+    assert not reconciliation.sweep_disconnected_projects(runtime)
 
 
 def test_a_label_studio_url_answering_404_to_everything_is_not_taken_for_a_deleted_project(
@@ -991,7 +999,7 @@ def test_a_label_studio_url_answering_404_to_everything_is_not_taken_for_a_delet
     before_connect = runtime.registry.settings_before_connect("1")
     live = jobs.rerank_project("1")["model_version"]
     label_studio.answers_404_to_everything = True  # e.g. LABEL_STUDIO_URL changed to a wrong path, a proxy's 404
-    for job in (jobs.rerank_project, jobs.reconcile_project):
+    for job in (jobs.rerank_project, reconciliation.reconcile_project):
         with pytest.raises(LabelStudioUnavailable, match="404 to GET /api/projects/ too"):  # failed: rq retries it
             job("1")
     # nothing forgotten: the undo record, the head versions, the task list, the last round
@@ -1004,7 +1012,7 @@ def test_a_label_studio_url_answering_404_to_everything_is_not_taken_for_a_delet
     assert jobs.rerank_project("1")["published"]
 
 
-@pytest.mark.parametrize("job", ["rerank_project", "reconcile_project"])
+@pytest.mark.parametrize("job", [jobs.rerank_project, reconciliation.reconcile_project], ids=lambda job: job.__name__)
 def test_a_connection_made_while_a_job_finds_the_project_disconnected_stands(runtime, label_studio, monkeypatch, job):
     monkeypatch.setattr(jobs, "_runtime", runtime)
     runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})
@@ -1017,7 +1025,7 @@ def test_a_connection_made_while_a_job_finds_the_project_disconnected_stands(run
         return []  # what the job had read a moment before
 
     monkeypatch.setattr(label_studio, "ml_backends", no_backend_yet)
-    outcome = getattr(jobs, job)("1")
+    outcome = job("1")
     assert "no ML backend" in outcome["connected_again"] and outcome["rerank"] == "enqueued"
     assert runtime.registry.is_connected("1") and not runtime.registry.is_disconnected("1")
     monkeypatch.undo()
@@ -1473,7 +1481,7 @@ def test_interactive_predictions_never_carry_the_ranking_version(runtime, label_
     task = {"id": 1, "data": label_studio.tasks[1]["data"]}
     (answer,) = runtime.predictor.predict("1", parse_label_config(AG_NEWS_CONFIG), [task])
     assert answer["model_version"] == live + "-predict"  # same head, but Label Studio keeps them apart
-    assert jobs.version_number(answer["model_version"], "al") == jobs.version_number(live, "al")  # numbered as it
+    assert version_number(answer["model_version"], "al") == version_number(live, "al")  # numbered as it
 
 
 def published_from(artifact, model_version: str) -> bool:
@@ -1599,7 +1607,7 @@ def test_a_chunk_that_failed_for_good_is_a_failed_round_that_metrics_shows_and_r
     assert chunk in reason and "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB" in reason
     assert chunk in queue.get_job_ids()  # queued again, in case the cause went away
     label_studio.annotate(3, label_studio.truth[3])
-    assert jobs.reconcile_project("1") == {"rerank": "not needed", "failing": reason}  # backs off meanwhile
+    assert reconciliation.reconcile_project("1") == {"rerank": "not needed", "failing": reason}  # backs off meanwhile
 
 
 @pytest.mark.parametrize("ended", ["stopped", "canceled"])
@@ -1779,7 +1787,7 @@ def test_reconciliation_backs_off_from_a_project_whose_rounds_keep_failing(runti
 
     monkeypatch.setattr(rerank_module, "train_artifact", fails)
     label_studio.annotate(3, label_studio.truth[3])  # its webhook lost
-    assert jobs.reconcile_project("1")["rerank"] == "enqueued"
+    assert reconciliation.reconcile_project("1")["rerank"] == "enqueued"
     queue = runtime.queue.queue
     SimpleWorker([queue], connection=runtime.redis).work(burst=True)  # a first try: rq retries it later
     retried = [job_id for job_id in queue.scheduled_job_registry.get_job_ids() if job_id.startswith("rerank-1-")]
@@ -1789,24 +1797,24 @@ def test_reconciliation_backs_off_from_a_project_whose_rounds_keep_failing(runti
             jobs.rerank_project("1")  # its last try (no retries left)
         failing = runtime.projects.metrics()["projects"]["1"]["failing"]
         assert failing["rounds"] == failed_rounds and "MemoryError: the pool does not fit" in failing["reason"]
-        assert jobs.reconcile_project("1") == {"rerank": "not needed", "failing": failing["reason"]}
-        waited = jobs.failed_round_backoff(failed_rounds, runtime.settings.reconcile_interval)
+        assert reconciliation.reconcile_project("1") == {"rerank": "not needed", "failing": failing["reason"]}
+        waited = reconciliation.failed_round_backoff(failed_rounds, runtime.settings.reconcile_interval)
         assert waited == runtime.settings.reconcile_interval * 2**failed_rounds  # doubling
         failing["at"] -= waited + 1  # after the back-off, reconciliation tries a round again
         runtime.redis.hset(runtime.registry.key("1"), "failing", json.dumps(failing))
         queue.empty()
-        assert jobs.reconcile_project("1")["rerank"] == "enqueued"
+        assert reconciliation.reconcile_project("1")["rerank"] == "enqueued"
     with pytest.raises(MemoryError):
         jobs.rerank_project("1")
-    assert jobs.reconcile_project("1")["rerank"] == "not needed"  # backing off, until...
+    assert reconciliation.reconcile_project("1")["rerank"] == "not needed"  # backing off, until...
     runtime.registry.save_setup("1", AG_NEWS_CONFIG, {"rank_top_k": 5})  # ...the project gets new parameters
     queue.empty()
-    assert jobs.reconcile_project("1")["rerank"] == "enqueued"
+    assert reconciliation.reconcile_project("1")["rerank"] == "enqueued"
     assert label_studio.project["model_version"] == live  # the previous ranking stayed all along
     monkeypatch.undo()
     monkeypatch.setattr(jobs, "_runtime", runtime)
     assert jobs.rerank_project("1")["published"] and runtime.registry.failing("1") is None  # a round ends the run
-    assert jobs.failed_round_backoff(20, 60) == jobs.MAX_FAILED_ROUND_BACKOFF
+    assert reconciliation.failed_round_backoff(20, 60) == reconciliation.MAX_FAILED_ROUND_BACKOFF
 
 
 def test_a_label_config_made_unsupported_fails_one_round_without_retries_until_it_changes(
@@ -1818,17 +1826,17 @@ def test_a_label_config_made_unsupported_fails_one_round_without_retries_until_i
     label_studio.project["label_config"] = AG_NEWS_CONFIG.replace('choice="single"', 'choice="single" perRegion="true"')
     label_studio.annotate(3, label_studio.truth[3])  # the edit and an annotation, webhooks lost
     queue = runtime.queue.queue
-    assert jobs.reconcile_project("1")["rerank"] == "enqueued"
+    assert reconciliation.reconcile_project("1")["rerank"] == "enqueued"
     SimpleWorker([queue], connection=runtime.redis).work(burst=True)
     [failed] = queue.failed_job_registry.get_job_ids()  # visible, and not retried: it would fail the same way
     assert failed not in queue.scheduled_job_registry.get_job_ids() and failed.startswith("rerank-1-")
     assert label_studio.project["model_version"] == live  # the previous ranking stays
     refused = runtime.projects.metrics()["projects"]["1"]["refused"]
     assert "perRegion" in refused["reason"]
-    outcome = jobs.reconcile_project("1")
+    outcome = reconciliation.reconcile_project("1")
     assert outcome == {"rerank": "not needed", "refused": refused["reason"]}  # not a failing round every minute
     label_studio.project["label_config"] = AG_NEWS_CONFIG  # fixed: the next reconciliation ranks again
-    assert jobs.reconcile_project("1")["rerank"] == "enqueued"
+    assert reconciliation.reconcile_project("1")["rerank"] == "enqueued"
     SimpleWorker([queue], connection=runtime.redis).work(burst=True)
     assert runtime.registry.last_round("1")["annotations"] == 1 and label_studio.project["model_version"] != live
     assert runtime.projects.metrics()["projects"]["1"]["refused"] is None
@@ -1838,7 +1846,7 @@ def test_live_predictions_stored_twice_are_not_taken_for_deleted_ones(runtime, l
     monkeypatch.setattr(jobs, "_runtime", runtime)
     assert jobs.rerank_project("1")["published"]
     label_studio.predictions.append(dict(label_studio.predictions[0]))
-    assert jobs.reconcile_project("1") == {"rerank": "not needed"}
+    assert reconciliation.reconcile_project("1") == {"rerank": "not needed"}
     assert not [job_id for job_id in runtime.queue.queue.get_job_ids() if job_id.startswith("rerank-")]
 
 
@@ -1866,7 +1874,7 @@ def test_parameters_fixed_after_a_refused_round_rank_the_project_at_the_next_rec
     runtime.registry.save_setup("1", AG_NEWS_CONFIG, {"strategy_params": {"nope": 1}})
     with pytest.raises(RoundRefused, match="nope"):
         jobs.rerank_project("1")
-    refused = jobs.reconcile_project("1")
+    refused = reconciliation.reconcile_project("1")
     assert refused["rerank"] == "not needed" and "nope" in refused["refused"]  # the same parameters: not again
     runtime.registry.save_setup("1", AG_NEWS_CONFIG, {})  # the user fixes them: Label Studio calls /setup
-    assert jobs.reconcile_project("1")["rerank"] == "enqueued"  # Label Studio itself did not change
+    assert reconciliation.reconcile_project("1")["rerank"] == "enqueued"  # Label Studio itself did not change

@@ -9,7 +9,7 @@ import torch
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from backend import jobs, worker
+from backend import jobs, reconciliation, worker
 from tests.helpers import free_port
 
 
@@ -113,7 +113,7 @@ def test_the_worker_starts_over_when_rqs_own_loop_quits_on_a_redis_timeout(runti
         if stalls:
             raise stalls.pop()
 
-    monkeypatch.setattr(jobs, "revive_reconciliations", revive_reconciliations)
+    monkeypatch.setattr(reconciliation, "revive_reconciliations", revive_reconciliations)
     runs = []
 
     class RealWorker(worker.InProcessWorker):
@@ -168,7 +168,7 @@ def test_a_workers_maintenance_restarts_reconciliations_that_a_failed_one_ended(
     # project 3 keeps its records: the maintenance pass also queued the hourly sweep for deleted projects, which ran
     finished = FinishedJobRegistry(queue=runtime.queue.queue).get_job_ids()
     ran = [Job.fetch(job_id, connection=runtime.redis).func_name for job_id in finished]
-    assert ran.count("backend.jobs.forget_deleted_projects") == 1 and runtime.redis.exists(SWEEP_KEY)
+    assert ran.count("backend.reconciliation.forget_deleted_projects") == 1 and runtime.redis.exists(SWEEP_KEY)
 
 
 def test_a_stop_signalled_during_the_maintenance_pass_stops_the_worker(runtime, monkeypatch):
@@ -181,7 +181,7 @@ def test_a_stop_signalled_during_the_maintenance_pass_stops_the_worker(runtime, 
         raise StopRequested()
 
     monkeypatch.setattr(jobs, "_runtime", runtime)
-    monkeypatch.setattr(jobs, "revive_reconciliations", signalled)
+    monkeypatch.setattr(reconciliation, "revive_reconciliations", signalled)
     job = runtime.queue.queue.enqueue("os.getpid")
     worker.ForkingWorker([runtime.queue.queue], connection=runtime.redis).work(burst=True)
     assert job.get_status() == "queued", "the worker went on taking jobs after the stop"
@@ -390,7 +390,7 @@ def test_a_predict_only_worker_ends_jobs_that_need_label_studio_at_once_and_revi
     queue = runtime.queue.queue
     runtime.registry.save_setup("1", "<View/>", {})  # a /setup: connected, its set-up and reconciliation queued
     runtime.queue.enqueue_connect("1")
-    reconcile = queue.enqueue("backend.jobs.reconcile_project", "1", job_id=reconcile_job_id("1", 0))
+    reconcile = queue.enqueue("backend.reconciliation.reconcile_project", "1", job_id=reconcile_job_id("1", 0))
     with caplog.at_level("WARNING"):
         worker.InProcessWorker([queue, runtime.encoding.queue], connection=runtime.redis).work(burst=True)
     for job in (queue.fetch_job("connect-1"), reconcile):
@@ -400,7 +400,7 @@ def test_a_predict_only_worker_ends_jobs_that_need_label_studio_at_once_and_revi
     assert skipped == ["connect_project('1',) skipped", "reconcile_project('1',) skipped"]  # a line each
     assert queue.scheduled_job_registry.get_job_ids() == []  # the reconciliation did not schedule the next
     runtime.redis.delete(reconcile_alive_key("1"))  # (minutes later)
-    assert jobs.revive_reconciliations(runtime) == []  # nor does maintenance revive what would be skipped
+    assert reconciliation.revive_reconciliations(runtime) == []  # nor does maintenance revive what would be skipped
 
     name_a_label_studio(runtime, monkeypatch)  # the worker restarted with Label Studio's URL and key
-    assert jobs.revive_reconciliations(runtime) == ["1"]  # which configures the project and ranks it
+    assert reconciliation.revive_reconciliations(runtime) == ["1"]  # which configures the project and ranks it

@@ -258,7 +258,7 @@ class JobQueue:
         if after_slot is not None:
             slot = max(slot, after_slot + 1)
         job = self.queue.create_job(
-            "backend.jobs.reconcile_project",
+            "backend.reconciliation.reconcile_project",
             args=(project,),
             job_id=reconcile_job_id(project, slot),
             **self.job_options(retry=None, failure_ttl=reconcile_failure_ttl(interval)),
@@ -316,10 +316,10 @@ class JobQueue:
         )
 
     def enqueue_sweep_once_per(self, seconds: int) -> bool:
-        """Queue `backend.jobs.forget_deleted_projects` unless any worker did so in the last `seconds`."""
+        """Queue `backend.reconciliation.forget_deleted_projects` unless any worker did so in the last `seconds`."""
         if not self.client.set(SWEEP_KEY, "1", nx=True, ex=seconds):
             return False
-        self.queue.enqueue_call("backend.jobs.forget_deleted_projects", **self.job_options())
+        self.queue.enqueue_call("backend.reconciliation.forget_deleted_projects", **self.job_options())
         return True
 
     def length(self) -> int:

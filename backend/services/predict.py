@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -52,6 +53,17 @@ def interactive_version(prefix: str, artifact: HeadArtifact) -> str:
     priorities Uncertainty sampling serves by.
     """
     return model_version(prefix, artifact) + INTERACTIVE_SUFFIX
+
+
+def version_number(version: str, prefix: str) -> int | None:
+    """The round number in one of our model versions (`<prefix>-v000012-<time>` -> 12), else None."""
+    match = re.fullmatch(rf"{re.escape(prefix)}-v(\d+)(-.*)?", version)
+    return int(match.group(1)) if match else None
+
+
+def is_our_version(version: str, prefix: str) -> bool:
+    """Whether `version` names one of this backend's rankings or `/predict` answer sets (numbered or zero-shot)."""
+    return bool(re.fullmatch(rf"{re.escape(prefix)}-(v\d+|{ZERO_SHOT_VERSION})(-.*)?", version))
 
 
 def predicted_labels(probs: np.ndarray, labels: tuple[str, ...], multi_label: bool) -> list[list[str]]:
