@@ -93,7 +93,7 @@ def rerank_project(project: str, reason: str = "") -> dict:
             job.retries_left = 0
         raise
     except Exception as failed:  # the round, or its lock that never came free (LockError)
-        if job is None or not job.retries_left:  # its last try: reconciliation backs off (`failed_round_backoff`)
+        if job is None or not job.retries_left:  # its last try: recorded, and reconciliation backs off
             rt.registry.record_failed_round(project, f"{type(failed).__name__}: {failed}")
         raise
 
