@@ -67,3 +67,15 @@ class LabelStudioUnavailable(BackendError):
     """Label Studio could not be reached or refused a call (jobs retry on this)."""
 
     status_code = 502
+
+
+class LabelStudioRejected(LabelStudioUnavailable):
+    """Label Studio refused a call with a 4xx (bad request, unknown object, refused key): retrying won't help."""
+
+
+class LabelStudioNotFound(LabelStudioRejected):
+    """Label Studio answered 404: the object (a project, a task) does not exist, or no longer does."""
+
+
+class LabelStudioForbidden(LabelStudioRejected):
+    """Label Studio answered 401 or 403: the API key is refused, or may not do this (say, write predictions)."""

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from rq import get_current_job
 from rq.utils import now
 
-from backend.adapters.label_studio import ACTIVE_LEARNING_SETTINGS, LabelStudioNotFound
+from backend.adapters.label_studio import ACTIVE_LEARNING_SETTINGS
 from backend.config import Settings
-from backend.errors import LabelStudioUnavailable
+from backend.errors import LabelStudioNotFound, LabelStudioUnavailable
 from backend.round_lock import round_lock
 from backend.runtime import Runtime
 from backend.services.embeddings import embed_texts

@@ -14,9 +14,8 @@ import time
 
 from rq import get_current_job
 
-from backend.adapters.label_studio import LabelStudioNotFound, LabelStudioRejected
 from backend.adapters.queue import reconcile_delay, reconcile_slot
-from backend.errors import LabelStudioUnavailable
+from backend.errors import LabelStudioNotFound, LabelStudioRejected, LabelStudioUnavailable
 from backend.jobs import configure_project, needs_label_studio, runtime, secure_webhooks_or_warn, stop_working_on
 from backend.round_lock import round_lock
 from backend.runtime import Runtime

@@ -17,9 +17,9 @@ from rq import SimpleWorker
 from backend import jobs, reconciliation
 from backend.adapters.embedding_cache import EmbeddingsMissing, text_key
 from backend.adapters.encoding_jobs import encoding_follow_up_key
-from backend.adapters.label_studio import ACTIVE_LEARNING_SETTINGS, LabelStudioNotFound, LabelStudioRejected
+from backend.adapters.label_studio import ACTIVE_LEARNING_SETTINGS
 from backend.adapters.queue import RETRY, generation_key
-from backend.errors import LabelStudioUnavailable
+from backend.errors import LabelStudioNotFound, LabelStudioRejected, LabelStudioUnavailable
 from backend.protocol import SetupRequest
 from backend.round_lock import round_lock
 from backend.scoring.stopping import prediction_stability
@@ -376,7 +376,7 @@ def test_a_stale_mark_that_comes_while_a_round_reads_the_task_list_is_kept_for_t
 
 
 def test_predictions_refused_to_the_api_key_keep_the_task_list_snapshot(runtime, label_studio, monkeypatch):
-    from backend.adapters.label_studio import LabelStudioForbidden
+    from backend.errors import LabelStudioForbidden
 
     first = rerank("1", runtime, generation=1)
 
@@ -740,7 +740,7 @@ def test_reconciliation_configures_the_project_even_when_securing_its_webhook_is
 
 def test_a_connection_refused_on_its_last_try_shows_as_failing_until_a_round_runs(runtime, label_studio, monkeypatch):
     # a wrong LABEL_STUDIO_API_KEY: without this, /metrics showed nothing until an annotation's round failed too
-    from backend.adapters.label_studio import LabelStudioForbidden
+    from backend.errors import LabelStudioForbidden
 
     def refused(project_id):
         raise LabelStudioForbidden("Label Studio PATCH /api/projects/1: HTTP 401 (LABEL_STUDIO_API_KEY is not ...)")

@@ -21,7 +21,12 @@ from label_studio_sdk import LabelStudio as SdkClient
 from label_studio_sdk.core.api_error import ApiError
 
 from backend.config import url_without_password
-from backend.errors import LabelStudioUnavailable
+from backend.errors import (
+    LabelStudioForbidden,
+    LabelStudioNotFound,
+    LabelStudioRejected,
+    LabelStudioUnavailable,
+)
 
 ACTIVE_LEARNING_SETTINGS = {"sampling": "Uncertainty sampling", "show_collab_predictions": True}
 """What connecting the backend changes in a project; `configure_for_active_learning` returns the old values."""
@@ -66,18 +71,6 @@ predictions into a 100,000-task project then take 0.08 s instead of 6.2 s. Run t
 PREDICTION_WRITES=bulk against such a Label Studio."""
 BULK_TIMEOUT = 600.0
 """Seconds allowed to calls whose cost grows with the project: imports, deleting a model version."""
-
-
-class LabelStudioRejected(LabelStudioUnavailable):
-    """Label Studio refused a call with a 4xx (bad request, unknown object, refused key): retrying won't help."""
-
-
-class LabelStudioNotFound(LabelStudioRejected):
-    """Label Studio answered 404: the object (a project, a task) does not exist, or no longer does."""
-
-
-class LabelStudioForbidden(LabelStudioRejected):
-    """Label Studio answered 401 or 403: the API key is refused, or may not do this (say, write predictions)."""
 
 
 def _refusal(request: str, status: int | None, body: object) -> LabelStudioUnavailable:

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from backend.adapters.embedding_cache import text_key
-from backend.adapters.label_studio import LabelStudioNotFound
 from backend.adapters.task_snapshot import TaskSnapshot
-from backend.errors import UnsupportedLabelConfig
+from backend.errors import LabelStudioNotFound, UnsupportedLabelConfig
 from backend.label_config import ClassificationConfig, parse_label_config
 from backend.services.embeddings import embed_texts
 from backend.services.train import LabelledTask, labelled_tasks

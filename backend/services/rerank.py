@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from backend.adapters.embedding_cache import EmbeddingsMissing
-from backend.adapters.label_studio import LabelStudioForbidden, LabelStudioRejected
+from backend.errors import LabelStudioForbidden, LabelStudioRejected
 from backend.ml.artifacts import HeadArtifact
 from backend.scoring.base import Pool
 from backend.scoring.registry import get_strategy

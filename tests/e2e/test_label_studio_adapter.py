@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from backend.adapters.label_studio import LabelStudio, LabelStudioNotFound, LabelStudioRejected
-from backend.errors import LabelStudioUnavailable
+from backend.adapters.label_studio import LabelStudio
+from backend.errors import LabelStudioNotFound, LabelStudioRejected, LabelStudioUnavailable
 from tests.conftest import AG_NEWS_CONFIG, read_csv
 from tests.helpers import choices_result
 
