@@ -62,16 +62,15 @@ def redis_config(url: str, data_dir: Path, version: tuple[int, ...] = (7, 0)) ->
     user and password, if any, required from every client, in what redis-server `version` reads (Ubuntu 22.04's
     apt gives 6.0, whose users have no channel rules). Passed on stdin: a password on the command line would
     show in `ps`."""
-    where = urlparse(url)
-    credentials = parse_redis_url(url)  # as redis-py reads them: before the "@", or as ?username=&password=
+    client = parse_redis_url(url)  # what redis-py reads: the user and password before the "@", or as ?password=
     lines = [
-        f"port {where.port or 6379}",
+        f"port {client.get('port') or 6379}",
         "bind 127.0.0.1",
         f'dir "{data_dir}"',
         "appendonly yes",
         "save 60 1",
     ]
-    user, password = credentials.get("username") or "", credentials.get("password") or ""
+    user, password = client.get("username") or "", client.get("password") or ""
     for value in (user, password):
         if any(c.isspace() or c in "\"'\\" for c in value):
             raise RuntimeError("REDIS_URL: a user or password with spaces or quotes cannot be given to redis-server")
