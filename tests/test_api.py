@@ -4,6 +4,7 @@ import base64
 import io
 import json
 import re
+import time
 from dataclasses import replace
 from datetime import timedelta
 
@@ -804,6 +805,19 @@ def test_reconciliation_switched_off_is_not_restarted_after_the_first_connection
     rt.projects.setup(SetupRequest("1", AG_NEWS_CONFIG))  # Label Studio calls /setup before every /predict
     assert reconciliation.revive_reconciliations(rt) == []  # a worker's maintenance pass, once a minute
     assert scheduled.get_job_ids() == []
+
+
+def test_with_reconciliation_off_a_connection_again_gets_its_one_pass_while_the_last_ones_record_is_kept(settings):
+    rt = Runtime(replace(settings, reconcile_interval=0))
+    scheduled = rt.queue.queue.scheduled_job_registry
+    rt.queue.schedule_reconcile("1", 0)  # the first connection's pass
+    [first_pass] = scheduled.get_job_ids()
+    scheduled.remove(first_pass)  # it ran; rq keeps the finished job's record for an hour
+    assert Job.exists(first_pass, connection=rt.redis)
+    time.sleep(1.01)  # the backend was removed and added again, a moment later
+    rt.queue.schedule_reconcile("1", 0)
+    [second_pass] = scheduled.get_job_ids()
+    assert second_pass != first_pass
 
 
 def test_a_rerank_a_worker_is_starting_is_not_cancelled(runtime):

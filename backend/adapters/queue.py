@@ -251,10 +251,11 @@ class JobQueue:
         The slot is the interval-long period of the clock the job is due in, so callers in the same period share
         one; a reconciliation scheduling its successor passes its own slot, and the successor's is always later,
         even when this machine's clock is behind the one that scheduled it (else it would find its own id taken
-        and the chain would end).
+        and the chain would end). With `interval` 0 (the one pass at a connection) the slot is the second it is due
+        in: a pass of an earlier connection, finished and kept by rq for an hour, must not take the new one's id.
         """
         delay = interval if delay is None else max(delay, interval)
-        slot = int((time.time() + delay) // interval) if interval > 0 else 0
+        slot = int((time.time() + delay) // interval) if interval > 0 else int(time.time() + delay)
         if after_slot is not None:
             slot = max(slot, after_slot + 1)
         job = self.queue.create_job(
