@@ -175,8 +175,9 @@ def test_harness_scores_a_finetuned_encoder_at_the_budgets_asked(tiny_bert, tmp_
 
 
 def test_finetune_budgets_must_be_among_the_replay_budgets(tiny_bert, tmp_path, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as usage_error:
         main(harness_arguments(tmp_path, tiny_bert, "--seeds", "1", "--finetune-at", "50"))
+    assert usage_error.value.code == 2  # argparse's usage error
     assert "--finetune-at [50] is not among the budgets [20, 40, 60]" in capsys.readouterr().err
 
 
@@ -387,8 +388,9 @@ def test_label_names_stand_in_for_csv_labels():
 
 
 def test_bad_label_names_are_a_usage_error(tiny_bert, tmp_path, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as usage_error:
         main(harness_arguments(tmp_path, tiny_bert, "--seeds", "1", "--label-names", "NOPE=x"))
+    assert usage_error.value.code == 2  # argparse's usage error
     assert "--label-names: label 'NOPE' is not in the pool" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # no empty output folder left by a run that never started
 
@@ -544,8 +546,9 @@ def test_an_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
     (tmp_path / "pool.csv").write_text("text,label\na,b\n")
     (tmp_path / "results").write_text("not a folder")
     arguments = ["--pool", str(tmp_path / "pool.csv"), "--test", str(tmp_path / "pool.csv")]
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as usage_error:
         main([*arguments, "--out", str(tmp_path / "results")])
+    assert usage_error.value.code == 2  # argparse's usage error
     said = capsys.readouterr().err
     assert f"--out {tmp_path / 'results'}: a file, not a folder" in said
     assert (tmp_path / "results").read_text() == "not a folder"
@@ -574,16 +577,18 @@ def test_a_csv_split_at_semicolons_or_tabs_is_read(tmp_path, delimiter):
     ],
 )
 def test_budgets_batches_and_seeds_are_checked_first(tmp_path, capsys, extra, message):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as usage_error:
         main(["--pool", "x.csv", "--test", "y.csv", "--out", str(tmp_path), *extra])
+    assert usage_error.value.code == 2  # argparse's usage error
     assert message in capsys.readouterr().err
 
 
 def test_a_pool_with_one_label_is_a_usage_error(tiny_bert, tmp_path, capsys):
     arguments = harness_arguments(tmp_path, tiny_bert, "--seeds", "1")
     write_csv(tmp_path / "pool.csv", [{"text": f"text {i}", "label": "only"} for i in range(30)])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as usage_error:
         main(arguments)
+    assert usage_error.value.code == 2  # argparse's usage error
     assert "classification needs at least two labels" in capsys.readouterr().err
 
 
@@ -680,7 +685,8 @@ def test_a_test_set_sharing_no_label_with_the_pool_is_a_usage_error(tiny_bert, t
     arguments = harness_arguments(tmp_path, tiny_bert, "--seeds", "1")
     test = read_csv("trec6/test.csv", 100)
     write_csv(tmp_path / "test.csv", [{"text": row["text"], "label": row["label"].lower()} for row in test])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as usage_error:
         main(arguments)
+    assert usage_error.value.code == 2  # argparse's usage error
     assert "--test: none of the labels of" in capsys.readouterr().err
     assert not (tmp_path / "out" / "results.json").exists()

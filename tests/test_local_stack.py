@@ -70,13 +70,18 @@ def start_stack_with_worker(tiny_bert: str, tmp_path, cwd: Path = ROOT) -> tuple
     return server, redis_url, log_path
 
 
+def wait_for_the_scheduler_fork(log_path) -> None:
+    """Until the worker has forked rq's scheduler (it logs "Scheduler for <queues> started")."""
+    deadline = time.monotonic() + 30
+    while "Scheduler for " not in log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "Scheduler for " in log_path.read_text(), log_path.read_text()
+
+
 def test_ctrl_c_stops_the_worker_before_the_redis_it_needs_to_shut_down(tiny_bert, tmp_path):
     server, redis_url, log_path = start_stack_with_worker(tiny_bert, tmp_path)
     try:
-        deadline = time.monotonic() + 30  # settled: a Ctrl-C in the middle of forking the scheduler prints a traceback
-        while "Scheduler for " not in log_path.read_text() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert "Scheduler for " in log_path.read_text(), log_path.read_text()
+        wait_for_the_scheduler_fork(log_path)  # settled: a Ctrl-C in the middle of forking it prints a traceback
         os.killpg(server.pid, signal.SIGINT)  # Ctrl-C reaches every process of the terminal's group
         server.wait(timeout=60)
     finally:
@@ -98,6 +103,7 @@ def test_a_worker_that_dies_is_started_again_wherever_the_server_was_started_fro
     server, redis_url, log_path = start_stack_with_worker(tiny_bert, tmp_path, cwd=elsewhere)
     try:
         time.sleep(GIVE_UP_WITHIN_SECONDS)  # a child that fails sooner after its start is left down
+        wait_for_the_scheduler_fork(log_path)
         killed = worker_pid(log_path)
         forked = child_pids(killed)  # rq's scheduler, forked at the worker's start
         assert forked

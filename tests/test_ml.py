@@ -783,7 +783,7 @@ def test_a_multi_label_rows_error_is_the_share_of_its_labels_on_the_wrong_side()
     assert _row_errors(probs[:2, :2], np.eye(2, dtype=np.float32)[[1, 0]], False).tolist() == [1.0, 0.0]
 
 
-def test_choose_l2_compares_multi_label_options_by_their_share_of_wrong_labels():
+def test_multi_label_penalty_options_compare_by_their_rows_share_of_wrong_labels():
     # option 0 misses one label of three on every row (share 1/3); option 1 misses all three labels on half the
     # rows (mean share 1/2). By the share option 0 is better; counting any miss as a whole row wrong, option 0
     # (100% of rows wrong) would lose to option 1 (50%).

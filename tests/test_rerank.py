@@ -978,7 +978,7 @@ def test_a_project_deleted_after_its_backend_was_removed_is_forgotten_by_the_hou
         raise LabelStudioUnavailable("GET /api/projects/1/ timed out")
 
     monkeypatch.setattr(label_studio, "get_project", times_out)
-    # one unanswered project does not fail the sweep of the others
+    # a project Label Studio does not answer for is skipped, not failed: the next sweep asks again
     assert reconciliation.forget_deleted_projects() == []
     monkeypatch.setattr(label_studio, "get_project", ask)
     assert reconciliation.forget_deleted_projects() == ["1"]

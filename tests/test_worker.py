@@ -187,7 +187,7 @@ def test_a_stop_signalled_during_the_maintenance_pass_stops_the_worker(runtime, 
     assert job.get_status() == "queued", "the worker went on taking jobs after the stop"
 
 
-def test_a_worker_waiting_for_redis_stops_when_told_to(runtime, monkeypatch):
+def test_a_worker_waiting_for_redis_stops_when_told_to(runtime, monkeypatch, capsys):
     # Redis went away during a job: the worker waits for it, and a SIGTERM then (rq's handler, still installed,
     # only records it while the worker counts as busy) must end the wait rather than go unheard
     monkeypatch.setattr(jobs, "_runtime", runtime)
@@ -209,11 +209,21 @@ def test_a_worker_waiting_for_redis_stops_when_told_to(runtime, monkeypatch):
             self._shutdown_requested_date = "now"
 
     monkeypatch.setattr(worker, "worker_class_for", lambda device: WorkerLosingRedisMidJob)
-    waiting = threading.Thread(target=worker.main, args=(["--no-preload"],), daemon=True)
+    ended = []
+
+    def run_worker():
+        try:
+            worker.main(["--no-preload"])
+            ended.append("returned")
+        except BaseException as error:  # a crash must fail the test, not only end the thread
+            ended.append(error)
+
+    waiting = threading.Thread(target=run_worker, daemon=True)
     waiting.start()
     waiting.join(timeout=20)
     assert not waiting.is_alive(), "the worker went on waiting for Redis after it was told to stop"
-    assert len(runs) == 1
+    assert ended == ["returned"] and len(runs) == 1
+    assert "told to stop while waiting to start again" in capsys.readouterr().err  # the worker's log
 
 
 def name_a_label_studio(runtime, monkeypatch) -> None:
