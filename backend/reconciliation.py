@@ -108,6 +108,7 @@ def reconcile_project(project: str) -> dict:
             delay = reconcile_delay(interval, rt.registry.reconcile_read_seconds(project))
             rt.queue.schedule_reconcile(project, interval, after_slot=after_slot, delay=delay)
     setups_seen = rt.registry.setups(project)
+    live_before_reading = rt.registry.live_version(project)
     started = time.monotonic()
     try:
         reading = read_connected_project(rt.label_studio, project, rt.settings.model_version_prefix)
@@ -129,7 +130,9 @@ def reconcile_project(project: str) -> dict:
     if reading.fingerprint != last.get("fingerprint"):
         reasons.append("annotations, tasks or the label config changed")
     ranks_something = last.get("ranked", 1) > 0  # a round with nothing to rank (all labelled) switches nothing
-    if ranks_something and (reading.info.get("model_version") or "") != (rt.registry.live_version(project) or ""):
+    # a round may have switched versions between the reading and now: Label Studio then showed the one live before
+    live = {live_before_reading or "", rt.registry.live_version(project) or ""}
+    if ranks_something and (reading.info.get("model_version") or "") not in live:
         reasons.append(f"model version is {reading.info.get('model_version')!r}")
     if ranks_something and not reasons and (deleted := deleted_ranking_predictions(rt, project, last)):
         reasons.append(f"{deleted} of the live ranking's {last['ranked']} predictions were deleted")

@@ -855,6 +855,26 @@ def test_a_config_edit_label_studio_could_not_tell_setup_about_does_not_make_rou
     assert runtime.registry.label_config("1") == edited  # and /predict without a config reads the current one
 
 
+def test_a_round_switching_versions_while_reconciliation_reads_label_studio_queues_no_other(
+    runtime, label_studio, monkeypatch
+):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    rerank("1", runtime, generation=runtime.queue.start_rerank("1"))
+    label_studio.annotate(1, "Sports")
+    read = reconciliation.read_connected_project
+
+    def a_round_publishes_right_after(*args):
+        reading = read(*args)  # Label Studio still on the previous version, the annotation in
+        rerank("1", runtime, generation=runtime.queue.start_rerank("1"))  # that annotation's round
+        return reading
+
+    monkeypatch.setattr(reconciliation, "read_connected_project", a_round_publishes_right_after)
+    assert reconciliation.reconcile_project("1") == {"rerank": "not needed"}
+    monkeypatch.setattr(reconciliation, "read_connected_project", read)
+    label_studio.project["model_version"] = "reset from the UI"  # a version neither before nor after: a repair
+    assert reconciliation.reconcile_project("1")["reasons"] == ["model version is 'reset from the UI'"]
+
+
 def test_reconciliation_notices_tasks_replaced_with_the_count_unchanged(runtime, label_studio, monkeypatch):
     monkeypatch.setattr(jobs, "_runtime", runtime)
     first = rerank("1", runtime, generation=runtime.queue.start_rerank("1"))
