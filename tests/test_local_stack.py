@@ -59,23 +59,26 @@ def start_stack_with_worker(tiny_bert: str, tmp_path, cwd: Path = ROOT) -> tuple
             start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + 120
-        while "worker listening" not in log_path.read_text() and time.monotonic() < deadline:
-            assert server.poll() is None, log_path.read_text()
-            time.sleep(0.2)
-        assert "worker listening" in log_path.read_text(), log_path.read_text()  # not a silent time-out
+        wait_in_log(log_path, "worker listening", server=server)
     except BaseException:
         os.killpg(server.pid, signal.SIGKILL)
         raise
     return server, redis_url, log_path
 
 
-def wait_for_the_scheduler_fork(log_path) -> None:
-    """Until the worker has forked rq's scheduler (it logs "Scheduler for <queues> started")."""
-    deadline = time.monotonic() + 30
-    while "Scheduler for " not in log_path.read_text() and time.monotonic() < deadline:
+def wait_in_log(log_path: Path, text: str, *, times: int = 1, seconds: float = 120, server=None) -> str:
+    """Until `text` is in the log `times` times, while `server` (when given) runs -> the log; fails on time-out."""
+    deadline = time.monotonic() + seconds
+    while (output := log_path.read_text()).count(text) < times and time.monotonic() < deadline:
+        assert server is None or server.poll() is None, output
         time.sleep(0.2)
-    assert "Scheduler for " in log_path.read_text(), log_path.read_text()
+    assert output.count(text) >= times, output  # not a silent time-out
+    return output
+
+
+def wait_for_the_scheduler_fork(log_path: Path) -> None:
+    """Until the worker has forked rq's scheduler (it logs "Scheduler for <queues> started")."""
+    wait_in_log(log_path, "Scheduler for ", seconds=30)
 
 
 def test_ctrl_c_stops_the_worker_before_the_redis_it_needs_to_shut_down(tiny_bert, tmp_path):
@@ -108,10 +111,7 @@ def test_a_worker_that_dies_is_started_again_wherever_the_server_was_started_fro
         forked = child_pids(killed)  # rq's scheduler, forked at the worker's start
         assert forked
         os.kill(killed, signal.SIGKILL)  # e.g. the OOM killer
-        deadline = time.monotonic() + 120
-        while log_path.read_text().count("worker listening") < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        output = log_path.read_text()
+        output = wait_in_log(log_path, "worker listening", times=2)
         assert "worker exited with code -9; starting it again" in output and output.count("worker listening") == 2
         # the killed worker's scheduler went with it: left alive it held the scheduler lock, and the worker's
         # Redis connection, on which a job could be handed over and never run
