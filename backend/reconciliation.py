@@ -131,10 +131,10 @@ def reconcile_project(project: str) -> dict:
         reasons.append("annotations, tasks or the label config changed")
     ranks_something = last.get("ranked", 1) > 0  # a round with nothing to rank (all labelled) switches nothing
     # a round may have switched versions between the reading and now: Label Studio then showed the one live before
-    live = {live_before_reading or "", rt.registry.live_version(project) or ""}
-    if ranks_something and (reading.info.get("model_version") or "") not in live:
+    live = rt.registry.live_version(project)
+    if ranks_something and (reading.info.get("model_version") or "") not in {live_before_reading or "", live or ""}:
         reasons.append(f"model version is {reading.info.get('model_version')!r}")
-    if ranks_something and not reasons and (deleted := deleted_ranking_predictions(rt, project, last)):
+    if ranks_something and not reasons and (deleted := deleted_ranking_predictions(rt, project, live, last)):
         reasons.append(f"{deleted} of the live ranking's {last['ranked']} predictions were deleted")
     if not reasons:
         return {"rerank": "not needed"}
@@ -163,13 +163,12 @@ def failed_round_backoff(failed_rounds: int, interval: int) -> float:
     return min(MAX_FAILED_ROUND_BACKOFF, max(interval, 1) * 2.0**failed_rounds)
 
 
-def deleted_ranking_predictions(rt: Runtime, project: str, last: dict) -> int:
-    """How many of the live ranking's predictions Label Studio no longer holds.
+def deleted_ranking_predictions(rt: Runtime, project: str, live: str | None, last: dict) -> int:
+    """How many of the live ranking's predictions (of version `live`) Label Studio no longer holds.
 
     The Data Manager's "Delete predictions" sends no webhook and leaves `project.model_version` as it was, so
     Uncertainty sampling would serve those tasks like any unranked one until the next annotation's round.
     """
-    live = rt.registry.live_version(project)
     if not live or live != last.get("model_version"):
         return 0
     counts = rt.label_studio.model_versions(int(project))  # {version: predictions}, one grouped query
