@@ -23,6 +23,17 @@ def test_compose_files_pass_only_settings_the_backend_reads_and_run_on_the_cpu_b
     assert compose["services"]["worker"]["healthcheck"]["test"][-2:] == ["backend.healthcheck", "--worker"]
 
 
+def test_in_the_gpu_stack_device_reaches_only_the_service_with_the_gpu():
+    # DEVICE=cuda from the shell, meant for the worker, would stop the server: no GPU is reserved for it there
+    compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+    gpu = yaml.safe_load((DOCKER / "docker-compose.gpu.yml").read_text())
+    shell = {"DEVICE": "cuda"}
+    for name in ("backend", "worker"):
+        environment = {**compose["services"][name]["environment"], **gpu["services"][name].get("environment", {})}
+        device = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: shell.get(m[1]) or m[2], environment["DEVICE"])
+        assert (device == "cuda") == ("deploy" in gpu["services"][name]), name
+
+
 def test_every_compose_service_is_restarted_when_it_dies():
     # a worker on a GPU runs its jobs in its own process (backend.worker): a job that crashes it takes the worker down,
     # and only a restart policy brings it back (rq retries the job); likewise after a reboot of the host
