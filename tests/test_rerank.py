@@ -626,7 +626,7 @@ def test_reconciliation_requests_a_round_only_when_label_studio_changed(runtime,
     assert "model version is ''" in reconciliation.reconcile_project("1")["reasons"]
 
 
-@pytest.mark.parametrize("change", ["relabelled", "deleted"])
+@pytest.mark.parametrize("change", ["relabelled", "rewritten in place", "deleted"])
 def test_reconciliation_notices_an_annotation_changed_or_deleted_whose_webhook_was_lost(
     runtime, label_studio, monkeypatch, change
 ):
@@ -638,6 +638,9 @@ def test_reconciliation_notices_an_annotation_changed_or_deleted_whose_webhook_w
         (annotation,) = label_studio.tasks[3]["annotations"]
         annotation["result"][0]["value"]["choices"] = ["Sports"]
         annotation["updated_at"] = "2026-11-23T11:00:00Z"
+    elif change == "rewritten in place":  # Label Studio's "Rename Labels" action and /api/labels/bulk write the
+        (annotation,) = label_studio.tasks[3]["annotations"]  # result alone: no webhook, updated_at unchanged
+        annotation["result"][0]["value"]["choices"] = ["Sports"]
     else:
         label_studio.tasks[3]["annotations"] = []
     outcome = reconciliation.reconcile_project("1")

@@ -56,12 +56,14 @@ class ProjectState:
 
 
 def project_fingerprint(annotated_tasks: list[dict], task_stamp: tuple[int, int], label_config: str) -> str:
-    """A digest of the label config, the task list stamp and every annotation's id and update time: changes
-    whenever labels, the task list or the choices do."""
+    """A digest of the label config, the task list stamp and every annotation's id, update time and result:
+    changes whenever labels, the task list or the choices do. The result is in it because Label Studio rewrites
+    results alone, with no webhook and the same update time (the Data Manager's "Rename Labels",
+    `/api/labels/bulk`)."""
     digest = hashlib.sha1(repr((tuple(task_stamp), label_config)).encode())
     for task in sorted(annotated_tasks, key=lambda t: t["id"]):
         stamps = sorted(
-            (a.get("id") or 0, str(a.get("updated_at") or ""), bool(a.get("was_cancelled")))
+            (a.get("id") or 0, str(a.get("updated_at") or ""), bool(a.get("was_cancelled")), repr(a.get("result")))
             for a in task.get("annotations") or []
         )
         digest.update(repr((task["id"], stamps)).encode())
