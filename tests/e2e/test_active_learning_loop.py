@@ -123,6 +123,41 @@ def test_reconciliation_repairs_what_lost_webhooks_did_not_say(backend, project)
 
 
 @pytest.mark.parametrize("backend", [{"RECONCILE_INTERVAL": "3"}], indirect=True)
+def test_reconciliation_notices_labels_renamed_in_the_data_manager(backend, project):
+    # the Data Manager's "Rename Labels" rewrites annotations' results alone: no webhook, and the same updated_at
+    ls, project_id, truth = project
+    ls.connect_ml_backend(project_id, backend.url, "al-backend")
+    annotated = [task_id for task_id in truth if truth[task_id] == "World"][:2]
+    annotated += [task_id for task_id in truth if truth[task_id] == "Sports"][:2]
+    for task_id in annotated:
+        annotate(ls, task_id, truth[task_id])
+    before = backend.wait_for_round(project_id, annotations=len(annotated))
+    for webhook in ls.webhooks(project_id):
+        ls.delete_webhook(webhook["id"])
+    found_before = backend.all_logs().count("reconciliation found")
+    stamps = {task_id: ls._raw("GET", f"api/tasks/{task_id}/annotations")[0]["updated_at"] for task_id in annotated}
+
+    renamed = {"control_tag": "topic", "old_label_name": "World", "new_label_name": "Sports"}
+    ls._raw("POST", "api/dm/actions", params={"id": "rename_labels", "project": project_id}, json=renamed)
+    after = {task_id: ls._raw("GET", f"api/tasks/{task_id}/annotations")[0] for task_id in annotated}
+    assert [a["result"][0]["value"]["choices"] for a in after.values()] == [["Sports"]] * len(annotated)
+    assert {task_id: a["updated_at"] for task_id, a in after.items()} == stamps  # what the digest used to read
+
+    wait_until(
+        lambda: backend.all_logs().count("reconciliation found") > found_before,
+        "a reconciliation that notices the renamed labels",
+        timeout=60,
+    )
+
+    def ranked_again() -> bool:
+        last = backend.last_round(project_id)
+        return last.get("generation", 0) > before["generation"] and bool(last.get("published"))
+
+    wait_until(ranked_again, "a round after the renaming", timeout=60)
+    assert ls.next_task(project_id)["id"] == backend.last_round(project_id)["top_task"]
+
+
+@pytest.mark.parametrize("backend", [{"RECONCILE_INTERVAL": "3"}], indirect=True)
 def test_reconciliation_notices_a_task_replaced_by_another_without_webhooks(backend, project):
     ls, project_id, _ = project
     ls.connect_ml_backend(project_id, backend.url, "al-backend")
