@@ -24,6 +24,10 @@ from backend.services.predict import interactive_version
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
+
+LABEL_STUDIO_PREDICT_WAIT = 100.0
+"""Seconds Label Studio waits for a `/predict` answer (its `ML_TIMEOUT_PREDICT`); it stores nothing from a later
+one, and does not ask again."""
 """Largest request body accepted (a /predict batch of a few thousand long texts fits)."""
 
 
@@ -102,12 +106,18 @@ def _register_routes(app: Flask, runtime: Runtime) -> None:
             predict_request.tasks,
             lambda: runtime.projects.keeps_another_projects_files(predict_request),
         )
-        log.info(
-            "project %s: predicted %d tasks in %.3f s",
-            predict_request.project or "?",
-            len(results),
-            time.perf_counter() - started,
-        )
+        seconds = time.perf_counter() - started
+        log.info("project %s: predicted %d tasks in %.3f s", predict_request.project or "?", len(results), seconds)
+        if seconds > LABEL_STUDIO_PREDICT_WAIT:
+            log.warning(
+                "project %s: /predict took %.0f s, longer than Label Studio waits by default (ML_TIMEOUT_PREDICT=%.0f "
+                "s), so it has probably stored none of these %d predictions; the texts encoded are cached now: ask "
+                "again (e.g. Retrieve Predictions) and the answer is quick",
+                predict_request.project or "?",
+                seconds,
+                LABEL_STUDIO_PREDICT_WAIT,
+                len(results),
+            )
         return jsonify(results=results)
 
     @app.post("/webhook")

@@ -169,6 +169,21 @@ def test_predict_returns_one_valid_prediction_per_task_in_order(client, runtime)
     assert single["score"] == pytest.approx(results[1]["score"], abs=1e-5)
 
 
+def test_a_predict_slower_than_label_studio_waits_says_so_in_the_log(client, monkeypatch, caplog):
+    # Label Studio drops an answer after ML_TIMEOUT_PREDICT (100 s) with nothing stored and asks no more: the log
+    # is where a user can learn why Retrieve Predictions "retrieved" nothing
+    from backend import api
+
+    caplog.set_level("INFO", logger="backend")
+    tasks = [ls_task(i, text) for i, text in enumerate(TEXTS)]
+    client.post("/predict", json=predict_payload(tasks))
+    assert "predicted 3 tasks in" in caplog.text and "longer than Label Studio waits" not in caplog.text
+    monkeypatch.setattr(api, "LABEL_STUDIO_PREDICT_WAIT", 0.0)
+    client.post("/predict", json=predict_payload(tasks))
+    assert "longer than Label Studio waits by default (ML_TIMEOUT_PREDICT=0 s)" in caplog.text
+    assert "probably stored none of these 3 predictions" in caplog.text
+
+
 def test_zero_shot_gives_each_text_the_label_whose_hint_it_is(client):
     # an independent check of the zero-shot direction: a text is most similar to itself, so when every choice's
     # hint is one of the texts, each text must get the choice it is the hint of (a head that ranked the labels

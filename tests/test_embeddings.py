@@ -1,6 +1,8 @@
 """Embedding through the cache."""
 
 import numpy as np
+import pytest
+import redis
 
 from backend.adapters.embedding_cache import text_key
 from backend.services.embeddings import embed_texts
@@ -62,3 +64,55 @@ def test_texts_partly_cached_come_back_each_with_its_own_vector_in_order(runtime
     expected = encoder.encode(texts).astype(np.float16).astype(np.float32)
     np.testing.assert_allclose(embed_texts(texts, encoder, cache), expected, atol=2e-3)
     np.testing.assert_allclose(cache.get_many([text_key(text) for text in texts]), expected, atol=2e-3)  # stored
+
+
+class CountingEncoder(OverflowingEncoder):
+    """Encodes every text to the same vector, remembering each call's texts; fails from call `fail_at` on."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.calls: list[list[str]] = []
+        self.fail_at = fail_at
+
+    def encode(self, texts):
+        self.calls.append(list(texts))
+        if self.fail_at is not None and len(self.calls) >= self.fail_at:
+            raise RuntimeError("the request was cut short")
+        return super().encode(texts)
+
+
+def test_a_request_cut_short_keeps_what_it_encoded_so_far(runtime, monkeypatch):
+    # Label Studio gives up on /predict after 100 s: asking again must not encode everything again
+    from backend.adapters.embedding_cache import RedisEmbeddingCache
+    from backend.services import embeddings
+
+    monkeypatch.setattr(embeddings, "STORE_EVERY", 2)
+    cache = RedisEmbeddingCache(runtime.redis, "cut-short", OverflowingEncoder.dim)
+    texts = ["a much longer text", "mid text", "a", "bb", "a long text"]
+    with pytest.raises(RuntimeError):
+        embed_texts(texts, CountingEncoder(fail_at=2), cache)
+    assert [vec is not None for vec in cache.get_many([text_key(text) for text in texts])] == [
+        False, False, True, True, False  # the first chunk, the shortest texts, was stored
+    ]  # fmt: skip
+    again = CountingEncoder()
+    assert (embed_texts(texts, again, cache) == 0.5).all()
+    assert again.calls == [["mid text", "a long text"], ["a much longer text"]]  # the rest only, shortest first
+
+
+def test_after_a_failed_store_the_other_chunks_are_encoded_without_storing(runtime, monkeypatch, caplog):
+    from backend.adapters.embedding_cache import RedisEmbeddingCache
+    from backend.services import embeddings
+
+    class RedisGoneAfterReading(RedisEmbeddingCache):
+        stores = 0
+
+        def put_many(self, keys, vectors):
+            self.stores += 1
+            raise redis.ConnectionError("Redis went away")
+
+    monkeypatch.setattr(embeddings, "STORE_EVERY", 1)
+    cache = RedisGoneAfterReading(runtime.redis, "gone-after-reading", OverflowingEncoder.dim)
+    assert embed_texts(["one", "two", "three"], CountingEncoder(), cache).shape == (3, OverflowingEncoder.dim)
+    assert cache.stores == 1  # not waited for again at every chunk
+    assert caplog.text.count("could not store 1 embeddings in the cache (ConnectionError: Redis went away)") == 1
+    with pytest.raises(redis.ConnectionError):  # an encoding job's whole point is the cache: its job fails, retried
+        embed_texts(["four"], CountingEncoder(), cache, must_store=True)

@@ -12,6 +12,10 @@ from backend.ml.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
+STORE_EVERY = 1024
+"""Texts encoded between two stores into the cache: a request cut short (Label Studio waits 100 s for `/predict`)
+leaves what it encoded so far in the cache, so asking again carries on from there."""
+
 
 def embed_texts(
     texts: list[str], encoder: Encoder, cache: RedisEmbeddingCache | None, must_store: bool = False
@@ -35,21 +39,33 @@ def embed_texts(
             cache = None
     missing = [key for key in unique if key not in vectors]
     if missing:
-        first_text = {}
+        first_text: dict[bytes, str] = {}
         for key, text in zip(keys, texts, strict=True):
             first_text.setdefault(key, text)
-        encoded = encoder.encode([first_text[key] for key in missing]).astype(np.float16)
-        encoded = zero_non_finite(encoded, "texts encoded")
-        vectors.update(zip(missing, encoded, strict=True))
-        if cache is not None:
-            try:
-                cache.put_many(missing, encoded)
-            except redis.RedisError as exc:
-                if must_store:
-                    raise
-                log.warning(
-                    "could not store %d embeddings in the cache (%s: %s)", len(missing), type(exc).__name__, exc
-                )
+        missing.sort(key=lambda key: len(first_text[key]))  # like lengths together: chunks pad as one call would
+        for start in range(0, len(missing), STORE_EVERY):
+            chunk = missing[start : start + STORE_EVERY]
+            encoded = encoder.encode([first_text[key] for key in chunk]).astype(np.float16)
+            encoded = zero_non_finite(encoded, "texts encoded")
+            vectors.update(zip(chunk, encoded, strict=True))
+            cache = _store(cache, chunk, encoded, must_store)
     if not texts:
         return np.zeros((0, encoder.dim), dtype=np.float32)
     return np.stack([vectors[key] for key in keys]).astype(np.float32)
+
+
+def _store(
+    cache: RedisEmbeddingCache | None, keys: list[bytes], encoded: np.ndarray, must_store: bool
+) -> RedisEmbeddingCache | None:
+    """Store a chunk's vectors; return the cache to store the next chunks into: None once a store failed, so that a
+    Redis gone away is not waited for again at every chunk (with `must_store` the error is raised instead)."""
+    if cache is None:
+        return None
+    try:
+        cache.put_many(keys, encoded)
+        return cache
+    except redis.RedisError as exc:
+        if must_store:
+            raise
+        log.warning("could not store %d embeddings in the cache (%s: %s)", len(keys), type(exc).__name__, exc)
+        return None
