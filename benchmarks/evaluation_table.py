@@ -2,7 +2,8 @@
 
 Runs on the same data set (the same --pool and --test files) are merged, first come first: a later run adds only
 the strategies not shown yet (e.g. a run of strategy variants, whose random baseline repeats the first run's); runs
-replayed otherwise (other budgets, seeds, --random-start, --rank-top-k, model) are refused, not merged.
+replayed otherwise (other budgets, seeds, --random-start, --rank-top-k, model, the embeddings' precision) are
+refused, not merged.
 A data set is named after the folder of its pool file, with the file names added when two differ only there.
 With `--plot DIR`, writes DIR/learning_curve_<data set>.png of the merged curves.
 """
@@ -31,7 +32,11 @@ REPLAY_SETTINGS = ("seeds", "random_start", "rank_top_k", "model", "max_length",
 
 def replay_settings(results: dict) -> dict:
     arguments = results.get("arguments") or {}
-    return {name: arguments.get(name) for name in REPLAY_SETTINGS}
+    # and the embeddings' precision, which the run reports beside its arguments: bf16 and fp32 replays part from
+    # the first pick a last-digit difference changes
+    return {name: arguments.get(name) for name in REPLAY_SETTINGS} | {
+        "encoder_precision": results.get("encoder_precision")
+    }
 
 
 def data_set_names(keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks.evaluation_table import main
 
 
@@ -55,15 +57,24 @@ def test_runs_with_other_budgets_do_not_merge(tmp_path):
         main([str(tmp_path / "a"), str(tmp_path / "b")])
 
 
-def test_runs_replayed_with_other_settings_do_not_merge(tmp_path):
-    import pytest
-
+@pytest.mark.parametrize(
+    ("setting", "refusal"),
+    [
+        (lambda results: results["arguments"].update(random_start=20), "random_start=20, unlike the first run"),
+        # reported beside the arguments: embeddings made on a CPU with bf16 and on one without
+        (lambda results: results.update(encoder_precision="fp32"), "encoder_precision='fp32', unlike the first run"),
+    ],
+)
+def test_runs_replayed_with_other_settings_do_not_merge(tmp_path, setting, refusal):
     write_results(tmp_path / "a", "data/trec6/train.csv", {"random": [0.5, 0.6]})
     write_results(tmp_path / "b", "data/trec6/train.csv", {"random": [0.5, 0.6], "hybrid": [0.6, 0.7]})
-    results = json.loads((tmp_path / "b" / "results.json").read_text())
-    results["arguments"]["random_start"] = 20
-    (tmp_path / "b" / "results.json").write_text(json.dumps(results))
-    with pytest.raises(SystemExit, match="random_start=20, unlike the first run"):
+    for folder in ("a", "b"):
+        path = tmp_path / folder / "results.json"
+        results = json.loads(path.read_text()) | {"encoder_precision": "bf16"}
+        if folder == "b":
+            setting(results)
+        path.write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match=refusal):
         main([str(tmp_path / "a"), str(tmp_path / "b")])
 
 
