@@ -41,7 +41,7 @@ from backend.evaluation_replay import (
     strategy_from_spec,
 )
 from backend.evaluation_summary import labels_saved_text, plot, summarise, write_results
-from backend.ml.head import choose_l2, fit_head
+from backend.ml.head import choose_l2, fit_head, zero_shot_head
 from backend.ml.model_files import max_length_asked, resolve_model_path
 from backend.scoring.registry import STRATEGIES
 
@@ -180,12 +180,21 @@ def full_pool_accuracy(pool: Dataset, test: Dataset) -> float:
     return float(np.mean(full.predict_proba(test.embeddings).argmax(axis=1) == test.labels))
 
 
+def zero_shot_accuracy(test: Dataset, label_embeddings: np.ndarray) -> float:
+    """Test accuracy before any label: of the zero-shot head every replay starts from (each curve's 0-label point)."""
+    head = zero_shot_head(label_embeddings, False)
+    return float(np.mean(head.predict_proba(test.embeddings).argmax(axis=1) == test.labels))
+
+
 def print_report(summary: dict, budgets: list[int], baseline_budgets: list[int], seeds: int) -> None:
     """The summary's headline figures: the target, when random reaches it, and per strategy labels saved and AUC."""
     print(
         f"full-pool accuracy {summary['full_pool_accuracy']:.4f}; target {summary['target_accuracy']:.4f} "
-        f"(embeddings in {summary['encoder_precision']}: another precision, another machine, gives other replays)"
+        f"(embeddings in {summary['encoder_precision']}: another precision, another machine, gives other replays); "
+        f"zero-shot, before any label, {summary['zero_shot_accuracy']:.4f}"
     )
+    if summary["zero_shot_accuracy"] >= summary["target_accuracy"]:
+        print("the zero-shot head reaches the target with no label: there are no labels to save (n/a)")
     needs = summary["strategies"]["random"]["labels_to_target_per_seed"]
     print(
         f"random reaches the target after {[round(n) if n else None for n in needs]} labels (None: not by "
@@ -358,7 +367,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--model: {error}")
     full_accuracy = full_pool_accuracy(pool, test)  # first: a failure here must not come after hours of replays
     runs = replay_all(names, pool, test, label_embeddings, budgets, baseline_budgets, args, finetune_at)
-    summary = summarise(runs, budgets, full_accuracy, baseline_budgets, paired_seeds=args.random_start > 0)
+    summary = summarise(
+        runs,
+        budgets,
+        full_accuracy,
+        baseline_budgets,
+        paired_seeds=args.random_start > 0,
+        zero_shot_accuracy=zero_shot_accuracy(test, label_embeddings),
+    )
     summary["arguments"] = vars(args)
     summary["test_rows_in_pool"] = in_pool
     summary["encoder_precision"] = encoding_precision()

@@ -17,8 +17,16 @@ TARGET_FRACTION = 0.95
 """Labels saved is measured at this fraction of the full-pool accuracy."""
 
 
-def labels_to_reach(budgets: list[int], curve: list[float], target: float) -> float | None:
-    """Labels at which `curve` first reaches `target`, interpolated between budgets; None if never."""
+def labels_to_reach(
+    budgets: list[int], curve: list[float], target: float, zero_labels: float | None = None
+) -> float | None:
+    """Labels at which `curve` first reaches `target`, interpolated between budgets; None if never.
+
+    `zero_labels`, the accuracy before any label (the zero-shot head every replay starts from), is the curve's
+    point at 0 labels: a curve already at the target at its first budget then needs a measured number of labels
+    (0 if the zero-shot head is there already), not "the first budget", which is only a bound."""
+    if zero_labels is not None:
+        budgets, curve = [0, *budgets], [zero_labels, *curve]
     for i, value in enumerate(curve):
         if value >= target:
             if i == 0:
@@ -49,10 +57,11 @@ def labels_saved_per_seed(
     pair three seeds give 2.52-2.66x): each seed is compared with every seed of random, and the ratios averaged.
     A seed of random that never reached the target counts as needing `random_budget` (the figure is then a lower
     bound), or, without it, makes the figure None; a seed of the strategy that never reached it counts as needing
-    `own_budget` (an upper bound), or, without it, makes its figure None.
+    `own_budget` (an upper bound), or, without it, makes its figure None. Where no label is needed (the zero-shot
+    head reaches the target), nothing can be saved: None.
     """
-    random_labels = [r if r else random_budget for r in random_needs]
-    own_labels = [n if n else own_budget for n in needs]
+    random_labels = [random_budget if r is None else r for r in random_needs]
+    own_labels = [own_budget if n is None else n for n in needs]
     saved = []
     for seed, labels in enumerate(own_labels):
         compared = [random_labels[seed]] if paired else random_labels
@@ -66,17 +75,24 @@ def summarise(
     full_accuracy: float,
     baseline_budgets: list[int] | None = None,
     paired_seeds: bool = False,
+    zero_shot_accuracy: float | None = None,
 ) -> dict:
     """Per strategy: curves, area under them, labels saved against random; `runs[name]` is one run per seed.
 
     `baseline_budgets`, when longer than `budgets`, are the budgets of random's runs, replayed past the others so
     that the labels random needs are measured rather than bounded; curves and areas stay on the shared `budgets`,
     and random's rounds beyond them are kept under `beyond_budget`. `paired_seeds`: seed i of every strategy
-    started as seed i of random did (see `labels_saved_per_seed`).
+    started as seed i of random did (see `labels_saved_per_seed`). `zero_shot_accuracy`: every curve's point at 0
+    labels (see `labels_to_reach`); without it (a results.json written before it was recorded) a curve at the
+    target at its first budget counts as needing that budget.
     """
     baseline_budgets = baseline_budgets or budgets
     target = TARGET_FRACTION * full_accuracy
-    random_needs = [labels_to_reach(baseline_budgets, run["accuracy"], target) for run in runs["random"]]
+
+    def reach(budgets_: list[int], curve: list[float], target_: float) -> float | None:
+        return labels_to_reach(budgets_, curve, target_, zero_shot_accuracy)
+
+    random_needs = [reach(baseline_budgets, run["accuracy"], target) for run in runs["random"]]
     random_mean = np.mean([run["accuracy"] for run in runs["random"]], axis=0).tolist()
     shared = len(budgets)
     results = {}
@@ -84,7 +100,7 @@ def summarise(
         own_budgets = baseline_budgets if name == "random" else budgets
         accuracy = np.array([run["accuracy"][:shared] for run in seed_runs])
         macro_f1 = [run["macro_f1"][:shared] for run in seed_runs]
-        needs = [labels_to_reach(own_budgets, run["accuracy"], target) for run in seed_runs]
+        needs = [reach(own_budgets, run["accuracy"], target) for run in seed_runs]
         paired = paired_seeds or name == "random"
         saved = labels_saved_per_seed(random_needs, needs, paired)
         # where random never reached the target within its budget, its budget / labels needed is a lower bound
@@ -94,7 +110,7 @@ def summarise(
         # the same question at the end of the budget, on mean curves (seeds of random and of a strategy are not
         # pairs): the labels random needs for the accuracy this strategy has there, per label it used; when random
         # never gets there, at least all of random's budget per label used
-        matched = labels_to_reach(baseline_budgets, random_mean, float(accuracy[:, -1].mean()))
+        matched = reach(baseline_budgets, random_mean, float(accuracy[:, -1].mean()))
         results[name] = {
             "budgets": budgets,
             "accuracy_per_seed": accuracy.tolist(),
@@ -107,8 +123,8 @@ def summarise(
             "labels_saved": _mean_if_all(saved),
             "labels_saved_at_least": _mean_if_all(at_least),
             "labels_saved_at_most": _mean_if_all(at_most) if None in needs else None,
-            "labels_saved_at_budget": matched / budgets[-1] if matched else None,
-            "labels_saved_at_budget_at_least": None if matched else baseline_budgets[-1] / budgets[-1],
+            "labels_saved_at_budget": None if matched is None else matched / budgets[-1],
+            "labels_saved_at_budget_at_least": baseline_budgets[-1] / budgets[-1] if matched is None else None,
             "area_under_curve": area_under_curve(budgets, accuracy.mean(axis=0)),
             "stop_budget_per_seed": [run.get("stop_budget") for run in seed_runs],
             "finetuned_accuracy_per_seed": [run.get("finetuned_accuracy") or {} for run in seed_runs],
@@ -126,13 +142,18 @@ def summarise(
             "accuracy_mean": np.mean(beyond, axis=0).tolist(),
             "macro_f1_per_seed": [run["macro_f1"][shared:] for run in runs["random"]],
         }
-    return {"full_pool_accuracy": full_accuracy, "target_accuracy": target, "strategies": results}
+    return {
+        "full_pool_accuracy": full_accuracy,
+        "target_accuracy": target,
+        "zero_shot_accuracy": zero_shot_accuracy,
+        "strategies": results,
+    }
 
 
 def labels_saved_text(result: dict, figure: str = "labels_saved", times: str = "x", missing: str = "n/a") -> str:
     """One strategy's labels-saved `figure` for a report: "2.31x", or the bound results.json has where a curve never
     reached the target in its budget (">=1.80x": random did not; "<=0.90x": the strategy did not), or `missing`."""
-    if result.get(figure):
+    if result.get(figure) is not None:
         return f"{result[figure]:.2f}{times}"
     if result.get(f"{figure}_at_least"):
         return f">={result[f'{figure}_at_least']:.2f}{times}"
@@ -185,7 +206,8 @@ def resummarise(out: Path) -> dict:
     runs = {name: _seed_runs(r) for name, r in old["strategies"].items()}
     beyond = old["strategies"]["random"].get("beyond_budget", {}).get("budgets", [])
     paired = bool(old.get("arguments", {}).get("random_start"))
-    summary = summarise(runs, some["budgets"], old["full_pool_accuracy"], some["budgets"] + beyond, paired)
+    zero_shot = old.get("zero_shot_accuracy")
+    summary = summarise(runs, some["budgets"], old["full_pool_accuracy"], some["budgets"] + beyond, paired, zero_shot)
     summary.update({k: old[k] for k in ("arguments", "seconds", "test_rows_in_pool", "encoder_precision") if k in old})
     write_results(out, summary)
     return summary

@@ -19,6 +19,33 @@ def test_labels_to_reach_interpolates_between_budgets():
     assert labels_to_reach([20, 40], [0.5, 0.6], 0.8) is None
 
 
+def test_the_zero_shot_accuracy_is_every_curves_point_at_no_label():
+    from backend.evaluation_summary import labels_saved_text, summarise
+
+    # a curve already at the target at its first budget: measured from the zero-shot start, not "the first budget"
+    assert labels_to_reach([20, 40], [0.9, 0.95], 0.8, zero_labels=0.6) == pytest.approx(20 * 0.2 / 0.3)
+    assert labels_to_reach([20, 40], [0.9, 0.95], 0.8, zero_labels=0.85) == 0.0  # no label needed
+    budgets = [20, 40]
+    runs = {
+        "random": [{"accuracy": [0.7, 0.9], "macro_f1": [0, 0]}],
+        "fast": [{"accuracy": [0.9, 0.95], "macro_f1": [0, 0]}],
+    }
+    # target 0.8 (both past it by 40): random needs 20 + 20 * 0.1 / 0.2 = 30, fast 20 * 0.2 / 0.3 from 0.6 at 0
+    measured = summarise(runs, budgets, full_accuracy=0.8 / 0.95, zero_shot_accuracy=0.6)
+    assert measured["zero_shot_accuracy"] == 0.6
+    assert measured["strategies"]["fast"]["labels_saved"] == pytest.approx(30 / (20 * 0.2 / 0.3))
+    # without the point at 0 (an older results.json), fast counted as needing its first budget, 20: 1.5x
+    assert summarise(runs, budgets, full_accuracy=0.8 / 0.95)["strategies"]["fast"]["labels_saved"] == pytest.approx(
+        1.5
+    )
+    # the zero-shot head at the target already: no labels to save, for any strategy, and no bound either
+    nothing = summarise(runs, budgets, full_accuracy=0.8 / 0.95, zero_shot_accuracy=0.85)["strategies"]["fast"]
+    assert nothing["labels_to_target_per_seed"] == [0.0]
+    assert labels_saved_text(nothing) == "n/a"
+    # fast ends at 0.95, which random never reaches: at least random's budget per label used
+    assert labels_saved_text(nothing, "labels_saved_at_budget") == ">=1.00x"
+
+
 def test_macro_f1_by_hand():
     truth, predicted = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1])
     # class 0: tp 1, fn 1 -> 2/3 ; class 1: tp 2, fp 1 -> 4/5
@@ -104,6 +131,11 @@ def test_harness_writes_results_and_plot(tiny_bert, tmp_path):
         assert result["area_under_curve"] == pytest.approx((mean[0] + 2 * mean[1] + mean[2]) * 20 / 2 / 40)
     assert 0.0 < results["full_pool_accuracy"] <= 1.0
     assert results["target_accuracy"] == pytest.approx(0.95 * results["full_pool_accuracy"])
+    assert 0.0 <= results["zero_shot_accuracy"] <= 1.0  # every curve's point at 0 labels, for the labels needed
+    assert margin["labels_to_target_per_seed"] == [
+        labels_to_reach(margin["budgets"], seed, results["target_accuracy"], results["zero_shot_accuracy"])
+        for seed in margin["accuracy_per_seed"]
+    ]
     assert len(margin["stop_budget_per_seed"]) == 2  # the stopping signal: a budget, or None if never stable
     assert all(b is None or b in margin["budgets"] for b in margin["stop_budget_per_seed"])
     assert margin["finetuned_accuracy_mean"] == {}  # no fine-tuning unless asked
