@@ -24,11 +24,11 @@ from backend.services.predict import interactive_version
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
+"""Largest request body accepted (a /predict batch of a few thousand long texts fits)."""
 
 LABEL_STUDIO_PREDICT_WAIT = 100.0
 """Seconds Label Studio waits for a `/predict` answer (its `ML_TIMEOUT_PREDICT`); it stores nothing from a later
 one, and does not ask again."""
-"""Largest request body accepted (a /predict batch of a few thousand long texts fits)."""
 
 
 def create_app(runtime: Runtime) -> Flask:

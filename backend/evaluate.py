@@ -197,7 +197,7 @@ def print_report(summary: dict, budgets: list[int], baseline_budgets: list[int],
         print("the zero-shot head reaches the target with no label: there are no labels to save (n/a)")
     needs = summary["strategies"]["random"]["labels_to_target_per_seed"]
     print(
-        f"random reaches the target after {[round(n) if n else None for n in needs]} labels (None: not by "
+        f"random reaches the target after {[None if n is None else round(n) for n in needs]} labels (None: not by "
         f"{baseline_budgets[-1]})"
     )
     for name, result in summary["strategies"].items():

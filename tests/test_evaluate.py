@@ -46,6 +46,19 @@ def test_the_zero_shot_accuracy_is_every_curves_point_at_no_label():
     assert labels_saved_text(nothing, "labels_saved_at_budget") == ">=1.00x"
 
 
+def test_the_report_says_when_the_zero_shot_head_leaves_no_labels_to_save(capsys):
+    from backend.evaluate import print_report
+    from backend.evaluation_summary import summarise
+
+    runs = {"random": [{"accuracy": [0.9, 0.95], "macro_f1": [0, 0]}]}
+    summary = summarise(runs, [20, 40], full_accuracy=0.8 / 0.95, zero_shot_accuracy=0.85)
+    print_report(summary | {"encoder_precision": "fp32"}, [20, 40], [20, 40], seeds=1)
+    out = capsys.readouterr().out
+    assert "zero-shot, before any label, 0.8500" in out
+    assert "the zero-shot head reaches the target with no label: there are no labels to save (n/a)" in out
+    assert "random reaches the target after [0] labels" in out  # 0 labels, not None ("never")
+
+
 def test_macro_f1_by_hand():
     truth, predicted = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1])
     # class 0: tp 1, fn 1 -> 2/3 ; class 1: tp 2, fp 1 -> 4/5
