@@ -111,8 +111,8 @@ def _register_routes(app: Flask, runtime: Runtime) -> None:
         if seconds > LABEL_STUDIO_PREDICT_WAIT:
             log.warning(
                 "project %s: /predict took %.0f s, longer than Label Studio waits by default (ML_TIMEOUT_PREDICT=%.0f "
-                "s), so it has probably stored none of these %d predictions; the texts encoded are cached now: ask "
-                "again (e.g. Retrieve Predictions) and the answer is quick",
+                "s), so it has probably stored none of these %d predictions; their texts are cached now (unless Redis "
+                "is away): ask again (e.g. Retrieve Predictions) and the answer is quick",
                 predict_request.project or "?",
                 seconds,
                 LABEL_STUDIO_PREDICT_WAIT,

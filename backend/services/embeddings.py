@@ -12,9 +12,10 @@ from backend.ml.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
-STORE_EVERY = 1024
-"""Texts encoded between two stores into the cache: a request cut short (Label Studio waits 100 s for `/predict`)
-leaves what it encoded so far in the cache, so asking again carries on from there."""
+STORE_EVERY = 2048
+"""Texts encoded between two stores into the cache, so that a long `/predict` (Label Studio gives up after 100 s
+and may be asked again meanwhile) has its first texts cached before it ends: a request asked again skips them, and
+a request that dies keeps them. Above a chunk job's texts (`ENCODE_CHUNK`, 2,000), so a job is one encoder call."""
 
 
 def embed_texts(
@@ -42,7 +43,7 @@ def embed_texts(
         first_text: dict[bytes, str] = {}
         for key, text in zip(keys, texts, strict=True):
             first_text.setdefault(key, text)
-        missing.sort(key=lambda key: len(first_text[key]))  # like lengths together: chunks pad as one call would
+        missing.sort(key=lambda key: len(first_text[key]))  # like lengths together in each chunk: less padding
         for start in range(0, len(missing), STORE_EVERY):
             chunk = missing[start : start + STORE_EVERY]
             encoded = encoder.encode([first_text[key] for key in chunk]).astype(np.float16)
