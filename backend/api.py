@@ -106,14 +106,14 @@ def _register_routes(app: Flask, runtime: Runtime) -> None:
             predict_request.tasks,
             lambda: runtime.projects.keeps_another_projects_files(predict_request),
         )
-        seconds = time.perf_counter() - started
-        log.info("project %s: predicted %d tasks in %.3f s", predict_request.project or "?", len(results), seconds)
+        seconds, project = time.perf_counter() - started, predict_request.project or "?"
+        log.info("project %s: predicted %d tasks in %.3f s", project, len(results), seconds)
         if seconds > LABEL_STUDIO_PREDICT_WAIT:
             log.warning(
                 "project %s: /predict took %.0f s, longer than Label Studio waits by default (ML_TIMEOUT_PREDICT=%.0f "
                 "s), so it has probably stored none of these %d predictions; their texts are cached now (unless Redis "
                 "is away): ask again (e.g. Retrieve Predictions) and the answer is quick",
-                predict_request.project or "?",
+                project,
                 seconds,
                 LABEL_STUDIO_PREDICT_WAIT,
                 len(results),
