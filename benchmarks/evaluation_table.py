@@ -3,7 +3,8 @@
 Runs on the same data set (the same --pool and --test files) are merged, first come first: a later run adds only
 the strategies not shown yet (e.g. a run of strategy variants, whose random baseline repeats the first run's); runs
 replayed otherwise (other budgets, seeds, --random-start, --rank-top-k, model, the embeddings' precision) are
-refused, not merged.
+refused, not merged, and so is a run from before results.json recorded the zero-shot accuracy beside a newer one
+(their labels saved are counted from different points at 0 labels).
 A data set is named after the folder of its pool file, with the file names added when two differ only there.
 With `--plot DIR`, writes DIR/learning_curve_<data set>.png of the merged curves.
 """
@@ -72,6 +73,12 @@ def merged_results(folders: list[Path]) -> dict[str, dict]:
             first_budgets = merged[key]["strategies"]["random"]["budgets"]
             if results["strategies"]["random"]["budgets"] != first_budgets:
                 raise SystemExit(f"{folder}: budgets differ from the first run's on {key[0]}; not comparable")
+            if ("zero_shot_accuracy" in results) != ("zero_shot_accuracy" in merged[key]):
+                older = folder if "zero_shot_accuracy" not in results else "the first run"
+                raise SystemExit(
+                    f"{folder}: {older} on {key[0]} predates the zero-shot point at 0 labels (its results.json has no "
+                    "zero_shot_accuracy), so its labels saved are counted otherwise; rerun it to compare"
+                )
             differing = replay_settings(results).items() - replay_settings(merged[key]).items()
             if differing:  # its strategies would be shown beside another replay's random baseline
                 settings = ", ".join(f"{name}={value!r}" for name, value in sorted(differing))

@@ -78,6 +78,17 @@ def test_runs_replayed_with_other_settings_do_not_merge(tmp_path, setting, refus
         main([str(tmp_path / "a"), str(tmp_path / "b")])
 
 
+def test_a_run_from_before_the_zero_shot_point_does_not_merge_with_a_newer_one(tmp_path):
+    # labels saved counted from the zero-shot head's accuracy at 0 labels, or not: the figures would mix
+    write_results(tmp_path / "old", "data/trec6/train.csv", {"random": [0.5, 0.6]})
+    write_results(tmp_path / "new", "data/trec6/train.csv", {"random": [0.5, 0.6], "hybrid": [0.6, 0.7]})
+    path = tmp_path / "new" / "results.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"zero_shot_accuracy": 0.4}))
+    for order, older in ((["new", "old"], "old"), (["old", "new"], "the first run")):
+        with pytest.raises(SystemExit, match=f"{older} on data/trec6/train.csv predates the zero-shot point"):
+            main([str(tmp_path / folder) for folder in order])
+
+
 def test_runs_on_other_pools_or_test_sets_are_other_rows(tmp_path, capsys):
     write_results(tmp_path / "a", "data/trec6/train.csv", {"random": [0.5, 0.6]})
     write_results(tmp_path / "b", "data/trec6/small.csv", {"random": [0.4, 0.5]})
