@@ -18,7 +18,7 @@ from backend import jobs, reconciliation
 from backend.adapters.embedding_cache import EmbeddingsMissing, text_key
 from backend.adapters.encoding_jobs import encoding_follow_up_key
 from backend.adapters.label_studio import ACTIVE_LEARNING_SETTINGS
-from backend.adapters.queue import RETRY, generation_key
+from backend.adapters.queue import RETRY, generation_key, published_key
 from backend.errors import LabelStudioNotFound, LabelStudioRejected, LabelStudioUnavailable
 from backend.protocol import SetupRequest
 from backend.round_lock import round_lock
@@ -453,6 +453,31 @@ def test_rounds_publish_again_after_the_generation_counter_is_lost(runtime, labe
     after = jobs.rerank_project("1")
     assert after["published"] and after["generation"] == 4  # not "overtaken" by the generation 3 that published
     assert runtime.registry.last_round("1")["annotations"] == 1
+
+
+@pytest.mark.parametrize("finishes", ["after a newer round published", "before any newer round"])
+def test_a_round_from_before_redis_lost_data_never_publishes_over_the_rounds_after(
+    runtime, label_studio, monkeypatch, finishes
+):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    for _ in range(3):
+        assert jobs.rerank_project("1")["published"]
+    in_flight = runtime.queue.start_rerank("1")  # generation 4 reads Label Studio...
+    runtime.redis.delete(generation_key("1"), published_key("1"))  # ...and Redis comes back without its counters
+    label_studio.annotate(3, label_studio.truth[3])  # the annotation of the first round after the loss
+    if finishes == "before any newer round":  # nothing newer can be replaced: it publishes, and later rounds too
+        assert rerank("1", runtime, generation=in_flight)["published"]
+        assert jobs.rerank_project("1")["generation"] == in_flight + 1
+        return
+    after = jobs.rerank_project("1")
+    assert after["published"] and after["generation"] == 1  # counting again from the start
+    live = label_studio.project["model_version"]
+    runtime.queue.queue.empty()
+    stale = rerank("1", runtime, generation=in_flight)
+    assert not stale["published"] and label_studio.project["model_version"] == live
+    assert runtime.registry.last_round("1")["annotations"] == 1  # the newer round's record stays
+    [queued] = runtime.queue.queue.get_jobs()  # one more round ranks whatever the old one read
+    assert queued.func_name == "backend.jobs.rerank_project" and queued.args[0] == "1"
 
 
 def test_an_overtaken_round_keeps_the_record_that_reconciliation_compares_with(runtime, label_studio, monkeypatch):

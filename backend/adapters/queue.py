@@ -57,7 +57,11 @@ def reconcile_delay(interval: int, read_seconds: float) -> float:
     return max(float(interval), read_seconds / RECONCILE_SHARE)
 
 
+# A generation above the counter it was taken from was taken before Redis lost its latest writes (restarted from
+# an older snapshot, or empty): rounds started since may hold newer data under lower numbers, so it may not publish.
 PUBLISH_IF_NEWER = """
+local counter = redis.call('GET', KEYS[2])
+if counter and tonumber(ARGV[1]) > tonumber(counter) then return 0 end
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) return 1 end
 return 0
@@ -223,8 +227,14 @@ class JobQueue:
         return int(self._next_generation(keys=[generation_key(project), published_key(project)]))
 
     def may_publish(self, project: str, generation: int) -> bool:
-        """Atomically claim the right to publish; False if a newer generation already published."""
-        return bool(self._publish_if_newer(keys=[published_key(project)], args=[generation]))
+        """Atomically claim the right to publish; False if a newer generation already published, or if this one
+        was taken before Redis lost data (see `taken_before_data_loss`)."""
+        return bool(self._publish_if_newer(keys=[published_key(project), generation_key(project)], args=[generation]))
+
+    def taken_before_data_loss(self, project: str, generation: int) -> bool:
+        """True if `generation` is above the project's counter: Redis lost the writes that counted up to it."""
+        counter = self.client.get(generation_key(project))
+        return counter is not None and generation > int(counter)
 
     def latest_generation(self, project: str) -> int:
         """The generation the newest started re-rank of `project` took."""

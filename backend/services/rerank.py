@@ -270,6 +270,11 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
     if len(picks) and runtime.queue.may_publish(project, generation):
         summary["published"] = publish(runtime, project, generation, version, state, pool, picks, summary)
         watch.lap("publish")
+    elif len(picks) and runtime.queue.taken_before_data_loss(project, generation):
+        # the rounds after the loss count again from below this one's generation: one of them ranks what this
+        # round read, and newer rounds' rankings are never replaced by this older one's
+        log.warning("project %s: generation %d predates a loss of Redis data; queueing a round", project, generation)
+        runtime.queue.request_rerank(project, "a round from before Redis lost data")
     summary["seconds"] = watch.stages
     summary["job"] = timing or {}
     summary["seconds_total"] = round(sum(watch.stages.values()), 4)
