@@ -74,7 +74,7 @@ def merged_results(folders: list[Path]) -> dict[str, dict]:
             if results["strategies"]["random"]["budgets"] != first_budgets:
                 raise SystemExit(f"{folder}: budgets differ from the first run's on {key[0]}; not comparable")
             if ("zero_shot_accuracy" in results) != ("zero_shot_accuracy" in merged[key]):
-                older = folder if "zero_shot_accuracy" not in results else "the first run"
+                older = "this run" if "zero_shot_accuracy" not in results else "the first run"
                 raise SystemExit(
                     f"{folder}: {older} on {key[0]} predates the zero-shot point at 0 labels (its results.json has no "
                     "zero_shot_accuracy), so its labels saved are counted otherwise; rerun it to compare"

@@ -84,7 +84,7 @@ def test_a_run_from_before_the_zero_shot_point_does_not_merge_with_a_newer_one(t
     write_results(tmp_path / "new", "data/trec6/train.csv", {"random": [0.5, 0.6], "hybrid": [0.6, 0.7]})
     path = tmp_path / "new" / "results.json"
     path.write_text(json.dumps(json.loads(path.read_text()) | {"zero_shot_accuracy": 0.4}))
-    for order, older in ((["new", "old"], "old"), (["old", "new"], "the first run")):
+    for order, older in ((["new", "old"], "this run"), (["old", "new"], "the first run")):
         with pytest.raises(SystemExit, match=f"{older} on data/trec6/train.csv predates the zero-shot point"):
             main([str(tmp_path / folder) for folder in order])
 
