@@ -173,17 +173,21 @@ def class_indices(
     return index
 
 
+def accuracy_on_test(head, test: Dataset) -> float:
+    """The share of test rows whose most probable class under `head` is their label."""
+    return float(np.mean(head.predict_proba(test.embeddings).argmax(axis=1) == test.labels))
+
+
 def full_pool_accuracy(pool: Dataset, test: Dataset) -> float:
     """Test accuracy of the head trained on every pool label: what "95% of the full pool" is 95% of."""
     targets = one_hot_indices(pool.labels, len(pool.classes))
     full = fit_head(pool.embeddings, targets, False, l2=choose_l2(pool.embeddings, targets, False))
-    return float(np.mean(full.predict_proba(test.embeddings).argmax(axis=1) == test.labels))
+    return accuracy_on_test(full, test)
 
 
 def zero_shot_accuracy(test: Dataset, label_embeddings: np.ndarray) -> float:
     """Test accuracy before any label: of the zero-shot head every replay starts from (each curve's 0-label point)."""
-    head = zero_shot_head(label_embeddings, False)
-    return float(np.mean(head.predict_proba(test.embeddings).argmax(axis=1) == test.labels))
+    return accuracy_on_test(zero_shot_head(label_embeddings, False), test)
 
 
 def print_report(summary: dict, budgets: list[int], baseline_budgets: list[int], seeds: int) -> None:
