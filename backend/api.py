@@ -182,15 +182,21 @@ def reason_phrase(message: str) -> str:
     return phrase[:REASON_PHRASE_LIMIT] or "Error"
 
 
+def error_response(status_code: int, kind: str, message: str):
+    """The JSON error body, with `message` also as the reason phrase: of a refused request Label Studio keeps
+    only requests' "<code> Client Error: <reason phrase> for url: ..." (a refused /setup or /predict, or the
+    answer to Start Training), so the phrase is what its user reads."""
+    response = jsonify(error=kind, message=message)
+    response.status = f"{status_code} {reason_phrase(message)}"
+    return response
+
+
 def _register_errors(app: Flask, settings: Settings) -> None:
     @app.errorhandler(BackendError)
     def backend_error(exc: BackendError):
-        # Label Studio keeps of a refused /setup or /predict only requests' "422 Client Error: <reason phrase> for
-        # url: ...": the reason phrase carries the message, and the log has it whole
         level = logging.INFO if isinstance(exc, Unauthorized) else logging.WARNING
         log.log(level, "%s %s: %d %s: %s", request.method, request.path, exc.status_code, type(exc).__name__, exc)
-        response = jsonify(error=type(exc).__name__, message=str(exc))
-        response.status = f"{exc.status_code} {reason_phrase(str(exc))}"
+        response = error_response(exc.status_code, type(exc).__name__, str(exc))
         if isinstance(exc, Unauthorized):
             response.headers["WWW-Authenticate"] = 'Basic realm="al-backend"'
         return response
@@ -210,7 +216,7 @@ def _register_errors(app: Flask, settings: Settings) -> None:
                 "Redis is unavailable, and reconciliation is off (RECONCILE_INTERVAL=0): this event is lost until"
                 " the project's next event or Start Training"
             )
-        return jsonify(error="RedisUnavailable", message=message), 503
+        return error_response(503, "RedisUnavailable", message)
 
     @app.errorhandler(RequestEntityTooLarge)
     def body_too_large(exc: RequestEntityTooLarge):  # e.g. Retrieve Predictions on thousands of selected tasks
@@ -219,24 +225,21 @@ def _register_errors(app: Flask, settings: Settings) -> None:
             f"({request.content_length or 'unknown'} bytes); send fewer tasks per request"
         )
         log.warning("%s %s: 413 %s", request.method, request.path, message)
-        response = jsonify(error="RequestEntityTooLarge", message=message)
-        response.status = f"413 {reason_phrase(message)}"
-        return response
+        return error_response(413, "RequestEntityTooLarge", message)
 
     @app.errorhandler(MethodNotAllowed)
     def method_not_allowed(exc: MethodNotAllowed):
         allowed = [method for method in exc.valid_methods or [] if method not in ("HEAD", "OPTIONS")]
         message = f"{request.path} takes {' or '.join(allowed)}, not {request.method}"
-        response = jsonify(error=exc.name, message=message)
-        response.status_code = 405
+        response = error_response(405, exc.name, message)
         response.headers["Allow"] = ", ".join(exc.valid_methods or [])
         return response
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
-        return jsonify(error=exc.name, message=exc.description), exc.code
+        return error_response(exc.code or 500, exc.name, exc.description or exc.name)
 
     @app.errorhandler(Exception)
     def unexpected_error(exc: Exception):  # process boundary: log the trace, answer without internals
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return jsonify(error="InternalError", message=f"{type(exc).__name__} while handling {request.path}"), 500
+        return error_response(500, "InternalError", f"{type(exc).__name__} while handling {request.path}")

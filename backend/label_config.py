@@ -98,12 +98,13 @@ class ClassificationConfig:
         blank (nothing but white space, or HyperText with no visible text: there is nothing to predict from).
 
         The key may be a path into nested data, as Label Studio reads `value="$meta.text"` or `$pages[0].text`
-        (a key holding the dots itself comes first); a template value (`"$title: $body"`) reads each of its fields.
+        (a key holding the dots itself comes first); a template value (`"$title: $body"`) reads each of its fields,
+        a missing or null one as empty, and has no text when none of them has any.
         Lone surrogates (valid in JSON's \\uXXXX escapes, not in UTF-8) become "?", so the tokenizer never refuses a
         text and one odd task never fails a whole batch.
         """
         if self.templated:
-            text = FIELD.sub(lambda field: _field_text(task, field.group(1)), self.data_key)
+            text = _template_text(task, self.data_key)
         else:
             text = _field_text(task, self.data_key)
         text = text.encode("utf-8", errors="replace").decode("utf-8")
@@ -119,11 +120,25 @@ FIELD = re.compile(r"\$([\w\[\]]+(?:\.[\w\[\]]+)*)")
 that ends it (`"Title: $title."`) is the sentence's."""
 
 
+def _template_text(task: dict, template: str) -> str:
+    """`template` with each `$field` replaced by the task's text there, a missing or null one by nothing (a
+    task with a body and no title still has its body to read); KeyError when no field has any text."""
+    fields = {key: data_value(task.get("data"), key) for key in FIELD.findall(template)}
+    texts = {key: "" if value is None else _as_text(value) for key, value in fields.items()}
+    if not any(text.strip() for text in texts.values()):
+        raise KeyError(f"task {task.get('id')!r} has no data[{template!r}]: none of its fields has text")
+    return FIELD.sub(lambda field: texts[field.group(1)], template)
+
+
 def _field_text(task: dict, key: str) -> str:
     """The task's `data` value at `key` as text; KeyError naming the key when it is missing or null."""
     value = data_value(task.get("data"), key)
     if value is None:
         raise KeyError(f"task {task.get('id')!r} has no data[{key!r}]")
+    return _as_text(value)
+
+
+def _as_text(value: object) -> str:
     return value if isinstance(value, str) else str(value)
 
 

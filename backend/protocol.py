@@ -146,7 +146,10 @@ def parse_webhook(body: object) -> WebhookEvent:
     if not isinstance(action, str):
         raise MalformedRequest(f"/webhook needs 'action' (a Label Studio event name), got {action!r:.80}")
     if action not in WEBHOOK_ACTIONS and action not in IGNORED_WEBHOOK_ACTIONS:
-        raise MalformedRequest(f"unknown webhook action {action!r:.80}; handled: {', '.join(WEBHOOK_ACTIONS)}")
+        raise MalformedRequest(
+            f"unknown webhook action {action!r:.80}; ranked on: {', '.join(WEBHOOK_ACTIONS)}; "
+            f"accepted and ignored: {', '.join(IGNORED_WEBHOOK_ACTIONS)}"
+        )
     project = body.get("project")
     if project is None and isinstance(body.get("task"), dict):
         project = body["task"].get("project")

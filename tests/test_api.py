@@ -319,6 +319,7 @@ def test_the_reason_phrase_is_one_line_of_latin_1():
         ),
         ("/webhook", b'{"project": {"id": 1}}', "'action'"),
         ("/webhook", b'{"action": "NOPE", "project": {"id": 1}}', "unknown webhook action 'NOPE'"),
+        ("/webhook", b'{"action": "NOPE", "project": {"id": 1}}', "accepted and ignored: PROJECT_CREATED"),
         ("/webhook", b'{"action": "ANNOTATION_CREATED"}', "'project'"),
     ],
 )
@@ -397,8 +398,16 @@ def test_a_compressed_body_gets_a_415_saying_so(client):
 def test_a_wrong_method_gets_a_405_naming_the_right_one(client):
     response = client.get("/predict")
     assert response.status_code == 405 and response.json["message"] == "/predict takes POST, not GET"
+    assert response.status == "405 /predict takes POST, not GET"
     assert "POST" in response.headers["Allow"]
     assert client.post("/metrics").json["message"] == "/metrics takes GET, not POST"
+
+
+def test_an_unknown_route_gets_a_json_404_whose_reason_phrase_is_its_message(client):
+    response = client.post("/predictions", json={})
+    assert response.status_code == 404 and response.json["error"] == "Not Found"
+    assert "URL was not found" in response.json["message"]
+    assert response.status == "404 " + response.json["message"]
 
 
 def test_strategy_params_are_checked_against_the_backends_default_strategy(settings):
@@ -656,6 +665,7 @@ def test_an_unexpected_error_is_a_500_naming_its_type_with_the_trace_only_in_the
     response = client.post("/predict", json=predict_payload([ls_task(1, TEXTS[0])]))
     assert response.status_code == 500
     assert response.json == {"error": "InternalError", "message": "RuntimeError while handling /predict"}
+    assert response.status == "500 RuntimeError while handling /predict"  # what Label Studio shows of it
     assert "unhandled error on POST /predict" in caplog.text
     assert "Traceback" in caplog.text and "internal detail" in caplog.text  # for whoever reads the logs
     assert client.get("/health").status_code == 200  # and the server answers the next request

@@ -137,8 +137,12 @@ def test_a_value_mixing_words_and_fields_reads_as_the_editor_shows_it():
     config = parse_label_config(AG_NEWS_CONFIG.replace('value="$text"', 'value="$title: $meta.body."'))
     task = {"id": 1, "data": {"title": "Match report", "meta": {"body": "The team won 3-1"}}}
     assert config.text_of(task) == "Match report: The team won 3-1."
-    with pytest.raises(KeyError, match="has no data\\['title'\\]"):
-        config.text_of({"id": 2, "data": {"meta": {"body": "no title"}}})
+    # a missing or null field reads as empty: the task still has its body to predict from and rank
+    assert config.text_of({"id": 2, "data": {"meta": {"body": "no title"}}}) == ": no title."
+    assert config.text_of({"id": 2, "data": {"title": None, "meta": {"body": "no title"}}}) == ": no title."
+    for nothing in ({}, {"title": None}, {"title": " ", "meta": {"body": ""}}):
+        with pytest.raises(KeyError, match="none of its fields has text"):
+            config.text_of({"id": 3, "data": nothing})
     single = parse_label_config(AG_NEWS_CONFIG.replace('value="$text"', 'value="Title: $title"'))
     assert single.text_of(task) == "Title: Match report"
     assert config.text_source != single.text_source  # another way of reading texts makes another pool

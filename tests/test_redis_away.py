@@ -45,6 +45,8 @@ def test_webhook_is_a_503_that_names_redis(client_without_redis):
     assert "Redis is unavailable" in response.json["message"]
     assert "reconciliation" in response.json["message"]  # the event is not lost
     assert "Start Training" in response.json["message"]  # except a click on it: it changes nothing to see
+    # Label Studio shows its user only the reason phrase of the answer to a Start Training click
+    assert response.status == "503 " + response.json["message"]
 
 
 def test_webhook_without_reconciliation_says_the_event_is_lost(settings):
