@@ -75,7 +75,7 @@ def rerank_project(project: str, reason: str = "") -> dict:
     try:
         with round_lock(rt, project, generation) as held:
             timing = {"queued": queued_seconds, "lock_wait": round(time.perf_counter() - waited, 4)}
-            if not held:  # a newer re-rank started while this one waited: it does the work, with fresher data
+            if held is None:  # a newer re-rank started while this one waited: it does the work, with fresher data
                 log.info("project %s: generation %d yields to a newer re-rank", project, generation)
                 return {"generation": generation, "published": False, "superseded": True, "timing": timing}
             if rt.queue.overtaken(project, generation):  # with several workers, a newer round got the lock first
@@ -83,7 +83,7 @@ def rerank_project(project: str, reason: str = "") -> dict:
                 return {"generation": generation, "published": False, "overtaken": True, "timing": timing}
             forget_an_older_project(rt, project)  # before start_anew got the lock: this round ranks the new project
             try:
-                return rerank(project, rt, generation, timing)
+                return rerank(project, rt, generation, timing, held)
             except ProjectDisconnected as gone:
                 return {"generation": generation, "published": False, **stop_working_on(rt, project, gone, setups_seen)}
     except RoundRefused as refused:
@@ -225,7 +225,7 @@ def start_anew(project: str, created: str) -> dict:
     """
     rt = runtime()
     with round_lock(rt, project, generation=sys.maxsize) as held:
-        assert held  # no generation is newer than sys.maxsize
+        assert held is not None  # no generation is newer than sys.maxsize
         forget_an_older_project(rt, project)
     return connect_project(project)
 

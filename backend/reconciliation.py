@@ -80,7 +80,7 @@ def forget_deleted_projects() -> list[str]:
             log.warning("project %s: cannot tell whether it was deleted: %s", project, unanswered)
             continue
         with round_lock(rt, project, rt.queue.latest_generation(project)) as held:
-            if not held:  # connected again meanwhile, and a round started: that round finds it deleted
+            if held is None:  # connected again meanwhile, and a round started: that round finds it deleted
                 continue
             gone = ProjectDisconnected(f"project {project} no longer exists in Label Studio", project_deleted=True)
             stop_working_on(rt, project, gone, setups_seen)

@@ -28,8 +28,8 @@ counts the timeout from the job's start, so a job that waited it all out would b
 
 
 @contextlib.contextmanager
-def round_lock(rt: Runtime, project: str, generation: int) -> Iterator[bool]:
-    """Hold the project's round lock (renewed while held) and yield True; or yield False, without the lock, as soon
+def round_lock(rt: Runtime, project: str, generation: int) -> Iterator[Lock | None]:
+    """Hold the project's round lock (renewed while held) and yield it; or yield None, without the lock, as soon
     as a newer generation has started while this one waited. So a busy project ties up two workers at most (the
     round running and the newest follower), not every worker, each waiting on the lock.
 
@@ -44,13 +44,13 @@ def round_lock(rt: Runtime, project: str, generation: int) -> Iterator[bool]:
     deadline = time.monotonic() + rt.settings.job_timeout * LOCK_WAIT_SHARE
     while not lock.acquire():
         if rt.queue.latest_generation(project) > generation:
-            yield False
+            yield None
             return
         if time.monotonic() >= deadline:
             raise LockError(f"{lock.name} not free within half of JOB_TIMEOUT={rt.settings.job_timeout} s")
     try:
         with kept_alive(lock):
-            yield True
+            yield lock
     finally:
         try:
             lock.release()

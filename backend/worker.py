@@ -18,7 +18,7 @@ from collections.abc import Callable
 import redis
 import torch
 from rq import SimpleWorker, Worker
-from rq.exceptions import StopRequested
+from rq.exceptions import AbandonedJobError, StopRequested
 
 from backend import jobs, reconciliation
 from backend.adapters.queue import OrderedQueue
@@ -193,21 +193,44 @@ class TakesQueuesInOrder:
         self.connection.delete(origin.intermediate_queue.get_first_seen_key(job.id))
 
 
-class ForkingWorker(TakesQueuesInOrder, RevivesReconciliations, Worker):
+class RecordsAbandonedRounds:
+    """A round whose whole worker process died (an in-process worker on a GPU, or a forking worker's parent) is
+    found by rq's maintenance, in any worker, as abandoned: on its last try it is recorded as a failed round too,
+    as `ForkingWorker` records one whose work-horse died."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.push_exc_handler(record_abandoned_round)
+
+
+def record_abandoned_round(job, exc_type, exc_value, traceback) -> None:
+    """rq's exception handler: it runs for every failed job; a job that raised has recorded itself already
+    (`jobs.rerank_project`), so only the ones rq's maintenance found abandoned are recorded here."""
+    if exc_type is AbandonedJobError:
+        record_killed_round(job, "the worker running it died (rq's maintenance found it abandoned)")
+
+
+def record_killed_round(job, reason: str) -> None:
+    """`jobs.record_killed_round`, whose failure is logged and goes no further: rq hands the job on to its
+    retries or its failure all the same, and an error here would end the worker's loop or rq's maintenance."""
+    try:
+        jobs.record_killed_round(job, reason)
+    except redis.RedisError as exc:
+        log.warning("could not record that %s's process died: Redis unavailable (%s)", job.id, exc)
+    except Exception:
+        log.exception("could not record that %s's process died", job.id)
+
+
+class ForkingWorker(TakesQueuesInOrder, RevivesReconciliations, RecordsAbandonedRounds, Worker):
     def handle_work_horse_killed(self, job, retpid, ret_val, rusage) -> None:
         """A work-horse that died without raising (the OOM killer, a job past its timeout stuck in C code) never
         got to record a failed round: record it here, where rq hands the job on to its retries or its failure."""
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
         how = f"signal {os.WTERMSIG(ret_val)}" if ret_val and os.WIFSIGNALED(ret_val) else f"status {ret_val}"
-        try:
-            jobs.record_killed_round(job, f"the work-horse running it died ({how})")
-        except redis.RedisError as exc:  # rq hands the job on to its retries or its failure all the same
-            log.warning("could not record that %s's work-horse died: Redis unavailable (%s)", job.id, exc)
-        except Exception:  # nor may a bug in recording it keep rq from doing so (the worker's loop would quit)
-            log.exception("could not record that %s's work-horse died", job.id)
+        record_killed_round(job, f"the work-horse running it died ({how})")
 
 
-class InProcessWorker(TakesQueuesInOrder, RevivesReconciliations, SimpleWorker):
+class InProcessWorker(TakesQueuesInOrder, RevivesReconciliations, RecordsAbandonedRounds, SimpleWorker):
     pass
 
 

@@ -480,6 +480,46 @@ def test_a_round_from_before_redis_lost_data_never_publishes_over_the_rounds_aft
     assert queued.func_name == "backend.jobs.rerank_project" and queued.args[0] == "1"
 
 
+def test_a_round_that_lost_its_lock_to_rounds_counting_past_it_does_not_publish(runtime, label_studio, monkeypatch):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    for _ in range(3):
+        assert jobs.rerank_project("1")["published"]
+    in_flight = runtime.queue.start_rerank("1")  # generation 4 takes the lock and reads Label Studio...
+    lock = runtime.redis.lock("al:rerank:lock:1", timeout=60)
+    assert lock.acquire(blocking=False)
+    runtime.redis.delete(generation_key("1"), published_key("1"), lock.name)  # ...Redis is back from an older
+    label_studio.annotate(3, label_studio.truth[3])  # snapshot, and the rounds after it, with this annotation,
+    for _ in range(3):  # count from 1 again, beside it, as it holds no lock
+        assert jobs.rerank_project("1")["published"]
+    assert runtime.queue.start_rerank("1") == in_flight  # the counter is back at its generation
+    live = label_studio.project["model_version"]
+    runtime.queue.queue.empty()
+    stale = rerank("1", runtime, generation=in_flight, lock=lock)
+    assert not stale["published"] and stale["lost_lock"] and label_studio.project["model_version"] == live
+    assert runtime.registry.last_round("1")["annotations"] == 1  # the newer rounds' record stays
+    [queued] = runtime.queue.queue.get_jobs()  # one more round ranks whatever the old one read
+    assert queued.func_name == "backend.jobs.rerank_project" and queued.args[0] == "1"
+
+
+def test_a_round_whose_claim_redis_lost_while_writing_queues_one_more(runtime, label_studio, monkeypatch):
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    assert jobs.rerank_project("1")["published"]
+    live = label_studio.project["model_version"]
+    written = rerank_module.write_predictions
+
+    def write_then_lose_the_claim(*args):
+        how = written(*args)
+        runtime.redis.delete(published_key("1"))  # Redis back from a snapshot older than the claim, or evicted
+        return how
+
+    monkeypatch.setattr(rerank_module, "write_predictions", write_then_lose_the_claim)
+    runtime.queue.queue.empty()
+    outcome = rerank("1", runtime, generation=runtime.queue.start_rerank("1"))
+    assert not outcome["published"] and label_studio.project["model_version"] == live  # no switch
+    [queued] = runtime.queue.queue.get_jobs()  # and no newer round ranks what it read: one more does
+    assert queued.func_name == "backend.jobs.rerank_project" and queued.args[0] == "1"
+
+
 def test_an_overtaken_round_keeps_the_record_that_reconciliation_compares_with(runtime, label_studio, monkeypatch):
     monkeypatch.setattr(jobs, "_runtime", runtime)
     rerank("1", runtime, generation=5)
@@ -1267,12 +1307,12 @@ def test_a_round_longer_than_the_lock_timeout_keeps_its_lock_even_when_a_renewal
     monkeypatch.setattr(Lock, "reacquire", blips_once)
     held = []
 
-    def a_long_round(project, rt, generation, timing):
+    def a_long_round(project, rt, generation, timing, lock):
         # 9 s, more than two lock timeouts: the first renewal (at 1.33 s) fails, the ones after keep the lock
         for _ in range(6):
             time.sleep(1.5)
             held.append(rt.redis.exists(lock_key) and rt.redis.pttl(lock_key) > 0)
-        return {"published": True}
+        return {"published": lock.owned()}  # what the round checks before it publishes
 
     monkeypatch.setattr(jobs, "rerank", a_long_round)
     assert jobs.rerank_project("1") == {"published": True}

@@ -265,6 +265,38 @@ def test_a_rounds_work_horse_killed_on_its_last_try_is_recorded_as_a_failed_roun
     assert runtime.registry.failing("1")["rounds"] == 1  # reconciliation backs off from it (test_rerank)
 
 
+def test_a_round_whose_whole_worker_died_on_its_last_try_is_recorded_when_rq_finds_it_abandoned(runtime, monkeypatch):
+    # on a GPU a round runs in the worker process itself: a crash (out of memory) ends the worker, and no hook of
+    # it runs; rq's maintenance, in the next worker, finds the job abandoned, retries it or fails it
+    import os
+    import signal
+
+    name_a_label_studio(runtime, monkeypatch)
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    monkeypatch.setattr(jobs, "rerank", lambda *args: os.kill(os.getpid(), signal.SIGKILL))
+    queue = runtime.queue.queue
+    reason = "the worker running it died (rq's maintenance found it abandoned)"
+    for retries_left, recorded in ((3, None), (0, reason)):
+        queue.empty()
+        runtime.redis.delete("al:rerank:lock:1")
+        job_id = queued_rerank(runtime, retries_left)
+        pid = os.fork()
+        if pid == 0:  # the whole worker, which runs the round in its own process
+            try:
+                worker.InProcessWorker([queue], connection=runtime.redis).work(burst=True)
+            finally:
+                os._exit(1)  # not reached: the round kills the process
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        registry = queue.started_job_registry
+        assert registry.get_job_ids(cleanup=False) == [job_id]  # abandoned: started, by a worker now gone
+        runtime.redis.zadd(registry.key, dict.fromkeys(runtime.redis.zrange(registry.key, 0, -1), 1))  # time out
+        worker.InProcessWorker([queue], connection=runtime.redis).clean_registries()  # the next worker's maintenance
+        assert (runtime.registry.failing("1") or {}).get("reason") == recorded  # retried first: nothing yet
+    assert job_id in queue.failed_job_registry.get_job_ids()
+    assert runtime.registry.failing("1")["rounds"] == 1
+
+
 def test_a_child_the_worker_forks_stops_on_sigterm_before_it_has_its_own_handlers():
     # rq's scheduler installs its handlers once it runs; a SIGTERM before that (the worker stopping the scheduler it
     # has just started) must end it, not run the worker's inherited handler, after which rq would wait forever

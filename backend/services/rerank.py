@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from backend.services.pool import build_pool, pool_matrix
 from backend.services.predict import model_version, predicted_labels
 from backend.services.project_state import EncodingQueued, ProjectState, RoundRefused, Stopwatch, read_project_state
 from backend.services.train import save_version, train_artifact
+
+if TYPE_CHECKING:
+    from redis.lock import Lock
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +142,15 @@ def publish(runtime, project: str, generation: int, version: str, state, pool, p
         message = f"project {project}: Label Studio refused the predictions; the retry re-reads the task list"
         raise TaskListOutdated(message) from rejected
     if not runtime.queue.still_publisher(project, generation):
-        log.warning("project %s: a newer round published while %s was being written; not switching", project, version)
+        if runtime.queue.published_generation(project) > generation:
+            log.warning(
+                "project %s: a newer round published while %s was being written; not switching", project, version
+            )
+        else:  # Redis lost the claim (back from an older snapshot, or evicted): no newer round ranks what it read
+            log.warning(
+                "project %s: Redis lost %s's claim to publish; not switching, queueing a round", project, version
+            )
+            runtime.queue.request_rerank(project, "a round whose claim Redis lost")
         return False
     # Before the switch: Label Studio posts PROJECT_UPDATED from inside the PATCH, and /webhook must see this
     # version as ours, not as a change from the UI (which would queue another round, for ever). If the PATCH
@@ -157,6 +169,19 @@ def publish(runtime, project: str, generation: int, version: str, state, pool, p
     shown = {p["task"]: state.config.choices_in(p["result"]) for p in predictions}
     runtime.registry.record_shown(project, shown)
     runtime.queue.enqueue_cleanup(project, version)
+    return True
+
+
+def lost_its_lock(runtime, project: str, generation: int, lock: Lock | None) -> bool:
+    """True when the round no longer holds its project's lock and no newer round has published: rounds may have
+    run beside it (Redis came back from an older snapshot, and those rounds' generations may have counted past this
+    one's with newer data; or its worker stalled past RERANK_LOCK_TIMEOUT), so it may not publish what it read,
+    and one more round must (queued by the caller). A round overtaken already just ends, as any overtaken round."""
+    if lock is None or lock.owned() or runtime.queue.overtaken(project, generation):
+        return False
+    log.warning(
+        "project %s: generation %d lost its round lock; not publishing, queueing one more round", project, generation
+    )
     return True
 
 
@@ -223,10 +248,11 @@ def record(runtime, project: str, summary: dict, ranked: bool) -> None:
     )
 
 
-def rerank(project: str, runtime, generation: int, timing: dict | None = None) -> dict:
+def rerank(project: str, runtime, generation: int, timing: dict | None = None, lock: Lock | None = None) -> dict:
     """Run one round for `project` and return its summary (also recorded for /metrics).
 
-    `timing` carries what the job measured before the round (seconds queued, seconds waiting for the lock).
+    `timing` carries what the job measured before the round (seconds queued, seconds waiting for the lock);
+    `lock` is the project's round lock the job holds (see `lost_its_lock`).
     """
     settings = runtime.settings
     watch = Stopwatch()
@@ -267,7 +293,10 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None) -
         "published": False,
         "finished_at": time.time(),
     }
-    if len(picks) and runtime.queue.may_publish(project, generation):
+    if len(picks) and lost_its_lock(runtime, project, generation, lock):
+        summary["lost_lock"] = True
+        runtime.queue.request_rerank(project, "a round that lost its lock")
+    elif len(picks) and runtime.queue.may_publish(project, generation):
         summary["published"] = publish(runtime, project, generation, version, state, pool, picks, summary)
         watch.lap("publish")
     elif len(picks) and runtime.queue.taken_before_data_loss(project, generation):
