@@ -247,6 +247,22 @@ def test_the_round_after_an_encoding_that_asks_for_the_same_chunks_again_gets_a_
     assert runtime.queue.status(running.id) == JobStatus.STARTED  # its record is not overwritten by the new one
 
 
+def test_a_follow_up_asked_for_again_after_it_ran_does_not_expire_with_its_finished_record(runtime):
+    from backend.adapters.encoding_jobs import encoding_follow_up_key
+
+    (chunk,) = runtime.encoding.enqueue("1", [["a"]])
+    follow_up = runtime.redis.get(encoding_follow_up_key("1")).decode()
+    runtime.encoding.queue.remove(chunk)
+    for job_id in (chunk, follow_up):  # both ran, and rq keeps their records for an hour (RESULT_TTL)
+        Job.fetch(job_id, connection=runtime.redis).set_status(JobStatus.FINISHED)
+        runtime.redis.expire(Job.key_for(job_id), 3600)
+    runtime.encoding.enqueue("1", [["a"]])  # a new encoder: the same texts, the same chunk, the same follow-up
+    assert runtime.redis.get(encoding_follow_up_key("1")).decode() == follow_up
+    assert runtime.queue.status(follow_up) == JobStatus.DEFERRED
+    assert runtime.redis.ttl(Job.key_for(follow_up)) == -1  # an encoding longer than an hour still ends in a round
+    assert Job.fetch(follow_up, connection=runtime.redis).dependency_ids == [chunk]
+
+
 def test_a_chunk_that_counted_itself_done_as_a_round_asks_for_it_again_stays_done_and_runs_once(runtime):
     from rq.job import Job, JobStatus
 

@@ -193,13 +193,14 @@ class EncodingJobs:
         self._drop_follow_up(project, unless=follow_up)  # this one ranks the whole pool too, after its chunks
         self.client.set(encoding_follow_up_key(project), follow_up)
         status = self.jobs.status(follow_up)
-        if queued_again and status == JobStatus.DEFERRED:
-            # a chunk's job deleted (finished, run again) or expired took its list of dependents with it: the chunk
-            # queued afresh would never release this follow-up, and every round would wait for it. Queue it again.
+        # A chunk's job deleted (finished, run again) or expired took its list of dependents with it: the chunk
+        # queued afresh would never release a follow-up waiting for it, and every round would wait for it. And
+        # one that ended keeps its record's expiry (RESULT_TTL) through rq's writing a new job under its id: the
+        # new one would vanish with it, mid-encoding, and no round would follow. Either is queued afresh.
+        stale = queued_again and status == JobStatus.DEFERRED
+        if stale or status not in WAITING_STATUSES:  # (rq's unique=True refuses dependencies)
             with contextlib.suppress(NoSuchJobError):
                 Job.fetch(follow_up, connection=self.client).delete()
-            status = None
-        if status not in WAITING_STATUSES:  # (rq's unique=True refuses dependencies)
             self.jobs.queue.enqueue_call(
                 "backend.jobs.rerank_project",
                 args=(project, "embeddings ready"),
