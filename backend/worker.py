@@ -207,10 +207,10 @@ def record_abandoned_round(job, exc_type, exc_value, traceback) -> None:
     """rq's exception handler: it runs for every failed job; a job that raised has recorded itself already
     (`jobs.rerank_project`), so only the ones rq's maintenance found abandoned are recorded here."""
     if exc_type is AbandonedJobError:
-        record_killed_round(job, "the worker running it died (rq's maintenance found it abandoned)")
+        record_killed_round_or_log(job, "the worker running it died (rq's maintenance found it abandoned)")
 
 
-def record_killed_round(job, reason: str) -> None:
+def record_killed_round_or_log(job, reason: str) -> None:
     """`jobs.record_killed_round`, whose failure is logged and goes no further: rq hands the job on to its
     retries or its failure all the same, and an error here would end the worker's loop or rq's maintenance."""
     try:
@@ -227,7 +227,7 @@ class ForkingWorker(TakesQueuesInOrder, RevivesReconciliations, RecordsAbandoned
         got to record a failed round: record it here, where rq hands the job on to its retries or its failure."""
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
         how = f"signal {os.WTERMSIG(ret_val)}" if ret_val and os.WIFSIGNALED(ret_val) else f"status {ret_val}"
-        record_killed_round(job, f"the work-horse running it died ({how})")
+        record_killed_round_or_log(job, f"the work-horse running it died ({how})")
 
 
 class InProcessWorker(TakesQueuesInOrder, RevivesReconciliations, RecordsAbandonedRounds, SimpleWorker):
