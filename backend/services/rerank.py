@@ -142,7 +142,7 @@ def publish(runtime, project: str, generation: int, version: str, state, pool, p
         message = f"project {project}: Label Studio refused the predictions; the retry re-reads the task list"
         raise TaskListOutdated(message) from rejected
     if not runtime.queue.still_publisher(project, generation):
-        if runtime.queue.published_generation(project) > generation:
+        if runtime.queue.overtaken(project, generation):
             log.warning(
                 "project %s: a newer round published while %s was being written; not switching", project, version
             )
@@ -177,12 +177,7 @@ def lost_its_lock(runtime, project: str, generation: int, lock: Lock | None) -> 
     run beside it (Redis came back from an older snapshot, and those rounds' generations may have counted past this
     one's with newer data; or its worker stalled past RERANK_LOCK_TIMEOUT), so it may not publish what it read,
     and one more round must (queued by the caller). A round overtaken already just ends, as any overtaken round."""
-    if lock is None or lock.owned() or runtime.queue.overtaken(project, generation):
-        return False
-    log.warning(
-        "project %s: generation %d lost its round lock; not publishing, queueing one more round", project, generation
-    )
-    return True
+    return lock is not None and not lock.owned() and not runtime.queue.overtaken(project, generation)
 
 
 def state_and_matrix(runtime, project: str, watch: Stopwatch):
@@ -294,6 +289,7 @@ def rerank(project: str, runtime, generation: int, timing: dict | None = None, l
         "finished_at": time.time(),
     }
     if len(picks) and lost_its_lock(runtime, project, generation, lock):
+        log.warning("project %s: generation %d lost its round lock; queueing a round", project, generation)
         summary["lost_lock"] = True
         runtime.queue.request_rerank(project, "a round that lost its lock")
     elif len(picks) and runtime.queue.may_publish(project, generation):
