@@ -269,6 +269,19 @@ def _nested_choices(tree: lxml.etree._Element | None, name: str) -> set[str]:
     return labels(".//Choice[ancestor::Choice]") - labels(".//Choice[not(ancestor::Choice)]")
 
 
+def _named_choices(tree: lxml.etree._Element | None, name: str) -> list[str]:
+    """The name attributes of the `<Choice>` tags of the `<Choices>` `name`."""
+    if tree is None:
+        return []
+    return [
+        str(choice.get("name"))
+        for element in tree.iter("Choices")
+        if element.get("name") == name
+        for choice in element.iter("Choice")
+        if choice.get("name")
+    ]
+
+
 def safe_xml_parser() -> lxml.etree.XMLParser:
     """A parser that expands no entities and fetches nothing; one per call (lxml's parsers are not for sharing
     between threads)."""
@@ -291,6 +304,12 @@ def _config_from_choices(control, tree: lxml.etree._Element | None) -> Classific
     if not text_objects:
         targets = ", ".join(sorted({obj.tag for obj in control.objects})) or "nothing"
         raise UnsupportedLabelConfig(f"{name} points at {targets}, not at <Text> or <HyperText>")
+    named = _named_choices(tree, control.name)
+    if named:  # the SDK takes a tag with both a name and a value for an object tag: that choice would be missing
+        raise UnsupportedLabelConfig(
+            f"{name} has <Choice> tags with a name attribute (e.g. name={named[0]!r}), which Label Studio's SDK "
+            "does not read as choices; remove name= from the <Choice> tags (the editor ignores it)"
+        )
     nested = _nested_choices(tree, control.name)
     labels = tuple(label for label in control.labels if label not in nested)
     if len(labels) < 2:

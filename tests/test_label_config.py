@@ -181,6 +181,12 @@ def test_result_has_label_studio_shape():
             'at least 2 needed (a yes/no flag: add the "no" as a choice, e.g. <Choice value="Not only"/>)',
         ),
         (
+            # the SDK reads a tag with both name and value as an object tag: "B" would be missing from the labels
+            '<View><Text name="t" value="$t"/><Choices name="c" toName="t"><Choice value="A"/>'
+            '<Choice name="b" value="B"/><Choice value="C"/></Choices></View>',
+            "has <Choice> tags with a name attribute (e.g. name='b')",
+        ),
+        (
             '<View><Labels name="ner" toName="t"><Label value="PER"/></Labels><Text name="t" value="$t"/>'
             '<Choices name="c" toName="t" perRegion="true"><Choice value="a"/><Choice value="b"/></Choices></View>',
             'per region (perRegion="true")',
