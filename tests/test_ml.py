@@ -1,3 +1,4 @@
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -245,6 +246,21 @@ def test_artifacts_are_versioned_and_newest_wins(tmp_path):
     latest = store.load_latest("7", ("a", "b"), "enc", False)
     assert latest.version == "v000002" and latest.meta == {"seed": 2} and len(latest.committee) == 1
     assert store.load_latest("7", ("a", "c"), "enc", False) is None  # labels changed: zero-shot again
+
+
+def test_versions_trained_for_other_labels_are_passed_over_in_one_log_line(tmp_path, caplog):
+    store = ArtifactStore(tmp_path)
+    store.save("7", _artifact(1))
+    newer = HeadArtifact(zero_shot_head(np.eye(3, 4), False), [], ("a", "b", "c"), "enc")  # a choice was added
+    store.save("7", newer)
+    store.save("7", newer)
+    caplog.set_level(logging.INFO, logger="backend.ml.artifacts")
+    assert store.load_latest("7", ("a", "b"), "enc", False).version == "v000001"  # the choice was removed again
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == [
+        "project 7: head version(s) v000003, v000002 trained for other labels, encoder or kind of choice passed "
+        "over; using v000001"
+    ]
 
 
 def test_versions_past_999999_count_on_in_order(tmp_path):

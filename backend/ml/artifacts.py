@@ -99,7 +99,10 @@ class ArtifactStore:
         self, project: str, labels: tuple[str, ...], encoder_id: str, multi_label: bool
     ) -> HeadArtifact | None:
         """The newest loadable version trained for these labels, encoder and kind of choice (a single-choice
-        softmax head read with multi-label's 0.5 threshold would predict nothing), or None (zero-shot)."""
+        softmax head read with multi-label's 0.5 threshold would predict nothing), or None (zero-shot). The newer
+        versions trained otherwise (e.g. before a choice was added) are passed over with one log line."""
+        passed_over: list[str] = []
+        found = None
         for version in reversed(self.versions(project)):
             try:
                 artifact = self.load(project, version)
@@ -111,15 +114,23 @@ class ArtifactStore:
                     exc,
                 )
                 continue
-            trained_for = (artifact.labels, artifact.encoder_id, artifact.head.multi_label)
-            if trained_for == (tuple(labels), encoder_id, multi_label):
-                return artifact
+            if (artifact.labels, artifact.encoder_id, artifact.head.multi_label) == (
+                tuple(labels),
+                encoder_id,
+                multi_label,
+            ):
+                found = artifact
+                break
+            passed_over.append(version)
+        if passed_over:
             log.info(
-                "project %s: artifact %s was trained for other labels, encoder or kind of choice; skipping",
+                "project %s: head version(s) %s trained for other labels, encoder or kind of choice passed over; "
+                "using %s",
                 project,
-                version,
+                ", ".join(passed_over),
+                found.version if found else "zero-shot",
             )
-        return None
+        return found
 
     def load(self, project: str, version: str) -> HeadArtifact:
         """One version; raises OSError when its files are missing, ValueError, KeyError or TypeError when they are
