@@ -16,7 +16,7 @@ from rq import SimpleWorker
 
 from backend import jobs, reconciliation
 from backend.adapters.embedding_cache import EmbeddingsMissing, text_key
-from backend.adapters.encoding_jobs import encoding_follow_up_key
+from backend.adapters.encoding_jobs import encoding_follow_up_key, encoding_runs_key
 from backend.adapters.label_studio import ACTIVE_LEARNING_SETTINGS
 from backend.adapters.queue import RETRY, generation_key, published_key
 from backend.errors import LabelStudioNotFound, LabelStudioRejected, LabelStudioUnavailable
@@ -559,6 +559,26 @@ def test_rounds_during_the_first_encoding_do_not_read_every_task_again(runtime, 
     label_studio.annotate(3, label_studio.truth[3])
     assert rerank("1", runtime, generation=2) == {"generation": 2, "published": False, "encoding": "under way"}
     assert label_studio.task_list_reads == 1  # (with a chunk failed for good it re-reads: the test below)
+
+
+def test_tasks_deleted_during_the_first_encoding_leave_its_chunks_as_they_are(runtime, label_studio, monkeypatch):
+    # chunk ids are made from their texts: the task list read again without task 1 would be chunked otherwise, and
+    # every chunk after it queued a second time (a million-task pool: most of an hour's encoding done twice)
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    monkeypatch.setattr(project_state, "ENCODE_CHUNK", 25)
+    rerank("1", runtime, generation=1)  # 3 chunk jobs, and the round after them
+    chunks = sorted(runtime.encoding.queue.get_job_ids())
+    del label_studio.tasks[1]
+    label_studio.project["task_number"] = len(label_studio.tasks)
+    runtime.snapshots.mark_stale("1")  # as TASKS_DELETED does
+    assert rerank("1", runtime, generation=2) == {"generation": 2, "published": False, "encoding": "under way"}
+    assert label_studio.task_list_reads == 2
+    assert sorted(runtime.encoding.queue.get_job_ids()) == chunks
+    assert runtime.encoding.progress("1") == {"chunks": 3, "done": 0, "failed": 0, "texts": 60}
+    SimpleWorker(runtime.queues, connection=runtime.redis).work(burst=True)
+    runs = runtime.redis.hgetall(encoding_runs_key("1"))
+    assert sorted(job_id.decode() for job_id in runs) == chunks and set(runs.values()) == {b"1"}
+    assert runtime.registry.last_round("1")["published"] and runtime.registry.last_round("1")["unlabelled"] == 59
 
 
 def test_pool_encoded_once_already_is_encoded_again_when_its_vectors_are_gone(runtime, label_studio, monkeypatch):

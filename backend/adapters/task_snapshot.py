@@ -63,6 +63,11 @@ class TaskSnapshots:
             fields.get(b"text_source", b"").decode("utf-8"),
         )
 
+    def stored_keys(self, project: str) -> list[bytes]:
+        """The text keys of the stored snapshot, stale or not ([] when there is none)."""
+        keys = self.client.hget(self.key(project), "text_keys") or b""
+        return [keys[i : i + KEY_BYTES] for i in range(0, len(keys), KEY_BYTES)]
+
     def save(self, project: str, snapshot: TaskSnapshot, marks_seen: int | None = None) -> None:
         """Store `snapshot`, read after the project's task list had been marked stale `marks_seen` times (see
         `marks`; None: as many times as now)."""

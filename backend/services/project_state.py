@@ -199,8 +199,9 @@ def save_snapshot(
     old_ids, old_keys = (after.task_ids.tolist(), after.text_keys) if after is not None else ([], [])
     ids = np.array([*old_ids, *new_ids], dtype=np.int64)
     snapshot = TaskSnapshot(ids, [*old_keys, *new_keys], stamp, config.text_source)
+    in_chunks = keys_under_encoding(runtime, project) if after is None else set()  # (read before `save`)
     runtime.snapshots.save(project, snapshot, marks_seen)
-    encode_uncached(runtime, project, new_keys, texts)
+    encode_uncached(runtime, project, new_keys, texts, in_chunks)
     return snapshot
 
 
@@ -219,10 +220,25 @@ def texts_of(tasks, config: ClassificationConfig, project: str) -> tuple[list[in
     return task_ids, texts
 
 
-def encode_uncached(runtime, project: str, keys: list[bytes], texts: list[str]) -> None:
+def keys_under_encoding(runtime, project: str) -> set[bytes]:
+    """While chunk jobs encode the project's pool (a round waits for them), the text keys of the task list read
+    before: each of its texts is cached or in one of those chunks (else the encoding would not be pending; one
+    evicted from the cache since is found missing by the round after them, which reads and encodes it again); {}
+    otherwise."""
+    return set(runtime.snapshots.stored_keys(project)) if runtime.encoding.pending(project) else set()
+
+
+def encode_uncached(
+    runtime, project: str, keys: list[bytes], texts: list[str], in_chunks: set[bytes] = frozenset()
+) -> None:
     """Put the texts not in the embedding cache into it: a few are encoded here; many (a new project, a large
-    import) are split into chunk jobs that all workers share, followed by a new round (EncodingQueued)."""
+    import) are split into chunk jobs that all workers share, followed by a new round (EncodingQueued).
+
+    `in_chunks`: the keys of texts that chunk jobs still under way will encode (those of the task list read
+    before, while its encoding runs), left to them. Queued again, they would be chunked otherwise once tasks were
+    deleted meanwhile (chunk ids are made from their texts), and most of a big pool encoded twice."""
     absent = set(runtime.embedding_cache.missing(list(dict.fromkeys(keys))))
+    absent -= in_chunks
     missing = list(dict.fromkeys(text for key, text in zip(keys, texts, strict=True) if key in absent))
     if len(missing) > ENCODE_CHUNK:
         chunks = [missing[i : i + ENCODE_CHUNK] for i in range(0, len(missing), ENCODE_CHUNK)]
