@@ -222,9 +222,9 @@ def texts_of(tasks, config: ClassificationConfig, project: str) -> tuple[list[in
 
 def keys_under_encoding(runtime, project: str) -> set[bytes]:
     """While chunk jobs encode the project's pool (a round waits for them), the text keys of the task list read
-    before: each of its texts is cached or in one of those chunks (else the encoding would not be pending; one
-    evicted from the cache since is found missing by the round after them, which reads and encodes it again); {}
-    otherwise."""
+    before: each of its texts is cached or in one of those chunks, but for rare ones (evicted from the cache since;
+    in a chunk that failed for good before an import queued chunks of its own), which the round after the chunks
+    finds missing and encodes after reading the list again; {} otherwise."""
     return set(runtime.snapshots.stored_keys(project)) if runtime.encoding.pending(project) else set()
 
 
