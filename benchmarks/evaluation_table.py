@@ -1,11 +1,12 @@
 """Markdown table of `python -m backend.evaluate` results: `python -m benchmarks.evaluation_table eval_out/*`.
 
-Runs on the same data set (the same --pool and --test files) are merged, first come first: a later run adds only
-the strategies not shown yet (e.g. a run of strategy variants, whose random baseline repeats the first run's); runs
-replayed otherwise (other budgets, seeds, --random-start, --rank-top-k, model, the embeddings' precision) are
-refused, not merged, and so is a run from before results.json recorded the zero-shot accuracy beside a newer one
-(their labels saved are counted from different points at 0 labels).
-A data set is named after the folder of its pool file, with the file names added when two differ only there.
+Runs on the same data set (the same --pool and --test files, read in the same columns) are merged, first come
+first: a later run adds only the strategies not shown yet (e.g. a run of strategy variants, whose random baseline
+repeats the first run's); runs replayed otherwise (other budgets, seeds, --random-start, --rank-top-k, model, the
+embeddings' precision) are refused, not merged, and so is a run from before results.json recorded the zero-shot
+accuracy beside a newer one (their labels saved are counted from different points at 0 labels).
+A data set is named after the folder of its pool file, with the file names added when two differ only there, and
+the columns when only they differ.
 With `--plot DIR`, writes DIR/learning_curve_<data set>.png of the merged curves.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -21,10 +23,12 @@ import numpy as np
 from backend.evaluation_summary import labels_saved_text
 
 
-def data_set_key(results: dict, folder: Path) -> tuple[str, str]:
-    """(pool file, test file) of a run; a results.json without its arguments is a data set of its own."""
+def data_set_key(results: dict, folder: Path) -> tuple[str, str, str, str]:
+    """(pool file, test file, text column, label column) of a run (TREC-6's files hold a coarse and a fine label:
+    two data sets); a results.json without its arguments is a data set of its own."""
     arguments = results.get("arguments") or {}
-    return (arguments.get("pool") or str(folder), arguments.get("test") or "")
+    columns = (arguments.get("text_column") or "text", arguments.get("label_column") or "label")
+    return (arguments.get("pool") or str(folder), arguments.get("test") or "", *columns)
 
 
 REPLAY_SETTINGS = ("seeds", "random_start", "rank_top_k", "model", "max_length", "label_names")
@@ -40,8 +44,19 @@ def replay_settings(results: dict) -> dict:
     }
 
 
-def data_set_names(keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
-    """The pool's folder name (../shared/data/<name>/...), made longer where two data sets would share it."""
+def data_set_names(keys: list[tuple[str, str, str, str]]) -> dict[tuple[str, str, str, str], str]:
+    """The pool's folder name (../shared/data/<name>/...), made longer where two data sets would share it: the
+    columns read, when only they differ."""
+    names = file_names(list(dict.fromkeys(key[:2] for key in keys)))
+    columns = {}
+    for key in keys:
+        files = [other for other in keys if other[:2] == key[:2]]
+        columns[key] = "" if len(files) == 1 else f" ({key[2]}, {key[3]})"
+    return {key: names[key[:2]] + columns[key] for key in keys}
+
+
+def file_names(keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """The name of each (pool file, test file): the pool's folder name, longer where two would share it."""
     short = {key: Path(key[0]).parent.name or key[0] for key in keys}
     names = {}
     for key in keys:
@@ -130,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
 
         args.plot.mkdir(parents=True, exist_ok=True)
         for name, results in merged.items():
-            file_name = name.replace("/", "_").replace(" ", "_")
+            file_name = re.sub(r"[^\w.-]+", "_", name).strip("_")  # "trec6 (text, fine)": trec6_text_fine
             plot(results, args.plot / f"learning_curve_{file_name}.png", name)
 
 

@@ -8,12 +8,17 @@ from benchmarks.evaluation_table import main
 
 
 def write_results(
-    folder, pool: str, strategies: dict[str, list[float]], budgets=(100, 200), test: str = "data/trec6/test.csv"
+    folder,
+    pool: str,
+    strategies: dict[str, list[float]],
+    budgets=(100, 200),
+    test: str = "data/trec6/test.csv",
+    **arguments: str,
 ) -> None:
     folder.mkdir()
     budgets = list(budgets)
     results = {
-        "arguments": {"pool": pool, "test": test},
+        "arguments": {"pool": pool, "test": test, **arguments},
         "full_pool_accuracy": 0.9,
         "target_accuracy": 0.855,
         "strategies": {
@@ -104,6 +109,25 @@ def test_runs_on_other_pools_or_test_sets_are_other_rows(tmp_path, capsys):
     ]
     assert lines[3].endswith("| – |")  # no budget of 100 or more to compare at
     assert (tmp_path / "plots" / "learning_curve_trec6_small_on_other.png").exists()
+
+
+def test_runs_on_other_columns_of_the_same_files_are_other_rows(tmp_path, capsys):
+    # TREC-6's files hold a coarse and a fine label: margin on the fine one is no strategy beside coarse random
+    write_results(tmp_path / "a", "data/trec6/train.csv", {"random": [0.5, 0.6]}, label_column="label")
+    write_results(
+        tmp_path / "b", "data/trec6/train.csv", {"random": [0.2, 0.3], "margin": [0.3, 0.4]}, label_column="fine"
+    )
+    main([str(tmp_path / "a"), str(tmp_path / "b"), "--plot", str(tmp_path / "plots")])
+    lines = capsys.readouterr().out.splitlines()[2:]
+    assert [line.split(" | ")[:3] for line in lines] == [
+        ["| trec6 (text, label)", "random", "0.5500"],
+        ["| trec6 (text, fine)", "random", "0.2500"],
+        ["| trec6 (text, fine)", "margin", "0.3500"],
+    ]
+    assert sorted(path.name for path in (tmp_path / "plots").glob("*.png")) == [
+        "learning_curve_trec6_text_fine.png",
+        "learning_curve_trec6_text_label.png",
+    ]
 
 
 def test_the_same_files_spelled_two_ways_are_two_rows_not_one_lost(tmp_path, capsys):
