@@ -109,7 +109,8 @@ def summarise(
         at_most = labels_saved_per_seed(random_needs, needs, paired, own_budget=own_budgets[-1])
         # the same question at the end of the budget, on mean curves (seeds of random and of a strategy are not
         # pairs): the labels random needs for the accuracy this strategy has there, per label it used; when random
-        # never gets there, at least all of random's budget per label used
+        # never gets there, at least all of random's budget per label used; none ("n/a") when it ends at or below
+        # the zero-shot head, which random's curve starts from with no label
         matched = reach(baseline_budgets, random_mean, float(accuracy[:, -1].mean()))
         results[name] = {
             "budgets": budgets,
@@ -123,7 +124,7 @@ def summarise(
             "labels_saved": _mean_if_all(saved),
             "labels_saved_at_least": _mean_if_all(at_least),
             "labels_saved_at_most": _mean_if_all(at_most) if None in needs else None,
-            "labels_saved_at_budget": None if matched is None else matched / budgets[-1],
+            "labels_saved_at_budget": matched / budgets[-1] if matched else None,
             "labels_saved_at_budget_at_least": baseline_budgets[-1] / budgets[-1] if matched is None else None,
             "area_under_curve": area_under_curve(budgets, accuracy.mean(axis=0)),
             "stop_budget_per_seed": [run.get("stop_budget") for run in seed_runs],

@@ -43,6 +43,11 @@ def test_the_zero_shot_accuracy_is_every_curves_point_at_no_label():
     assert labels_saved_text(nothing) == "n/a"
     # fast ends at 0.95, which random never reaches: at least random's budget per label used
     assert labels_saved_text(nothing, "labels_saved_at_budget") == ">=1.00x"
+    # a strategy that ends at or below the zero-shot head: random "needs" no label for that, and nothing is saved
+    worse = {**runs, "worse": [{"accuracy": [0.5, 0.55], "macro_f1": [0, 0]}]}
+    worse = summarise(worse, budgets, full_accuracy=0.8 / 0.95, zero_shot_accuracy=0.6)["strategies"]["worse"]
+    assert worse["labels_saved_at_budget"] is None and worse["labels_saved_at_budget_at_least"] is None
+    assert labels_saved_text(worse, "labels_saved_at_budget") == "n/a"  # not "0.00x"
 
 
 def test_the_report_says_when_the_zero_shot_head_leaves_no_labels_to_save(capsys):
