@@ -295,13 +295,10 @@ def replay_all(
     baseline_budgets: list[int],
     args: argparse.Namespace,
     finetune_at: frozenset[int],
+    finetune,
 ) -> dict[str, list[dict]]:
     """Every strategy of `names` under every seed (random to its own, longer, budgets), with one progress bar; the
-    encoder is also fine-tuned and scored at the budgets of --finetune-at."""
-    finetune = None
-    if finetune_at:
-        overrides = {"epochs": args.finetune_epochs}
-        finetune = finetuned_accuracy_on(pool, test, args.model, args.max_length, overrides)
+    encoder is also fine-tuned (by `finetune`) and scored at the budgets of --finetune-at."""
     rounds = args.seeds * ((len(names) - 1) * len(budgets) + len(baseline_budgets))
     with tqdm(total=rounds, desc="rounds") as progress:
         return {
@@ -367,10 +364,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         pool, test = dataset(pool_texts, pool_labels), dataset(test_texts, test_labels)
         label_embeddings = cached_embeddings(names_of_choices, args.model, Path(args.cache_dir), args.max_length)
+        finetune = None
+        if finetune_at:  # loads the encoder, which cached embeddings did not need
+            overrides = {"epochs": args.finetune_epochs}
+            finetune = finetuned_accuracy_on(pool, test, args.model, args.max_length, overrides)
     except ModelUnavailable as error:  # e.g. a hub name while the hub is out of reach
         parser.error(f"--model: {error}")
     full_accuracy = full_pool_accuracy(pool, test)  # first: a failure here must not come after hours of replays
-    runs = replay_all(names, pool, test, label_embeddings, budgets, baseline_budgets, args, finetune_at)
+    runs = replay_all(names, pool, test, label_embeddings, budgets, baseline_budgets, args, finetune_at, finetune)
     summary = summarise(
         runs,
         budgets,

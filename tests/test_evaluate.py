@@ -223,6 +223,23 @@ def test_harness_scores_a_finetuned_encoder_at_the_budgets_asked(tiny_bert, tmp_
     assert margin["finetuned_accuracy_mean"] == {"40": tuned_runs[2][2], "60": tuned_runs[3][2]}
 
 
+def test_an_encoder_fine_tuning_cannot_load_is_a_usage_error_before_any_replay(tiny_bert, tmp_path, monkeypatch):
+    # every embedding cached, so nothing loaded the model until fine-tuning needed it: e.g. a hub name, offline
+    from backend import evaluate
+    from backend.errors import ModelUnavailable
+    from backend.ml import encoder
+
+    def unavailable(name, **kwargs):
+        raise ModelUnavailable(f"cannot load encoder MODEL_NAME={name!r}: no hub")
+
+    monkeypatch.setattr(evaluate, "cached_embeddings", lambda texts, *args: np.ones((len(texts), 8), np.float32))
+    monkeypatch.setattr(encoder, "Encoder", unavailable)
+    monkeypatch.setattr(evaluate, "full_pool_accuracy", lambda *args: pytest.fail("the replay went on"))
+    with pytest.raises(SystemExit) as usage_error:
+        main(harness_arguments(tmp_path, tiny_bert, "--finetune-at", "40"))
+    assert usage_error.value.code == 2
+
+
 def test_finetune_budgets_must_be_among_the_replay_budgets(tiny_bert, tmp_path, capsys):
     with pytest.raises(SystemExit) as usage_error:
         main(harness_arguments(tmp_path, tiny_bert, "--seeds", "1", "--finetune-at", "50"))
