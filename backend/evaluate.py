@@ -128,8 +128,11 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     for option in ("budget", "batch_size", "seeds", "rank_top_k", "finetune_epochs"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be 1 or more, got {getattr(args, option)}")
-    if args.baseline_budget < 0:
-        parser.error(f"--baseline-budget must be 0 (the same as --budget) or more, got {args.baseline_budget}")
+    if args.baseline_budget < 0 or 0 < args.baseline_budget < args.budget:
+        parser.error(
+            f"--baseline-budget must be 0 (the same as --budget) or --budget ({args.budget}) or more, got "
+            f"{args.baseline_budget}"
+        )
     if args.random_start < 0 or args.random_start % args.batch_size:
         parser.error(f"--random-start must be 0 or a multiple of --batch-size, got {args.random_start}")
     if args.max_length < 0 or 0 < args.max_length < 8:

@@ -285,6 +285,7 @@ def test_each_round_ranks_rank_top_k_rows_and_the_annotators_label_the_first_bat
         (["--strategy", "hybrid:rare_share=2"], "--strategy hybrid:rare_share=2: "),
         (["--finetune-at", "abc"], "--finetune-at must be comma-separated label counts, got 'abc'"),
         (["--finetune-epochs", "0"], "--finetune-epochs must be 1 or more, got 0"),
+        (["--baseline-budget", "300"], "--baseline-budget must be 0 (the same as --budget) or --budget (500) or more"),
         (["--max-length", "3"], "--max-length must be 0 (the model's own) or 8 or more (as MAX_LENGTH), got 3"),
         ([], "--pool x.csv: no such file"),
         (["--model", "./no/such/model"], "--model ./no/such/model: "),
