@@ -22,7 +22,7 @@ from rq.exceptions import AbandonedJobError, StopRequested
 
 from backend import jobs, reconciliation
 from backend.adapters.queue import OrderedQueue
-from backend.config import Settings, writable_model_dir
+from backend.config import Settings, url_without_password, writable_model_dir
 from backend.errors import LabelStudioUnavailable, ModelUnavailable
 from backend.local_stack import stop_with_parent
 from backend.logs import configure_logging
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         except ModelUnavailable as exc:  # MODEL_NAME wrong, or a hub name without the network: its message alone
             raise SystemExit(str(exc)) from None
     names = " then ".join(repr(queue.name) for queue in runtime.queues)
-    log.info("worker listening on %s (queues %s)", settings.redis_url.split("@")[-1], names)
+    log.info("worker listening on %s (queues %s)", url_without_password(settings.redis_url), names)
     if settings.reranking_unavailable:  # jobs that need Label Studio end at once (jobs.needs_label_studio)
         log.warning("%s; jobs that need Label Studio are skipped", settings.reranking_unavailable)
     while True:

@@ -2,6 +2,7 @@
 every connected project's reconciliations going."""
 
 import threading
+from dataclasses import replace
 
 import pytest
 import redis
@@ -33,6 +34,25 @@ def test_the_worker_starts_over_when_redis_times_out_or_drops_the_connection(run
     monkeypatch.setattr(worker, "worker_class_for", lambda device: FlakyWorker)
     worker.main(["--burst", "--no-preload"])  # returns once a run ends normally
     assert len(runs) == 3 and all(run["with_scheduler"] for run in runs)
+
+
+def test_the_worker_names_its_redis_without_any_of_the_password(runtime, monkeypatch, capfd):
+    # a password in the URL's query may hold an "@": the part after it is no host, and no less the password's
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    url = "redis://localhost:6379/0?password=ab@cdefgh"
+    monkeypatch.setattr(worker.Settings, "from_env_or_exit", lambda: replace(runtime.settings, redis_url=url))
+
+    class IdleWorker:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def work(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(worker, "worker_class_for", lambda device: IdleWorker)
+    worker.main(["--burst", "--no-preload"])
+    err = capfd.readouterr().err
+    assert "worker listening on redis://localhost:6379/0?password=*** (queues" in err and "cdefgh" not in err
 
 
 def test_the_worker_starts_over_when_a_real_redis_is_down_at_its_start_and_comes_back(
