@@ -65,9 +65,12 @@ def main() -> None:
     args = parser.parse_args()
     refuse_a_port_in_use(parser, args.host, args.port)  # before Redis, a worker and the model: not after them
     if args.with_worker:
-        from backend.local_stack import start_local_stack
+        from backend.local_stack import LocalStackError, start_local_stack
 
-        start_local_stack(settings)
+        try:
+            start_local_stack(settings)
+        except LocalStackError as exc:  # e.g. redis-server not installed: what to do, not a traceback
+            parser.exit(1, f"{exc}\n")
     log.info("loading encoder %s", settings.model_name)
     try:
         runtime.encoder  # noqa: B018 - load once at start, so the first /predict is fast

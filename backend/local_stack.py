@@ -42,14 +42,18 @@ its wait for jobs ends (up to 15 s): the signal can be taken by one of its other
 listener), which runs no Python handler and does not interrupt the main thread's wait."""
 
 
+class LocalStackError(RuntimeError):
+    """Redis cannot be had as REDIS_URL asks: what to do about it, for the user (printed without a traceback)."""
+
+
 def _redis_answers(url: str) -> bool:
-    """Whether a Redis at `url` answers a ping with the URL's credentials; RuntimeError when one answers there but
+    """Whether a Redis at `url` answers a ping with the URL's credentials; LocalStackError when one answers there but
     refuses them (starting another on its port could only fail, and say less)."""
     try:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
     except redis.AuthenticationError as refused:
         where = urlparse(url)
-        raise RuntimeError(
+        raise LocalStackError(
             f"the Redis at {where.hostname}:{where.port or 6379} refuses REDIS_URL's credentials ({refused}): "
             "give REDIS_URL the user and password it expects, e.g. redis://:PASSWORD@HOST:PORT/0"
         ) from None
@@ -73,10 +77,10 @@ def redis_config(url: str, data_dir: Path, version: tuple[int, ...] = (7, 0)) ->
     user, password = client.get("username") or "", client.get("password") or ""
     for value in (user, password):
         if any(c.isspace() or c in "\"'\\" for c in value):
-            raise RuntimeError("REDIS_URL: a user or password with spaces or quotes cannot be given to redis-server")
+            raise LocalStackError("REDIS_URL: a user or password with spaces or quotes cannot be given to redis-server")
     if user and user != "default":
         if version < (6, 0):
-            raise RuntimeError(f"REDIS_URL names a user, which redis-server {version[0]}.x lacks: leave it out")
+            raise LocalStackError(f"REDIS_URL names a user, which redis-server {version[0]}.x lacks: leave it out")
         channels = " &*" if version >= (6, 2) else ""
         secret = f">{password}" if password else "nopass"
         lines += [f"user {user} on {secret} ~*{channels} +@all"]
@@ -92,18 +96,19 @@ def start_redis(settings: Settings) -> subprocess.Popen | None:
         return None
     url = urlparse(settings.redis_url)
     if url.hostname not in ("localhost", "127.0.0.1", None):
-        raise RuntimeError(f"REDIS_URL={url.hostname}:{url.port} does not answer and is not local; start it first")
+        raise LocalStackError(f"REDIS_URL={url.hostname}:{url.port} does not answer and is not local; start it first")
     if url.scheme != "redis":  # rediss:// (TLS) or unix:// (a socket): not what a plain local redis-server serves
-        raise RuntimeError(
+        raise LocalStackError(
             f"REDIS_URL ({url.scheme}://) does not answer; only a redis:// one is started here: start it first"
         )
     binary = shutil.which("redis-server")
     if binary is None:
-        raise RuntimeError("redis-server is not installed (Debian/Ubuntu: apt-get install redis-server)")
+        raise LocalStackError("redis-server is not installed (Debian/Ubuntu: apt-get install redis-server)")
     data_dir = Path(settings.model_dir) / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
     log_file = data_dir.resolve() / "redis.log"  # its warnings only: why it could not start, or could not save
     logged_before = log_file.stat().st_size if log_file.is_file() else 0
+    config = redis_config(settings.redis_url, data_dir.resolve(), redis_server_version(binary))  # may refuse the URL
     process = subprocess.Popen(
         [binary, "-"],  # the configuration comes on stdin
         stdin=subprocess.PIPE,
@@ -113,7 +118,6 @@ def start_redis(settings: Settings) -> subprocess.Popen | None:
         process_group=0,  # a Ctrl-C in the terminal stops the server, which stops Redis after the worker
     )
     logging_config = f'loglevel warning\nlogfile "{log_file}"\n'
-    config = redis_config(settings.redis_url, data_dir.resolve(), redis_server_version(binary))
     process.stdin.write(config + logging_config)
     process.stdin.close()
     for _ in range(50):
@@ -122,10 +126,10 @@ def start_redis(settings: Settings) -> subprocess.Popen | None:
             return process
         if process.poll() is not None:  # e.g. the port is taken by something that is not Redis
             why = _last_words(log_file, logged_before)
-            raise RuntimeError(f"redis-server exited with code {process.returncode}: {why}")
+            raise LocalStackError(f"redis-server exited with code {process.returncode}: {why}")
         time.sleep(0.1)
     process.kill()
-    raise RuntimeError("redis-server did not start within 5 s")
+    raise LocalStackError("redis-server did not start within 5 s")
 
 
 def redis_server_version(binary: str) -> tuple[int, ...]:

@@ -118,6 +118,18 @@ def test_a_port_in_use_stops_the_server_before_it_starts_anything():
     assert "Traceback" not in done.stderr and "loading encoder" not in done.stderr + done.stdout  # nor Redis, a worker
 
 
+def test_a_redis_that_cannot_be_had_stops_the_server_with_what_to_do_not_a_traceback():
+    from tests.helpers import free_port
+
+    url = f"rediss://127.0.0.1:{free_port()}/0"  # TLS, which a local redis-server started here does not serve
+    command = [sys.executable, "_wsgi.py", "--with-worker", "--host", "127.0.0.1", "--port", "0"]
+    env = os.environ | {"REDIS_URL": url}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "REDIS_URL (rediss://) does not answer; only a redis:// one is started" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_gunicorn_stops_on_a_bad_setting_instead_of_restarting_its_workers():
     # gunicorn restarts a worker that exits (SystemExit) but stops, exit status 3, when one fails to boot
     command = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{free_port()}", "--workers", "1", "_wsgi:app"]
