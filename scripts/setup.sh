@@ -22,7 +22,9 @@ fi
 .venv/bin/pip install -q --disable-pip-version-check -r "requirements${1:+-$1}.txt"
 # ./run.sh starts redis-server where REDIS_URL is local (the default); the tests (dev) always do
 redis_is_local='import os, sys, urllib.parse as u; sys.exit(u.urlparse(os.environ.get("REDIS_URL") or "redis://localhost").hostname not in ("localhost", "127.0.0.1", None))'
-if ! command -v redis-server >/dev/null && { [ "${1:-}" = dev ] || .venv/bin/python -c "$redis_is_local"; }; then
+# (a local one already answering, e.g. Redis in a container on localhost:6379, does for ./run.sh)
+redis_answers='import os, redis; redis.Redis.from_url(os.environ.get("REDIS_URL") or "redis://localhost:6379/0", socket_connect_timeout=1, socket_timeout=1).ping()'
+if ! command -v redis-server >/dev/null && { [ "${1:-}" = dev ] || { .venv/bin/python -c "$redis_is_local" && ! .venv/bin/python -c "$redis_answers" 2>/dev/null; }; }; then
   if command -v apt-get >/dev/null; then
     $sudo apt-get install -y -q redis-server >/dev/null || { $sudo apt-get update -q && $sudo apt-get install -y -q redis-server; }
   else  # not Debian or Ubuntu: a Redis already answering at REDIS_URL does for ./run.sh; the tests start redis-server

@@ -130,6 +130,15 @@ def test_a_redis_that_cannot_be_had_stops_the_server_with_what_to_do_not_a_trace
     assert "Traceback" not in done.stderr
 
 
+def test_run_sh_reads_a_relative_model_dir_from_where_it_is_called(tmp_path):
+    # run.sh works in its own folder: MODEL_DIR=./models given elsewhere would land in the checkout, unsaid
+    (tmp_path / "run.sh").write_text("a file, as in the checkout: no folder can be made below it either")
+    env = os.environ | {"MODEL_DIR": "run.sh/models"}
+    command = [str(ROOT / "run.sh"), "--host", "127.0.0.1", "--port", "0"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and f"MODEL_DIR={tmp_path}/run.sh/models is not a folder" in done.stderr
+
+
 def test_gunicorn_stops_on_a_bad_setting_instead_of_restarting_its_workers():
     # gunicorn restarts a worker that exits (SystemExit) but stops, exit status 3, when one fails to boot
     command = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{free_port()}", "--workers", "1", "_wsgi:app"]
