@@ -16,6 +16,7 @@ import argparse
 import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +48,9 @@ def replay_settings(results: dict) -> dict:
 def data_set_names(keys: list[tuple[str, str, str, str]]) -> dict[tuple[str, str, str, str], str]:
     """The pool's folder name (../shared/data/<name>/...), made longer where two data sets would share it: the
     columns read, when only they differ."""
-    names = file_names(list(dict.fromkeys(key[:2] for key in keys)))
-    columns = {}
-    for key in keys:
-        files = [other for other in keys if other[:2] == key[:2]]
-        columns[key] = "" if len(files) == 1 else f" ({key[2]}, {key[3]})"
-    return {key: names[key[:2]] + columns[key] for key in keys}
+    runs_on = Counter(key[:2] for key in keys)  # data sets per (pool file, test file)
+    names = file_names(list(runs_on))
+    return {key: names[key[:2]] + (f" ({key[2]}, {key[3]})" if runs_on[key[:2]] > 1 else "") for key in keys}
 
 
 def file_names(keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:

@@ -114,11 +114,8 @@ class ArtifactStore:
                     exc,
                 )
                 continue
-            if (artifact.labels, artifact.encoder_id, artifact.head.multi_label) == (
-                tuple(labels),
-                encoder_id,
-                multi_label,
-            ):
+            trained_for = (artifact.labels, artifact.encoder_id, artifact.head.multi_label)
+            if trained_for == (tuple(labels), encoder_id, multi_label):
                 found = artifact
                 break
             passed_over.append(version)

@@ -12,6 +12,7 @@ import concurrent.futures
 import hashlib
 import logging
 import time
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -229,7 +230,7 @@ def keys_under_encoding(runtime, project: str) -> set[bytes]:
 
 
 def encode_uncached(
-    runtime, project: str, keys: list[bytes], texts: list[str], in_chunks: set[bytes] = frozenset()
+    runtime, project: str, keys: list[bytes], texts: list[str], in_chunks: AbstractSet[bytes] = frozenset()
 ) -> None:
     """Put the texts not in the embedding cache into it: a few are encoded here; many (a new project, a large
     import) are split into chunk jobs that all workers share, followed by a new round (EncodingQueued).
