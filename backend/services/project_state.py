@@ -238,8 +238,8 @@ def encode_uncached(
     `in_chunks`: the keys of texts that chunk jobs still under way will encode (those of the task list read
     before, while its encoding runs), left to them. Queued again, they would be chunked otherwise once tasks were
     deleted meanwhile (chunk ids are made from their texts), and most of a big pool encoded twice."""
-    absent = set(runtime.embedding_cache.missing(list(dict.fromkeys(keys))))
-    absent -= in_chunks
+    asked = [key for key in dict.fromkeys(keys) if key not in in_chunks]  # (a whole pool's lookups, while pending)
+    absent = set(runtime.embedding_cache.missing(asked))
     missing = list(dict.fromkeys(text for key, text in zip(keys, texts, strict=True) if key in absent))
     if len(missing) > ENCODE_CHUNK:
         chunks = [missing[i : i + ENCODE_CHUNK] for i in range(0, len(missing), ENCODE_CHUNK)]
